@@ -1,0 +1,42 @@
+//! Writing checkpoints: random-weight models of any shape and their byte-level tokenizer.
+
+pub mod byte_tokenizer;
+pub mod init_random;
+
+pub use init_random::write_random_checkpoint;
+
+use crate::model::{HuginnConfig, ModelError, Result};
+
+/// Named shapes for `init-random`.
+pub const PRESETS: [&str; 3] = ["huginn-0125", "tiny", "width-1024"];
+
+pub fn preset(name: &str) -> Result<HuginnConfig> {
+    let base = HuginnConfig::huginn_0125();
+    match name {
+        "huginn-0125" => Ok(base),
+        // The shape of the reference fixture.
+        "tiny" => Ok(HuginnConfig {
+            n_embd: 64,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(4),
+            intermediate_size: 160,
+            vocab_size: 384,
+            block_size: 256,
+            n_layers_in_recurrent_block: 2,
+            mean_recurrence: 4,
+            mean_backprop_depth: 2,
+            ..base
+        }),
+        // The benchmark model: width 1024, 16 heads, layers 2/4/2, MLP 2816, vocab 32768.
+        "width-1024" => Ok(HuginnConfig {
+            n_embd: 1024,
+            num_attention_heads: 16,
+            num_key_value_heads: Some(16),
+            intermediate_size: 2816,
+            vocab_size: 32768,
+            block_size: 4096,
+            ..base
+        }),
+        other => Err(ModelError::InvalidArgument(format!("unknown preset `{other}` (one of {})", PRESETS.join(", ")))),
+    }
+}

@@ -1,0 +1,231 @@
+//! Next-token selection: logit processors (bias, repetition / presence / frequency penalties),
+//! then greedy or seeded sampling with temperature, top-k, top-p and min-p.
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::model::exit::argmax;
+use crate::model::{ModelError, Result};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// 1 disables.
+    pub top_p: f32,
+    /// 0 disables.
+    pub min_p: f32,
+    /// HF-style: positive logits of seen tokens are divided by it, negative ones multiplied. 1 disables.
+    pub repetition_penalty: f32,
+    /// OpenAI-style: subtracted once from the logit of every token already generated.
+    pub presence_penalty: f32,
+    /// OpenAI-style: subtracted per occurrence in the generated text.
+    pub frequency_penalty: f32,
+    /// Added to the logits of the given token ids.
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::InvalidArgument(m));
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Picks tokens for one sequence; reproducible for a given seed.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    /// Occurrences of each generated token (presence / frequency penalties).
+    generated: HashMap<u32, usize>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, seed: u64) -> Self {
+        Self { params, rng: StdRng::seed_from_u64(seed), generated: HashMap::new() }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Records a generated token for the presence and frequency penalties.
+    pub fn record(&mut self, token: u32) {
+        *self.generated.entry(token).or_insert(0) += 1;
+    }
+
+    /// Applies the logit processors in place; `context` holds prompt and generated ids.
+    pub fn process(&self, logits: &mut [f32], context: &[u32]) {
+        let p = &self.params;
+        for &(id, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+        if p.repetition_penalty != 1.0 {
+            let mut seen = context.to_vec();
+            seen.sort_unstable();
+            seen.dedup();
+            for id in seen {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = if *l < 0.0 { *l * p.repetition_penalty } else { *l / p.repetition_penalty };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&id, &count) in &self.generated {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * count as f32;
+                }
+            }
+        }
+    }
+
+    /// Processes `logits` and picks the next token.
+    pub fn sample(&mut self, logits: &mut [f32], context: &[u32]) -> u32 {
+        self.process(logits, context);
+        let p = self.params.clone();
+        if p.temperature == 0.0 {
+            return argmax(logits) as u32;
+        }
+        let mut candidates: Vec<(u32, f32)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        if p.top_k > 0 && p.top_k < candidates.len() {
+            candidates.truncate(p.top_k);
+        }
+        let max = candidates[0].1;
+        let mut probs: Vec<f64> = candidates.iter().map(|(_, l)| ((l - max) as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        if p.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            let mut keep = probs.len();
+            for (i, q) in probs.iter().enumerate() {
+                cumulative += q;
+                if cumulative >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * p.min_p as f64;
+            let keep = probs.iter().take_while(|q| **q >= floor).count().max(1);
+            probs.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut draw = self.rng.random::<f64>() * total;
+        for (i, q) in probs.iter().enumerate() {
+            draw -= q;
+            if draw <= 0.0 {
+                return candidates[i].0;
+            }
+        }
+        candidates[probs.len() - 1].0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(params: SamplingParams) -> Sampler {
+        Sampler::new(params, 7)
+    }
+
+    #[test]
+    fn greedy_picks_argmax_and_bias_can_change_it() {
+        let mut s = sampler(SamplingParams::default());
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.0], &[]), 1);
+        let mut s = sampler(SamplingParams { logit_bias: vec![(2, 5.0)], ..Default::default() });
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.0], &[]), 2);
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative() {
+        let s = sampler(SamplingParams { repetition_penalty: 2.0, ..Default::default() });
+        let mut logits = [4.0, -1.0, 3.0];
+        s.process(&mut logits, &[0, 1, 1]);
+        assert_eq!(logits, [2.0, -2.0, 3.0]);
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties_count_generated_tokens() {
+        let mut s = sampler(SamplingParams { presence_penalty: 0.5, frequency_penalty: 1.0, ..Default::default() });
+        s.record(1);
+        s.record(1);
+        let mut logits = [0.0, 3.0];
+        s.process(&mut logits, &[]);
+        assert_eq!(logits, [0.0, 0.5]);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_seed_reproduces() {
+        let mut s = sampler(SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() });
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut [0.0, 0.5, 0.2], &[]), 1);
+        }
+        let draw = |seed| {
+            let mut s = Sampler::new(SamplingParams { temperature: 1.0, ..Default::default() }, seed);
+            (0..32).map(|_| s.sample(&mut [0.0; 16], &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(3), draw(3));
+        assert_ne!(draw(3), draw(4));
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        // probabilities ~ [0.64, 0.24, 0.09, 0.03]
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let mut s = sampler(SamplingParams { temperature: 1.0, top_p: 0.5, ..Default::default() });
+        assert!((0..50).all(|_| s.sample(&mut logits.clone(), &[]) == 0));
+        let mut s = sampler(SamplingParams { temperature: 1.0, min_p: 0.3, ..Default::default() });
+        assert!((0..200).all(|_| s.sample(&mut logits.clone(), &[]) <= 1));
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams { temperature: f32::NAN, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams::default().validate().is_ok());
+    }
+}

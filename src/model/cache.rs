@@ -1,0 +1,289 @@
+//! Per-sequence key/value cache of a recurrent-depth model.
+//!
+//! Every attention call stores this token's K/V under a layer-slot: one slot per prelude layer, one
+//! per coda layer, and for the core block one slot per (recurrence slot, core layer). The strategy
+//! decides how many recurrence slots a token keeps:
+//! - [`CacheStrategy::Full`]: one per recurrence step (memory grows with `num_steps`);
+//! - [`CacheStrategy::Shared`]`(k)`: step t uses slot `t mod k`, so a token costs
+//!   `prelude + k·core + coda` entries whatever `num_steps` is (k = 1 is the default).
+//!
+//! When a token stopped iterating before reaching a slot (adaptive exit), later tokens that read
+//! that slot see the token's deepest available entry of the same core layer instead.
+//! Buffers live outside the model weights, so one model serves many sequences.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::HuginnConfig;
+use super::error::{ModelError, Result};
+
+/// How many recurrence slots of K/V a token keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStrategy {
+    /// One slot per recurrence step.
+    Full,
+    /// `k` slots shared round-robin by the steps (`k >= 1`).
+    Shared(usize),
+}
+
+impl Default for CacheStrategy {
+    fn default() -> Self {
+        CacheStrategy::Shared(1)
+    }
+}
+
+impl CacheStrategy {
+    /// Recurrence slot used by core step `step`.
+    pub fn slot_of_step(&self, step: usize) -> usize {
+        match self {
+            CacheStrategy::Full => step,
+            CacheStrategy::Shared(k) => step % k,
+        }
+    }
+}
+
+impl fmt::Display for CacheStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CacheStrategy::Full => write!(f, "full"),
+            CacheStrategy::Shared(k) => write!(f, "shared:{k}"),
+        }
+    }
+}
+
+impl FromStr for CacheStrategy {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || ModelError::InvalidArgument(format!("kv cache strategy `{s}`: use `full` or `shared:K` with K >= 1"));
+        match s {
+            "full" => Ok(CacheStrategy::Full),
+            "shared" => Ok(CacheStrategy::Shared(1)),
+            _ => {
+                let k: usize = s.strip_prefix("shared:").ok_or_else(bad)?.parse().map_err(|_| bad())?;
+                if k == 0 {
+                    return Err(bad());
+                }
+                Ok(CacheStrategy::Shared(k))
+            }
+        }
+    }
+}
+
+/// The attention layer-slot a call reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerSlot {
+    Prelude(usize),
+    Core { layer: usize, step: usize },
+    Coda(usize),
+}
+
+/// Position has no core entry yet (the token has not iterated).
+const NO_SLOT: u32 = u32::MAX;
+
+/// K and V of one layer-slot: `[heads, capacity, head_dim]`, rows `0..len` valid.
+struct KvBuffer {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl KvBuffer {
+    fn capacity(&self) -> usize {
+        self.k.dim(1).unwrap_or(0)
+    }
+}
+
+pub struct KvCache {
+    strategy: CacheStrategy,
+    heads: usize,
+    head_dim: usize,
+    max_len: usize,
+    core_layers: usize,
+    dtype: DType,
+    device: Device,
+    prelude: Vec<Option<KvBuffer>>,
+    /// `[recurrence slot][core layer]`.
+    core: Vec<Vec<Option<KvBuffer>>>,
+    coda: Vec<Option<KvBuffer>>,
+    /// Per position: the recurrence slot written by the token's latest core step.
+    deepest_slot: Vec<u32>,
+}
+
+impl KvCache {
+    pub fn new(cfg: &HuginnConfig, strategy: CacheStrategy, dtype: DType, device: &Device) -> Self {
+        Self {
+            strategy,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            max_len: cfg.block_size,
+            core_layers: cfg.n_layers_in_recurrent_block,
+            dtype,
+            device: device.clone(),
+            prelude: (0..cfg.n_layers_in_prelude).map(|_| None).collect(),
+            core: Vec::new(),
+            coda: (0..cfg.n_layers_in_coda).map(|_| None).collect(),
+            deepest_slot: Vec::new(),
+        }
+    }
+
+    pub fn strategy(&self) -> CacheStrategy {
+        self.strategy
+    }
+
+    /// Tokens stored (positions with prelude entries).
+    pub fn len(&self) -> usize {
+        self.deepest_slot.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn buffers(&self) -> impl Iterator<Item = &KvBuffer> {
+        self.prelude.iter().chain(self.core.iter().flatten()).chain(self.coda.iter()).flatten()
+    }
+
+    /// Bytes of the K/V entries held (valid rows of every layer-slot).
+    pub fn bytes(&self) -> usize {
+        let entry = 2 * self.heads * self.head_dim * self.dtype.size_in_bytes();
+        self.buffers().map(|b| b.len * entry).sum()
+    }
+
+    /// Bytes allocated, including the unused tail of each buffer.
+    pub fn allocated_bytes(&self) -> usize {
+        let entry = 2 * self.heads * self.head_dim * self.dtype.size_in_bytes();
+        self.buffers().map(|b| b.capacity() * entry).sum()
+    }
+
+    /// Writes the K/V of positions `start..start + n` (`k`, `v`: `[n, heads, head_dim]`) into `slot`
+    /// and returns the keys and values of positions `0..start + n`, each `[heads, start + n, head_dim]`.
+    pub fn append(&mut self, slot: LayerSlot, start: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = k.dim(0)?;
+        let end = start + n;
+        if end > self.max_len {
+            return Err(ModelError::ContextOverflow { needed: end, limit: self.max_len });
+        }
+        if let LayerSlot::Prelude(0) = slot {
+            if start != self.len() {
+                return Err(ModelError::InvalidArgument(format!(
+                    "new tokens must start at position {}, got {start}",
+                    self.len()
+                )));
+            }
+            self.deepest_slot.resize(end, NO_SLOT);
+        } else if end > self.len() {
+            return Err(ModelError::InvalidArgument(format!(
+                "cache write up to position {end} but only {} tokens went through the prelude",
+                self.len()
+            )));
+        }
+        let k = k.transpose(0, 1)?.contiguous()?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        if let LayerSlot::Core { layer, step } = slot {
+            let rslot = self.strategy.slot_of_step(step);
+            self.fill_missing(rslot, layer, start)?;
+            for pos in start..end {
+                self.deepest_slot[pos] = rslot as u32;
+            }
+        }
+        let (heads, head_dim, dtype, device) = (self.heads, self.head_dim, self.dtype, self.device.clone());
+        let buffer = self.buffer_mut(slot);
+        let buf = ensure_capacity(buffer, end, heads, head_dim, dtype, &device)?;
+        if start > buf.len {
+            return Err(ModelError::InvalidArgument(format!(
+                "cache slot {slot:?} holds {} positions, cannot write at {start}",
+                buf.len
+            )));
+        }
+        buf.k.slice_set(&k, 1, start)?;
+        buf.v.slice_set(&v, 1, start)?;
+        buf.len = buf.len.max(end);
+        Ok((buf.k.narrow(1, 0, end)?, buf.v.narrow(1, 0, end)?))
+    }
+
+    fn buffer_mut(&mut self, slot: LayerSlot) -> &mut Option<KvBuffer> {
+        match slot {
+            LayerSlot::Prelude(i) => &mut self.prelude[i],
+            LayerSlot::Coda(j) => &mut self.coda[j],
+            LayerSlot::Core { layer, step } => {
+                let rslot = self.strategy.slot_of_step(step);
+                let core_layers = self.core_layers;
+                while self.core.len() <= rslot {
+                    self.core.push((0..core_layers).map(|_| None).collect());
+                }
+                &mut self.core[rslot][layer]
+            }
+        }
+    }
+
+    /// Before writing `(rslot, layer)` at `start`, gives every earlier position that never reached
+    /// this slot the K/V of its deepest available core step (same layer).
+    fn fill_missing(&mut self, rslot: usize, layer: usize, start: usize) -> Result<()> {
+        let have = match self.core.get(rslot).and_then(|row| row.get(layer)).and_then(|b| b.as_ref()) {
+            Some(buf) => buf.len,
+            None => 0,
+        };
+        if have >= start {
+            return Ok(());
+        }
+        let mut rows_k = Vec::with_capacity(start - have);
+        let mut rows_v = Vec::with_capacity(start - have);
+        for pos in have..start {
+            let source = self.deepest_slot[pos];
+            let src = (source != NO_SLOT)
+                .then(|| self.core.get(source as usize).and_then(|row| row.get(layer)).and_then(|b| b.as_ref()))
+                .flatten();
+            match src {
+                Some(buf) if buf.len > pos => {
+                    rows_k.push(buf.k.narrow(1, pos, 1)?);
+                    rows_v.push(buf.v.narrow(1, pos, 1)?);
+                }
+                _ => {
+                    let zeros = Tensor::zeros((self.heads, 1, self.head_dim), self.dtype, &self.device)?;
+                    rows_k.push(zeros.clone());
+                    rows_v.push(zeros);
+                }
+            }
+        }
+        let k = Tensor::cat(&rows_k, 1)?.contiguous()?;
+        let v = Tensor::cat(&rows_v, 1)?.contiguous()?;
+        let (heads, head_dim, dtype, device) = (self.heads, self.head_dim, self.dtype, self.device.clone());
+        let buffer = self.buffer_mut(LayerSlot::Core { layer, step: rslot });
+        let buf = ensure_capacity(buffer, start, heads, head_dim, dtype, &device)?;
+        buf.k.slice_set(&k, 1, have)?;
+        buf.v.slice_set(&v, 1, have)?;
+        buf.len = start;
+        Ok(())
+    }
+}
+
+/// Grows a buffer to hold `needed` positions (amortised: at least half again, at most +512 rows).
+fn ensure_capacity<'a>(
+    buffer: &'a mut Option<KvBuffer>,
+    needed: usize,
+    heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<&'a mut KvBuffer> {
+    let current = buffer.as_ref().map(|b| b.capacity()).unwrap_or(0);
+    if needed > current {
+        let grown = current + (current / 2).clamp(16, 512);
+        let capacity = needed.max(grown);
+        let k = Tensor::zeros((heads, capacity, head_dim), dtype, device)?;
+        let v = Tensor::zeros((heads, capacity, head_dim), dtype, device)?;
+        let len = match buffer.take() {
+            Some(old) => {
+                k.slice_set(&old.k, 1, 0)?;
+                v.slice_set(&old.v, 1, 0)?;
+                old.len
+            }
+            None => 0,
+        };
+        *buffer = Some(KvBuffer { k, v, len });
+    }
+    buffer.as_mut().ok_or_else(|| ModelError::InvalidArgument("cache buffer missing".into()))
+}

@@ -1,0 +1,197 @@
+//! `config.json` of a Huginn-0125-architecture checkpoint.
+//!
+//! Keys follow the published checkpoint. Missing optional keys take the published model's defaults,
+//! unknown keys (training-only settings such as `init_strategy`) are ignored.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ModelError;
+
+/// Shape and numerics of a recurrent-depth model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HuginnConfig {
+    /// Model width d.
+    pub n_embd: usize,
+    /// Attention heads H (head dim = d / H).
+    #[serde(alias = "n_heads")]
+    pub num_attention_heads: usize,
+    /// Key/value heads; the published architecture uses as many as query heads.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// MLP hidden width I (the fused `fc` has 2I rows).
+    pub intermediate_size: usize,
+    #[serde(default = "defaults::prelude")]
+    pub n_layers_in_prelude: usize,
+    #[serde(default = "defaults::core")]
+    pub n_layers_in_recurrent_block: usize,
+    #[serde(default = "defaults::coda")]
+    pub n_layers_in_coda: usize,
+    pub vocab_size: usize,
+    /// Maximum context length in tokens.
+    #[serde(default = "defaults::block_size")]
+    pub block_size: usize,
+    /// Recurrence the model was trained around; the default `num_steps`.
+    #[serde(default = "defaults::mean_recurrence")]
+    pub mean_recurrence: usize,
+    #[serde(default = "defaults::mean_backprop_depth")]
+    pub mean_backprop_depth: usize,
+    #[serde(default = "defaults::yes")]
+    pub tie_embeddings: bool,
+    #[serde(default = "defaults::yes")]
+    pub qk_bias: bool,
+    /// Bias on the adapter (the only biased linear layer of the architecture).
+    #[serde(default)]
+    pub bias: bool,
+    #[serde(default = "defaults::norm_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "defaults::rope_base")]
+    pub rope_base: f64,
+    #[serde(default)]
+    pub torch_dtype: Option<String>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<TokenIds>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+}
+
+/// A token id or a list of them (HF configs use both forms for `eos_token_id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+mod defaults {
+    pub fn prelude() -> usize {
+        2
+    }
+    pub fn core() -> usize {
+        4
+    }
+    pub fn coda() -> usize {
+        2
+    }
+    pub fn block_size() -> usize {
+        4096
+    }
+    pub fn mean_recurrence() -> usize {
+        32
+    }
+    pub fn mean_backprop_depth() -> usize {
+        8
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn norm_eps() -> f64 {
+        1e-6
+    }
+    pub fn rope_base() -> f64 {
+        50_000.0
+    }
+}
+
+impl HuginnConfig {
+    /// The published Huginn-0125 shape.
+    pub fn huginn_0125() -> Self {
+        Self {
+            n_embd: 5280,
+            num_attention_heads: 55,
+            num_key_value_heads: Some(55),
+            intermediate_size: 17920,
+            n_layers_in_prelude: 2,
+            n_layers_in_recurrent_block: 4,
+            n_layers_in_coda: 2,
+            vocab_size: 65536,
+            block_size: 4096,
+            mean_recurrence: 32,
+            mean_backprop_depth: 8,
+            tie_embeddings: true,
+            qk_bias: true,
+            bias: false,
+            norm_eps: 1e-6,
+            rope_base: 50_000.0,
+            torch_dtype: Some("bfloat16".into()),
+            bos_token_id: Some(65504),
+            eos_token_id: Some(TokenIds::One(65505)),
+            pad_token_id: Some(65509),
+        }
+    }
+
+    pub fn from_json_str(text: &str, file: &str) -> Result<Self, ModelError> {
+        let cfg: Self = serde_json::from_str(text).map_err(|e| ModelError::Config {
+            file: file.to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.num_attention_heads
+    }
+
+    /// Checks the relations between keys that the architecture needs.
+    pub fn validate(&self, file: &str) -> Result<(), ModelError> {
+        let bad = |message: String| ModelError::Config { file: file.to_string(), message };
+        let positive = [
+            ("n_embd", self.n_embd),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+            ("block_size", self.block_size),
+            ("n_layers_in_recurrent_block", self.n_layers_in_recurrent_block),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(bad(format!("`{key}` must be positive")));
+            }
+        }
+        if self.n_embd % self.num_attention_heads != 0 {
+            return Err(bad(format!(
+                "`n_embd` ({}) must be divisible by `num_attention_heads` ({})",
+                self.n_embd, self.num_attention_heads
+            )));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(bad(format!("head dim {} must be even for rotary embeddings", self.head_dim())));
+        }
+        if let Some(kv) = self.num_key_value_heads {
+            if kv != self.num_attention_heads {
+                return Err(bad(format!(
+                    "`num_key_value_heads` ({kv}) differs from `num_attention_heads` ({}): the \
+                     architecture uses full multi-head attention",
+                    self.num_attention_heads
+                )));
+            }
+        }
+        if !(self.norm_eps > 0.0) || !(self.rope_base > 0.0) {
+            return Err(bad("`norm_eps` and `rope_base` must be positive".into()));
+        }
+        Ok(())
+    }
+
+    /// Bytes of one K/V layer entry (key and value of one token at one layer-slot).
+    pub fn kv_entry_elems(&self) -> usize {
+        2 * self.n_embd
+    }
+
+    /// Number of weights the core block (with the adapter) holds: the part re-read at every step.
+    pub fn core_step_params(&self) -> usize {
+        let d = self.n_embd;
+        let per_layer = 3 * d * d + d * d + 2 * self.intermediate_size * d + self.intermediate_size * d + 4 * d + 2 * d;
+        2 * d * d + self.n_layers_in_recurrent_block * per_layer
+    }
+}

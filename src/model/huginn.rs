@@ -1,0 +1,225 @@
+//! Huginn-0125 recurrent-depth transformer (Geiping et al. 2025, arXiv 2502.05171).
+//!
+//! A prelude embeds the tokens, a core block is applied r times to a latent state, a coda decodes
+//! the state into logits. The three stages are separate entry points so that a scheduler can run
+//! many sequences at different recurrence steps in one batched pass. Weights are immutable and
+//! shared; all per-sequence state (K/V cache, latent state) lives with the caller.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, RngExt};
+
+use super::cache::{CacheStrategy, KvCache};
+use super::config::HuginnConfig;
+use super::error::{ModelError, Result};
+use super::layers::{linear, Chunk, Rope, RmsNorm, SandwichBlock, Stage};
+use super::weights::{read_text, WeightFiles};
+
+pub struct HuginnModel {
+    cfg: HuginnConfig,
+    device: Device,
+    dtype: DType,
+    embed_scale: f64,
+    wte: Tensor,
+    lm_head: Tensor,
+    prelude: Vec<SandwichBlock>,
+    /// Adapter columns that multiply the latent state.
+    adapter_state: Tensor,
+    /// Adapter columns that multiply the prelude output (applied once per token: the injection).
+    adapter_input: Tensor,
+    adapter_bias: Option<Tensor>,
+    core: Vec<SandwichBlock>,
+    coda: Vec<SandwichBlock>,
+    ln_f: RmsNorm,
+    rope: Rope,
+}
+
+/// Which rows of the coda output become logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitRows {
+    /// The last position of each chunk: `[chunks, vocab]`.
+    Last,
+    /// Every position: `[tokens, vocab]`.
+    All,
+}
+
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name.to_ascii_lowercase().as_str() {
+        "f32" | "float32" | "float" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" | "half" => Ok(DType::F16),
+        other => Err(ModelError::UnsupportedDtype(other.to_string())),
+    }
+}
+
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "float32",
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "other",
+    }
+}
+
+impl HuginnModel {
+    /// Loads `config.json` and the safetensors weights of `dir` onto `device` in `dtype`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = HuginnConfig::from_json_str(&read_text(&dir.join("config.json"))?, "config.json")?;
+        let weights = WeightFiles::open(dir, dtype, device)?;
+        Self::from_weights(cfg, &weights)
+    }
+
+    pub fn from_weights(cfg: HuginnConfig, w: &WeightFiles) -> Result<Self> {
+        let (d, v) = (cfg.n_embd, cfg.vocab_size);
+        let wte = w.load("transformer.wte.weight", &[v, d])?;
+        let lm_head = if w.contains("lm_head.weight") || !cfg.tie_embeddings {
+            w.load("lm_head.weight", &[v, d])?
+        } else {
+            wte.clone()
+        };
+        let blocks = |stage: Stage, name: &str, count: usize| -> Result<Vec<SandwichBlock>> {
+            (0..count)
+                .map(|i| SandwichBlock::load(w, &format!("transformer.{name}.{i}"), &cfg, stage, i))
+                .collect()
+        };
+        let adapter = w.load("transformer.adapter.weight", &[d, 2 * d])?;
+        let adapter_bias = if cfg.bias { Some(w.load("transformer.adapter.bias", &[d])?) } else { None };
+        let device = wte.device().clone();
+        Ok(Self {
+            embed_scale: (d as f64).sqrt(),
+            prelude: blocks(Stage::Prelude, "prelude", cfg.n_layers_in_prelude)?,
+            core: blocks(Stage::Core, "core_block", cfg.n_layers_in_recurrent_block)?,
+            coda: blocks(Stage::Coda, "coda", cfg.n_layers_in_coda)?,
+            adapter_state: adapter.narrow(1, 0, d)?.contiguous()?,
+            adapter_input: adapter.narrow(1, d, d)?.contiguous()?,
+            adapter_bias,
+            ln_f: RmsNorm::load(w, "transformer.ln_f.weight", &cfg)?,
+            rope: Rope::new(&cfg, &device)?,
+            dtype: wte.dtype(),
+            device,
+            wte,
+            lm_head,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &HuginnConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// An empty cache for one sequence.
+    pub fn new_cache(&self, strategy: CacheStrategy) -> KvCache {
+        KvCache::new(&self.cfg, strategy, self.dtype, &self.device)
+    }
+
+    /// Embeds `ids` (the tokens of all chunks, in chunk order), runs the prelude and returns each
+    /// token's injection `[tokens, d]`: the prelude output through the adapter's input columns,
+    /// which every core step of that token adds to the state's projection.
+    pub fn prelude(&self, ids: &[u32], chunks: &mut [Chunk<'_>]) -> Result<Tensor> {
+        self.check_rows(ids.len(), chunks)?;
+        for &id in ids {
+            if id as usize >= self.cfg.vocab_size {
+                return Err(ModelError::TokenOutOfRange { id, vocab: self.cfg.vocab_size });
+            }
+        }
+        let layout = self.rope.layout(chunks, self.dtype)?;
+        let ids = Tensor::new(ids, &self.device)?;
+        let mut xs = (self.wte.embedding(&ids)? * self.embed_scale)?;
+        for block in &self.prelude {
+            xs = block.forward(&xs, &layout, chunks)?;
+        }
+        let injection = linear(&xs, &self.adapter_input)?;
+        Ok(match &self.adapter_bias {
+            Some(bias) => injection.broadcast_add(bias)?,
+            None => injection,
+        })
+    }
+
+    /// Initial latent state for `rows` tokens: truncated normal (±3σ) with
+    /// `σ = sqrt(2 / 5d) · init_scale`, times `sqrt(d)`; zeros when `init_scale` is 0.
+    pub fn init_state(&self, rows: usize, init_scale: f64, rng: &mut impl Rng) -> Result<Tensor> {
+        let d = self.cfg.n_embd;
+        let std = (2.0 / (5.0 * d as f64)).sqrt() * init_scale;
+        if std <= 0.0 {
+            return Ok(Tensor::zeros((rows, d), self.dtype, &self.device)?);
+        }
+        let values: Vec<f32> = (0..rows * d).map(|_| (truncated_normal(rng) * std * self.embed_scale) as f32).collect();
+        Ok(Tensor::from_vec(values, (rows, d), &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// One recurrence step for every row: `s = core(adapter([s, e]))`, each chunk at its own
+    /// `step` (which picks its cache slot).
+    pub fn core_step(&self, state: &Tensor, injection: &Tensor, chunks: &mut [Chunk<'_>]) -> Result<Tensor> {
+        self.check_rows(state.dim(0)?, chunks)?;
+        let layout = self.rope.layout(chunks, self.dtype)?;
+        let mut xs = (linear(state, &self.adapter_state)? + injection)?;
+        for block in &self.core {
+            xs = block.forward(&xs, &layout, chunks)?;
+        }
+        Ok(xs)
+    }
+
+    /// `ln_f`, the coda, `ln_f` again and the (tied) head; logits in float32.
+    pub fn coda(&self, state: &Tensor, chunks: &mut [Chunk<'_>], rows: LogitRows) -> Result<Tensor> {
+        self.check_rows(state.dim(0)?, chunks)?;
+        let layout = self.rope.layout(chunks, self.dtype)?;
+        let mut xs = self.ln_f.forward(state)?;
+        for block in &self.coda {
+            xs = block.forward(&xs, &layout, chunks)?;
+        }
+        let xs = match rows {
+            LogitRows::All => xs,
+            LogitRows::Last => {
+                let mut end = 0;
+                let picks: Vec<u32> = chunks
+                    .iter()
+                    .map(|c| {
+                        end += c.len;
+                        (end - 1) as u32
+                    })
+                    .collect();
+                if picks.len() == 1 && picks[0] as usize + 1 == xs.dim(0)? {
+                    xs.narrow(0, picks[0] as usize, 1)?
+                } else {
+                    xs.index_select(&Tensor::new(picks.as_slice(), &self.device)?, 0)?
+                }
+            }
+        };
+        let xs = self.ln_f.forward(&xs)?;
+        Ok(linear(&xs, &self.lm_head)?.to_dtype(DType::F32)?)
+    }
+
+    fn check_rows(&self, rows: usize, chunks: &[Chunk<'_>]) -> Result<()> {
+        let total: usize = chunks.iter().map(|c| c.len).sum();
+        if total != rows || chunks.iter().any(|c| c.len == 0) {
+            return Err(ModelError::InvalidArgument(format!(
+                "{rows} rows given for chunks covering {total} positions"
+            )));
+        }
+        if let Some(c) = chunks.iter().find(|c| c.start + c.len > self.cfg.block_size) {
+            return Err(ModelError::ContextOverflow { needed: c.start + c.len, limit: self.cfg.block_size });
+        }
+        Ok(())
+    }
+}
+
+/// Standard normal truncated to ±3 (rejection sampling, Box-Muller).
+fn truncated_normal(rng: &mut impl Rng) -> f64 {
+    loop {
+        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        let u2: f64 = rng.random::<f64>();
+        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+        if z.abs() <= 3.0 {
+            return z;
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! The layers of a Huginn "sandwich" block, run over a ragged batch: the rows of several sequences
+//! (each a chunk of consecutive positions, with its own cache) stacked into one `[tokens, d]` matrix.
+//! Linear layers see the whole matrix at once; attention splits it back per sequence.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::cache::{KvCache, LayerSlot};
+use super::config::HuginnConfig;
+use super::error::Result;
+use super::weights::WeightFiles;
+
+/// One sequence's rows in a batched call: positions `start..start + len`, at recurrence step `step`
+/// (used by core layers to pick the cache slot).
+pub struct Chunk<'a> {
+    pub cache: &'a mut KvCache,
+    pub start: usize,
+    pub len: usize,
+    pub step: usize,
+}
+
+/// Which stage a layer belongs to, to name its cache slot.
+#[derive(Debug, Clone, Copy)]
+pub enum Stage {
+    Prelude,
+    Core,
+    Coda,
+}
+
+/// Per-call data shared by every layer: rotary tables gathered for each row, causal masks per chunk.
+pub struct BatchLayout {
+    /// `[tokens, 1, head_dim / 2]` cos and sin of each row's position.
+    cos: Tensor,
+    sin: Tensor,
+    /// Additive mask `[len, start + len]` for chunks of more than one token.
+    masks: Vec<Option<Tensor>>,
+}
+
+/// Rotary embedding tables (interleaved pairs), float32, `[block_size, head_dim / 2]`.
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(cfg: &HuginnConfig, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim() / 2;
+        let hd = cfg.head_dim() as f32;
+        let base = cfg.rope_base as f32;
+        // Same float32 recipe as the reference: inv_freq = 1 / base^(2i/hd), angle = pos * inv_freq.
+        let inv: Vec<f32> = (0..half).map(|i| 1.0 / base.powf((2 * i) as f32 / hd)).collect();
+        let mut cos = Vec::with_capacity(cfg.block_size * half);
+        let mut sin = Vec::with_capacity(cfg.block_size * half);
+        for pos in 0..cfg.block_size {
+            for f in &inv {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (cfg.block_size, half), device)?,
+            sin: Tensor::from_vec(sin, (cfg.block_size, half), device)?,
+        })
+    }
+
+    pub fn layout(&self, chunks: &[Chunk<'_>], dtype: DType) -> Result<BatchLayout> {
+        let gather = |table: &Tensor| -> Result<Tensor> {
+            let parts = chunks.iter().map(|c| table.narrow(0, c.start, c.len)).collect::<candle_core::Result<Vec<_>>>()?;
+            let rows = if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 0)? };
+            let tokens = rows.dim(0)?;
+            Ok(rows.contiguous()?.reshape((tokens, 1, rows.dim(1)?))?)
+        };
+        let device = self.cos.device();
+        let masks = chunks
+            .iter()
+            .map(|c| (c.len > 1).then(|| causal_mask(c.start, c.len, dtype, device)).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(BatchLayout { cos: gather(&self.cos)?, sin: gather(&self.sin)?, masks })
+    }
+}
+
+/// Query i (at position start + i) sees keys 0..=start + i.
+fn causal_mask(start: usize, len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let total = start + len;
+    let data: Vec<f32> = (0..len)
+        .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(data, (len, total), device)?.to_dtype(dtype)?)
+}
+
+/// RMSNorm, computed in float32: `x * rsqrt(mean(x²) + eps) * weight`.
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(w: &WeightFiles, name: &str, cfg: &HuginnConfig) -> Result<Self> {
+        Ok(Self { weight: w.load(name, &[cfg.n_embd])?, eps: cfg.norm_eps as f32 })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
+    }
+}
+
+/// `xs @ weight^T` for a `[out, in]` weight.
+pub fn linear(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    Ok(xs.matmul(&weight.t()?)?)
+}
+
+struct Attention {
+    wqkv: Tensor,
+    /// `[2d]`: query bias then key bias, flattened.
+    qk_bias: Option<Tensor>,
+    proj: Tensor,
+    heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig) -> Result<Self> {
+        let d = cfg.n_embd;
+        let (h, hd) = (cfg.num_attention_heads, cfg.head_dim());
+        let qk_bias = if cfg.qk_bias {
+            Some(w.load(&format!("{prefix}.qk_bias"), &[2, 1, h, hd])?.reshape(2 * d)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            wqkv: w.load(&format!("{prefix}.Wqkv.weight"), &[3 * d, d])?,
+            qk_bias,
+            proj: w.load(&format!("{prefix}.proj.weight"), &[d, d])?,
+            heads: h,
+            head_dim: hd,
+            scale: 1.0 / (hd as f64).sqrt(),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, layout: &BatchLayout, chunks: &mut [Chunk<'_>], stage: Stage, layer: usize) -> Result<Tensor> {
+        let (tokens, d) = xs.dims2()?;
+        let (h, hd) = (self.heads, self.head_dim);
+        let qkv = linear(xs, &self.wqkv)?;
+        let qk = qkv.narrow(1, 0, 2 * d)?;
+        let qk = match &self.qk_bias {
+            Some(bias) => qk.broadcast_add(bias)?,
+            None => qk.contiguous()?,
+        };
+        // RoPE in float32 on q and k together: each row is a "batch" of 2H heads at one position.
+        let dtype = qk.dtype();
+        let qk = qk.to_dtype(DType::F32)?.reshape((tokens, 2 * h, 1, hd))?;
+        let qk = candle_nn::rotary_emb::rope_i(&qk, &layout.cos, &layout.sin)?;
+        let qk = qk.to_dtype(dtype)?.reshape((tokens, 2 * h, hd))?;
+        let q = (qk.narrow(1, 0, h)? * self.scale)?;
+        let k = qk.narrow(1, h, h)?;
+        let v = qkv.narrow(1, 2 * d, d)?.reshape((tokens, h, hd))?;
+
+        let mut outputs = Vec::with_capacity(chunks.len());
+        let mut row = 0;
+        for (index, chunk) in chunks.iter_mut().enumerate() {
+            let n = chunk.len;
+            let slot = match stage {
+                Stage::Prelude => LayerSlot::Prelude(layer),
+                Stage::Core => LayerSlot::Core { layer, step: chunk.step },
+                Stage::Coda => LayerSlot::Coda(layer),
+            };
+            let (keys, values) = chunk.cache.append(slot, chunk.start, &k.narrow(0, row, n)?, &v.narrow(0, row, n)?)?;
+            let q_chunk = q.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?; // [h, n, hd]
+            let scores = q_chunk.matmul(&keys.t()?)?; // [h, n, positions]
+            let scores = match &layout.masks[index] {
+                Some(mask) => scores.broadcast_add(mask)?,
+                None => scores,
+            };
+            let probs = if dtype == DType::F32 {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?
+            };
+            let out = probs.matmul(&values)?; // [h, n, hd]
+            outputs.push(out.transpose(0, 1)?.reshape((n, d))?);
+            row += n;
+        }
+        let attended = if outputs.len() == 1 { outputs.swap_remove(0) } else { Tensor::cat(&outputs, 0)? };
+        linear(&attended, &self.proj)
+    }
+}
+
+struct GatedMlp {
+    fc: Tensor,
+    proj: Tensor,
+}
+
+impl GatedMlp {
+    fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig) -> Result<Self> {
+        let (d, i) = (cfg.n_embd, cfg.intermediate_size);
+        Ok(Self {
+            fc: w.load(&format!("{prefix}.fc.weight"), &[2 * i, d])?,
+            proj: w.load(&format!("{prefix}.proj.weight"), &[d, i])?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        // fc rows: first half gate, second half up.
+        let gated = candle_nn::ops::swiglu(&linear(xs, &self.fc)?)?;
+        linear(&gated, &self.proj)
+    }
+}
+
+/// `a = attn(norm_1(x)); x = norm_2(x + a); x = norm_4(x + mlp(norm_3(x)))`.
+pub struct SandwichBlock {
+    norm_1: RmsNorm,
+    attn: Attention,
+    norm_2: RmsNorm,
+    mlp: GatedMlp,
+    norm_3: RmsNorm,
+    norm_4: RmsNorm,
+    stage: Stage,
+    layer: usize,
+}
+
+impl SandwichBlock {
+    pub fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig, stage: Stage, layer: usize) -> Result<Self> {
+        Ok(Self {
+            norm_1: RmsNorm::load(w, &format!("{prefix}.norm_1.weight"), cfg)?,
+            attn: Attention::load(w, &format!("{prefix}.attn"), cfg)?,
+            norm_2: RmsNorm::load(w, &format!("{prefix}.norm_2.weight"), cfg)?,
+            mlp: GatedMlp::load(w, &format!("{prefix}.mlp"), cfg)?,
+            norm_3: RmsNorm::load(w, &format!("{prefix}.norm_3.weight"), cfg)?,
+            norm_4: RmsNorm::load(w, &format!("{prefix}.norm_4.weight"), cfg)?,
+            stage,
+            layer,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, layout: &BatchLayout, chunks: &mut [Chunk<'_>]) -> Result<Tensor> {
+        let attn = self.attn.forward(&self.norm_1.forward(xs)?, layout, chunks, self.stage, self.layer)?;
+        let xs = self.norm_2.forward(&(xs + attn)?)?;
+        let mlp = self.mlp.forward(&self.norm_3.forward(&xs)?)?;
+        self.norm_4.forward(&(xs + mlp)?)
+    }
+}

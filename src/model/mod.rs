@@ -1,0 +1,16 @@
+//! The model runtime: checkpoint loading, the three forward entry points, K/V caches and exits.
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod exit;
+pub mod huginn;
+pub mod layers;
+pub mod weights;
+
+pub use cache::{CacheStrategy, KvCache, LayerSlot};
+pub use config::HuginnConfig;
+pub use error::{ModelError, Result};
+pub use exit::{ExitCheck, ExitCriterion, ExitRule, ExitTracker};
+pub use huginn::{dtype_name, parse_dtype, HuginnModel, LogitRows};
+pub use layers::Chunk;
