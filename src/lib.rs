@@ -1,7 +1,9 @@
 //! huginn: an inference runtime and server for recurrent-depth language models (Huginn-0125 and any
 //! checkpoint of its architecture).
 
+pub mod bench;
 pub mod checkpoint;
+pub mod cpu_threads;
 pub mod generate;
 pub mod model;
 pub mod text;

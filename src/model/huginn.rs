@@ -13,7 +13,8 @@ use rand::{Rng, RngExt};
 use super::cache::{CacheStrategy, KvCache};
 use super::config::HuginnConfig;
 use super::error::{ModelError, Result};
-use super::layers::{linear, Chunk, Rope, RmsNorm, SandwichBlock, Stage};
+use super::layers::{Chunk, Rope, RmsNorm, SandwichBlock, Stage};
+use super::matvec::linear;
 use super::weights::{read_text, WeightFiles};
 
 pub struct HuginnModel {

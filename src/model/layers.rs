@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use super::cache::{KvCache, LayerSlot};
 use super::config::HuginnConfig;
 use super::error::Result;
+use super::matvec::linear;
 use super::weights::WeightFiles;
 
 /// One sequence's rows in a batched call: positions `start..start + len`, at recurrence step `step`
@@ -102,11 +103,6 @@ impl RmsNorm {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
     }
-}
-
-/// `xs @ weight^T` for a `[out, in]` weight.
-pub fn linear(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    Ok(xs.matmul(&weight.t()?)?)
 }
 
 struct Attention {

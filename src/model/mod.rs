@@ -6,6 +6,7 @@ pub mod error;
 pub mod exit;
 pub mod huginn;
 pub mod layers;
+pub mod matvec;
 pub mod weights;
 
 pub use cache::{CacheStrategy, KvCache, LayerSlot};

@@ -1,0 +1,125 @@
+//! Batch-1 decode benchmark and the memory-bandwidth bound it is compared against.
+//!
+//! At batch 1 every core step re-reads the core block's weights, so decode is bound by memory
+//! bandwidth on large models: `bound = read bandwidth / bytes of weights per step`. The benchmark
+//! measures the machine's read bandwidth with the same number of threads the model uses, then
+//! reports decode speed next to that bound.
+
+use std::time::Instant;
+
+use candle_core::DType;
+
+use crate::generate::Sequence;
+use crate::model::{CacheStrategy, ExitRule, HuginnModel, LogitRows, Result};
+
+/// Decode speed of one configuration.
+#[derive(Debug, Clone)]
+pub struct DecodeStats {
+    pub num_steps: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+}
+
+impl DecodeStats {
+    pub fn core_steps_per_second(&self) -> f64 {
+        (self.tokens * self.num_steps) as f64 / self.seconds
+    }
+
+    pub fn tokens_per_second(&self) -> f64 {
+        self.tokens as f64 / self.seconds
+    }
+}
+
+/// Prefills `prompt`, then times `tokens` decode steps at `num_steps` (greedy, no exit, init 0).
+/// The best of `repeats` runs is kept (the least disturbed by other load).
+pub fn decode_speed(model: &HuginnModel, prompt: &[u32], num_steps: usize, tokens: usize, repeats: usize) -> Result<DecodeStats> {
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let mut seq = Sequence::new(model, CacheStrategy::Shared(1), 0.0, false, 0);
+        seq.prefill(prompt, num_steps, LogitRows::Last)?;
+        // One untimed token warms caches and allocations.
+        let mut next = prompt[prompt.len() - 1];
+        next = crate::model::exit::argmax(&seq.step(next, num_steps, &ExitRule::default())?.logits) as u32;
+        let started = Instant::now();
+        for _ in 0..tokens {
+            let step = seq.step(next, num_steps, &ExitRule::default())?;
+            next = crate::model::exit::argmax(&step.logits) as u32;
+        }
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    Ok(DecodeStats { num_steps, tokens, seconds: best })
+}
+
+/// Bytes of weights one core step reads: the adapter's state half and the core layers.
+pub fn core_step_weight_bytes(model: &HuginnModel) -> usize {
+    let cfg = model.config();
+    let d = cfg.n_embd;
+    let per_layer = 3 * d * d + d * d + 3 * cfg.intermediate_size * d + 4 * d + 2 * d;
+    (d * d + cfg.n_layers_in_recurrent_block * per_layer) * model.dtype().size_in_bytes()
+}
+
+/// Bytes of weights one token reads outside the recurrence: embedding row, prelude, adapter input
+/// half, coda and the head.
+pub fn per_token_weight_bytes(model: &HuginnModel) -> usize {
+    let cfg = model.config();
+    let d = cfg.n_embd;
+    let per_layer = 3 * d * d + d * d + 3 * cfg.intermediate_size * d + 4 * d + 2 * d;
+    let layers = cfg.n_layers_in_prelude + cfg.n_layers_in_coda;
+    (d + d * d + layers * per_layer + cfg.vocab_size * d) * model.dtype().size_in_bytes()
+}
+
+/// Read bandwidth in bytes per second: `threads` threads summing disjoint parts of a `bytes`-sized
+/// buffer, best of `repeats`.
+pub fn read_bandwidth(bytes: usize, threads: usize, repeats: usize) -> f64 {
+    let threads = threads.max(1);
+    let data: Vec<f32> = (0..bytes / 4).map(|i| (i % 7) as f32).collect();
+    let per_thread = data.len().div_ceil(threads);
+    let mut best = f64::INFINITY;
+    let mut checksum = 0.0f32;
+    for _ in 0..repeats.max(1) {
+        let started = Instant::now();
+        let sums: Vec<f32> = std::thread::scope(|scope| {
+            let handles: Vec<_> = data.chunks(per_thread).map(|part| scope.spawn(move || sum_f32(part))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).collect()
+        });
+        best = best.min(started.elapsed().as_secs_f64());
+        checksum += sums.iter().sum::<f32>();
+    }
+    // Keep the sums observable so the reads cannot be optimised away.
+    std::hint::black_box(checksum);
+    (data.len() * 4) as f64 / best
+}
+
+/// Sum of `values`, vectorised with the widest instructions the CPU has (as the model's kernels are).
+fn sum_f32(values: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports the feature the function is compiled for.
+        return unsafe { sum_f32_avx2(values) };
+    }
+    sum_f32_portable(values)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_f32_avx2(values: &[f32]) -> f32 {
+    sum_f32_portable(values)
+}
+
+/// Sum with 16 independent accumulators so the compiler can vectorise the loop.
+#[inline(always)]
+fn sum_f32_portable(values: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = values.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (a, v) in acc.iter_mut().zip(chunk) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+pub fn dtype_label(dtype: DType) -> &'static str {
+    crate::model::dtype_name(dtype)
+}

@@ -1,0 +1,179 @@
+//! `huginn generate`: one prompt, one continuation, streamed as text or summarised as JSON.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use huginn::generate::{generate, GenerationParams, SamplingParams};
+use huginn::model::{parse_dtype, CacheStrategy, ExitCriterion, ExitRule, HuginnModel};
+use huginn::text::{ChatMessage, StreamDecoder, TextTokenizer};
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Checkpoint folder (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text (tokenized with the checkpoint's tokenizer).
+    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Render the prompt as a user message with the chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Recurrence steps per token (the cap when an exit criterion is set). Default: the model's mean_recurrence.
+    #[arg(long)]
+    num_steps: Option<usize>,
+    /// none, latent-diff, cosine, kl, minp-kl, entropy-diff, argmax-stability.
+    #[arg(long, default_value = "none")]
+    exit_criterion: String,
+    /// Threshold of the exit criterion (default: the reference's for that criterion).
+    #[arg(long)]
+    exit_threshold: Option<f64>,
+    /// Steps before the exit criterion is first checked.
+    #[arg(long, default_value_t = 0)]
+    min_steps: usize,
+    /// Scale of the random initial latent state (0: zeros, deterministic).
+    #[arg(long, default_value_t = 1.0)]
+    init_scale: f64,
+    /// Start each token from the previous token's final latent state.
+    #[arg(long)]
+    continuous_compute: bool,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Extra stop token ids (comma-separated), in addition to the checkpoint's.
+    #[arg(long, value_delimiter = ',')]
+    stop_token_ids: Vec<u32>,
+    /// Do not stop on the checkpoint's end-of-text tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// `full` (one K/V slot per step) or `shared:K` (K slots reused round-robin).
+    #[arg(long, default_value = "shared:1")]
+    kv_cache: String,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long, value_enum, default_value = "text")]
+    format: OutputFormat,
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let dtype = parse_dtype(&args.dtype)?;
+    let model = HuginnModel::load(&args.model, dtype, &device).context("loading the model")?;
+    let tokenizer = TextTokenizer::load(&args.model, model.config()).context("loading the tokenizer")?;
+    let prompt_ids = match (&args.prompt, &args.prompt_ids) {
+        (Some(text), _) if args.chat => {
+            tokenizer.encode(&tokenizer.apply_chat_template(&[ChatMessage::new("user", text)], true)?)?
+        }
+        (Some(text), _) => tokenizer.encode(text)?,
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    let criterion: ExitCriterion = args.exit_criterion.parse()?;
+    let mut stop_token_ids = args.stop_token_ids.clone();
+    if !args.ignore_eos {
+        stop_token_ids.extend(&tokenizer.special().stop);
+    }
+    let params = GenerationParams {
+        max_tokens: args.max_tokens,
+        num_steps: args.num_steps.unwrap_or(model.config().mean_recurrence),
+        exit: ExitRule::new(criterion, args.exit_threshold, args.min_steps)?,
+        init_scale: args.init_scale,
+        continuous_compute: args.continuous_compute,
+        cache: args.kv_cache.parse::<CacheStrategy>()?,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            min_p: args.min_p,
+            repetition_penalty: args.repetition_penalty,
+            presence_penalty: args.presence_penalty,
+            frequency_penalty: args.frequency_penalty,
+            logit_bias: Vec::new(),
+        },
+        stop_token_ids,
+        seed: args.seed,
+    };
+
+    let mut stdout = std::io::stdout().lock();
+    let mut decoder = StreamDecoder::default();
+    let streaming = matches!(args.format, OutputFormat::Text);
+    let mut stream_error = None;
+    let output = generate(&model, &prompt_ids, &params, |token| {
+        if streaming && stream_error.is_none() {
+            let piece = decoder.push(&tokenizer, token.id).unwrap_or_default();
+            if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
+                stream_error = Some(e);
+            }
+        }
+    })?;
+    if let Some(e) = stream_error {
+        return Err(e).context("writing to stdout");
+    }
+    let text = tokenizer.decode(&output.token_ids)?;
+    let generated = output.token_ids.len();
+    let total_steps: usize = output.steps_per_token.iter().sum();
+    let decode_tokens = generated.saturating_sub(1);
+    let decode_steps: usize = output.steps_per_token.iter().skip(1).sum();
+    let timing = json!({
+        "prefill_seconds": output.prefill_seconds,
+        "decode_seconds": output.decode_seconds,
+        "decode_tokens_per_second": if output.decode_seconds > 0.0 { decode_tokens as f64 / output.decode_seconds } else { 0.0 },
+        "core_steps_per_second": if output.decode_seconds > 0.0 { decode_steps as f64 / output.decode_seconds } else { 0.0 },
+    });
+    match args.format {
+        OutputFormat::Text => {
+            writeln!(stdout)?;
+            eprintln!(
+                "[{generated} tokens, finish_reason {:?}, mean {:.2} steps/token, {:.1} tokens/s, kv {} bytes]",
+                output.finish_reason,
+                total_steps as f64 / generated.max(1) as f64,
+                timing["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
+                output.kv_bytes
+            );
+        }
+        OutputFormat::Json => {
+            let body = json!({
+                "prompt_ids": prompt_ids,
+                "token_ids": output.token_ids,
+                "text": text,
+                "steps_per_token": output.steps_per_token,
+                "mean_steps_per_token": total_steps as f64 / generated.max(1) as f64,
+                "finish_reason": output.finish_reason,
+                "kv_bytes": output.kv_bytes,
+                "timing": timing,
+            });
+            writeln!(stdout, "{}", serde_json::to_string(&body)?)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! Command-line interface: `huginn generate`, `huginn init-random`, `huginn bench`.
+
+mod bench;
+mod generate;
+mod init_random;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "huginn", version, about = "Inference for recurrent-depth language models (Huginn-0125 architecture)")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt with a local checkpoint.
+    Generate(generate::GenerateArgs),
+    /// Write a random-weight checkpoint of any shape in the published format.
+    InitRandom(init_random::InitRandomArgs),
+    /// Measure batch-1 decode speed and write docs/BENCHMARKS.md.
+    Bench(bench::BenchArgs),
+}
+
+/// Parses the command line and runs the chosen command.
+pub fn run() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Generate(args) => generate::run(args),
+        Command::InitRandom(args) => init_random::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}
