@@ -287,3 +287,74 @@ fn ensure_capacity<'a>(
     }
     buffer.as_mut().ok_or_else(|| ModelError::InvalidArgument("cache buffer missing".into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::preset;
+
+    fn kv(value: f32) -> Tensor {
+        Tensor::full(value, (1, 4, 16), &Device::Cpu).unwrap()
+    }
+
+    fn cache(strategy: CacheStrategy) -> KvCache {
+        KvCache::new(&preset("tiny").unwrap(), strategy, DType::F32, &Device::Cpu)
+    }
+
+    /// Token 0 stops after two steps; token 1 runs three. At step 2 token 1 must see token 0's
+    /// deepest entry (step 1) of the same layer.
+    #[test]
+    fn missing_steps_fall_back_to_the_deepest_entry() {
+        let mut c = cache(CacheStrategy::Full);
+        c.append(LayerSlot::Prelude(0), 0, &kv(0.0), &kv(0.0)).unwrap();
+        for step in 0..2 {
+            c.append(LayerSlot::Core { layer: 1, step }, 0, &kv(10.0 + step as f32), &kv(-10.0 - step as f32)).unwrap();
+        }
+        c.append(LayerSlot::Prelude(0), 1, &kv(0.0), &kv(0.0)).unwrap();
+        for step in 0..3 {
+            let (k, v) = c.append(LayerSlot::Core { layer: 1, step }, 1, &kv(20.0 + step as f32), &kv(0.0)).unwrap();
+            let first_k: Vec<f32> = k.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let first_v: Vec<f32> = v.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let expected = 10.0 + step.min(1) as f32;
+            assert!(first_k.iter().all(|&x| x == expected), "step {step}: {first_k:?}");
+            assert!(first_v.iter().all(|&x| x == -expected));
+            let own: Vec<f32> = k.narrow(1, 1, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(own.iter().all(|&x| x == 20.0 + step as f32));
+        }
+    }
+
+    #[test]
+    fn shared_slots_are_reused_round_robin() {
+        let mut c = cache(CacheStrategy::Shared(2));
+        c.append(LayerSlot::Prelude(0), 0, &kv(0.0), &kv(0.0)).unwrap();
+        for step in 0..5 {
+            c.append(LayerSlot::Core { layer: 0, step }, 0, &kv(step as f32), &kv(0.0)).unwrap();
+        }
+        // Slots hold the last step of each parity: 4 in slot 0, 3 in slot 1.
+        c.append(LayerSlot::Prelude(0), 1, &kv(0.0), &kv(0.0)).unwrap();
+        let (k0, _) = c.append(LayerSlot::Core { layer: 0, step: 0 }, 1, &kv(9.0), &kv(0.0)).unwrap();
+        let (k1, _) = c.append(LayerSlot::Core { layer: 0, step: 1 }, 1, &kv(9.0), &kv(0.0)).unwrap();
+        assert_eq!(k0.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0], 4.0);
+        assert_eq!(k1.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0], 3.0);
+        let entry = 2 * 64 * 4;
+        assert_eq!(c.bytes(), 2 * (1 + 2) * entry, "two tokens: one prelude layer-slot, two core slots");
+    }
+
+    #[test]
+    fn parses_strategies() {
+        assert_eq!("full".parse::<CacheStrategy>().unwrap(), CacheStrategy::Full);
+        assert_eq!("shared:4".parse::<CacheStrategy>().unwrap(), CacheStrategy::Shared(4));
+        for bad in ["shared:0", "shared:x", "compress", ""] {
+            assert!(bad.parse::<CacheStrategy>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn writes_beyond_the_context_or_out_of_order_are_errors() {
+        let mut c = cache(CacheStrategy::Shared(1));
+        assert!(c.append(LayerSlot::Core { layer: 0, step: 0 }, 0, &kv(1.0), &kv(1.0)).is_err());
+        assert!(c.append(LayerSlot::Prelude(0), 3, &kv(1.0), &kv(1.0)).is_err());
+        let long = Tensor::zeros((257, 4, 16), DType::F32, &Device::Cpu).unwrap();
+        assert!(matches!(c.append(LayerSlot::Prelude(0), 0, &long, &long), Err(ModelError::ContextOverflow { .. })));
+    }
+}

@@ -1,0 +1,104 @@
+//! The `huginn` binary end to end: `generate` on the fixture, `init-random`, argument errors.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::fixture_dir;
+use serde_json::Value;
+
+fn huginn(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_huginn")).args(args).output().expect("run huginn")
+}
+
+fn json_out(out: &Output) -> Value {
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+fn fixture_ids(strategy: &str, steps: u64) -> Vec<u64> {
+    let cases: Value = serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("cases.json")).unwrap()).unwrap();
+    let case = cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "greedy_decode" && c["cache_strategy"] == strategy && c["num_steps"] == steps && c["prompt"] == "The recurrent block iterates")
+        .unwrap();
+    case["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
+}
+
+#[test]
+fn greedy_generate_reproduces_the_reference_for_both_caches() {
+    let model = fixture_dir();
+    for (kv, fixture_strategy) in [("shared:1", "compress-s2"), ("full", "full")] {
+        let out = huginn(&[
+            "generate", "--model", model.to_str().unwrap(), "--prompt", "The recurrent block iterates",
+            "--num-steps", "8", "--init-scale", "0", "--temperature", "0", "--max-tokens", "8", "--ignore-eos",
+            "--kv-cache", kv, "--format", "json",
+        ]);
+        let body = json_out(&out);
+        let ids: Vec<u64> = body["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(ids, fixture_ids(fixture_strategy, 8), "--kv-cache {kv}");
+        assert_eq!(body["steps_per_token"], serde_json::json!([8, 8, 8, 8, 8, 8, 8, 8]));
+        assert_eq!(body["finish_reason"], "length");
+        assert!(body["timing"]["decode_seconds"].as_f64().unwrap() > 0.0);
+        assert!(body["kv_bytes"].as_u64().unwrap() > 0);
+    }
+}
+
+#[test]
+fn text_format_streams_the_same_text_as_json() {
+    let model = fixture_dir();
+    let common = ["--model", model.to_str().unwrap(), "--prompt-ids", "313,14,316,32", "--num-steps", "4", "--init-scale", "0", "--max-tokens", "10", "--ignore-eos"];
+    let json = json_out(&huginn(&[&["generate"], &common[..], &["--format", "json"]].concat()));
+    let text = huginn(&[&["generate"], &common[..], &["--format", "text"]].concat());
+    assert!(text.status.success());
+    assert_eq!(String::from_utf8_lossy(&text.stdout).trim_end_matches('\n'), json["text"].as_str().unwrap());
+    let stats = String::from_utf8_lossy(&text.stderr);
+    assert!(stats.contains("10 tokens") && stats.contains("steps/token"), "{stats}");
+}
+
+#[test]
+fn adaptive_exit_reports_fewer_steps_than_the_cap() {
+    let model = fixture_dir();
+    let body = json_out(&huginn(&[
+        "generate", "--model", model.to_str().unwrap(), "--prompt", "12+34=", "--num-steps", "32",
+        "--exit-criterion", "kl", "--exit-threshold", "5e-4", "--init-scale", "0", "--max-tokens", "6", "--ignore-eos", "--format", "json",
+    ]));
+    let steps: Vec<u64> = body["steps_per_token"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    // Reference (adaptive.json, kl 5e-4 on "12+34="): 14, 8, 9, 19, 15 steps after the 32-step prefill.
+    assert_eq!(steps, vec![32, 14, 8, 9, 19, 15]);
+}
+
+#[test]
+fn init_random_writes_a_checkpoint_generate_can_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let made = huginn(&["init-random", "--out", out.to_str().unwrap(), "--seed", "3", "--n-embd", "32", "--heads", "2", "--intermediate-size", "48", "--vocab-size", "320", "--dtype", "bf16", "--shards", "2"]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["n_embd"].as_u64(), cfg["vocab_size"].as_u64(), cfg["torch_dtype"].as_str()), (Some(32), Some(320), Some("bfloat16")));
+    let body = json_out(&huginn(&["generate", "--model", out.to_str().unwrap(), "--prompt", "hello", "--max-tokens", "5", "--ignore-eos", "--dtype", "bf16", "--format", "json", "--chat"]));
+    assert_eq!(body["token_ids"].as_array().unwrap().len(), 5);
+    let prompt: Vec<u64> = body["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(prompt[0], 288, "the chat template starts with <|begin_text|>");
+}
+
+#[test]
+fn bad_arguments_fail_with_a_message() {
+    let model = fixture_dir();
+    let m = model.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["generate", "--model", m, "--prompt", "x", "--kv-cache", "ring"], "kv cache strategy `ring`"),
+        (vec!["generate", "--model", m, "--prompt", "x", "--exit-criterion", "soon"], "unknown exit criterion `soon`"),
+        (vec!["generate", "--model", m, "--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (vec!["generate", "--model", m, "--prompt", "x", "--dtype", "int8"], "unsupported dtype `int8`"),
+        (vec!["generate", "--model", "/nonexistent", "--prompt", "x"], "config.json: file not found"),
+        (vec!["generate", "--model", m], "--prompt"),
+    ] {
+        let out = huginn(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}

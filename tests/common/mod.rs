@@ -1,0 +1,42 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use huginn::generate::Sequence;
+use huginn::model::{CacheStrategy, HuginnModel, LogitRows};
+
+pub fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/huginn-tiny-ref")
+}
+
+/// Copies the fixture checkpoint into a fresh temporary folder.
+pub fn fixture_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+pub fn load(dir: &Path, dtype: DType) -> HuginnModel {
+    HuginnModel::load(dir, dtype, &Device::Cpu).unwrap()
+}
+
+/// Logits at every prompt position after `steps` recurrences from a zero state.
+pub fn prompt_logits(model: &HuginnModel, ids: &[u32], steps: usize) -> Tensor {
+    let mut seq = Sequence::new(model, CacheStrategy::Full, 0.0, false, 0);
+    seq.prefill(ids, steps, LogitRows::All).unwrap()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+pub fn max_abs(a: &Tensor) -> f32 {
+    a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+pub const PROMPT: [u32; 7] = [322, 295, 326, 373, 310, 383, 86];
