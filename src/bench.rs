@@ -7,8 +7,6 @@
 
 use std::time::Instant;
 
-use candle_core::DType;
-
 use crate::generate::Sequence;
 use crate::model::{CacheStrategy, ExitRule, HuginnModel, LogitRows, Result};
 
@@ -32,7 +30,13 @@ impl DecodeStats {
 
 /// Prefills `prompt`, then times `tokens` decode steps at `num_steps` (greedy, no exit, init 0).
 /// The best of `repeats` runs is kept (the least disturbed by other load).
-pub fn decode_speed(model: &HuginnModel, prompt: &[u32], num_steps: usize, tokens: usize, repeats: usize) -> Result<DecodeStats> {
+pub fn decode_speed(
+    model: &HuginnModel,
+    prompt: &[u32],
+    num_steps: usize,
+    tokens: usize,
+    repeats: usize,
+) -> Result<DecodeStats> {
     let mut best = f64::INFINITY;
     for _ in 0..repeats.max(1) {
         let mut seq = Sequence::new(model, CacheStrategy::Shared(1), 0.0, false, 0);
@@ -118,8 +122,4 @@ fn sum_f32_portable(values: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-pub fn dtype_label(dtype: DType) -> &'static str {
-    crate::model::dtype_name(dtype)
 }

@@ -6,4 +6,5 @@ pub mod checkpoint;
 pub mod cpu_threads;
 pub mod generate;
 pub mod model;
+pub mod settings;
 pub mod text;

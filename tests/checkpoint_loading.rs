@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use huginn::checkpoint::{preset, write_random_checkpoint};
-use huginn::generate::{generate, GenerationParams};
+use huginn::generate::{GenerationParams, generate};
 use huginn::model::HuginnModel;
 use huginn::text::TextTokenizer;
 
@@ -120,7 +120,8 @@ fn missing_config_names_the_file() {
 #[test]
 fn invalid_config_names_the_key() {
     let dir = fixture_copy();
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
     cfg["n_embd"] = serde_json::json!("wide");
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
     let err = load_err(dir.path());
@@ -141,7 +142,8 @@ fn invalid_config_names_the_key() {
 #[test]
 fn unknown_config_keys_are_ignored_and_optional_keys_default() {
     let dir = fixture_copy();
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
     cfg["some_future_key"] = serde_json::json!({"nested": true});
     cfg.as_object_mut().unwrap().remove("rope_base");
     cfg.as_object_mut().unwrap().remove("norm_eps");
@@ -150,7 +152,8 @@ fn unknown_config_keys_are_ignored_and_optional_keys_default() {
     assert_eq!(model.config().rope_base, 50_000.0);
     assert_eq!(model.config().norm_eps, 1e-6);
     // Defaults equal the fixture's values, so the logits are unchanged.
-    let diff = max_abs_diff(&prompt_logits(&model, &PROMPT, 2), &prompt_logits(&load(&fixture_dir(), DType::F32), &PROMPT, 2));
+    let diff =
+        max_abs_diff(&prompt_logits(&model, &PROMPT, 2), &prompt_logits(&load(&fixture_dir(), DType::F32), &PROMPT, 2));
     assert_eq!(diff, 0.0);
 }
 
@@ -182,7 +185,10 @@ fn missing_tensor_is_named() {
     tensors.remove("transformer.core_block.1.mlp.fc.weight").unwrap();
     save_weights(dir.path(), &tensors);
     let err = load_err(dir.path());
-    assert_eq!(err, "tensor `transformer.core_block.1.mlp.fc.weight` is missing from the checkpoint (model.safetensors)");
+    assert_eq!(
+        err,
+        "tensor `transformer.core_block.1.mlp.fc.weight` is missing from the checkpoint (model.safetensors)"
+    );
 }
 
 #[test]

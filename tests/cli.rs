@@ -17,12 +17,18 @@ fn json_out(out: &Output) -> Value {
 }
 
 fn fixture_ids(strategy: &str, steps: u64) -> Vec<u64> {
-    let cases: Value = serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("cases.json")).unwrap()).unwrap();
+    let cases: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("cases.json")).unwrap()).unwrap();
     let case = cases["cases"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["kind"] == "greedy_decode" && c["cache_strategy"] == strategy && c["num_steps"] == steps && c["prompt"] == "The recurrent block iterates")
+        .find(|c| {
+            c["kind"] == "greedy_decode"
+                && c["cache_strategy"] == strategy
+                && c["num_steps"] == steps
+                && c["prompt"] == "The recurrent block iterates"
+        })
         .unwrap();
     case["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
 }
@@ -32,9 +38,24 @@ fn greedy_generate_reproduces_the_reference_for_both_caches() {
     let model = fixture_dir();
     for (kv, fixture_strategy) in [("shared:1", "compress-s2"), ("full", "full")] {
         let out = huginn(&[
-            "generate", "--model", model.to_str().unwrap(), "--prompt", "The recurrent block iterates",
-            "--num-steps", "8", "--init-scale", "0", "--temperature", "0", "--max-tokens", "8", "--ignore-eos",
-            "--kv-cache", kv, "--format", "json",
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "The recurrent block iterates",
+            "--num-steps",
+            "8",
+            "--init-scale",
+            "0",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+            "--ignore-eos",
+            "--kv-cache",
+            kv,
+            "--format",
+            "json",
         ]);
         let body = json_out(&out);
         let ids: Vec<u64> = body["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
@@ -49,7 +70,19 @@ fn greedy_generate_reproduces_the_reference_for_both_caches() {
 #[test]
 fn text_format_streams_the_same_text_as_json() {
     let model = fixture_dir();
-    let common = ["--model", model.to_str().unwrap(), "--prompt-ids", "313,14,316,32", "--num-steps", "4", "--init-scale", "0", "--max-tokens", "10", "--ignore-eos"];
+    let common = [
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-ids",
+        "313,14,316,32",
+        "--num-steps",
+        "4",
+        "--init-scale",
+        "0",
+        "--max-tokens",
+        "10",
+        "--ignore-eos",
+    ];
     let json = json_out(&huginn(&[&["generate"], &common[..], &["--format", "json"]].concat()));
     let text = huginn(&[&["generate"], &common[..], &["--format", "text"]].concat());
     assert!(text.status.success());
@@ -62,8 +95,24 @@ fn text_format_streams_the_same_text_as_json() {
 fn adaptive_exit_reports_fewer_steps_than_the_cap() {
     let model = fixture_dir();
     let body = json_out(&huginn(&[
-        "generate", "--model", model.to_str().unwrap(), "--prompt", "12+34=", "--num-steps", "32",
-        "--exit-criterion", "kl", "--exit-threshold", "5e-4", "--init-scale", "0", "--max-tokens", "6", "--ignore-eos", "--format", "json",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "12+34=",
+        "--num-steps",
+        "32",
+        "--exit-criterion",
+        "kl",
+        "--exit-threshold",
+        "5e-4",
+        "--init-scale",
+        "0",
+        "--max-tokens",
+        "6",
+        "--ignore-eos",
+        "--format",
+        "json",
     ]));
     let steps: Vec<u64> = body["steps_per_token"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     // Reference (adaptive.json, kl 5e-4 on "12+34="): 14, 8, 9, 19, 15 steps after the 32-step prefill.
@@ -74,11 +123,46 @@ fn adaptive_exit_reports_fewer_steps_than_the_cap() {
 fn init_random_writes_a_checkpoint_generate_can_use() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m");
-    let made = huginn(&["init-random", "--out", out.to_str().unwrap(), "--seed", "3", "--n-embd", "32", "--heads", "2", "--intermediate-size", "48", "--vocab-size", "320", "--dtype", "bf16", "--shards", "2"]);
+    let made = huginn(&[
+        "init-random",
+        "--out",
+        out.to_str().unwrap(),
+        "--seed",
+        "3",
+        "--n-embd",
+        "32",
+        "--heads",
+        "2",
+        "--intermediate-size",
+        "48",
+        "--vocab-size",
+        "320",
+        "--dtype",
+        "bf16",
+        "--shards",
+        "2",
+    ]);
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-    assert_eq!((cfg["n_embd"].as_u64(), cfg["vocab_size"].as_u64(), cfg["torch_dtype"].as_str()), (Some(32), Some(320), Some("bfloat16")));
-    let body = json_out(&huginn(&["generate", "--model", out.to_str().unwrap(), "--prompt", "hello", "--max-tokens", "5", "--ignore-eos", "--dtype", "bf16", "--format", "json", "--chat"]));
+    assert_eq!(
+        (cfg["n_embd"].as_u64(), cfg["vocab_size"].as_u64(), cfg["torch_dtype"].as_str()),
+        (Some(32), Some(320), Some("bfloat16"))
+    );
+    let body = json_out(&huginn(&[
+        "generate",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "5",
+        "--ignore-eos",
+        "--dtype",
+        "bf16",
+        "--format",
+        "json",
+        "--chat",
+    ]));
     assert_eq!(body["token_ids"].as_array().unwrap().len(), 5);
     let prompt: Vec<u64> = body["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     assert_eq!(prompt[0], 288, "the chat template starts with <|begin_text|>");
@@ -101,4 +185,28 @@ fn bad_arguments_fail_with_a_message() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn settings_file_then_environment_then_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.toml");
+    let model = fixture_dir();
+    std::fs::write(&file, format!("[model]\npath = {:?}\n[generation]\nnum_steps = 3\nmax_tokens = 4\ninit_scale = 0.0\n", model)).unwrap();
+    let run = |env: &[(&str, &str)], extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_huginn"));
+        cmd.args(["--settings", file.to_str().unwrap(), "generate", "--prompt", "hi", "--ignore-eos", "--format", "json"]);
+        cmd.args(extra);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        json_out(&cmd.output().unwrap())["steps_per_token"].clone()
+    };
+    assert_eq!(run(&[], &[]), serde_json::json!([3, 3, 3, 3]));
+    assert_eq!(run(&[("HUGINN_GENERATION_NUM_STEPS", "2")], &[]), serde_json::json!([2, 2, 2, 2]));
+    assert_eq!(run(&[("HUGINN_GENERATION_NUM_STEPS", "2")], &["--num-steps", "5"]), serde_json::json!([5, 5, 5, 5]));
+    std::fs::write(&file, "[generation]\nnumsteps = 3\n").unwrap();
+    let out = huginn(&["--settings", file.to_str().unwrap(), "generate", "--prompt", "hi"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("numsteps"));
 }

@@ -110,7 +110,8 @@ fn adaptive_exit_matches_reference_ids_and_steps() {
         let prefill_steps = case["prefill_steps"].as_u64().unwrap() as usize;
         let want_ids = ids(case, "generated_ids");
         let want_steps = ids(case, "steps_per_generated_token");
-        let at_exit: Vec<f64> = case["criterion_value_at_exit"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let at_exit: Vec<f64> =
+            case["criterion_value_at_exit"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
 
         let mut seq = Sequence::new(&model, CacheStrategy::Shared(1), 0.0, false, 0);
         let logits = seq.prefill(&ids(case, "ids"), prefill_steps, LogitRows::Last).unwrap();

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Tensor};
 use common::*;
-use huginn::generate::{generate, GenerationParams, Sequence};
+use huginn::generate::{GenerationParams, Sequence, generate};
 use huginn::model::exit::argmax;
 use huginn::model::{CacheStrategy, Chunk, ExitCriterion, ExitRule, HuginnModel, LogitRows, ModelError};
 
@@ -94,7 +94,11 @@ fn every_criterion_spends_at_most_the_cap_and_reports_steps() {
         if criterion == ExitCriterion::None {
             assert!(out.steps_per_token.iter().all(|&s| s == 24));
         } else {
-            assert!(out.steps_per_token[1..].iter().any(|&s| s < 24), "{criterion} never exited early: {:?}", out.steps_per_token);
+            assert!(
+                out.steps_per_token[1..].iter().any(|&s| s < 24),
+                "{criterion} never exited early: {:?}",
+                out.steps_per_token
+            );
         }
     }
 }
@@ -151,9 +155,13 @@ fn batched_entry_points_equal_separate_runs() {
         let inj = model.prelude(ids, &mut [Chunk { cache: &mut cache, start: 0, len: ids.len(), step: 0 }]).unwrap();
         let mut state = model.init_state(ids.len(), 0.0, &mut rand::rng()).unwrap();
         for step in 0..steps {
-            state = model.core_step(&state, &inj, &mut [Chunk { cache: &mut cache, start: 0, len: ids.len(), step }]).unwrap();
+            state = model
+                .core_step(&state, &inj, &mut [Chunk { cache: &mut cache, start: 0, len: ids.len(), step }])
+                .unwrap();
         }
-        model.coda(&state, &mut [Chunk { cache: &mut cache, start: 0, len: ids.len(), step: 0 }], LogitRows::Last).unwrap()
+        model
+            .coda(&state, &mut [Chunk { cache: &mut cache, start: 0, len: ids.len(), step: 0 }], LogitRows::Last)
+            .unwrap()
     };
     let want_a = separate(&a_ids, a_steps);
     let want_b = separate(&b_ids, b_steps);
@@ -162,7 +170,13 @@ fn batched_entry_points_equal_separate_runs() {
     let all_ids: Vec<u32> = a_ids.iter().chain(&b_ids).copied().collect();
     let (na, nb) = (a_ids.len(), b_ids.len());
     let inj = model
-        .prelude(&all_ids, &mut [Chunk { cache: &mut ca, start: 0, len: na, step: 0 }, Chunk { cache: &mut cb, start: 0, len: nb, step: 0 }])
+        .prelude(
+            &all_ids,
+            &mut [
+                Chunk { cache: &mut ca, start: 0, len: na, step: 0 },
+                Chunk { cache: &mut cb, start: 0, len: nb, step: 0 },
+            ],
+        )
         .unwrap();
     let mut state = model.init_state(na + nb, 0.0, &mut rand::rng()).unwrap();
     // B starts two ticks earlier, then both iterate together at different step indices.
@@ -176,11 +190,25 @@ fn batched_entry_points_equal_separate_runs() {
     for tick in 0..a_steps {
         let offset = b_steps - a_steps;
         state = model
-            .core_step(&state, &inj, &mut [Chunk { cache: &mut ca, start: 0, len: na, step: tick }, Chunk { cache: &mut cb, start: 0, len: nb, step: tick + offset }])
+            .core_step(
+                &state,
+                &inj,
+                &mut [
+                    Chunk { cache: &mut ca, start: 0, len: na, step: tick },
+                    Chunk { cache: &mut cb, start: 0, len: nb, step: tick + offset },
+                ],
+            )
             .unwrap();
     }
     let logits = model
-        .coda(&state, &mut [Chunk { cache: &mut ca, start: 0, len: na, step: 0 }, Chunk { cache: &mut cb, start: 0, len: nb, step: 0 }], LogitRows::Last)
+        .coda(
+            &state,
+            &mut [
+                Chunk { cache: &mut ca, start: 0, len: na, step: 0 },
+                Chunk { cache: &mut cb, start: 0, len: nb, step: 0 },
+            ],
+            LogitRows::Last,
+        )
         .unwrap();
     let want = Tensor::cat(&[want_a, want_b], 0).unwrap();
     assert!(max_abs_diff(&logits, &want) < 1e-5, "{}", max_abs_diff(&logits, &want));

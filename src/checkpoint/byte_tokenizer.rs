@@ -3,7 +3,7 @@
 //! the end of the vocabulary (as in Huginn-0125: 65504 for a 65536 vocabulary), and the remaining
 //! ids are inert placeholders.
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 
 use crate::model::{ModelError, Result};
 

@@ -15,8 +15,8 @@ use rand::{RngExt, SeedableRng};
 use safetensors::tensor::View;
 use serde_json::json;
 
-use super::byte_tokenizer::{byte_level_tokenizer_json, special_base, SPECIAL_TOKENS};
-use crate::model::{dtype_name, HuginnConfig, ModelError, Result};
+use super::byte_tokenizer::{SPECIAL_TOKENS, byte_level_tokenizer_json, special_base};
+use crate::model::{HuginnConfig, ModelError, Result, dtype_name};
 use crate::text::HUGINN_CHAT_TEMPLATE;
 
 /// How one tensor is initialised.
@@ -39,7 +39,11 @@ fn tensor_specs(cfg: &HuginnConfig) -> Vec<TensorSpec> {
     let std = (2.0 / (5.0 * d as f64)).sqrt();
     let depth = cfg.n_layers_in_prelude + cfg.n_layers_in_coda + cfg.n_layers_in_recurrent_block * cfg.mean_recurrence;
     let out_std = std / (2.0 * depth.max(1) as f64).sqrt();
-    let mut specs = vec![TensorSpec { name: "transformer.wte.weight".into(), shape: vec![cfg.vocab_size, d], init: Init::Normal(std) }];
+    let mut specs = vec![TensorSpec {
+        name: "transformer.wte.weight".into(),
+        shape: vec![cfg.vocab_size, d],
+        init: Init::Normal(std),
+    }];
     let mut block = |prefix: String| {
         let t = |suffix: &str, shape: Vec<usize>, init| TensorSpec { name: format!("{prefix}.{suffix}"), shape, init };
         specs.push(t("norm_1.weight", vec![d], Init::Ones));
@@ -63,13 +67,21 @@ fn tensor_specs(cfg: &HuginnConfig) -> Vec<TensorSpec> {
     for n in 0..cfg.n_layers_in_coda {
         block(format!("transformer.coda.{n}"));
     }
-    specs.push(TensorSpec { name: "transformer.adapter.weight".into(), shape: vec![d, 2 * d], init: Init::Normal(std) });
+    specs.push(TensorSpec {
+        name: "transformer.adapter.weight".into(),
+        shape: vec![d, 2 * d],
+        init: Init::Normal(std),
+    });
     if cfg.bias {
         specs.push(TensorSpec { name: "transformer.adapter.bias".into(), shape: vec![d], init: Init::Zeros });
     }
     specs.push(TensorSpec { name: "transformer.ln_f.weight".into(), shape: vec![d], init: Init::Ones });
     if !cfg.tie_embeddings {
-        specs.push(TensorSpec { name: "lm_head.weight".into(), shape: vec![cfg.vocab_size, d], init: Init::Normal(std) });
+        specs.push(TensorSpec {
+            name: "lm_head.weight".into(),
+            shape: vec![cfg.vocab_size, d],
+            init: Init::Normal(std),
+        });
     }
     specs
 }
@@ -165,7 +177,10 @@ pub fn write_random_checkpoint(dir: &Path, cfg: &HuginnConfig, seed: u64, dtype:
         &dir.join("tokenizer_config.json"),
         &json!({"chat_template": HUGINN_CHAT_TEMPLATE, "bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1], "pad_token": SPECIAL_TOKENS[5]}),
     )?;
-    write_json(&dir.join("generation_config.json"), &json!({"bos_token_id": bos, "eos_token_id": [eos, base + 4], "pad_token_id": pad}))?;
+    write_json(
+        &dir.join("generation_config.json"),
+        &json!({"bos_token_id": bos, "eos_token_id": [eos, base + 4], "pad_token_id": pad}),
+    )?;
 
     let specs = tensor_specs(&cfg);
     let shards = shards.clamp(1, specs.len());

@@ -8,7 +8,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::Args;
 
-use huginn::bench::{core_step_weight_bytes, decode_speed, per_token_weight_bytes, read_bandwidth, DecodeStats};
+use huginn::bench::{DecodeStats, core_step_weight_bytes, decode_speed, per_token_weight_bytes, read_bandwidth};
 use huginn::checkpoint::{preset, write_random_checkpoint};
 use huginn::model::HuginnModel;
 
@@ -71,7 +71,9 @@ fn ensure_large_model(dir: &Path) -> anyhow::Result<()> {
     let current = std::fs::read_to_string(dir.join("config.json")).ok();
     let matches = current
         .and_then(|text| huginn::model::HuginnConfig::from_json_str(&text, "config.json").ok())
-        .is_some_and(|c| c.n_embd == cfg.n_embd && c.intermediate_size == cfg.intermediate_size && c.vocab_size == cfg.vocab_size);
+        .is_some_and(|c| {
+            c.n_embd == cfg.n_embd && c.intermediate_size == cfg.intermediate_size && c.vocab_size == cfg.vocab_size
+        });
     if !matches || !dir.join("model.safetensors").is_file() {
         eprintln!("writing the width-1024 random checkpoint to {}", dir.display());
         write_random_checkpoint(dir, &cfg, 1024, DType::F32, 1)?;
@@ -82,7 +84,11 @@ fn ensure_large_model(dir: &Path) -> anyhow::Result<()> {
 fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|text| text.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
@@ -98,13 +104,27 @@ fn render(
     let step_bytes = core_step_weight_bytes(large) as f64;
     let token_bytes = per_token_weight_bytes(large) as f64;
     writeln!(md, "# Benchmarks\n")?;
-    writeln!(md, "Produced by `cargo run --release -- bench{}` (this file is overwritten).", if args.quick { " --quick" } else { "" })?;
-    writeln!(md, "Machine: {}, {threads} compute threads. CPU, float32, batch 1, greedy, `shared:1` cache,", cpu_name())?;
-    writeln!(md, "an 8-token prompt; each figure is the best of {} runs. Figures from one run, side by side.\n", if args.quick { 1 } else { 3 })?;
+    writeln!(
+        md,
+        "Produced by `cargo run --release -- bench{}` (this file is overwritten).",
+        if args.quick { " --quick" } else { "" }
+    )?;
+    writeln!(
+        md,
+        "Machine: {}, {threads} compute threads. CPU, float32, batch 1, greedy, `shared:1` cache,",
+        cpu_name()
+    )?;
+    writeln!(
+        md,
+        "an 8-token prompt; each figure is the best of {} runs. Figures from one run, side by side.\n",
+        if args.quick { 1 } else { 3 }
+    )?;
     writeln!(md, "## Batch-1 decode\n")?;
     writeln!(md, "| model | num_steps | tokens timed | core steps/s | tokens/s | ms per core step |")?;
     writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
-    for (name, rows) in [("fixture (d=64, 2/2/2)", tiny), ("width-1024 (16 heads, 2/4/2, MLP 2816, vocab 32768)", large_rows)] {
+    for (name, rows) in
+        [("fixture (d=64, 2/2/2)", tiny), ("width-1024 (16 heads, 2/4/2, MLP 2816, vocab 32768)", large_rows)]
+    {
         for s in rows {
             writeln!(
                 md,
@@ -118,13 +138,21 @@ fn render(
         }
     }
     let tiny_best = tiny.iter().map(|s| s.core_steps_per_second()).fold(0.0, f64::max);
-    writeln!(md, "\nFixture model: {:.0} core steps/s at num_steps 32 (target: at least 7,000; the PyTorch", tiny.last().map(|s| s.core_steps_per_second()).unwrap_or(0.0))?;
+    writeln!(
+        md,
+        "\nFixture model: {:.0} core steps/s at num_steps 32 (target: at least 7,000; the PyTorch",
+        tiny.last().map(|s| s.core_steps_per_second()).unwrap_or(0.0)
+    )?;
     writeln!(md, "reference runs about 2,300 on a 2-core machine of this kind, a figure not re-measured here since")?;
     writeln!(md, "PyTorch is not installed; best here {tiny_best:.0}, {:.1}x that figure).\n", tiny_best / 2300.0)?;
     writeln!(md, "## Width-1024 model against its memory-bandwidth bound\n")?;
     writeln!(md, "At batch 1 each core step re-reads the adapter's state half and the four core layers.\n")?;
     writeln!(md, "- weights read per core step: {:.1} MB", step_bytes / 1e6)?;
-    writeln!(md, "- weights read once per token (embedding row, prelude, adapter input half, coda, head): {:.1} MB", token_bytes / 1e6)?;
+    writeln!(
+        md,
+        "- weights read once per token (embedding row, prelude, adapter input half, coda, head): {:.1} MB",
+        token_bytes / 1e6
+    )?;
     writeln!(md, "- measured read bandwidth ({threads} threads summing a 1 GiB buffer): {:.2} GB/s", bandwidth / 1e9)?;
     writeln!(md, "\n| num_steps | bound (tokens/s) | achieved (tokens/s) | fraction of bound | core steps/s |")?;
     writeln!(md, "|---:|---:|---:|---:|---:|")?;

@@ -3,13 +3,14 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use candle_core::Device;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use huginn::generate::{generate, GenerationParams, SamplingParams};
-use huginn::model::{parse_dtype, CacheStrategy, ExitCriterion, ExitRule, HuginnModel};
+use huginn::generate::{GenerationParams, SamplingParams, generate};
+use huginn::model::{CacheStrategy, ExitCriterion, ExitRule, HuginnModel, parse_dtype};
+use huginn::settings::Settings;
 use huginn::text::{ChatMessage, StreamDecoder, TextTokenizer};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -22,7 +23,7 @@ enum OutputFormat {
 pub struct GenerateArgs {
     /// Checkpoint folder (config.json, safetensors, tokenizer.json).
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Prompt text (tokenized with the checkpoint's tokenizer).
     #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
     prompt: Option<String>,
@@ -32,33 +33,33 @@ pub struct GenerateArgs {
     /// Render the prompt as a user message with the chat template.
     #[arg(long)]
     chat: bool,
-    #[arg(long, default_value_t = 32)]
-    max_tokens: usize,
+    #[arg(long)]
+    max_tokens: Option<usize>,
     /// Recurrence steps per token (the cap when an exit criterion is set). Default: the model's mean_recurrence.
     #[arg(long)]
     num_steps: Option<usize>,
     /// none, latent-diff, cosine, kl, minp-kl, entropy-diff, argmax-stability.
-    #[arg(long, default_value = "none")]
-    exit_criterion: String,
+    #[arg(long)]
+    exit_criterion: Option<String>,
     /// Threshold of the exit criterion (default: the reference's for that criterion).
     #[arg(long)]
     exit_threshold: Option<f64>,
     /// Steps before the exit criterion is first checked.
-    #[arg(long, default_value_t = 0)]
-    min_steps: usize,
+    #[arg(long)]
+    min_steps: Option<usize>,
     /// Scale of the random initial latent state (0: zeros, deterministic).
-    #[arg(long, default_value_t = 1.0)]
-    init_scale: f64,
+    #[arg(long)]
+    init_scale: Option<f64>,
     /// Start each token from the previous token's final latent state.
     #[arg(long)]
     continuous_compute: bool,
     /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
     #[arg(long, default_value_t = 0.0)]
     min_p: f32,
     #[arg(long, default_value_t = 1.0)]
@@ -73,23 +74,25 @@ pub struct GenerateArgs {
     /// Do not stop on the checkpoint's end-of-text tokens.
     #[arg(long)]
     ignore_eos: bool,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[arg(long)]
+    seed: Option<u64>,
     /// `full` (one K/V slot per step) or `shared:K` (K slots reused round-robin).
-    #[arg(long, default_value = "shared:1")]
-    kv_cache: String,
+    #[arg(long)]
+    kv_cache: Option<String>,
     /// f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    #[arg(long)]
+    dtype: Option<String>,
     #[arg(long, value_enum, default_value = "text")]
     format: OutputFormat,
 }
 
-pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
     let device = Device::Cpu;
-    let dtype = parse_dtype(&args.dtype)?;
-    let model = HuginnModel::load(&args.model, dtype, &device).context("loading the model")?;
-    let tokenizer = TextTokenizer::load(&args.model, model.config()).context("loading the tokenizer")?;
+    let defaults = settings.generation;
+    let dir = args.model.or(settings.model.path).context("give --model DIR (or set model.path in the settings)")?;
+    let dtype = parse_dtype(args.dtype.as_deref().unwrap_or(&settings.model.dtype))?;
+    let model = HuginnModel::load(&dir, dtype, &device).context("loading the model")?;
+    let tokenizer = TextTokenizer::load(&dir, model.config()).context("loading the tokenizer")?;
     let prompt_ids = match (&args.prompt, &args.prompt_ids) {
         (Some(text), _) if args.chat => {
             tokenizer.encode(&tokenizer.apply_chat_template(&[ChatMessage::new("user", text)], true)?)?
@@ -98,22 +101,26 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
-    let criterion: ExitCriterion = args.exit_criterion.parse()?;
+    let criterion: ExitCriterion = args.exit_criterion.as_deref().unwrap_or(&defaults.exit_criterion).parse()?;
     let mut stop_token_ids = args.stop_token_ids.clone();
     if !args.ignore_eos {
         stop_token_ids.extend(&tokenizer.special().stop);
     }
     let params = GenerationParams {
-        max_tokens: args.max_tokens,
-        num_steps: args.num_steps.unwrap_or(model.config().mean_recurrence),
-        exit: ExitRule::new(criterion, args.exit_threshold, args.min_steps)?,
-        init_scale: args.init_scale,
-        continuous_compute: args.continuous_compute,
-        cache: args.kv_cache.parse::<CacheStrategy>()?,
+        max_tokens: args.max_tokens.unwrap_or(defaults.max_tokens),
+        num_steps: args.num_steps.or(defaults.num_steps).unwrap_or(model.config().mean_recurrence),
+        exit: ExitRule::new(
+            criterion,
+            args.exit_threshold.or(defaults.exit_threshold),
+            args.min_steps.unwrap_or(defaults.min_steps),
+        )?,
+        init_scale: args.init_scale.unwrap_or(defaults.init_scale),
+        continuous_compute: args.continuous_compute || defaults.continuous_compute,
+        cache: args.kv_cache.as_deref().unwrap_or(&defaults.kv_cache).parse::<CacheStrategy>()?,
         sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
+            temperature: args.temperature.unwrap_or(defaults.temperature),
+            top_k: args.top_k.unwrap_or(defaults.top_k),
+            top_p: args.top_p.unwrap_or(defaults.top_p),
             min_p: args.min_p,
             repetition_penalty: args.repetition_penalty,
             presence_penalty: args.presence_penalty,
@@ -121,7 +128,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             logit_bias: Vec::new(),
         },
         stop_token_ids,
-        seed: args.seed,
+        seed: args.seed.unwrap_or(defaults.seed),
     };
 
     let mut stdout = std::io::stdout().lock();

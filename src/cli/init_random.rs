@@ -7,7 +7,7 @@ use clap::Args;
 
 use huginn::checkpoint::{preset, write_random_checkpoint};
 use huginn::model::weights::read_text;
-use huginn::model::{parse_dtype, HuginnConfig};
+use huginn::model::{HuginnConfig, parse_dtype};
 
 #[derive(Args)]
 pub struct InitRandomArgs {

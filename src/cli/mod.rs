@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "huginn", version, about = "Inference for recurrent-depth language models (Huginn-0125 architecture)")]
 pub struct Cli {
+    /// Settings file (default: config/default.toml when present).
+    #[arg(long, global = true)]
+    settings: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,8 +32,10 @@ pub fn run() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::Generate(args) => generate::run(args),
+    let cli = Cli::parse();
+    let settings = huginn::settings::Settings::load(cli.settings.as_deref())?;
+    match cli.command {
+        Command::Generate(args) => generate::run(args, settings),
         Command::InitRandom(args) => init_random::run(args),
         Command::Bench(args) => bench::run(args),
     }

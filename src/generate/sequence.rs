@@ -2,8 +2,8 @@
 //! feed tokens one at a time, each iterating until its exit rule fires or the cap is reached.
 
 use candle_core::{DType, Tensor};
-use rand::rngs::StdRng;
 use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 use crate::model::{CacheStrategy, Chunk, ExitRule, ExitTracker, HuginnModel, KvCache, LogitRows, Result};
 
@@ -32,7 +32,13 @@ pub struct Sequence<'m> {
 
 impl<'m> Sequence<'m> {
     /// `seed` drives the random initial states (irrelevant when `init_scale` is 0).
-    pub fn new(model: &'m HuginnModel, strategy: CacheStrategy, init_scale: f64, continuous_compute: bool, seed: u64) -> Self {
+    pub fn new(
+        model: &'m HuginnModel,
+        strategy: CacheStrategy,
+        init_scale: f64,
+        continuous_compute: bool,
+        seed: u64,
+    ) -> Self {
         Self {
             model,
             cache: model.new_cache(strategy),
@@ -70,7 +76,8 @@ impl<'m> Sequence<'m> {
         let injection = self.model.prelude(ids, &mut [Chunk { cache: &mut self.cache, start, len, step: 0 }])?;
         let mut state = self.initial_state(len)?;
         for step in 0..num_steps {
-            state = self.model.core_step(&state, &injection, &mut [Chunk { cache: &mut self.cache, start, len, step }])?;
+            state =
+                self.model.core_step(&state, &injection, &mut [Chunk { cache: &mut self.cache, start, len, step }])?;
         }
         let logits = self.model.coda(&state, &mut [Chunk { cache: &mut self.cache, start, len, step: 0 }], rows)?;
         self.last_state = Some(state.narrow(0, ids.len() - 1, 1)?);
@@ -83,11 +90,16 @@ impl<'m> Sequence<'m> {
         let start = self.cache.len();
         let injection = self.model.prelude(&[id], &mut [Chunk { cache: &mut self.cache, start, len: 1, step: 0 }])?;
         let mut state = self.initial_state(1)?;
-        let mut tracker = ExitTracker::new(*rule, if rule.criterion.needs_latent() { latent_vec(&state)? } else { Vec::new() });
+        let mut tracker =
+            ExitTracker::new(*rule, if rule.criterion.needs_latent() { latent_vec(&state)? } else { Vec::new() });
         let mut logits: Option<Vec<f32>> = None;
         let (mut steps, mut converged, mut exit_value) = (0, false, None);
         for step in 0..num_steps {
-            state = self.model.core_step(&state, &injection, &mut [Chunk { cache: &mut self.cache, start, len: 1, step }])?;
+            state = self.model.core_step(
+                &state,
+                &injection,
+                &mut [Chunk { cache: &mut self.cache, start, len: 1, step }],
+            )?;
             steps = step + 1;
             logits = None;
             if !tracker.checks_at(step) {
@@ -113,7 +125,8 @@ impl<'m> Sequence<'m> {
     }
 
     fn decode(&mut self, state: &Tensor, start: usize) -> Result<Vec<f32>> {
-        let logits = self.model.coda(state, &mut [Chunk { cache: &mut self.cache, start, len: 1, step: 0 }], LogitRows::Last)?;
+        let logits =
+            self.model.coda(state, &mut [Chunk { cache: &mut self.cache, start, len: 1, step: 0 }], LogitRows::Last)?;
         Ok(logits.flatten_all()?.to_vec1::<f32>()?)
     }
 }

@@ -57,7 +57,8 @@ impl FromStr for CacheStrategy {
     type Err = ModelError;
 
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || ModelError::InvalidArgument(format!("kv cache strategy `{s}`: use `full` or `shared:K` with K >= 1"));
+        let bad =
+            || ModelError::InvalidArgument(format!("kv cache strategy `{s}`: use `full` or `shared:K` with K >= 1"));
         match s {
             "full" => Ok(CacheStrategy::Full),
             "shared" => Ok(CacheStrategy::Shared(1)),

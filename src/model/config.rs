@@ -131,10 +131,8 @@ impl HuginnConfig {
     }
 
     pub fn from_json_str(text: &str, file: &str) -> Result<Self, ModelError> {
-        let cfg: Self = serde_json::from_str(text).map_err(|e| ModelError::Config {
-            file: file.to_string(),
-            message: e.to_string(),
-        })?;
+        let cfg: Self = serde_json::from_str(text)
+            .map_err(|e| ModelError::Config { file: file.to_string(), message: e.to_string() })?;
         cfg.validate(file)?;
         Ok(cfg)
     }
@@ -159,39 +157,27 @@ impl HuginnConfig {
                 return Err(bad(format!("`{key}` must be positive")));
             }
         }
-        if self.n_embd % self.num_attention_heads != 0 {
+        if !self.n_embd.is_multiple_of(self.num_attention_heads) {
             return Err(bad(format!(
                 "`n_embd` ({}) must be divisible by `num_attention_heads` ({})",
                 self.n_embd, self.num_attention_heads
             )));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(bad(format!("head dim {} must be even for rotary embeddings", self.head_dim())));
         }
-        if let Some(kv) = self.num_key_value_heads {
-            if kv != self.num_attention_heads {
-                return Err(bad(format!(
-                    "`num_key_value_heads` ({kv}) differs from `num_attention_heads` ({}): the \
-                     architecture uses full multi-head attention",
-                    self.num_attention_heads
-                )));
-            }
+        if let Some(kv) = self.num_key_value_heads
+            && kv != self.num_attention_heads
+        {
+            return Err(bad(format!(
+                "`num_key_value_heads` ({kv}) differs from `num_attention_heads` ({}): the \
+                 architecture uses full multi-head attention",
+                self.num_attention_heads
+            )));
         }
-        if !(self.norm_eps > 0.0) || !(self.rope_base > 0.0) {
+        if self.norm_eps.is_nan() || self.norm_eps <= 0.0 || self.rope_base.is_nan() || self.rope_base <= 0.0 {
             return Err(bad("`norm_eps` and `rope_base` must be positive".into()));
         }
         Ok(())
-    }
-
-    /// Bytes of one K/V layer entry (key and value of one token at one layer-slot).
-    pub fn kv_entry_elems(&self) -> usize {
-        2 * self.n_embd
-    }
-
-    /// Number of weights the core block (with the adapter) holds: the part re-read at every step.
-    pub fn core_step_params(&self) -> usize {
-        let d = self.n_embd;
-        let per_layer = 3 * d * d + d * d + 2 * self.intermediate_size * d + self.intermediate_size * d + 4 * d + 2 * d;
-        2 * d * d + self.n_layers_in_recurrent_block * per_layer
     }
 }

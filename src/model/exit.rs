@@ -63,7 +63,10 @@ impl ExitCriterion {
 
     /// Whether the criterion needs the coda's logits at every checked step.
     pub fn needs_logits(&self) -> bool {
-        matches!(self, ExitCriterion::Kl | ExitCriterion::MinpKl | ExitCriterion::EntropyDiff | ExitCriterion::ArgmaxStability)
+        matches!(
+            self,
+            ExitCriterion::Kl | ExitCriterion::MinpKl | ExitCriterion::EntropyDiff | ExitCriterion::ArgmaxStability
+        )
     }
 
     /// Whether the criterion compares latent states.
@@ -108,7 +111,9 @@ impl ExitRule {
     pub fn new(criterion: ExitCriterion, threshold: Option<f64>, min_steps: usize) -> Result<Self> {
         let threshold = threshold.unwrap_or_else(|| criterion.default_threshold());
         if !threshold.is_finite() || threshold < 0.0 {
-            return Err(ModelError::InvalidArgument(format!("exit threshold must be a finite number >= 0, got {threshold}")));
+            return Err(ModelError::InvalidArgument(format!(
+                "exit threshold must be a finite number >= 0, got {threshold}"
+            )));
         }
         Ok(Self { criterion, threshold, min_steps })
     }
@@ -135,7 +140,14 @@ pub struct ExitTracker {
 impl ExitTracker {
     /// Starts tracking from the token's initial latent state (the comparison point of the first check).
     pub fn new(rule: ExitRule, initial_latent: Vec<f32>) -> Self {
-        Self { rule, prev_latent: initial_latent, prev_log_probs: None, prev_entropy: 100.0, prev_argmax: None, stable_steps: 0 }
+        Self {
+            rule,
+            prev_latent: initial_latent,
+            prev_log_probs: None,
+            prev_entropy: 100.0,
+            prev_argmax: None,
+            stable_steps: 0,
+        }
     }
 
     pub fn rule(&self) -> &ExitRule {

@@ -13,9 +13,9 @@ use rand::{Rng, RngExt};
 use super::cache::{CacheStrategy, KvCache};
 use super::config::HuginnConfig;
 use super::error::{ModelError, Result};
-use super::layers::{Chunk, Rope, RmsNorm, SandwichBlock, Stage};
+use super::layers::{Chunk, RmsNorm, Rope, SandwichBlock, Stage};
 use super::matvec::linear;
-use super::weights::{read_text, WeightFiles};
+use super::weights::{WeightFiles, read_text};
 
 pub struct HuginnModel {
     cfg: HuginnConfig,
@@ -80,9 +80,7 @@ impl HuginnModel {
             wte.clone()
         };
         let blocks = |stage: Stage, name: &str, count: usize| -> Result<Vec<SandwichBlock>> {
-            (0..count)
-                .map(|i| SandwichBlock::load(w, &format!("transformer.{name}.{i}"), &cfg, stage, i))
-                .collect()
+            (0..count).map(|i| SandwichBlock::load(w, &format!("transformer.{name}.{i}"), &cfg, stage, i)).collect()
         };
         let adapter = w.load("transformer.adapter.weight", &[d, 2 * d])?;
         let adapter_bias = if cfg.bias { Some(w.load("transformer.adapter.bias", &[d])?) } else { None };

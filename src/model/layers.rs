@@ -66,7 +66,8 @@ impl Rope {
 
     pub fn layout(&self, chunks: &[Chunk<'_>], dtype: DType) -> Result<BatchLayout> {
         let gather = |table: &Tensor| -> Result<Tensor> {
-            let parts = chunks.iter().map(|c| table.narrow(0, c.start, c.len)).collect::<candle_core::Result<Vec<_>>>()?;
+            let parts =
+                chunks.iter().map(|c| table.narrow(0, c.start, c.len)).collect::<candle_core::Result<Vec<_>>>()?;
             let rows = if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 0)? };
             let tokens = rows.dim(0)?;
             Ok(rows.contiguous()?.reshape((tokens, 1, rows.dim(1)?))?)
@@ -83,9 +84,8 @@ impl Rope {
 /// Query i (at position start + i) sees keys 0..=start + i.
 fn causal_mask(start: usize, len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let total = start + len;
-    let data: Vec<f32> = (0..len)
-        .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
+    let data: Vec<f32> =
+        (0..len).flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY })).collect();
     Ok(Tensor::from_vec(data, (len, total), device)?.to_dtype(dtype)?)
 }
 
@@ -134,7 +134,14 @@ impl Attention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, layout: &BatchLayout, chunks: &mut [Chunk<'_>], stage: Stage, layer: usize) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        layout: &BatchLayout,
+        chunks: &mut [Chunk<'_>],
+        stage: Stage,
+        layer: usize,
+    ) -> Result<Tensor> {
         let (tokens, d) = xs.dims2()?;
         let (h, hd) = (self.heads, self.head_dim);
         let qkv = linear(xs, &self.wqkv)?;

@@ -26,11 +26,7 @@ pub fn linear(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
         && xs.rank() == 2
         && rows <= MAX_ROWS
         && weight.is_contiguous();
-    if fast {
-        Ok(xs.contiguous()?.apply_op2_no_bwd(weight, &RowDot)?)
-    } else {
-        Ok(xs.matmul(&weight.t()?)?)
-    }
+    if fast { Ok(xs.contiguous()?.apply_op2_no_bwd(weight, &RowDot)?) } else { Ok(xs.matmul(&weight.t()?)?) }
 }
 
 struct RowDot;
@@ -40,7 +36,13 @@ impl CustomOp2 for RowDot {
         "row-dot-matvec"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (CpuStorage::F32(xs), CpuStorage::F32(w)) = (s1, s2) else {
             candle_core::bail!("row-dot-matvec expects float32 inputs")
         };
@@ -130,7 +132,8 @@ mod avx2 {
     fn dot4(x: &[f32], rows: [&[f32]; 4], k: usize) -> [f32; 4] {
         assert!(x.len() >= k && rows.iter().all(|r| r.len() >= k));
         let whole = k / 8 * 8;
-        let (mut a0, mut a1, mut a2, mut a3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut a0, mut a1, mut a2, mut a3) =
+            (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
         let mut c = 0;
         while c < whole {
             // SAFETY: c + 8 <= k, and every slice holds at least k values (asserted above).
@@ -170,7 +173,16 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
         let fast = linear(&xs, &w).unwrap();
         let reference = xs.matmul(&w.t().unwrap()).unwrap();
-        let diff = (fast - reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = (fast - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-3, "m={m} n={n} k={k}: {diff}");
     }
 

@@ -3,7 +3,7 @@
 //! architecture expects, so a bad checkpoint fails with the file, tensor and both shapes.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -63,9 +63,8 @@ impl WeightFiles {
             .get(name)
             .ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), files: self.file_list() })?;
         let (file, mmap) = &self.files[index];
-        let view = mmap
-            .get(name)
-            .map_err(|e| ModelError::Safetensors { file: file.clone(), message: root_cause(&e) })?;
+        let view =
+            mmap.get(name).map_err(|e| ModelError::Safetensors { file: file.clone(), message: root_cause(&e) })?;
         if view.shape() != expected {
             return Err(ModelError::ShapeMismatch {
                 file: file.clone(),
@@ -101,10 +100,8 @@ fn weight_file_names(dir: &Path) -> Result<Vec<String>> {
     let text = read_text(&index_path)?;
     let bad = |message: String| ModelError::ShardIndex { file: SHARD_INDEX.to_string(), message };
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("missing object `weight_map`".into()))?;
+    let map =
+        json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("missing object `weight_map`".into()))?;
     let mut names = BTreeSet::new();
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| bad(format!("file of `{tensor}` is not a string")))?;
@@ -134,9 +131,4 @@ fn root_cause(e: &candle_core::Error) -> String {
     // candle wraps safetensors errors with backtraces; keep the message readable.
     let text = e.to_string();
     text.lines().next().unwrap_or(&text).to_string()
-}
-
-/// Paths of all weight files, for tools that copy or re-shard checkpoints.
-pub fn weight_paths(dir: &Path) -> Result<Vec<PathBuf>> {
-    Ok(weight_file_names(dir)?.into_iter().map(|n| dir.join(n)).collect())
 }

@@ -1,7 +1,7 @@
 //! Chat templates: the checkpoint's Jinja `chat_template` (rendered with minijinja), or the
 //! built-in Huginn format when the checkpoint has none.
 
-use minijinja::{context, Environment, Error, ErrorKind};
+use minijinja::{Environment, Error, ErrorKind, context};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -34,7 +34,12 @@ pub struct ChatTemplate {
 
 impl ChatTemplate {
     pub fn builtin() -> Self {
-        Self { source: HUGINN_CHAT_TEMPLATE.into(), builtin: true, bos_token: "<|begin_text|>".into(), eos_token: "<|end_text|>".into() }
+        Self {
+            source: HUGINN_CHAT_TEMPLATE.into(),
+            builtin: true,
+            bos_token: "<|begin_text|>".into(),
+            eos_token: "<|end_text|>".into(),
+        }
     }
 
     /// The `chat_template` of `tokenizer_config.json` (a string, or a list of named templates of
@@ -57,11 +62,16 @@ impl ChatTemplate {
                 .or_else(|| items.first())
                 .and_then(|t| t.get("template"))
                 .and_then(Value::as_str)
-                .ok_or_else(|| ModelError::ChatTemplate("tokenizer_config.json: `chat_template` list has no template".into()))?
+                .ok_or_else(|| {
+                    ModelError::ChatTemplate("tokenizer_config.json: `chat_template` list has no template".into())
+                })?
                 .to_string(),
-            Some(_) => return Err(ModelError::ChatTemplate("tokenizer_config.json: `chat_template` must be a string".into())),
+            Some(_) => {
+                return Err(ModelError::ChatTemplate("tokenizer_config.json: `chat_template` must be a string".into()));
+            }
         };
-        let template = Self { source, builtin: false, bos_token: token("bos_token", ""), eos_token: token("eos_token", "") };
+        let template =
+            Self { source, builtin: false, bos_token: token("bos_token", ""), eos_token: token("eos_token", "") };
         // Fail at load time, not on the first request.
         template.environment()?;
         Ok(template)
@@ -103,7 +113,14 @@ mod tests {
     #[test]
     fn builtin_format_matches_huginn() {
         let text = ChatTemplate::builtin()
-            .render(&[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "1+1="), ChatMessage::new("assistant", "2")], true)
+            .render(
+                &[
+                    ChatMessage::new("system", "Be brief."),
+                    ChatMessage::new("user", "1+1="),
+                    ChatMessage::new("assistant", "2"),
+                ],
+                true,
+            )
             .unwrap();
         assert_eq!(
             text,

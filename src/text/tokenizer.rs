@@ -75,7 +75,10 @@ impl TextTokenizer {
         stop.dedup();
         let vocab = inner.get_vocab_size(true);
         if let Some(bad) = bos.iter().chain(&eos).chain(&pad).find(|id| **id as usize >= cfg.vocab_size.max(vocab)) {
-            return Err(ModelError::Tokenizer { file: FILE.into(), message: format!("special token id {bad} is outside the vocabulary") });
+            return Err(ModelError::Tokenizer {
+                file: FILE.into(),
+                message: format!("special token id {bad} is outside the vocabulary"),
+            });
         }
         let chat = ChatTemplate::from_tokenizer_config(tok_config.as_ref())?;
         Ok(Self { inner, special: SpecialTokens { bos, eos, pad, stop }, chat })

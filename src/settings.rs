@@ -1,0 +1,164 @@
+//! Settings, in increasing precedence: built-in defaults < a TOML file (`config/default.toml` when
+//! present, or `--settings FILE`) < `HUGINN_<SECTION>_<KEY>` environment variables < command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{}: {message}", path.display())]
+    File { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+pub const DEFAULT_FILE: &str = "config/default.toml";
+const ENV_PREFIX: &str = "HUGINN_";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub model: ModelSettings,
+    pub generation: GenerationSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSettings {
+    /// Checkpoint folder.
+    pub path: Option<PathBuf>,
+    /// Weights dtype in memory: f32, bf16 or f16.
+    pub dtype: String,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self { path: None, dtype: "f32".into() }
+    }
+}
+
+/// Defaults of the per-request compute budget and sampling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationSettings {
+    pub max_tokens: usize,
+    /// Recurrence steps per token; unset means the model's `mean_recurrence`.
+    pub num_steps: Option<usize>,
+    pub exit_criterion: String,
+    /// Unset means the criterion's reference default.
+    pub exit_threshold: Option<f64>,
+    pub min_steps: usize,
+    pub init_scale: f64,
+    pub continuous_compute: bool,
+    /// `shared:K` or `full`.
+    pub kv_cache: String,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+impl Default for GenerationSettings {
+    fn default() -> Self {
+        Self {
+            max_tokens: 32,
+            num_steps: None,
+            exit_criterion: "none".into(),
+            exit_threshold: None,
+            min_steps: 0,
+            init_scale: 1.0,
+            continuous_compute: false,
+            kv_cache: "shared:1".into(),
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
+    }
+}
+
+impl Settings {
+    /// Reads `file` (which must exist), or `config/default.toml` when present, then applies the
+    /// process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let path = match file {
+            Some(path) => Some(path.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_FILE)).filter(|p| p.is_file()),
+        };
+        let text = match &path {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| SettingsError::File { path: path.clone(), message: e.to_string() })?,
+            None => String::new(),
+        };
+        Self::from_sources(&text, path.as_deref().unwrap_or(Path::new("<defaults>")), std::env::vars())
+    }
+
+    /// Builds settings from a TOML document and `HUGINN_<SECTION>_<KEY>` variables.
+    pub fn from_sources(
+        toml_text: &str,
+        origin: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let file_error = |message: String| SettingsError::File { path: origin.to_path_buf(), message };
+        let from_file: Settings = toml::from_str(toml_text).map_err(|e| file_error(e.to_string()))?;
+        let mut tree = toml::Value::try_from(&from_file).map_err(|e| file_error(e.to_string()))?;
+        let sections: Vec<String> = tree.as_table().map(|t| t.keys().cloned().collect()).unwrap_or_default();
+        for (var, raw) in env {
+            let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
+            let rest = rest.to_ascii_lowercase();
+            let Some(section) = sections.iter().find(|s| rest.starts_with(&format!("{s}_"))) else { continue };
+            let key = &rest[section.len() + 1..];
+            // A TOML literal when it parses as one (numbers, booleans), else a plain string.
+            let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.clone()));
+            if let Some(table) = tree.get_mut(section.as_str()).and_then(|s| s.as_table_mut()) {
+                table.insert(key.to_string(), value);
+            }
+            Settings::deserialize(tree.clone())
+                .map_err(|e| SettingsError::Env { var: var.clone(), message: e.to_string() })?;
+        }
+        Settings::deserialize(tree).map_err(|e| file_error(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_then_file_then_environment() {
+        let file = "[generation]\nnum_steps = 16\nkv_cache = \"full\"\n[model]\ndtype = \"bf16\"\n";
+        let s = Settings::from_sources(file, Path::new("f.toml"), env(&[])).unwrap();
+        assert_eq!(s.generation.num_steps, Some(16));
+        assert_eq!(s.generation.kv_cache, "full");
+        assert_eq!(s.generation.max_tokens, 32, "untouched keys keep their defaults");
+        assert_eq!(s.model.dtype, "bf16");
+        let vars = env(&[("HUGINN_GENERATION_NUM_STEPS", "8"), ("HUGINN_MODEL_PATH", "/models/x"), ("PATH", "/bin")]);
+        let s = Settings::from_sources(file, Path::new("f.toml"), vars).unwrap();
+        assert_eq!(s.generation.num_steps, Some(8));
+        assert_eq!(s.model.path.as_deref(), Some(Path::new("/models/x")));
+    }
+
+    #[test]
+    fn the_shipped_default_file_parses_and_equals_the_built_in_defaults() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml")).unwrap();
+        let s = Settings::from_sources(&text, Path::new(DEFAULT_FILE), env(&[])).unwrap();
+        assert_eq!(s, Settings::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = Settings::from_sources("[generation]\nnum_step = 3\n", Path::new("f.toml"), env(&[])).unwrap_err();
+        assert!(err.to_string().starts_with("f.toml:") && err.to_string().contains("num_step"), "{err}");
+        let err = Settings::from_sources("", Path::new("f.toml"), env(&[("HUGINN_GENERATION_MAX_TOKENS", "many")]))
+            .unwrap_err();
+        assert!(err.to_string().starts_with("environment variable HUGINN_GENERATION_MAX_TOKENS"), "{err}");
+    }
+}
