@@ -75,23 +75,53 @@ pub fn per_token_weight_bytes(model: &HuginnModel) -> usize {
 /// Read bandwidth in bytes per second: `threads` threads summing disjoint parts of a `bytes`-sized
 /// buffer, best of `repeats`.
 pub fn read_bandwidth(bytes: usize, threads: usize, repeats: usize) -> f64 {
-    let threads = threads.max(1);
-    let data: Vec<f32> = (0..bytes / 4).map(|i| (i % 7) as f32).collect();
-    let per_thread = data.len().div_ceil(threads);
+    let data = filled(bytes);
     let mut best = f64::INFINITY;
-    let mut checksum = 0.0f32;
     for _ in 0..repeats.max(1) {
         let started = Instant::now();
-        let sums: Vec<f32> = std::thread::scope(|scope| {
-            let handles: Vec<_> = data.chunks(per_thread).map(|part| scope.spawn(move || sum_f32(part))).collect();
-            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).collect()
-        });
+        parallel_sum(&data, threads);
         best = best.min(started.elapsed().as_secs_f64());
-        checksum += sums.iter().sum::<f32>();
     }
-    // Keep the sums observable so the reads cannot be optimised away.
-    std::hint::black_box(checksum);
     (data.len() * 4) as f64 / best
+}
+
+/// Tokens per second of pure weight reads with a decode token's access pattern: a buffer of
+/// `token_bytes` read once, then a buffer of `step_bytes` read `num_steps` times. On a CPU whose
+/// last-level cache holds much of the core block, this is the bound that counts the same cache
+/// hits the model gets. Best of `repeats`.
+pub fn read_pattern_tokens_per_second(
+    token_bytes: usize,
+    step_bytes: usize,
+    num_steps: usize,
+    threads: usize,
+    repeats: usize,
+) -> f64 {
+    let (once, every_step) = (filled(token_bytes), filled(step_bytes));
+    parallel_sum(&every_step, threads); // warm, as the model's weights are after the first token
+    let mut best = f64::INFINITY;
+    for _ in 0..repeats.max(1) {
+        let started = Instant::now();
+        parallel_sum(&once, threads);
+        for _ in 0..num_steps {
+            parallel_sum(&every_step, threads);
+        }
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    1.0 / best
+}
+
+fn filled(bytes: usize) -> Vec<f32> {
+    (0..bytes / 4).map(|i| (i % 7) as f32).collect()
+}
+
+fn parallel_sum(data: &[f32], threads: usize) -> f32 {
+    let per_thread = data.len().div_ceil(threads.max(1)).max(1);
+    let total: f32 = std::thread::scope(|scope| {
+        let handles: Vec<_> = data.chunks(per_thread).map(|part| scope.spawn(move || sum_f32(part))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+    });
+    // Keep the sum observable so the reads cannot be optimised away.
+    std::hint::black_box(total)
 }
 
 /// Sum of `values`, vectorised with the widest instructions the CPU has (as the model's kernels are).

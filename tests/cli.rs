@@ -192,10 +192,23 @@ fn settings_file_then_environment_then_flags() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("s.toml");
     let model = fixture_dir();
-    std::fs::write(&file, format!("[model]\npath = {:?}\n[generation]\nnum_steps = 3\nmax_tokens = 4\ninit_scale = 0.0\n", model)).unwrap();
+    std::fs::write(
+        &file,
+        format!("[model]\npath = {:?}\n[generation]\nnum_steps = 3\nmax_tokens = 4\ninit_scale = 0.0\n", model),
+    )
+    .unwrap();
     let run = |env: &[(&str, &str)], extra: &[&str]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_huginn"));
-        cmd.args(["--settings", file.to_str().unwrap(), "generate", "--prompt", "hi", "--ignore-eos", "--format", "json"]);
+        cmd.args([
+            "--settings",
+            file.to_str().unwrap(),
+            "generate",
+            "--prompt",
+            "hi",
+            "--ignore-eos",
+            "--format",
+            "json",
+        ]);
         cmd.args(extra);
         for (k, v) in env {
             cmd.env(k, v);

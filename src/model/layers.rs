@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::cache::{KvCache, LayerSlot};
 use super::config::HuginnConfig;
+use super::decode_attention::attend_one;
 use super::error::Result;
 use super::matvec::linear;
 use super::weights::WeightFiles;
@@ -112,26 +113,29 @@ struct Attention {
     proj: Tensor,
     heads: usize,
     head_dim: usize,
-    scale: f64,
 }
 
 impl Attention {
     fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig) -> Result<Self> {
         let d = cfg.n_embd;
         let (h, hd) = (cfg.num_attention_heads, cfg.head_dim());
+        // The attention scale 1/sqrt(hd) is folded into the query rows of Wqkv and the query bias:
+        // RoPE is linear, so scaling before it equals scaling the rotated queries.
+        let scale = 1.0 / (hd as f64).sqrt();
+        let wqkv = w.load(&format!("{prefix}.Wqkv.weight"), &[3 * d, d])?;
+        let device = wqkv.device().clone();
+        let row_scale = |rows: usize| -> Result<Tensor> {
+            let factors: Vec<f32> = (0..rows).map(|i| if i < d { scale as f32 } else { 1.0 }).collect();
+            Ok(Tensor::from_vec(factors, rows, &device)?.to_dtype(wqkv.dtype())?)
+        };
+        let wqkv = wqkv.broadcast_mul(&row_scale(3 * d)?.unsqueeze(1)?)?;
         let qk_bias = if cfg.qk_bias {
-            Some(w.load(&format!("{prefix}.qk_bias"), &[2, 1, h, hd])?.reshape(2 * d)?)
+            let bias = w.load(&format!("{prefix}.qk_bias"), &[2, 1, h, hd])?.reshape(2 * d)?;
+            Some((bias * row_scale(2 * d)?)?)
         } else {
             None
         };
-        Ok(Self {
-            wqkv: w.load(&format!("{prefix}.Wqkv.weight"), &[3 * d, d])?,
-            qk_bias,
-            proj: w.load(&format!("{prefix}.proj.weight"), &[d, d])?,
-            heads: h,
-            head_dim: hd,
-            scale: 1.0 / (hd as f64).sqrt(),
-        })
+        Ok(Self { wqkv, qk_bias, proj: w.load(&format!("{prefix}.proj.weight"), &[d, d])?, heads: h, head_dim: hd })
     }
 
     fn forward(
@@ -155,7 +159,7 @@ impl Attention {
         let qk = qk.to_dtype(DType::F32)?.reshape((tokens, 2 * h, 1, hd))?;
         let qk = candle_nn::rotary_emb::rope_i(&qk, &layout.cos, &layout.sin)?;
         let qk = qk.to_dtype(dtype)?.reshape((tokens, 2 * h, hd))?;
-        let q = (qk.narrow(1, 0, h)? * self.scale)?;
+        let q = qk.narrow(1, 0, h)?;
         let k = qk.narrow(1, h, h)?;
         let v = qkv.narrow(1, 2 * d, d)?.reshape((tokens, h, hd))?;
 
@@ -170,17 +174,14 @@ impl Attention {
             };
             let (keys, values) = chunk.cache.append(slot, chunk.start, &k.narrow(0, row, n)?, &v.narrow(0, row, n)?)?;
             let q_chunk = q.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?; // [h, n, hd]
-            let scores = q_chunk.matmul(&keys.t()?)?; // [h, n, positions]
-            let scores = match &layout.masks[index] {
-                Some(mask) => scores.broadcast_add(mask)?,
-                None => scores,
+            let out = match &layout.masks[index] {
+                None => attend_one(&q_chunk, &keys, &values)?,
+                Some(mask) => {
+                    let scores = q_chunk.matmul(&keys.t()?)?.broadcast_add(mask)?; // [h, n, positions]
+                    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+                    probs.matmul(&values)? // [h, n, hd]
+                }
             };
-            let probs = if dtype == DType::F32 {
-                candle_nn::ops::softmax_last_dim(&scores)?
-            } else {
-                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?
-            };
-            let out = probs.matmul(&values)?; // [h, n, hd]
             outputs.push(out.transpose(0, 1)?.reshape((n, d))?);
             row += n;
         }

@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod decode_attention;
 pub mod error;
 pub mod exit;
 pub mod huginn;
