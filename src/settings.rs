@@ -30,11 +30,13 @@ pub struct ModelSettings {
     pub path: Option<PathBuf>,
     /// Weights dtype in memory: f32, bf16 or f16.
     pub dtype: String,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
 }
 
 impl Default for ModelSettings {
     fn default() -> Self {
-        Self { path: None, dtype: "f32".into() }
+        Self { path: None, dtype: "f32".into(), device: "cpu".into() }
     }
 }
 

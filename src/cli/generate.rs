@@ -4,12 +4,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use candle_core::Device;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use huginn::generate::{GenerationParams, SamplingParams, generate};
-use huginn::model::{CacheStrategy, ExitCriterion, ExitRule, HuginnModel, parse_dtype};
+use huginn::model::{CacheStrategy, ExitCriterion, ExitRule, HuginnModel, parse_device, parse_dtype};
 use huginn::settings::Settings;
 use huginn::text::{ChatMessage, StreamDecoder, TextTokenizer};
 
@@ -82,12 +81,15 @@ pub struct GenerateArgs {
     /// f32, bf16 or f16.
     #[arg(long)]
     dtype: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
     #[arg(long, value_enum, default_value = "text")]
     format: OutputFormat,
 }
 
 pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
-    let device = Device::Cpu;
+    let device = parse_device(args.device.as_deref().unwrap_or(&settings.model.device))?;
     let defaults = settings.generation;
     let dir = args.model.or(settings.model.path).context("give --model DIR (or set model.path in the settings)")?;
     let dtype = parse_dtype(args.dtype.as_deref().unwrap_or(&settings.model.dtype))?;

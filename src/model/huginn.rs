@@ -54,6 +54,18 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
     }
 }
 
+/// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+pub fn parse_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::new_cuda(0)?),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(ordinal) => Ok(Device::new_cuda(ordinal)?),
+            None => Err(ModelError::InvalidArgument(format!("device `{other}`: use cpu, cuda or cuda:N"))),
+        },
+    }
+}
+
 pub fn dtype_name(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => "float32",

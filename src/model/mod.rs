@@ -14,5 +14,5 @@ pub use cache::{CacheStrategy, KvCache, LayerSlot};
 pub use config::HuginnConfig;
 pub use error::{ModelError, Result};
 pub use exit::{ExitCheck, ExitCriterion, ExitRule, ExitTracker};
-pub use huginn::{HuginnModel, LogitRows, dtype_name, parse_dtype};
+pub use huginn::{HuginnModel, LogitRows, dtype_name, parse_device, parse_dtype};
 pub use layers::Chunk;
