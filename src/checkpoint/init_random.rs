@@ -11,11 +11,12 @@ use std::path::Path;
 
 use candle_core::DType;
 use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
+use rand::SeedableRng;
 use safetensors::tensor::View;
 use serde_json::json;
 
 use super::byte_tokenizer::{SPECIAL_TOKENS, byte_level_tokenizer_json, special_base};
+use crate::model::huginn::truncated_normal;
 use crate::model::{HuginnConfig, ModelError, Result, dtype_name};
 use crate::text::HUGINN_CHAT_TEMPLATE;
 
@@ -138,17 +139,6 @@ impl View for LazyTensor<'_> {
 /// FNV-1a: a hash that never changes across toolchains, so checkpoints stay reproducible.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3))
-}
-
-fn truncated_normal(rng: &mut StdRng) -> f64 {
-    loop {
-        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-        let u2: f64 = rng.random::<f64>();
-        let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-        if z.abs() <= 3.0 {
-            return z;
-        }
-    }
 }
 
 /// Writes config.json, weights (one file or `shards` files plus an index), tokenizer.json,

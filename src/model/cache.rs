@@ -159,6 +159,22 @@ impl KvCache {
         self.buffers().map(|b| b.capacity() * entry).sum()
     }
 
+    /// Registers `n` new tokens at positions `start..start + n`; `start` must be the current length.
+    /// Called once per chunk before its prelude runs.
+    pub fn begin_tokens(&mut self, start: usize, n: usize) -> Result<()> {
+        if start != self.len() {
+            return Err(ModelError::InvalidArgument(format!(
+                "new tokens must start at position {}, got {start}",
+                self.len()
+            )));
+        }
+        if start + n > self.max_len {
+            return Err(ModelError::ContextOverflow { needed: start + n, limit: self.max_len });
+        }
+        self.deepest_slot.resize(start + n, NO_SLOT);
+        Ok(())
+    }
+
     /// Writes the K/V of positions `start..start + n` (`k`, `v`: `[n, heads, head_dim]`) into `slot`
     /// and returns the keys and values of positions `0..start + n`, each `[heads, start + n, head_dim]`.
     pub fn append(&mut self, slot: LayerSlot, start: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -167,15 +183,7 @@ impl KvCache {
         if end > self.max_len {
             return Err(ModelError::ContextOverflow { needed: end, limit: self.max_len });
         }
-        if let LayerSlot::Prelude(0) = slot {
-            if start != self.len() {
-                return Err(ModelError::InvalidArgument(format!(
-                    "new tokens must start at position {}, got {start}",
-                    self.len()
-                )));
-            }
-            self.deepest_slot.resize(end, NO_SLOT);
-        } else if end > self.len() {
+        if end > self.len() {
             return Err(ModelError::InvalidArgument(format!(
                 "cache write up to position {end} but only {} tokens went through the prelude",
                 self.len()
@@ -307,11 +315,11 @@ mod tests {
     #[test]
     fn missing_steps_fall_back_to_the_deepest_entry() {
         let mut c = cache(CacheStrategy::Full);
-        c.append(LayerSlot::Prelude(0), 0, &kv(0.0), &kv(0.0)).unwrap();
+        c.begin_tokens(0, 1).unwrap();
         for step in 0..2 {
             c.append(LayerSlot::Core { layer: 1, step }, 0, &kv(10.0 + step as f32), &kv(-10.0 - step as f32)).unwrap();
         }
-        c.append(LayerSlot::Prelude(0), 1, &kv(0.0), &kv(0.0)).unwrap();
+        c.begin_tokens(1, 1).unwrap();
         for step in 0..3 {
             let (k, v) = c.append(LayerSlot::Core { layer: 1, step }, 1, &kv(20.0 + step as f32), &kv(0.0)).unwrap();
             let first_k: Vec<f32> = k.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -327,18 +335,18 @@ mod tests {
     #[test]
     fn shared_slots_are_reused_round_robin() {
         let mut c = cache(CacheStrategy::Shared(2));
-        c.append(LayerSlot::Prelude(0), 0, &kv(0.0), &kv(0.0)).unwrap();
+        c.begin_tokens(0, 1).unwrap();
         for step in 0..5 {
             c.append(LayerSlot::Core { layer: 0, step }, 0, &kv(step as f32), &kv(0.0)).unwrap();
         }
         // Slots hold the last step of each parity: 4 in slot 0, 3 in slot 1.
-        c.append(LayerSlot::Prelude(0), 1, &kv(0.0), &kv(0.0)).unwrap();
+        c.begin_tokens(1, 1).unwrap();
         let (k0, _) = c.append(LayerSlot::Core { layer: 0, step: 0 }, 1, &kv(9.0), &kv(0.0)).unwrap();
         let (k1, _) = c.append(LayerSlot::Core { layer: 0, step: 1 }, 1, &kv(9.0), &kv(0.0)).unwrap();
         assert_eq!(k0.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0], 4.0);
         assert_eq!(k1.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0], 3.0);
         let entry = 2 * 64 * 4;
-        assert_eq!(c.bytes(), 2 * (1 + 2) * entry, "two tokens: one prelude layer-slot, two core slots");
+        assert_eq!(c.bytes(), 2 * 2 * entry, "two tokens, two core slots");
     }
 
     #[test]
@@ -353,9 +361,8 @@ mod tests {
     #[test]
     fn writes_beyond_the_context_or_out_of_order_are_errors() {
         let mut c = cache(CacheStrategy::Shared(1));
-        assert!(c.append(LayerSlot::Core { layer: 0, step: 0 }, 0, &kv(1.0), &kv(1.0)).is_err());
-        assert!(c.append(LayerSlot::Prelude(0), 3, &kv(1.0), &kv(1.0)).is_err());
-        let long = Tensor::zeros((257, 4, 16), DType::F32, &Device::Cpu).unwrap();
-        assert!(matches!(c.append(LayerSlot::Prelude(0), 0, &long, &long), Err(ModelError::ContextOverflow { .. })));
+        assert!(c.append(LayerSlot::Core { layer: 0, step: 0 }, 0, &kv(1.0), &kv(1.0)).is_err(), "no tokens yet");
+        assert!(c.begin_tokens(3, 1).is_err(), "positions must follow the cached ones");
+        assert!(matches!(c.begin_tokens(0, 257), Err(ModelError::ContextOverflow { .. })));
     }
 }

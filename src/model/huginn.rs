@@ -142,6 +142,16 @@ impl HuginnModel {
                 return Err(ModelError::TokenOutOfRange { id, vocab: self.cfg.vocab_size });
             }
         }
+        if let Some(c) = chunks.iter().find(|c| c.start != c.cache.len()) {
+            return Err(ModelError::InvalidArgument(format!(
+                "new tokens must start at position {}, got {}",
+                c.cache.len(),
+                c.start
+            )));
+        }
+        for chunk in chunks.iter_mut() {
+            chunk.cache.begin_tokens(chunk.start, chunk.len)?;
+        }
         let layout = self.rope.layout(chunks, self.dtype)?;
         let ids = Tensor::new(ids, &self.device)?;
         let mut xs = (self.wte.embedding(&ids)? * self.embed_scale)?;
@@ -224,7 +234,7 @@ impl HuginnModel {
 }
 
 /// Standard normal truncated to ±3 (rejection sampling, Box-Muller).
-fn truncated_normal(rng: &mut impl Rng) -> f64 {
+pub(crate) fn truncated_normal(rng: &mut impl Rng) -> f64 {
     loop {
         let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
         let u2: f64 = rng.random::<f64>();
