@@ -4,7 +4,9 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod cpu_threads;
+pub mod engine;
 pub mod generate;
+pub mod metrics;
 pub mod model;
 pub mod settings;
 pub mod text;

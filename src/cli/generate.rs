@@ -10,7 +10,7 @@ use serde_json::json;
 use huginn::generate::{GenerationParams, SamplingParams, generate};
 use huginn::model::{CacheStrategy, ExitCriterion, ExitRule, HuginnModel, parse_device, parse_dtype};
 use huginn::settings::Settings;
-use huginn::text::{ChatMessage, StreamDecoder, TextTokenizer};
+use huginn::text::{ChatMessage, TextStream, TextTokenizer};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum OutputFormat {
@@ -134,12 +134,12 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
     };
 
     let mut stdout = std::io::stdout().lock();
-    let mut decoder = StreamDecoder::default();
+    let mut decoder = TextStream::new(Vec::new());
     let streaming = matches!(args.format, OutputFormat::Text);
     let mut stream_error = None;
     let output = generate(&model, &prompt_ids, &params, |token| {
         if streaming && stream_error.is_none() {
-            let piece = decoder.push(&tokenizer, token.id).unwrap_or_default();
+            let piece = decoder.push(&tokenizer, token.id).map(|p| p.text).unwrap_or_default();
             if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
                 stream_error = Some(e);
             }
@@ -161,7 +161,7 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
     });
     match args.format {
         OutputFormat::Text => {
-            writeln!(stdout)?;
+            writeln!(stdout, "{}", decoder.finish())?;
             eprintln!(
                 "[{generated} tokens, finish_reason {:?}, mean {:.2} steps/token, {:.1} tokens/s, kv {} bytes]",
                 output.finish_reason,

@@ -128,23 +128,3 @@ fn optional_json(path: &Path) -> Result<Option<Value>> {
     let name = crate::model::weights::file_name(path);
     serde_json::from_str(&text).map(Some).map_err(|e| ModelError::Config { file: name, message: e.to_string() })
 }
-
-/// Turns a growing list of ids into text pieces, holding back bytes of an unfinished character.
-#[derive(Default)]
-pub struct StreamDecoder {
-    ids: Vec<u32>,
-    emitted: usize,
-}
-
-impl StreamDecoder {
-    pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<String> {
-        self.ids.push(id);
-        let text = tokenizer.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
-            return Ok(String::new());
-        }
-        let piece = text[self.emitted..].to_string();
-        self.emitted = text.len();
-        Ok(piece)
-    }
-}

@@ -1,0 +1,192 @@
+//! One running choice inside a worker: its cache, latent state, exit tracking, sampler and text.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use super::job::{Event, ExitReason, Job, JobSpec, TokenLogprobs};
+use crate::generate::{FinishReason, Sampler};
+use crate::model::exit::log_softmax;
+use crate::model::{CacheStrategy, ExitTracker, HuginnConfig, HuginnModel, KvCache};
+use crate::text::TextStream;
+
+/// Offset between a choice's state-initialisation seed and its sampler seed (as in
+/// [`crate::generate::generate`], so a server choice reproduces `huginn generate`).
+const SAMPLER_SEED_OFFSET: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// State shared by the choices of one job; counted in the running-requests gauge while it lives.
+pub struct JobShared {
+    pub job: Job,
+    pub spec: Arc<JobSpec>,
+}
+
+impl JobShared {
+    pub fn new(job: Job) -> Self {
+        metrics::gauge!(crate::metrics::REQUESTS_RUNNING).increment(1.0);
+        let spec = Arc::new(job.spec.clone());
+        Self { job, spec }
+    }
+}
+
+impl Drop for JobShared {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::REQUESTS_RUNNING).decrement(1.0);
+    }
+}
+
+/// Worst-case K/V bytes of one choice of `spec` (prompt plus every generated token).
+pub fn kv_reservation(cfg: &HuginnConfig, dtype_bytes: usize, spec: &JobSpec) -> usize {
+    let entries = match spec.params.cache {
+        CacheStrategy::Full => cfg.n_layers_in_prelude + spec.params.num_steps * cfg.n_layers_in_recurrent_block + cfg.n_layers_in_coda,
+        CacheStrategy::Shared(k) => {
+            cfg.n_layers_in_prelude + k.min(spec.params.num_steps) * cfg.n_layers_in_recurrent_block + cfg.n_layers_in_coda
+        }
+    };
+    let tokens = (spec.prompt.len() + spec.params.max_tokens).min(cfg.block_size);
+    spec.n * tokens * entries * 2 * cfg.n_embd * dtype_bytes
+}
+
+pub struct Running {
+    pub shared: Arc<JobShared>,
+    pub choice: usize,
+    /// This choice's share of the job's K/V reservation.
+    pub reserved_kv: usize,
+    /// The last event was sent; the sequence leaves at the end of the tick.
+    pub finished: bool,
+    pub cache: KvCache,
+    rng: StdRng,
+    pub sampler: Sampler,
+    pub text: TextStream,
+    /// Prompt and generated ids.
+    pub context: Vec<u32>,
+    pub generated: usize,
+    /// Positions of the chunk being iterated (the prompt, then one token at a time).
+    pub start: usize,
+    pub len: usize,
+    /// Steps done on the current chunk and the cap for it.
+    pub step: usize,
+    pub cap: usize,
+    /// The cap is the remaining step budget rather than `num_steps`.
+    pub cap_is_budget: bool,
+    pub prefill: bool,
+    pub state: Tensor,
+    pub injection: Tensor,
+    pub tracker: ExitTracker,
+    /// Logits of the current state, when already computed this tick.
+    pub logits: Option<Vec<f32>>,
+    /// Core steps spent so far (prompt prefill included).
+    pub steps_spent: usize,
+    pub last_token_at: Option<Instant>,
+}
+
+impl Running {
+    pub fn new(shared: Arc<JobShared>, choice: usize, model: &HuginnModel) -> Self {
+        let spec = shared.spec.clone();
+        let seed = spec.params.seed.wrapping_add(choice as u64);
+        let placeholder = Tensor::zeros((1, 1), model.dtype(), model.device()).expect("allocating a 1x1 tensor");
+        let reserved_kv = kv_reservation(model.config(), model.dtype().size_in_bytes(), &spec) / spec.n.max(1);
+        Self {
+            choice,
+            reserved_kv,
+            finished: false,
+            cache: model.new_cache(spec.params.cache),
+            rng: StdRng::seed_from_u64(seed),
+            sampler: Sampler::new(spec.params.sampling.clone(), seed.wrapping_add(SAMPLER_SEED_OFFSET)),
+            text: TextStream::new(spec.stop.clone()),
+            context: spec.prompt.clone(),
+            generated: 0,
+            start: 0,
+            len: spec.prompt.len(),
+            step: 0,
+            cap: 0,
+            cap_is_budget: false,
+            prefill: true,
+            state: placeholder.clone(),
+            injection: placeholder,
+            tracker: ExitTracker::new(spec.params.exit, Vec::new()),
+            logits: None,
+            steps_spent: 0,
+            last_token_at: None,
+            shared,
+        }
+    }
+
+    pub fn spec(&self) -> &JobSpec {
+        &self.shared.spec
+    }
+
+    pub fn rng(&mut self) -> &mut StdRng {
+        &mut self.rng
+    }
+
+    /// Sets the cap of the chunk about to iterate from `num_steps` and the remaining budget.
+    pub fn set_cap(&mut self) {
+        let num_steps = self.spec().params.num_steps;
+        match self.spec().max_total_steps {
+            Some(budget) if budget.saturating_sub(self.steps_spent) < num_steps => {
+                self.cap = budget.saturating_sub(self.steps_spent).max(1);
+                self.cap_is_budget = true;
+            }
+            _ => {
+                self.cap = num_steps;
+                self.cap_is_budget = false;
+            }
+        }
+    }
+
+    pub fn budget_exhausted(&self) -> bool {
+        self.spec().max_total_steps.is_some_and(|budget| self.steps_spent >= budget)
+    }
+
+    /// Sends an event; false when the receiver is gone or too far behind (the job is then cancelled).
+    pub fn send(&self, event: Event) -> bool {
+        if self.shared.job.events.try_send(event).is_err() {
+            self.shared.job.cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    pub fn exit_reason(&self, converged: bool) -> ExitReason {
+        if converged {
+            ExitReason::Converged
+        } else if self.cap_is_budget {
+            ExitReason::Budget
+        } else {
+            ExitReason::Cap
+        }
+    }
+
+    pub fn finish_reason_after(&self, token: u32, stopped_by_text: bool, limit: usize) -> Option<FinishReason> {
+        let spec = self.spec();
+        if stopped_by_text || spec.params.stop_token_ids.contains(&token) {
+            Some(FinishReason::Stop)
+        } else if self.generated >= spec.params.max_tokens || self.context.len() >= limit || self.budget_exhausted() {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+}
+
+/// The chosen token's log-probability and the `top` most likely tokens, from raw logits.
+pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let log_probs = log_softmax(logits);
+    let mut order: Vec<usize> = (0..log_probs.len()).collect();
+    let top = top.min(order.len());
+    if top > 0 {
+        order.select_nth_unstable_by(top - 1, |a, b| log_probs[*b].total_cmp(&log_probs[*a]));
+        order.truncate(top);
+        order.sort_by(|a, b| log_probs[*b].total_cmp(&log_probs[*a]));
+    } else {
+        order.clear();
+    }
+    TokenLogprobs {
+        token,
+        logprob: log_probs.get(token as usize).copied().unwrap_or(f64::NEG_INFINITY) as f32,
+        top: order.into_iter().map(|i| (i as u32, log_probs[i] as f32)).collect(),
+    }
+}

@@ -1,0 +1,83 @@
+//! Prometheus metrics: every name, help text and bucket layout in one place.
+//!
+//! Names follow Prometheus conventions (prefix `huginn_`, base units, `_total` counters).
+
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const STEPS_PER_TOKEN: &str = "huginn_recurrence_steps_per_token";
+pub const CORE_STEPS: &str = "huginn_core_steps_total";
+pub const PROMPT_TOKENS: &str = "huginn_prompt_tokens_total";
+pub const GENERATION_TOKENS: &str = "huginn_generation_tokens_total";
+pub const REQUESTS: &str = "huginn_requests_total";
+pub const REQUEST_DURATION: &str = "huginn_request_duration_seconds";
+pub const TIME_TO_FIRST_TOKEN: &str = "huginn_time_to_first_token_seconds";
+pub const INTER_TOKEN_LATENCY: &str = "huginn_inter_token_latency_seconds";
+pub const QUEUE_WAIT: &str = "huginn_queue_wait_seconds";
+pub const REQUESTS_RUNNING: &str = "huginn_requests_running";
+pub const REQUESTS_WAITING: &str = "huginn_requests_waiting";
+pub const BATCH_SEQUENCES: &str = "huginn_batch_sequences";
+pub const KV_CACHE_BYTES: &str = "huginn_kv_cache_bytes";
+pub const EARLY_EXITS: &str = "huginn_early_exits_total";
+
+/// (name, help) of every metric, for the README table and the exporter's descriptions.
+pub const CATALOG: [(&str, &str); 14] = [
+    (STEPS_PER_TOKEN, "Recurrence (core-block) steps spent per generated token, by exit_reason: converged, cap, budget."),
+    (CORE_STEPS, "Core-block steps computed, counted per sequence (prompt prefill included)."),
+    (PROMPT_TOKENS, "Prompt tokens processed."),
+    (GENERATION_TOKENS, "Tokens generated."),
+    (REQUESTS, "HTTP requests, by endpoint and status code."),
+    (REQUEST_DURATION, "Time from receiving a request to its last byte, by endpoint."),
+    (TIME_TO_FIRST_TOKEN, "Time from submission to a choice's first token."),
+    (INTER_TOKEN_LATENCY, "Time between consecutive tokens of a choice."),
+    (QUEUE_WAIT, "Time a job waited before a worker admitted it."),
+    (REQUESTS_RUNNING, "Jobs admitted by a worker and not finished."),
+    (REQUESTS_WAITING, "Jobs accepted and waiting for a worker."),
+    (BATCH_SEQUENCES, "Sequences advanced together in one core-step pass."),
+    (KV_CACHE_BYTES, "Bytes of key/value cache held by running sequences."),
+    (EARLY_EXITS, "Tokens that stopped iterating because their exit criterion fired, by criterion."),
+];
+
+fn describe() {
+    describe_histogram!(STEPS_PER_TOKEN, Unit::Count, CATALOG[0].1);
+    describe_counter!(CORE_STEPS, Unit::Count, CATALOG[1].1);
+    describe_counter!(PROMPT_TOKENS, Unit::Count, CATALOG[2].1);
+    describe_counter!(GENERATION_TOKENS, Unit::Count, CATALOG[3].1);
+    describe_counter!(REQUESTS, Unit::Count, CATALOG[4].1);
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, CATALOG[5].1);
+    describe_histogram!(TIME_TO_FIRST_TOKEN, Unit::Seconds, CATALOG[6].1);
+    describe_histogram!(INTER_TOKEN_LATENCY, Unit::Seconds, CATALOG[7].1);
+    describe_histogram!(QUEUE_WAIT, Unit::Seconds, CATALOG[8].1);
+    describe_gauge!(REQUESTS_RUNNING, Unit::Count, CATALOG[9].1);
+    describe_gauge!(REQUESTS_WAITING, Unit::Count, CATALOG[10].1);
+    describe_histogram!(BATCH_SEQUENCES, Unit::Count, CATALOG[11].1);
+    describe_gauge!(KV_CACHE_BYTES, Unit::Bytes, CATALOG[12].1);
+    describe_counter!(EARLY_EXITS, Unit::Count, CATALOG[13].1);
+}
+
+const STEP_BUCKETS: [f64; 13] = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0];
+const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Installs the process-wide recorder once and returns the handle that renders `/metrics`.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(STEPS_PER_TOKEN.into()), &STEP_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SEQUENCES.into()), &BATCH_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS))
+                .expect("static bucket layouts are valid");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (e.g. by an embedding application); the
+            // handle then renders an empty page rather than failing the server.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
