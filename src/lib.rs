@@ -8,5 +8,6 @@ pub mod engine;
 pub mod generate;
 pub mod metrics;
 pub mod model;
+pub mod server;
 pub mod settings;
 pub mod text;

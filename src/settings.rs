@@ -21,6 +21,60 @@ const ENV_PREFIX: &str = "HUGINN_";
 pub struct Settings {
     pub model: ModelSettings,
     pub generation: GenerationSettings,
+    pub server: ServerSettings,
+    pub engine: EngineSettings,
+    pub limits: LimitSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    /// Name under which the model is served (`model` in requests); empty: the folder's name.
+    pub served_model_name: String,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self { host: "127.0.0.1".into(), port: 8000, served_model_name: String::new(), max_body_bytes: 1 << 20 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSettings {
+    /// Jobs waiting per worker before new requests get 429.
+    pub queue_capacity: usize,
+    /// Sequences (choices) a worker iterates at once.
+    pub max_active_sequences: usize,
+    /// K/V cache bytes a worker may reserve for running sequences.
+    pub max_kv_bytes: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self { queue_capacity: 64, max_active_sequences: 64, max_kv_bytes: 4 << 30 }
+    }
+}
+
+/// Per-request bounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitSettings {
+    pub max_num_steps: usize,
+    pub max_tokens: usize,
+    pub max_n: usize,
+    /// Unset: the model's context length.
+    pub max_prompt_tokens: Option<usize>,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self { max_num_steps: 256, max_tokens: 4096, max_n: 16, max_prompt_tokens: None }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 mod bench;
 mod generate;
 mod init_random;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -13,11 +14,13 @@ pub struct Cli {
     #[arg(long, global = true)]
     settings: Option<std::path::PathBuf>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the OpenAI-compatible API (the default command).
+    Serve(serve::ServeArgs),
     /// Generate a continuation of a prompt with a local checkpoint.
     Generate(generate::GenerateArgs),
     /// Write a random-weight checkpoint of any shape in the published format.
@@ -29,12 +32,13 @@ enum Command {
 /// Parses the command line and runs the chosen command.
 pub fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "huginn=info,warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let settings = huginn::settings::Settings::load(cli.settings.as_deref())?;
-    match cli.command {
+    match cli.command.unwrap_or(Command::Serve(serve::ServeArgs::default())) {
+        Command::Serve(args) => serve::run(args, settings),
         Command::Generate(args) => generate::run(args, settings),
         Command::InitRandom(args) => init_random::run(args),
         Command::Bench(args) => bench::run(args),

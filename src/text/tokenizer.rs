@@ -110,6 +110,11 @@ impl TextTokenizer {
         self.inner.decode(ids, true).map_err(|e| ModelError::Tokenizer { file: FILE.into(), message: e.to_string() })
     }
 
+    /// The text of one token, special tokens included (for log-probability listings).
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
     /// Renders a conversation with the checkpoint's chat template (or the built-in Huginn format).
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         self.chat.render(messages, add_generation_prompt)

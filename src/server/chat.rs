@@ -1,0 +1,179 @@
+//! `POST /v1/chat/completions`: messages through the model's chat template.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::completions::uuid_like;
+use super::error::ApiError;
+use super::params::{Fields, common, job_spec};
+use super::respond::{self, Choice, ChunkWriter, Usage, finish_name};
+use super::state::{AppState, unix_time};
+use super::{check_model, parse_body, submit_all, tokenize_blocking};
+use crate::engine::TokenLogprobs;
+use crate::generate::FinishReason;
+use crate::text::{ChatMessage, TextTokenizer};
+
+const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
+
+pub(crate) fn parse_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
+    let items = f.get::<Vec<Value>>("messages", "a list of messages")?.ok_or_else(|| ApiError::param("messages", "`messages` is required"))?;
+    if items.is_empty() {
+        return Err(ApiError::param("messages", "`messages` must not be empty"));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let param = format!("messages[{i}]");
+            let m = item.as_object().ok_or_else(|| ApiError::param(&param, format!("`{param}` must be an object")))?;
+            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::param(&format!("{param}.role"), "each message needs a string `role`"))?;
+            if !ROLES.contains(&role) {
+                return Err(ApiError::param(&format!("{param}.role"), format!("role `{role}` is not supported (use system, user or assistant)")));
+            }
+            let content = match m.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .map(|part| match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(text)) => Ok(text.to_string()),
+                        (kind, _) => Err(ApiError::Unsupported {
+                            param: format!("{param}.content"),
+                            message: format!("content part of type `{}` is not supported: only text", kind.unwrap_or("?")),
+                        }),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join(""),
+                None | Some(Value::Null) => String::new(),
+                Some(_) => return Err(ApiError::param(&format!("{param}.content"), "`content` must be a string or a list of text parts")),
+            };
+            let role = if role == "developer" { "system" } else { role };
+            Ok(ChatMessage::new(role, &content))
+        })
+        .collect()
+}
+
+pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = parse_body(&body)?;
+    let f = Fields::parse(&body)?;
+    check_model(&f, &state)?;
+    f.reject_unsupported(&["tools", "tool_choice", "functions", "function_call", "audio", "prediction"])?;
+    if let Some(format) = f.raw("response_format") {
+        if format.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(ApiError::Unsupported { param: "response_format".into(), message: "only `response_format` of type `text` is supported".into() });
+        }
+    }
+    let with_logprobs = f.get::<bool>("logprobs", "a boolean")?.unwrap_or(false);
+    let top = f.get::<i64>("top_logprobs", "an integer")?;
+    if let Some(k) = top {
+        if !(0..=20).contains(&k) {
+            return Err(ApiError::param("top_logprobs", format!("`top_logprobs` must be between 0 and 20, got {k}")));
+        }
+        if !with_logprobs {
+            return Err(ApiError::param("top_logprobs", "`top_logprobs` requires `logprobs` to be true"));
+        }
+    }
+    let logprobs = with_logprobs.then(|| top.unwrap_or(0) as usize);
+    let common = common(&f, &state, &["max_tokens", "max_completion_tokens"])?;
+    let messages = parse_messages(&f)?;
+    let text = state.tokenizer.apply_chat_template(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
+    let ids = tokenize_blocking(&state, vec![Err(text)]).await?;
+    let spec = job_spec(&state, ids[0].clone(), &common, logprobs, false)?;
+    let usage = Usage { prompt_tokens: ids[0].len() * common.n, ..Default::default() };
+    let jobs = submit_all(&state, vec![spec])?;
+    let writer = ChatWriter {
+        id: format!("chatcmpl-{}", uuid_like()),
+        created: unix_time(),
+        model: state.model_name.to_string(),
+        tokenizer: state.tokenizer.clone(),
+    };
+    if common.stream {
+        return Ok(respond::stream(jobs, common.n, writer, usage, common.include_usage).into_response());
+    }
+    let done = respond::collect(jobs, common.n).await?;
+    Ok(axum::Json(writer.body(&done, with_logprobs, usage)).into_response())
+}
+
+pub struct ChatWriter {
+    id: String,
+    created: u64,
+    model: String,
+    tokenizer: Arc<TextTokenizer>,
+}
+
+impl ChatWriter {
+    fn chunk(&self, choices: Value) -> Value {
+        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": choices})
+    }
+
+    fn entry(&self, id: u32, logprob: f32) -> Value {
+        let token = self.tokenizer.token_text(id);
+        json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
+    }
+
+    fn logprobs_json(&self, lps: &[TokenLogprobs]) -> Value {
+        let content: Vec<Value> = lps
+            .iter()
+            .map(|lp| {
+                let mut entry = self.entry(lp.token, lp.logprob);
+                entry["top_logprobs"] = lp.top.iter().map(|(id, p)| self.entry(*id, *p)).collect();
+                entry
+            })
+            .collect();
+        json!({"content": content})
+    }
+
+    fn body(&self, done: &[Choice], with_logprobs: bool, mut usage: Usage) -> Value {
+        let choices: Vec<Value> = done
+            .iter()
+            .enumerate()
+            .map(|(index, c)| {
+                usage.completion_tokens += c.token_ids.len();
+                usage.recurrence_steps += c.steps.iter().sum::<usize>();
+                json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": with_logprobs.then(|| self.logprobs_json(&c.logprobs)),
+                    "finish_reason": finish_name(c.finish),
+                    "steps_per_token": c.steps,
+                })
+            })
+            .collect();
+        json!({
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "choices": choices, "usage": usage.to_json(),
+        })
+    }
+}
+
+impl ChunkWriter for ChatWriter {
+    fn opening(&mut self, choices: usize) -> Vec<Value> {
+        (0..choices)
+            .map(|i| self.chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}])))
+            .collect()
+    }
+
+    fn prompt_logprobs(&mut self, _choice: usize, _logprobs: &[TokenLogprobs]) -> Option<Value> {
+        None
+    }
+
+    fn token(&mut self, choice: usize, text: &str, steps: usize, logprobs: Option<&TokenLogprobs>) -> Value {
+        let logprobs = logprobs.map(|lp| self.logprobs_json(std::slice::from_ref(lp)));
+        self.chunk(json!([{"index": choice, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null, "steps_per_token": [steps]}]))
+    }
+
+    fn finish(&mut self, choice: usize, text: &str, reason: FinishReason) -> Value {
+        let delta = if text.is_empty() { json!({}) } else { json!({"content": text}) };
+        self.chunk(json!([{"index": choice, "delta": delta, "logprobs": null, "finish_reason": finish_name(Some(reason)), "steps_per_token": []}]))
+    }
+
+    fn usage(&mut self, usage: &Usage) -> Value {
+        let mut chunk = self.chunk(json!([]));
+        chunk["usage"] = usage.to_json();
+        chunk
+    }
+}

@@ -1,0 +1,88 @@
+//! The HTTP layer's errors and their one mapping to status codes and OpenAI error bodies:
+//! `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::engine::EngineError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A request field is missing, of the wrong type or out of range.
+    #[error("{message}")]
+    InvalidParam { param: Option<String>, message: String },
+    /// A known OpenAI parameter this server does not implement.
+    #[error("{message}")]
+    Unsupported { param: String, message: String },
+    #[error("The model `{0}` does not exist")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("the server is at capacity; retry shortly")]
+    Overloaded,
+    #[error("the model is not available")]
+    Unavailable,
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn param(param: &str, message: impl Into<String>) -> Self {
+        ApiError::InvalidParam { param: Some(param.to_string()), message: message.into() }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ApiError::InvalidParam { param: None, message: message.into() }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidParam { .. } | ApiError::Unsupported { .. } => StatusCode::BAD_REQUEST,
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OpenAI error object.
+    pub fn body(&self) -> serde_json::Value {
+        let (kind, param, code) = match self {
+            ApiError::InvalidParam { param, .. } => ("invalid_request_error", param.clone(), None),
+            ApiError::Unsupported { param, .. } => ("invalid_request_error", Some(param.clone()), Some("unsupported_parameter")),
+            ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model".to_string()), Some("model_not_found")),
+            ApiError::NotFound(_) => ("invalid_request_error", None, Some("not_found")),
+            ApiError::PayloadTooLarge(_) => ("invalid_request_error", None, Some("payload_too_large")),
+            ApiError::Overloaded => ("server_overloaded", None, Some("queue_full")),
+            ApiError::Unavailable => ("server_error", None, Some("unavailable")),
+            ApiError::Internal(_) => ("server_error", None, None),
+        };
+        json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::QueueFull => ApiError::Overloaded,
+            EngineError::Unavailable => ApiError::Unavailable,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(message) = &self {
+            tracing::error!(%message, "request failed");
+        }
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if matches!(self, ApiError::Overloaded) {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,79 @@
+//! Small endpoints: models, health, readiness, metrics, tokenize / detokenize, and the JSON 404/405.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::chat_messages;
+use super::error::ApiError;
+use super::params::Fields;
+use super::state::AppState;
+use super::{parse_body, tokenize_blocking};
+
+pub async fn models(State(state): State<AppState>) -> Response {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": &*state.model_name, "object": "model", "created": state.created, "owned_by": "huginn",
+            "max_model_len": state.config.block_size,
+        }]
+    }))
+    .into_response()
+}
+
+/// Liveness: the process answers.
+pub async fn health() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+/// Readiness: the model is loaded, every worker is running and the server is not shutting down.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.engine.ready() && !state.is_draining() {
+        axum::Json(json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::Unavailable.into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+/// `{"prompt": "..."}` or `{"messages": [...]}` to token ids.
+pub async fn tokenize(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = parse_body(&body)?;
+    let f = Fields::parse(&body)?;
+    let text = if f.raw("messages").is_some() {
+        let messages = chat_messages(&f)?;
+        state.tokenizer.apply_chat_template(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?
+    } else {
+        f.get::<String>("prompt", "a string")?.ok_or_else(|| ApiError::param("prompt", "give `prompt` or `messages`"))?
+    };
+    let ids = tokenize_blocking(&state, vec![Err(text)]).await?.remove(0);
+    Ok(axum::Json(json!({"count": ids.len(), "tokens": ids, "max_model_len": state.config.block_size})).into_response())
+}
+
+/// `{"tokens": [...]}` to text.
+pub async fn detokenize(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = parse_body(&body)?;
+    let f = Fields::parse(&body)?;
+    let ids = f.get::<Vec<u32>>("tokens", "a list of token ids")?.ok_or_else(|| ApiError::param("tokens", "`tokens` is required"))?;
+    let vocab = state.config.vocab_size;
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(ApiError::param("tokens", format!("token id {bad} is outside the vocabulary (size {vocab})")));
+    }
+    let text = state.tokenizer.decode(&ids).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(axum::Json(json!({"prompt": text})).into_response())
+}
+
+pub async fn not_found() -> Response {
+    ApiError::NotFound("no such route".into()).into_response()
+}
+
+pub async fn method_not_allowed() -> Response {
+    let body = json!({"error": {"message": "method not allowed for this route", "type": "invalid_request_error", "param": null, "code": "method_not_allowed"}});
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+}

@@ -1,0 +1,139 @@
+//! The OpenAI-compatible HTTP server (axum): routes, request handling, metrics and shutdown.
+
+mod chat;
+mod completions;
+pub mod error;
+mod misc;
+mod params;
+mod respond;
+pub mod state;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use metrics::{counter, histogram};
+use serde_json::Value;
+
+use crate::engine::{Engine, EngineConfig, JobHandle, JobSpec, SchedulerLimits};
+use crate::metrics as m;
+use crate::model::{HuginnModel, parse_device, parse_dtype};
+use crate::settings::Settings;
+use crate::text::TextTokenizer;
+pub(crate) use chat::parse_messages as chat_messages;
+pub use error::ApiError;
+use params::Fields;
+pub use state::AppState;
+
+/// Loads the model and tokenizer from `dir` and starts the engine's workers.
+pub fn build_state(settings: Settings, dir: &Path) -> anyhow::Result<AppState> {
+    let device = parse_device(&settings.model.device)?;
+    let dtype = parse_dtype(&settings.model.dtype)?;
+    let model = Arc::new(HuginnModel::load(dir, dtype, &device)?);
+    let tokenizer = Arc::new(TextTokenizer::load(dir, model.config())?);
+    let config = Arc::new(model.config().clone());
+    let limits = SchedulerLimits {
+        max_active_sequences: settings.engine.max_active_sequences.max(1),
+        max_kv_bytes: settings.engine.max_kv_bytes,
+    };
+    let engine = Engine::start(vec![model], tokenizer.clone(), EngineConfig { queue_capacity: settings.engine.queue_capacity, limits });
+    let model_name: Arc<str> = if settings.server.served_model_name.is_empty() {
+        dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "huginn".into()).into()
+    } else {
+        settings.server.served_model_name.as_str().into()
+    };
+    Ok(AppState {
+        settings: Arc::new(settings),
+        engine: Arc::new(engine),
+        tokenizer,
+        config,
+        model_name,
+        metrics: crate::metrics::install(),
+        draining: Arc::new(AtomicBool::new(false)),
+        created: state::unix_time(),
+    })
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.settings.server.max_body_bytes;
+    Router::new()
+        .route("/v1/completions", post(completions::create))
+        .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/models", get(misc::models))
+        .route("/health", get(misc::health))
+        .route("/ready", get(misc::ready))
+        .route("/metrics", get(misc::metrics))
+        .route("/tokenize", post(misc::tokenize))
+        .route("/detokenize", post(misc::detokenize))
+        .fallback(misc::not_found)
+        .method_not_allowed_fallback(misc::method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(track))
+        .with_state(state)
+}
+
+/// Counts requests by endpoint (the matched route, never the raw path) and status.
+async fn track(request: Request, next: Next) -> Response {
+    let endpoint = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    counter!(m::REQUESTS, "endpoint" => endpoint.clone(), "status" => status).increment(1);
+    histogram!(m::REQUEST_DURATION, "endpoint" => endpoint).record(started.elapsed().as_secs_f64());
+    response
+}
+
+pub(crate) fn parse_body(body: &Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => return Err(ApiError::PayloadTooLarge(0)),
+        Err(rejection) => return Err(ApiError::invalid(rejection.body_text())),
+    };
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))
+}
+
+pub(crate) fn check_model(f: &Fields, state: &AppState) -> Result<(), ApiError> {
+    match f.get::<String>("model", "a string")? {
+        Some(name) if name != *state.model_name => Err(ApiError::ModelNotFound(name)),
+        _ => Ok(()),
+    }
+}
+
+/// Tokenizes text prompts off the async runtime; `Ok` entries are already token ids.
+pub(crate) async fn tokenize_blocking(state: &AppState, prompts: Vec<Result<Vec<u32>, String>>) -> Result<Vec<Vec<u32>>, ApiError> {
+    let tokenizer = state.tokenizer.clone();
+    tokio::task::spawn_blocking(move || {
+        prompts
+            .into_iter()
+            .map(|p| match p {
+                Ok(ids) => Ok(ids),
+                Err(text) => tokenizer.encode(&text).map_err(|e| ApiError::param("prompt", e.to_string())),
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
+}
+
+/// Submits every job (one per prompt); the first refusal fails the request and cancels the rest.
+pub(crate) fn submit_all(state: &AppState, specs: Vec<JobSpec>) -> Result<Vec<(JobHandle, usize)>, ApiError> {
+    if state.is_draining() {
+        return Err(ApiError::Unavailable);
+    }
+    let mut jobs = Vec::with_capacity(specs.len());
+    let mut base = 0;
+    for spec in specs {
+        let n = spec.n;
+        jobs.push((state.engine.submit(spec)?, base));
+        base += n;
+    }
+    Ok(jobs)
+}

@@ -1,0 +1,155 @@
+//! The engine without HTTP: continuous batching gives each request exactly what `generate` gives it
+//! alone, whatever else runs beside it.
+
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::DType;
+use common::*;
+use huginn::engine::{Engine, EngineConfig, Event, ExitReason, JobSpec, SchedulerLimits};
+use huginn::generate::{FinishReason, GenerationParams, generate};
+use huginn::model::{CacheStrategy, ExitCriterion, ExitRule, HuginnModel};
+use huginn::text::TextTokenizer;
+
+fn engine(model: Arc<HuginnModel>, max_active: usize) -> Engine {
+    let tokenizer = Arc::new(TextTokenizer::load(&fixture_dir(), model.config()).unwrap());
+    let limits = SchedulerLimits { max_active_sequences: max_active, max_kv_bytes: 1 << 30 };
+    Engine::start(vec![model], tokenizer, EngineConfig { queue_capacity: 64, limits })
+}
+
+fn params(num_steps: usize, exit: ExitRule, max_tokens: usize) -> GenerationParams {
+    let mut p = GenerationParams::new(num_steps);
+    p.max_tokens = max_tokens;
+    p.init_scale = 0.0;
+    p.exit = exit;
+    p.cache = CacheStrategy::Shared(1);
+    p
+}
+
+fn spec(prompt: Vec<u32>, params: GenerationParams) -> JobSpec {
+    JobSpec { prompt, params, n: 1, max_total_steps: None, stop: vec![], logprobs: None, prompt_logprobs: false }
+}
+
+/// (token ids, steps per token, finish reason) of choice 0.
+fn collect(handle: &mut huginn::engine::JobHandle) -> (Vec<u32>, Vec<usize>, FinishReason) {
+    let (mut ids, mut steps) = (Vec::new(), Vec::new());
+    loop {
+        match handle.events.blocking_recv().expect("the job ends with Finished") {
+            Event::Token { id, steps: s, .. } => {
+                ids.push(id);
+                steps.push(s);
+            }
+            Event::Finished { reason, .. } => return (ids, steps, reason),
+            Event::Error { message } => panic!("engine error: {message}"),
+            Event::PromptLogprobs { .. } => {}
+        }
+    }
+}
+
+#[test]
+fn concurrent_requests_get_the_same_tokens_as_alone() {
+    let model = Arc::new(load(&fixture_dir(), DType::F32));
+    let prompts: Vec<Vec<u32>> = vec![PROMPT.to_vec(), vec![313, 14, 316, 32], vec![40, 41, 42], vec![100; 9]];
+    let rules = [
+        ExitRule::default(),
+        ExitRule::new(ExitCriterion::Kl, Some(5e-4), 0).unwrap(),
+        ExitRule::new(ExitCriterion::LatentDiff, None, 2).unwrap(),
+        ExitRule::new(ExitCriterion::ArgmaxStability, None, 0).unwrap(),
+    ];
+    let cases: Vec<(Vec<u32>, GenerationParams)> = (0..16)
+        .map(|i| (prompts[i % 4].clone(), params([3, 8, 17, 32][i % 4] + i / 4, rules[(i / 2) % 4], 6 + i % 5)))
+        .collect();
+    let expected: Vec<_> = cases
+        .iter()
+        .map(|(prompt, p)| {
+            let out = generate(&model, prompt, p, |_| {}).unwrap();
+            (out.token_ids, out.steps_per_token)
+        })
+        .collect();
+    let engine = engine(model, 64);
+    let mut handles: Vec<_> = cases.iter().map(|(prompt, p)| engine.submit(spec(prompt.clone(), p.clone())).unwrap()).collect();
+    for (i, handle) in handles.iter_mut().enumerate() {
+        let (ids, steps, reason) = collect(handle);
+        assert_eq!((ids, steps), expected[i], "request {i}");
+        assert_eq!(reason, FinishReason::Length);
+    }
+}
+
+#[test]
+fn a_short_budget_finishes_while_long_ones_run() {
+    let model = Arc::new(load(&fixture_dir(), DType::F32));
+    let engine = engine(model, 64);
+    let mut long: Vec<_> =
+        (0..4).map(|_| engine.submit(spec(PROMPT.to_vec(), params(64, ExitRule::default(), 8))).unwrap()).collect();
+    let mut short = engine.submit(spec(PROMPT.to_vec(), params(4, ExitRule::default(), 8))).unwrap();
+    let (ids, steps, _) = collect(&mut short);
+    assert_eq!(ids.len(), 8);
+    assert_eq!(steps, vec![4; 8]);
+    // The long ones are still mid-way: none has finished yet.
+    for handle in long.iter_mut() {
+        let mut finished = false;
+        while let Ok(event) = handle.events.try_recv() {
+            finished |= matches!(event, Event::Finished { .. });
+        }
+        assert!(!finished, "a num_steps=64 request finished before the num_steps=4 one");
+    }
+}
+
+#[test]
+fn step_budget_ends_the_choice_with_length() {
+    let model = Arc::new(load(&fixture_dir(), DType::F32));
+    let engine = engine(model, 64);
+    let mut job = spec(PROMPT.to_vec(), params(8, ExitRule::default(), 20));
+    job.max_total_steps = Some(21);
+    let mut handle = engine.submit(job).unwrap();
+    let mut exits = Vec::new();
+    let mut steps = Vec::new();
+    let reason = loop {
+        match handle.events.blocking_recv().unwrap() {
+            Event::Token { steps: s, exit, .. } => {
+                steps.push(s);
+                exits.push(exit);
+            }
+            Event::Finished { reason, .. } => break reason,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(steps, vec![8, 8, 5]);
+    assert_eq!(exits, vec![ExitReason::Cap, ExitReason::Cap, ExitReason::Budget]);
+    assert_eq!(reason, FinishReason::Length);
+}
+
+#[test]
+fn n_choices_differ_by_seed_and_dropping_the_handle_cancels() {
+    let model = Arc::new(load(&fixture_dir(), DType::F32));
+    let engine = engine(model, 64);
+    let mut p = params(4, ExitRule::default(), 5);
+    p.init_scale = 1.0;
+    p.sampling.temperature = 1.0;
+    p.seed = 9;
+    let mut job = spec(PROMPT.to_vec(), p.clone());
+    job.n = 3;
+    let mut handle = engine.submit(job).unwrap();
+    let mut per_choice = vec![Vec::new(); 3];
+    let mut finished = 0;
+    while finished < 3 {
+        match handle.events.blocking_recv().unwrap() {
+            Event::Token { choice, id, .. } => per_choice[choice].push(id),
+            Event::Finished { .. } => finished += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    // Choice i uses seed + i: choice 1 equals a single request with seed 10.
+    let mut alone = p.clone();
+    alone.seed = 10;
+    let mut single = engine.submit(spec(PROMPT.to_vec(), alone)).unwrap();
+    assert_eq!(collect(&mut single).0, per_choice[1]);
+    assert!(per_choice[0] != per_choice[1] || per_choice[1] != per_choice[2]);
+
+    let long = engine.submit(spec(PROMPT.to_vec(), params(64, ExitRule::default(), 200))).unwrap();
+    drop(long);
+    // The engine keeps serving after a cancellation.
+    let mut after = engine.submit(spec(PROMPT.to_vec(), params(2, ExitRule::default(), 2))).unwrap();
+    assert_eq!(collect(&mut after).0.len(), 2);
+}
