@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const STEPS_PER_TOKEN: &str = "huginn_recurrence_steps_per_token";
@@ -24,7 +24,10 @@ pub const EARLY_EXITS: &str = "huginn_early_exits_total";
 
 /// (name, help) of every metric, for the README table and the exporter's descriptions.
 pub const CATALOG: [(&str, &str); 14] = [
-    (STEPS_PER_TOKEN, "Recurrence (core-block) steps spent per generated token, by exit_reason: converged, cap, budget."),
+    (
+        STEPS_PER_TOKEN,
+        "Recurrence (core-block) steps spent per generated token, by exit_reason: converged, cap, budget.",
+    ),
     (CORE_STEPS, "Core-block steps computed, counted per sequence (prompt prefill included)."),
     (PROMPT_TOKENS, "Prompt tokens processed."),
     (GENERATION_TOKENS, "Tokens generated."),

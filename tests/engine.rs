@@ -68,7 +68,8 @@ fn concurrent_requests_get_the_same_tokens_as_alone() {
         })
         .collect();
     let engine = engine(model, 64);
-    let mut handles: Vec<_> = cases.iter().map(|(prompt, p)| engine.submit(spec(prompt.clone(), p.clone())).unwrap()).collect();
+    let mut handles: Vec<_> =
+        cases.iter().map(|(prompt, p)| engine.submit(spec(prompt.clone(), p.clone())).unwrap()).collect();
     for (i, handle) in handles.iter_mut().enumerate() {
         let (ids, steps, reason) = collect(handle);
         assert_eq!((ids, steps), expected[i], "request {i}");

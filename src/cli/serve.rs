@@ -31,7 +31,8 @@ pub fn run(args: ServeArgs, mut settings: Settings) -> anyhow::Result<()> {
     }
     let dir = settings.model.path.clone().context("give --model DIR (or set model.path / HUGINN_MODEL_PATH)")?;
     tracing::info!("effective settings:\n{}", toml::to_string(&settings).unwrap_or_default());
-    let state = build_state(settings.clone(), &dir).with_context(|| format!("loading the model from {}", dir.display()))?;
+    let state =
+        build_state(settings.clone(), &dir).with_context(|| format!("loading the model from {}", dir.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let address = format!("{}:{}", settings.server.host, settings.server.port);

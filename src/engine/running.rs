@@ -40,9 +40,13 @@ impl Drop for JobShared {
 /// Worst-case K/V bytes of one choice of `spec` (prompt plus every generated token).
 pub fn kv_reservation(cfg: &HuginnConfig, dtype_bytes: usize, spec: &JobSpec) -> usize {
     let entries = match spec.params.cache {
-        CacheStrategy::Full => cfg.n_layers_in_prelude + spec.params.num_steps * cfg.n_layers_in_recurrent_block + cfg.n_layers_in_coda,
+        CacheStrategy::Full => {
+            cfg.n_layers_in_prelude + spec.params.num_steps * cfg.n_layers_in_recurrent_block + cfg.n_layers_in_coda
+        }
         CacheStrategy::Shared(k) => {
-            cfg.n_layers_in_prelude + k.min(spec.params.num_steps) * cfg.n_layers_in_recurrent_block + cfg.n_layers_in_coda
+            cfg.n_layers_in_prelude
+                + k.min(spec.params.num_steps) * cfg.n_layers_in_recurrent_block
+                + cfg.n_layers_in_coda
         }
     };
     let tokens = (spec.prompt.len() + spec.params.max_tokens).min(cfg.block_size);

@@ -137,7 +137,8 @@ impl Scheduler {
             let r = &mut self.running[i];
             let mut converged = false;
             if checking.contains(&i) {
-                let latent = if r.spec().params.exit.criterion.needs_latent() { latent(&r.state, 0)? } else { Vec::new() };
+                let latent =
+                    if r.spec().params.exit.criterion.needs_latent() { latent(&r.state, 0)? } else { Vec::new() };
                 converged = r.tracker.check(&latent, r.logits.as_deref())?.exit;
             }
             if converged || r.step >= r.cap {

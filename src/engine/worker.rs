@@ -5,9 +5,9 @@
 //! submission fails at once (the HTTP layer answers 429). Jobs are admitted in arrival order as
 //! sequence slots and K/V memory allow.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -21,7 +21,9 @@ use crate::text::{ChatMessage, TextTokenizer};
 const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
 
 pub(crate) fn parse_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
-    let items = f.get::<Vec<Value>>("messages", "a list of messages")?.ok_or_else(|| ApiError::param("messages", "`messages` is required"))?;
+    let items = f
+        .get::<Vec<Value>>("messages", "a list of messages")?
+        .ok_or_else(|| ApiError::param("messages", "`messages` is required"))?;
     if items.is_empty() {
         return Err(ApiError::param("messages", "`messages` must not be empty"));
     }
@@ -31,25 +33,41 @@ pub(crate) fn parse_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
         .map(|(i, item)| {
             let param = format!("messages[{i}]");
             let m = item.as_object().ok_or_else(|| ApiError::param(&param, format!("`{param}` must be an object")))?;
-            let role = m.get("role").and_then(Value::as_str).ok_or_else(|| ApiError::param(&format!("{param}.role"), "each message needs a string `role`"))?;
+            let role = m
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::param(&format!("{param}.role"), "each message needs a string `role`"))?;
             if !ROLES.contains(&role) {
-                return Err(ApiError::param(&format!("{param}.role"), format!("role `{role}` is not supported (use system, user or assistant)")));
+                return Err(ApiError::param(
+                    &format!("{param}.role"),
+                    format!("role `{role}` is not supported (use system, user or assistant)"),
+                ));
             }
             let content = match m.get("content") {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Array(parts)) => parts
                     .iter()
-                    .map(|part| match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
-                        (Some("text"), Some(text)) => Ok(text.to_string()),
-                        (kind, _) => Err(ApiError::Unsupported {
-                            param: format!("{param}.content"),
-                            message: format!("content part of type `{}` is not supported: only text", kind.unwrap_or("?")),
-                        }),
+                    .map(|part| {
+                        match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                            (Some("text"), Some(text)) => Ok(text.to_string()),
+                            (kind, _) => Err(ApiError::Unsupported {
+                                param: format!("{param}.content"),
+                                message: format!(
+                                    "content part of type `{}` is not supported: only text",
+                                    kind.unwrap_or("?")
+                                ),
+                            }),
+                        }
                     })
                     .collect::<Result<Vec<_>, _>>()?
                     .join(""),
                 None | Some(Value::Null) => String::new(),
-                Some(_) => return Err(ApiError::param(&format!("{param}.content"), "`content` must be a string or a list of text parts")),
+                Some(_) => {
+                    return Err(ApiError::param(
+                        &format!("{param}.content"),
+                        "`content` must be a string or a list of text parts",
+                    ));
+                }
             };
             let role = if role == "developer" { "system" } else { role };
             Ok(ChatMessage::new(role, &content))
@@ -62,10 +80,11 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let f = Fields::parse(&body)?;
     check_model(&f, &state)?;
     f.reject_unsupported(&["tools", "tool_choice", "functions", "function_call", "audio", "prediction"])?;
-    if let Some(format) = f.raw("response_format") {
-        if format.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::Unsupported { param: "response_format".into(), message: "only `response_format` of type `text` is supported".into() });
-        }
+    if let Some(format) = f.raw("response_format")
+        && format.get("type").and_then(Value::as_str) != Some("text")
+    {
+        let message = "only `response_format` of type `text` is supported".into();
+        return Err(ApiError::Unsupported { param: "response_format".into(), message });
     }
     let with_logprobs = f.get::<bool>("logprobs", "a boolean")?.unwrap_or(false);
     let top = f.get::<i64>("top_logprobs", "an integer")?;
@@ -80,7 +99,8 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let logprobs = with_logprobs.then(|| top.unwrap_or(0) as usize);
     let common = common(&f, &state, &["max_tokens", "max_completion_tokens"])?;
     let messages = parse_messages(&f)?;
-    let text = state.tokenizer.apply_chat_template(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
+    let text =
+        state.tokenizer.apply_chat_template(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
     let ids = tokenize_blocking(&state, vec![Err(text)]).await?;
     let spec = job_spec(&state, ids[0].clone(), &common, logprobs, false)?;
     let usage = Usage { prompt_tokens: ids[0].len() * common.n, ..Default::default() };
@@ -145,7 +165,7 @@ impl ChatWriter {
             .collect();
         json!({
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": choices, "usage": usage.to_json(),
+            "choices": choices, "usage": usage.json(),
         })
     }
 }
@@ -173,7 +193,7 @@ impl ChunkWriter for ChatWriter {
 
     fn usage(&mut self, usage: &Usage) -> Value {
         let mut chunk = self.chunk(json!([]));
-        chunk["usage"] = usage.to_json();
+        chunk["usage"] = usage.json();
         chunk
     }
 }

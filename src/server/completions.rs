@@ -1,8 +1,8 @@
 //! `POST /v1/completions`.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
@@ -21,9 +21,17 @@ enum Prompt {
 }
 
 fn parse_prompts(f: &Fields) -> Result<Vec<Prompt>, ApiError> {
-    let bad = || ApiError::param("prompt", "`prompt` must be a string, a list of strings, a list of token ids or a list of lists of token ids");
+    let bad = || {
+        ApiError::param(
+            "prompt",
+            "`prompt` must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+        )
+    };
     let ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
-        items.iter().map(|v| v.as_u64().filter(|id| *id <= u32::MAX as u64).map(|id| id as u32).ok_or_else(bad)).collect()
+        items
+            .iter()
+            .map(|v| v.as_u64().filter(|id| *id <= u32::MAX as u64).map(|id| id as u32).ok_or_else(bad))
+            .collect()
     };
     let prompts = match f.raw("prompt").ok_or_else(|| ApiError::param("prompt", "`prompt` is required"))? {
         Value::String(s) => vec![Prompt::Text(s.clone())],
@@ -32,9 +40,10 @@ fn parse_prompts(f: &Fields) -> Result<Vec<Prompt>, ApiError> {
             items.iter().map(|v| Prompt::Text(v.as_str().unwrap_or_default().to_string())).collect()
         }
         Value::Array(items) if items.iter().all(Value::is_number) => vec![Prompt::Ids(ids(items)?)],
-        Value::Array(items) if items.iter().all(Value::is_array) => {
-            items.iter().map(|v| Ok(Prompt::Ids(ids(v.as_array().map(Vec::as_slice).unwrap_or_default())?))).collect::<Result<_, ApiError>>()?
-        }
+        Value::Array(items) if items.iter().all(Value::is_array) => items
+            .iter()
+            .map(|v| Ok(Prompt::Ids(ids(v.as_array().map(Vec::as_slice).unwrap_or_default())?)))
+            .collect::<Result<_, ApiError>>()?,
         _ => return Err(bad()),
     };
     Ok(prompts)
@@ -46,7 +55,10 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     check_model(&f, &state)?;
     f.reject_unsupported(&["suffix", "tools", "tool_choice", "functions", "function_call"])?;
     if f.get::<i64>("best_of", "an integer")?.is_some_and(|b| b != 1) {
-        return Err(ApiError::Unsupported { param: "best_of".into(), message: "`best_of` other than 1 is not supported".into() });
+        return Err(ApiError::Unsupported {
+            param: "best_of".into(),
+            message: "`best_of` other than 1 is not supported".into(),
+        });
     }
     let logprobs = f.get::<i64>("logprobs", "an integer")?;
     if let Some(k) = logprobs
@@ -58,8 +70,24 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let echo = f.get::<bool>("echo", "a boolean")?.unwrap_or(false);
     let common: CommonParams = common(&f, &state, &["max_tokens"])?;
     let prompts = parse_prompts(&f)?;
-    let texts: Vec<Option<String>> = prompts.iter().map(|p| match p { Prompt::Text(t) => Some(t.clone()), Prompt::Ids(_) => None }).collect();
-    let ids = tokenize_blocking(&state, prompts.into_iter().map(|p| match p { Prompt::Text(t) => Err(t), Prompt::Ids(ids) => Ok(ids) }).collect()).await?;
+    let texts: Vec<Option<String>> = prompts
+        .iter()
+        .map(|p| match p {
+            Prompt::Text(t) => Some(t.clone()),
+            Prompt::Ids(_) => None,
+        })
+        .collect();
+    let ids = tokenize_blocking(
+        &state,
+        prompts
+            .into_iter()
+            .map(|p| match p {
+                Prompt::Text(t) => Err(t),
+                Prompt::Ids(ids) => Ok(ids),
+            })
+            .collect(),
+    )
+    .await?;
     let specs = ids
         .iter()
         .map(|prompt| job_spec(&state, prompt.clone(), &common, logprobs, echo && logprobs.is_some()))
@@ -114,7 +142,8 @@ impl CompletionWriter {
             tokens.push(text);
         }
         let top = |lp: &TokenLogprobs| -> Value {
-            let map: Map<String, Value> = lp.top.iter().map(|(id, p)| (self.tokenizer.token_text(*id), json!(p))).collect();
+            let map: Map<String, Value> =
+                lp.top.iter().map(|(id, p)| (self.tokenizer.token_text(*id), json!(p))).collect();
             Value::Object(map)
         };
         json!({
@@ -125,7 +154,15 @@ impl CompletionWriter {
         })
     }
 
-    fn body(&self, done: &[Choice], prompt_texts: &[String], prompt_ids: &[Vec<u32>], n: usize, with_logprobs: bool, mut usage: Usage) -> Value {
+    fn body(
+        &self,
+        done: &[Choice],
+        prompt_texts: &[String],
+        prompt_ids: &[Vec<u32>],
+        n: usize,
+        with_logprobs: bool,
+        mut usage: Usage,
+    ) -> Value {
         let choices: Vec<Value> = done
             .iter()
             .enumerate()
@@ -139,7 +176,12 @@ impl CompletionWriter {
                         let ids = &prompt_ids[prompt];
                         entries.push((ids[0], None));
                         let listed = c.prompt_logprobs.as_deref().unwrap_or_default();
-                        entries.extend(ids[1..].iter().zip(listed.iter().map(Some).chain(std::iter::repeat(None))).map(|(id, lp)| (*id, lp)));
+                        entries.extend(
+                            ids[1..]
+                                .iter()
+                                .zip(listed.iter().map(Some).chain(std::iter::repeat(None)))
+                                .map(|(id, lp)| (*id, lp)),
+                        );
                     }
                     entries.extend(c.logprobs.iter().map(|lp| (lp.token, Some(lp))));
                     self.logprobs_json(&entries, 0)
@@ -156,7 +198,7 @@ impl CompletionWriter {
             })
             .collect();
         let mut body = self.chunk(Value::Array(choices));
-        body["usage"] = usage.to_json();
+        body["usage"] = usage.json();
         body
     }
 }
@@ -173,7 +215,9 @@ impl ChunkWriter for CompletionWriter {
 
     fn prompt_logprobs(&mut self, choice: usize, logprobs: &[TokenLogprobs]) -> Option<Value> {
         let entries: Vec<(u32, Option<&TokenLogprobs>)> = logprobs.iter().map(|lp| (lp.token, Some(lp))).collect();
-        Some(self.chunk(json!([{"index": choice, "text": "", "logprobs": self.logprobs_json(&entries, 0), "finish_reason": null}])))
+        Some(self.chunk(
+            json!([{"index": choice, "text": "", "logprobs": self.logprobs_json(&entries, 0), "finish_reason": null}]),
+        ))
     }
 
     fn token(&mut self, choice: usize, text: &str, steps: usize, logprobs: Option<&TokenLogprobs>) -> Value {
@@ -187,7 +231,7 @@ impl ChunkWriter for CompletionWriter {
 
     fn usage(&mut self, usage: &Usage) -> Value {
         let mut chunk = self.chunk(json!([]));
-        chunk["usage"] = usage.to_json();
+        chunk["usage"] = usage.json();
         chunk
     }
 }

@@ -53,7 +53,9 @@ impl ApiError {
     pub fn body(&self) -> serde_json::Value {
         let (kind, param, code) = match self {
             ApiError::InvalidParam { param, .. } => ("invalid_request_error", param.clone(), None),
-            ApiError::Unsupported { param, .. } => ("invalid_request_error", Some(param.clone()), Some("unsupported_parameter")),
+            ApiError::Unsupported { param, .. } => {
+                ("invalid_request_error", Some(param.clone()), Some("unsupported_parameter"))
+            }
             ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model".to_string()), Some("model_not_found")),
             ApiError::NotFound(_) => ("invalid_request_error", None, Some("not_found")),
             ApiError::PayloadTooLarge(_) => ("invalid_request_error", None, Some("payload_too_large")),

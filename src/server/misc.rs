@@ -43,24 +43,33 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 /// `{"prompt": "..."}` or `{"messages": [...]}` to token ids.
-pub async fn tokenize(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn tokenize(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = parse_body(&body)?;
     let f = Fields::parse(&body)?;
     let text = if f.raw("messages").is_some() {
         let messages = chat_messages(&f)?;
         state.tokenizer.apply_chat_template(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?
     } else {
-        f.get::<String>("prompt", "a string")?.ok_or_else(|| ApiError::param("prompt", "give `prompt` or `messages`"))?
+        f.get::<String>("prompt", "a string")?
+            .ok_or_else(|| ApiError::param("prompt", "give `prompt` or `messages`"))?
     };
     let ids = tokenize_blocking(&state, vec![Err(text)]).await?.remove(0);
     Ok(axum::Json(json!({"count": ids.len(), "tokens": ids, "max_model_len": state.config.block_size})).into_response())
 }
 
 /// `{"tokens": [...]}` to text.
-pub async fn detokenize(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn detokenize(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = parse_body(&body)?;
     let f = Fields::parse(&body)?;
-    let ids = f.get::<Vec<u32>>("tokens", "a list of token ids")?.ok_or_else(|| ApiError::param("tokens", "`tokens` is required"))?;
+    let ids = f
+        .get::<Vec<u32>>("tokens", "a list of token ids")?
+        .ok_or_else(|| ApiError::param("tokens", "`tokens` is required"))?;
     let vocab = state.config.vocab_size;
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(ApiError::param("tokens", format!("token id {bad} is outside the vocabulary (size {vocab})")));

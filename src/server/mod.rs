@@ -44,9 +44,17 @@ pub fn build_state(settings: Settings, dir: &Path) -> anyhow::Result<AppState> {
         max_active_sequences: settings.engine.max_active_sequences.max(1),
         max_kv_bytes: settings.engine.max_kv_bytes,
     };
-    let engine = Engine::start(vec![model], tokenizer.clone(), EngineConfig { queue_capacity: settings.engine.queue_capacity, limits });
+    let engine = Engine::start(
+        vec![model],
+        tokenizer.clone(),
+        EngineConfig { queue_capacity: settings.engine.queue_capacity, limits },
+    );
     let model_name: Arc<str> = if settings.server.served_model_name.is_empty() {
-        dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| "huginn".into()).into()
+        dir.canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "huginn".into())
+            .into()
     } else {
         settings.server.served_model_name.as_str().into()
     };
@@ -82,7 +90,8 @@ pub fn router(state: AppState) -> Router {
 
 /// Counts requests by endpoint (the matched route, never the raw path) and status.
 async fn track(request: Request, next: Next) -> Response {
-    let endpoint = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let endpoint =
+        request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let started = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
@@ -94,7 +103,9 @@ async fn track(request: Request, next: Next) -> Response {
 pub(crate) fn parse_body(body: &Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
     let body = match body {
         Ok(body) => body,
-        Err(rejection) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => return Err(ApiError::PayloadTooLarge(0)),
+        Err(rejection) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ApiError::PayloadTooLarge(0));
+        }
         Err(rejection) => return Err(ApiError::invalid(rejection.body_text())),
     };
     serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))
@@ -108,7 +119,10 @@ pub(crate) fn check_model(f: &Fields, state: &AppState) -> Result<(), ApiError> 
 }
 
 /// Tokenizes text prompts off the async runtime; `Ok` entries are already token ids.
-pub(crate) async fn tokenize_blocking(state: &AppState, prompts: Vec<Result<Vec<u32>, String>>) -> Result<Vec<Vec<u32>>, ApiError> {
+pub(crate) async fn tokenize_blocking(
+    state: &AppState,
+    prompts: Vec<Result<Vec<u32>, String>>,
+) -> Result<Vec<Vec<u32>>, ApiError> {
     let tokenizer = state.tokenizer.clone();
     tokio::task::spawn_blocking(move || {
         prompts

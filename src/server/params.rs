@@ -85,9 +85,13 @@ pub fn common(f: &Fields, state: &AppState, max_tokens_keys: &[&str]) -> Result<
         }
     }
     let temperature = f.get::<f64>("temperature", "a number")?.unwrap_or(defaults.temperature as f64);
-    check(finite_in(temperature, 0.0, 2.0), "temperature", || format!("`temperature` must be between 0 and 2, got {temperature}"))?;
+    check(finite_in(temperature, 0.0, 2.0), "temperature", || {
+        format!("`temperature` must be between 0 and 2, got {temperature}")
+    })?;
     let top_p = f.get::<f64>("top_p", "a number")?.unwrap_or(defaults.top_p as f64);
-    check(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0, "top_p", || format!("`top_p` must be > 0 and <= 1, got {top_p}"))?;
+    check(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0, "top_p", || {
+        format!("`top_p` must be > 0 and <= 1, got {top_p}")
+    })?;
     let top_k = f.get::<i64>("top_k", "an integer")?.unwrap_or(defaults.top_k as i64);
     check(top_k >= -1, "top_k", || format!("`top_k` must be -1 (disabled), 0 (disabled) or positive, got {top_k}"))?;
     let min_p = f.get::<f64>("min_p", "a number")?.unwrap_or(0.0);
@@ -101,7 +105,9 @@ pub fn common(f: &Fields, state: &AppState, max_tokens_keys: &[&str]) -> Result<
     let frequency_penalty = penalty("frequency_penalty", -2.0, 2.0, 0.0)?;
     let repetition_penalty = penalty("repetition_penalty", 0.01, 10.0, 1.0)?;
     let n = f.get::<i64>("n", "an integer")?.unwrap_or(1);
-    check(n >= 1 && n as usize <= limits.max_n, "n", || format!("`n` must be between 1 and {}, got {n}", limits.max_n))?;
+    check(n >= 1 && n as usize <= limits.max_n, "n", || {
+        format!("`n` must be between 1 and {}, got {n}", limits.max_n)
+    })?;
 
     let num_steps = match f.get::<i64>("num_steps", "an integer")? {
         Some(v) => {
@@ -118,19 +124,24 @@ pub fn common(f: &Fields, state: &AppState, max_tokens_keys: &[&str]) -> Result<
     };
     let threshold = f.get::<f64>("exit_threshold", "a number")?.or(defaults.exit_threshold);
     if let Some(t) = threshold {
-        check(t.is_finite() && t >= 0.0, "exit_threshold", || format!("`exit_threshold` must be a finite number >= 0, got {t}"))?;
+        check(t.is_finite() && t >= 0.0, "exit_threshold", || {
+            format!("`exit_threshold` must be a finite number >= 0, got {t}")
+        })?;
     }
     let min_steps = f.get::<i64>("min_steps", "an integer")?.unwrap_or(defaults.min_steps as i64);
     check(min_steps >= 0 && min_steps as usize <= num_steps, "min_steps", || {
         format!("`min_steps` must be between 0 and num_steps ({num_steps}), got {min_steps}")
     })?;
-    let exit = ExitRule::new(criterion, threshold, min_steps as usize).map_err(|e| ApiError::param("exit_threshold", e.to_string()))?;
+    let exit = ExitRule::new(criterion, threshold, min_steps as usize)
+        .map_err(|e| ApiError::param("exit_threshold", e.to_string()))?;
     let max_total_steps = f.get::<i64>("max_total_steps", "an integer")?;
     if let Some(v) = max_total_steps {
         check(v >= 1, "max_total_steps", || format!("`max_total_steps` must be at least 1, got {v}"))?;
     }
     let init_scale = f.get::<f64>("init_scale", "a number")?.unwrap_or(defaults.init_scale);
-    check(finite_in(init_scale, 0.0, 10.0), "init_scale", || format!("`init_scale` must be between 0 and 10, got {init_scale}"))?;
+    check(finite_in(init_scale, 0.0, 10.0), "init_scale", || {
+        format!("`init_scale` must be between 0 and 10, got {init_scale}")
+    })?;
     let continuous_compute = f.get::<bool>("continuous_compute", "a boolean")?.unwrap_or(defaults.continuous_compute);
     let seed = f.get::<i64>("seed", "an integer")?.map(|s| s as u64).unwrap_or(defaults.seed);
 
@@ -141,15 +152,31 @@ pub fn common(f: &Fields, state: &AppState, max_tokens_keys: &[&str]) -> Result<
             check(items.len() <= 4, "stop", || format!("`stop` may hold at most 4 sequences, got {}", items.len()))?;
             items
                 .iter()
-                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| ApiError::param("stop", "`stop` must be a string or a list of strings")))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| ApiError::param("stop", "`stop` must be a string or a list of strings"))
+                })
                 .collect::<Result<_, _>>()?
         }
-        Some(other) => return Err(ApiError::param("stop", format!("`stop` must be a string or a list of strings, got {}", describe(other)))),
+        Some(other) => {
+            return Err(ApiError::param(
+                "stop",
+                format!("`stop` must be a string or a list of strings, got {}", describe(other)),
+            ));
+        }
     };
-    let mut stop_token_ids: Vec<u32> = f.get::<Vec<i64>>("stop_token_ids", "a list of token ids")?.unwrap_or_default().into_iter().map(|id| {
-        check(id >= 0 && (id as usize) < vocab, "stop_token_ids", || format!("token id {id} is outside the vocabulary (size {vocab})"))?;
-        Ok(id as u32)
-    }).collect::<Result<_, ApiError>>()?;
+    let mut stop_token_ids: Vec<u32> = f
+        .get::<Vec<i64>>("stop_token_ids", "a list of token ids")?
+        .unwrap_or_default()
+        .into_iter()
+        .map(|id| {
+            check(id >= 0 && (id as usize) < vocab, "stop_token_ids", || {
+                format!("token id {id} is outside the vocabulary (size {vocab})")
+            })?;
+            Ok(id as u32)
+        })
+        .collect::<Result<_, ApiError>>()?;
     if !f.get::<bool>("ignore_eos", "a boolean")?.unwrap_or(false) {
         stop_token_ids.extend(&state.tokenizer.special().stop);
     }
@@ -158,10 +185,15 @@ pub fn common(f: &Fields, state: &AppState, max_tokens_keys: &[&str]) -> Result<
         Some(map) => map
             .iter()
             .map(|(key, value)| {
-                let id: usize = key.parse().map_err(|_| ApiError::param("logit_bias", format!("`logit_bias` key `{key}` is not a token id")))?;
+                let id: usize = key.parse().map_err(|_| {
+                    ApiError::param("logit_bias", format!("`logit_bias` key `{key}` is not a token id"))
+                })?;
                 check(id < vocab, "logit_bias", || format!("token id {id} is outside the vocabulary (size {vocab})"))?;
                 let bias = value.as_f64().filter(|b| finite_in(*b, -100.0, 100.0)).ok_or_else(|| {
-                    ApiError::param("logit_bias", format!("`logit_bias` values must be numbers between -100 and 100, got {value}"))
+                    ApiError::param(
+                        "logit_bias",
+                        format!("`logit_bias` values must be numbers between -100 and 100, got {value}"),
+                    )
                 })?;
                 Ok((id as u32, bias as f32))
             })
@@ -172,10 +204,14 @@ pub fn common(f: &Fields, state: &AppState, max_tokens_keys: &[&str]) -> Result<
         None => false,
         Some(options) => {
             check(stream, "stream_options", || "`stream_options` is only allowed when `stream` is true".into())?;
-            Fields::parse(options).map_err(|_| ApiError::param("stream_options", "`stream_options` must be an object"))?.get::<bool>("include_usage", "a boolean")?.unwrap_or(false)
+            Fields::parse(options)
+                .map_err(|_| ApiError::param("stream_options", "`stream_options` must be an object"))?
+                .get::<bool>("include_usage", "a boolean")?
+                .unwrap_or(false)
         }
     };
-    let cache: CacheStrategy = defaults.kv_cache.parse().map_err(|e: crate::model::ModelError| ApiError::Internal(e.to_string()))?;
+    let cache: CacheStrategy =
+        defaults.kv_cache.parse().map_err(|e: crate::model::ModelError| ApiError::Internal(e.to_string()))?;
 
     let params = GenerationParams {
         max_tokens: max_tokens.unwrap_or(defaults.max_tokens.min(limits.max_tokens)),
@@ -209,7 +245,13 @@ pub fn common(f: &Fields, state: &AppState, max_tokens_keys: &[&str]) -> Result<
 }
 
 /// Checks the prompt against the vocabulary and context, and fits `max_tokens` into the context.
-pub fn job_spec(state: &AppState, prompt: Vec<u32>, common: &CommonParams, logprobs: Option<usize>, prompt_logprobs: bool) -> Result<JobSpec, ApiError> {
+pub fn job_spec(
+    state: &AppState,
+    prompt: Vec<u32>,
+    common: &CommonParams,
+    logprobs: Option<usize>,
+    prompt_logprobs: bool,
+) -> Result<JobSpec, ApiError> {
     let cfg = state.model_config();
     let context = cfg.block_size;
     let max_prompt = state.settings.limits.max_prompt_tokens.unwrap_or(context).min(context);
@@ -217,12 +259,19 @@ pub fn job_spec(state: &AppState, prompt: Vec<u32>, common: &CommonParams, logpr
         return Err(ApiError::param("prompt", "the prompt is empty"));
     }
     if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-        return Err(ApiError::param("prompt", format!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size)));
+        return Err(ApiError::param(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size),
+        ));
     }
     if prompt.len() >= max_prompt.min(context) {
         return Err(ApiError::param(
             "prompt",
-            format!("the prompt has {} tokens; the limit is {} (context length {context})", prompt.len(), max_prompt.min(context) - 1),
+            format!(
+                "the prompt has {} tokens; the limit is {} (context length {context})",
+                prompt.len(),
+                max_prompt.min(context) - 1
+            ),
         ));
     }
     let mut params = common.params.clone();
@@ -240,5 +289,13 @@ pub fn job_spec(state: &AppState, prompt: Vec<u32>, common: &CommonParams, logpr
         }
         params.max_tokens = room;
     }
-    Ok(JobSpec { prompt, params, n: common.n, max_total_steps: common.max_total_steps, stop: common.stop.clone(), logprobs, prompt_logprobs })
+    Ok(JobSpec {
+        prompt,
+        params,
+        n: common.n,
+        max_total_steps: common.max_total_steps,
+        stop: common.stop.clone(),
+        logprobs,
+        prompt_logprobs,
+    })
 }

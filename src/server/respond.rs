@@ -32,8 +32,9 @@ pub struct Usage {
 }
 
 impl Usage {
-    pub fn to_json(&self) -> Value {
-        let mean = if self.completion_tokens > 0 { self.recurrence_steps as f64 / self.completion_tokens as f64 } else { 0.0 };
+    pub fn json(self) -> Value {
+        let mean =
+            if self.completion_tokens > 0 { self.recurrence_steps as f64 / self.completion_tokens as f64 } else { 0.0 };
         json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,

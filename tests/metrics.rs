@@ -1,0 +1,50 @@
+//! `/metrics` after known requests (its own test binary: the metrics recorder is process-wide).
+
+mod common;
+
+use common::server::start;
+use serde_json::json;
+
+fn value(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("series {series} missing from:\n{page}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn steps_per_token_histogram_counts_every_token() {
+    let server = start().await;
+    let client = reqwest::Client::new();
+    // Two requests of 5 tokens at num_steps 3 (no exit): 10 tokens at 3 steps, exit reason "cap".
+    for _ in 0..2 {
+        let body = json!({"prompt": "hi", "max_tokens": 5, "num_steps": 3, "ignore_eos": true});
+        let response = client.post(format!("{}/v1/completions", server.base)).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // One with an exit criterion that fires at the first check: 4 tokens; the first comes from the
+    // prefill (cap, 6 steps), the next three converge after 1 step each.
+    let body = json!({"prompt": "hi", "max_tokens": 4, "num_steps": 6, "exit_criterion": "latent-diff", "exit_threshold": 1e9, "ignore_eos": true});
+    let response = client.post(format!("{}/v1/completions", server.base)).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+
+    let page = reqwest::get(format!("{}/metrics", server.base)).await.unwrap().text().await.unwrap();
+    let name = "huginn_recurrence_steps_per_token";
+    assert_eq!(value(&page, &format!("{name}_count{{exit_reason=\"cap\"}}")), 11.0);
+    assert_eq!(value(&page, &format!("{name}_sum{{exit_reason=\"cap\"}}")), 36.0);
+    assert_eq!(value(&page, &format!("{name}_bucket{{exit_reason=\"cap\",le=\"3\"}}")), 10.0);
+    assert_eq!(value(&page, &format!("{name}_count{{exit_reason=\"converged\"}}")), 3.0);
+    assert_eq!(value(&page, &format!("{name}_bucket{{exit_reason=\"converged\",le=\"1\"}}")), 3.0);
+    assert_eq!(value(&page, "huginn_early_exits_total{criterion=\"latent-diff\"}"), 3.0);
+    assert_eq!(value(&page, "huginn_generation_tokens_total"), 14.0);
+    // Core steps, per sequence: 2 x (prefill 3 + 4 tokens x 3) + (prefill 6 + 3 x 1).
+    assert_eq!(value(&page, "huginn_core_steps_total"), 39.0);
+    assert_eq!(value(&page, "huginn_requests_total{endpoint=\"/v1/completions\",status=\"200\"}"), 3.0);
+    assert_eq!(value(&page, "huginn_requests_running"), 0.0);
+    assert_eq!(value(&page, "huginn_requests_waiting"), 0.0);
+    assert_eq!(value(&page, "huginn_kv_cache_bytes"), 0.0);
+    for (metric, _) in huginn::metrics::CATALOG {
+        assert!(page.contains(&format!("# HELP {metric}")) || page.contains(metric), "{metric} missing");
+    }
+}
