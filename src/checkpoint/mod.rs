@@ -25,7 +25,7 @@ pub fn preset(name: &str) -> Result<HuginnConfig> {
             n_layers_in_recurrent_block: 2,
             mean_recurrence: 4,
             mean_backprop_depth: 2,
-            ..base
+            ..without_special_ids(base)
         }),
         // The benchmark model: width 1024, 16 heads, layers 2/4/2, MLP 2816, vocab 32768.
         "width-1024" => Ok(HuginnConfig {
@@ -35,8 +35,14 @@ pub fn preset(name: &str) -> Result<HuginnConfig> {
             intermediate_size: 2816,
             vocab_size: 32768,
             block_size: 4096,
-            ..base
+            ..without_special_ids(base)
         }),
         other => Err(ModelError::InvalidArgument(format!("unknown preset `{other}` (one of {})", PRESETS.join(", ")))),
     }
+}
+
+/// Special-token ids belong to a vocabulary; other shapes get theirs from the tokenizer they are
+/// written with.
+fn without_special_ids(cfg: HuginnConfig) -> HuginnConfig {
+    HuginnConfig { bos_token_id: None, eos_token_id: None, pad_token_id: None, ..cfg }
 }

@@ -15,6 +15,8 @@ use huginn::bench::{
 use huginn::checkpoint::{preset, write_random_checkpoint};
 use huginn::model::HuginnModel;
 
+use super::bench_serving as serving;
+
 #[derive(Args)]
 pub struct BenchArgs {
     /// Markdown report to write.
@@ -28,7 +30,10 @@ pub struct BenchArgs {
     large_model: PathBuf,
     /// Fewer tokens per measurement (a smoke run).
     #[arg(long)]
-    quick: bool,
+    pub(super) quick: bool,
+    /// Only the serving (load generator) part.
+    #[arg(long)]
+    serving_only: bool,
 }
 
 const PROMPT: [u32; 8] = [84, 104, 101, 32, 99, 111, 114, 101];
@@ -40,6 +45,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let repeats = if args.quick { 1 } else { 3 };
 
     let tiny = HuginnModel::load(&args.fixture, DType::F32, &device).context("loading the fixture model")?;
+    ensure_large_model(&args.large_model)?;
+    let large = HuginnModel::load(&args.large_model, DType::F32, &device).context("loading the width-1024 model")?;
+    let serving = serving::run(&args, tiny, large)?;
+    if args.serving_only {
+        eprintln!("{serving}");
+        return Ok(());
+    }
+    let tiny = HuginnModel::load(&args.fixture, DType::F32, &device)?;
+    let large = HuginnModel::load(&args.large_model, DType::F32, &device)?;
     let mut tiny_rows = Vec::new();
     for steps in [8, 32] {
         let tokens = if args.quick { 32 } else { 6400 / steps.max(1) }.min(200);
@@ -48,8 +62,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         tiny_rows.push(stats);
     }
 
-    ensure_large_model(&args.large_model)?;
-    let large = HuginnModel::load(&args.large_model, DType::F32, &device).context("loading the width-1024 model")?;
     let (token_bytes, step_bytes) = (per_token_weight_bytes(&large), core_step_weight_bytes(&large));
     let mut large_rows = Vec::new();
     for steps in [8, 32] {
@@ -68,13 +80,23 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let bandwidth = read_bandwidth(1 << 30, threads, 5);
     eprintln!("read bandwidth, 1 GiB buffer ({threads} threads): {:.2} GB/s", bandwidth / 1e9);
 
-    let report = render(&args, threads, &tiny_rows, &large, &large_rows, bandwidth)?;
+    let report = render(&args, threads, &tiny_rows, &large, &large_rows, bandwidth)? + &serving;
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }
     std::fs::write(&args.out, report).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
+}
+
+impl BenchArgs {
+    pub(super) fn fixture(&self) -> &Path {
+        &self.fixture
+    }
+
+    pub(super) fn large_model(&self) -> &Path {
+        &self.large_model
+    }
 }
 
 fn ensure_large_model(dir: &Path) -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! Command-line interface: `huginn generate`, `huginn init-random`, `huginn bench`.
 
 mod bench;
+mod bench_serving;
 mod generate;
 mod init_random;
 mod serve;

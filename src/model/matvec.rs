@@ -87,6 +87,12 @@ impl CustomOp2 for RowDot {
 /// For each weight row, its dot product with each of the `m` input rows.
 fn dot_rows(xs: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        unsafe { avx512::dot_rows(xs, m, w, k, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports the features the function is compiled for.
         unsafe { avx2::dot_rows(xs, m, w, k, out) };
@@ -113,7 +119,18 @@ mod avx2 {
             let mut j = 0;
             while j + 4 <= n {
                 let block = [&w[j * k..], &w[(j + 1) * k..], &w[(j + 2) * k..], &w[(j + 3) * k..]];
-                for r in rows.clone() {
+                let mut r = rows.start;
+                // Three input rows at a time share each weight load (twelve accumulators).
+                while r + 3 <= rows.end {
+                    let x = [&xs[r * k..], &xs[(r + 1) * k..], &xs[(r + 2) * k..]];
+                    for (dr, dots) in dot4x3(x, block, k).into_iter().enumerate() {
+                        for (i, value) in dots.into_iter().enumerate() {
+                            out[(j + i) * m + r + dr] = value;
+                        }
+                    }
+                    r += 3;
+                }
+                for r in r..rows.end {
                     let dots = dot4(&xs[r * k..(r + 1) * k], block, k);
                     for (i, value) in dots.into_iter().enumerate() {
                         out[(j + i) * m + r] = value;
@@ -158,12 +175,110 @@ mod avx2 {
         out
     }
 
+    /// `dot4` for three input rows at once, with the same per-element arithmetic (so a row's
+    /// results do not depend on which path computed them).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn dot4x3(xs: [&[f32]; 3], rows: [&[f32]; 4], k: usize) -> [[f32; 4]; 3] {
+        assert!(xs.iter().all(|x| x.len() >= k) && rows.iter().all(|r| r.len() >= k));
+        let whole = k / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); 4]; 3];
+        let mut c = 0;
+        while c < whole {
+            // SAFETY: c + 8 <= k, and every slice holds at least k values (asserted above).
+            unsafe {
+                let x0 = _mm256_loadu_ps(xs[0].as_ptr().add(c));
+                let x1 = _mm256_loadu_ps(xs[1].as_ptr().add(c));
+                let x2 = _mm256_loadu_ps(xs[2].as_ptr().add(c));
+                for i in 0..4 {
+                    let wv = _mm256_loadu_ps(rows[i].as_ptr().add(c));
+                    acc[0][i] = _mm256_fmadd_ps(x0, wv, acc[0][i]);
+                    acc[1][i] = _mm256_fmadd_ps(x1, wv, acc[1][i]);
+                    acc[2][i] = _mm256_fmadd_ps(x2, wv, acc[2][i]);
+                }
+            }
+            c += 8;
+        }
+        let mut out = [[0.0f32; 4]; 3];
+        for (r, x) in xs.iter().enumerate() {
+            for (i, row) in rows.iter().enumerate() {
+                out[r][i] = hsum(acc[r][i]) + x[whole..k].iter().zip(&row[whole..k]).map(|(a, b)| a * b).sum::<f32>();
+            }
+        }
+        out
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256) -> f32 {
         let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let quad = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
         _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)))
+    }
+}
+
+/// The same kernels with 16-lane registers (and 32 of them: four input rows at a time).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub fn dot_rows(xs: &[f32], m: usize, w: &[f32], k: usize, out: &mut [f32]) {
+        let n = w.len() / k;
+        for r0 in (0..m).step_by(super::ROW_BLOCK) {
+            let rows = r0..(r0 + super::ROW_BLOCK).min(m);
+            let mut j = 0;
+            while j < n {
+                // Four weight rows, or the last one repeated at the end of the matrix.
+                let take = (n - j).min(4);
+                let block = [0, 1, 2, 3].map(|i| &w[(j + i.min(take - 1)) * k..]);
+                let mut r = rows.start;
+                while r < rows.end {
+                    let count = (rows.end - r).min(4);
+                    let x = [0, 1, 2, 3].map(|i| &xs[(r + i.min(count - 1)) * k..]);
+                    let dots = dot4x4(x, block, k);
+                    for (dr, row) in dots.iter().enumerate().take(count) {
+                        for (i, value) in row.iter().enumerate().take(take) {
+                            out[(j + i) * m + r + dr] = *value;
+                        }
+                    }
+                    r += count;
+                }
+                j += take;
+            }
+        }
+    }
+
+    /// Dot products of four input rows with four weight rows; each of the sixteen results is
+    /// accumulated lane-wise in the same order whatever rows it is computed beside.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn dot4x4(xs: [&[f32]; 4], rows: [&[f32]; 4], k: usize) -> [[f32; 4]; 4] {
+        assert!(xs.iter().all(|x| x.len() >= k) && rows.iter().all(|r| r.len() >= k));
+        let whole = k / 16 * 16;
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut c = 0;
+        while c < whole {
+            // SAFETY: c + 16 <= k, and every slice holds at least k values (asserted above).
+            unsafe {
+                let x = [0, 1, 2, 3].map(|r| _mm512_loadu_ps(xs[r].as_ptr().add(c)));
+                for i in 0..4 {
+                    let wv = _mm512_loadu_ps(rows[i].as_ptr().add(c));
+                    for r in 0..4 {
+                        acc[r][i] = _mm512_fmadd_ps(x[r], wv, acc[r][i]);
+                    }
+                }
+            }
+            c += 16;
+        }
+        let mut out = [[0.0f32; 4]; 4];
+        for (r, x) in xs.iter().enumerate() {
+            for (i, row) in rows.iter().enumerate() {
+                let tail: f32 = x[whole..k].iter().zip(&row[whole..k]).map(|(a, b)| a * b).sum();
+                out[r][i] = _mm512_reduce_add_ps(acc[r][i]) + tail;
+            }
+        }
+        out
     }
 }
 

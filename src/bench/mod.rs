@@ -1,9 +1,11 @@
-//! Batch-1 decode benchmark and the memory-bandwidth bound it is compared against.
+//! Benchmarks: batch-1 decode against the memory-bandwidth bound, and the serving load generator.
 //!
 //! At batch 1 every core step re-reads the core block's weights, so decode is bound by memory
 //! bandwidth on large models: `bound = read bandwidth / bytes of weights per step`. The benchmark
 //! measures the machine's read bandwidth with the same number of threads the model uses, then
 //! reports decode speed next to that bound.
+
+pub mod load;
 
 use std::time::Instant;
 
