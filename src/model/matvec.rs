@@ -235,12 +235,17 @@ mod avx512 {
                 let mut r = rows.start;
                 while r < rows.end {
                     let count = (rows.end - r).min(4);
-                    let x = [0, 1, 2, 3].map(|i| &xs[(r + i.min(count - 1)) * k..]);
-                    let dots = dot4x4(x, block, k);
-                    for (dr, row) in dots.iter().enumerate().take(count) {
+                    let mut put = |dr: usize, row: &[f32; 4]| {
                         for (i, value) in row.iter().enumerate().take(take) {
                             out[(j + i) * m + r + dr] = *value;
                         }
+                    };
+                    let x = |i: usize| &xs[(r + i) * k..];
+                    match count {
+                        4 => dot4xr([x(0), x(1), x(2), x(3)], block, k).iter().enumerate().for_each(|(d, v)| put(d, v)),
+                        3 => dot4xr([x(0), x(1), x(2)], block, k).iter().enumerate().for_each(|(d, v)| put(d, v)),
+                        2 => dot4xr([x(0), x(1)], block, k).iter().enumerate().for_each(|(d, v)| put(d, v)),
+                        _ => dot4xr([x(0)], block, k).iter().enumerate().for_each(|(d, v)| put(d, v)),
                     }
                     r += count;
                 }
@@ -249,29 +254,29 @@ mod avx512 {
         }
     }
 
-    /// Dot products of four input rows with four weight rows; each of the sixteen results is
-    /// accumulated lane-wise in the same order whatever rows it is computed beside.
+    /// Dot products of `R` (1 to 4) input rows with four weight rows; each result is accumulated
+    /// lane-wise in the same order whatever rows it is computed beside.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn dot4x4(xs: [&[f32]; 4], rows: [&[f32]; 4], k: usize) -> [[f32; 4]; 4] {
+    fn dot4xr<const R: usize>(xs: [&[f32]; R], rows: [&[f32]; 4], k: usize) -> [[f32; 4]; R] {
         assert!(xs.iter().all(|x| x.len() >= k) && rows.iter().all(|r| r.len() >= k));
         let whole = k / 16 * 16;
-        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
         let mut c = 0;
         while c < whole {
             // SAFETY: c + 16 <= k, and every slice holds at least k values (asserted above).
             unsafe {
-                let x = [0, 1, 2, 3].map(|r| _mm512_loadu_ps(xs[r].as_ptr().add(c)));
+                let x = xs.map(|x| _mm512_loadu_ps(x.as_ptr().add(c)));
                 for i in 0..4 {
                     let wv = _mm512_loadu_ps(rows[i].as_ptr().add(c));
-                    for r in 0..4 {
+                    for r in 0..R {
                         acc[r][i] = _mm512_fmadd_ps(x[r], wv, acc[r][i]);
                     }
                 }
             }
             c += 16;
         }
-        let mut out = [[0.0f32; 4]; 4];
+        let mut out = [[0.0f32; 4]; R];
         for (r, x) in xs.iter().enumerate() {
             for (i, row) in rows.iter().enumerate() {
                 let tail: f32 = x[whole..k].iter().zip(&row[whole..k]).map(|(a, b)| a * b).sum();
