@@ -58,12 +58,13 @@ pub fn run(args: &BenchArgs, tiny: HuginnModel, large: HuginnModel) -> anyhow::R
     let large_concurrency: &[usize] = if quick { &[1, 4] } else { &CONCURRENCY };
     for steps in [8, 32] {
         for &c in large_concurrency {
+            // Generations long enough that decoding, not the prompt prefill, dominates.
             let tokens = if quick {
                 2
             } else if steps == 8 {
-                8
+                16
             } else {
-                4
+                8
             };
             let per_client = if c == 1 && !quick { 2 } else { 1 };
             let r = closed_loop(&engine, &PROMPT, steps, c, per_client, tokens);
