@@ -87,12 +87,13 @@ pub struct Running {
 }
 
 impl Running {
-    pub fn new(shared: Arc<JobShared>, choice: usize, model: &HuginnModel) -> Self {
+    pub fn new(shared: Arc<JobShared>, choice: usize, model: &HuginnModel) -> crate::model::Result<Self> {
         let spec = shared.spec.clone();
         let seed = spec.params.seed.wrapping_add(choice as u64);
-        let placeholder = Tensor::zeros((1, 1), model.dtype(), model.device()).expect("allocating a 1x1 tensor");
+        // Replaced by the first chunk's prelude before any step reads them.
+        let placeholder = Tensor::zeros((1, 1), model.dtype(), model.device())?;
         let reserved_kv = kv_reservation(model.config(), model.dtype().size_in_bytes(), &spec) / spec.n.max(1);
-        Self {
+        Ok(Self {
             choice,
             reserved_kv,
             finished: false,
@@ -115,7 +116,7 @@ impl Running {
             steps_spent: 0,
             last_token_at: None,
             shared,
-        }
+        })
     }
 
     pub fn spec(&self) -> &JobSpec {

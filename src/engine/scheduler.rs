@@ -76,10 +76,16 @@ impl Scheduler {
             }
             return;
         }
-        let mut fresh: Vec<Running> = (0..spec.n).map(|c| Running::new(shared.clone(), c, &self.model)).collect();
-        let mut refs: Vec<&mut Running> = fresh.iter_mut().collect();
-        match start_chunks(&self.model, &mut refs) {
-            Ok(()) => self.running.extend(fresh),
+        let started = (0..spec.n)
+            .map(|c| Running::new(shared.clone(), c, &self.model))
+            .collect::<Result<Vec<_>>>()
+            .and_then(|mut fresh| {
+                let mut refs: Vec<&mut Running> = fresh.iter_mut().collect();
+                start_chunks(&self.model, &mut refs)?;
+                Ok(fresh)
+            });
+        match started {
+            Ok(fresh) => self.running.extend(fresh),
             Err(e) => {
                 let _ = shared.job.events.try_send(Event::Error { message: e.to_string() });
             }

@@ -6,7 +6,7 @@
 //! sequence slots and K/V memory allow.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -42,11 +42,13 @@ struct Worker {
     thread: Option<JoinHandle<()>>,
 }
 
-/// What a worker is doing; queued jobs plus running sequences is the dispatch key.
+/// What a worker is doing; queued jobs plus running sequences is the dispatch key. `beat` is the
+/// time (ms since the engine started) the worker last went round its loop.
 #[derive(Default)]
 struct Load {
     queued: AtomicUsize,
     sequences: AtomicUsize,
+    beat: AtomicU64,
 }
 
 impl Load {
@@ -55,9 +57,14 @@ impl Load {
     }
 }
 
+/// A worker that has not gone round its loop for this long is not answering (a tick of a large
+/// model on a CPU can take seconds, so the margin is wide).
+const STALL: Duration = Duration::from_secs(60);
+
 /// Handle to the pool of workers.
 pub struct Engine {
     workers: Vec<Worker>,
+    started: Instant,
 }
 
 /// Marks the worker dead when its thread ends, however it ends.
@@ -72,6 +79,7 @@ impl Drop for AliveGuard {
 impl Engine {
     /// Starts one worker per model replica (one per device).
     pub fn start(models: Vec<Arc<HuginnModel>>, tokenizer: Arc<TextTokenizer>, config: EngineConfig) -> Self {
+        let started = Instant::now();
         let workers = models
             .into_iter()
             .enumerate()
@@ -84,13 +92,13 @@ impl Engine {
                     .name(format!("huginn-worker-{index}"))
                     .spawn(move || {
                         let _guard = guard;
-                        run_worker(Scheduler::new(model, tokenizer, config.limits), jobs, worker_load);
+                        run_worker(Scheduler::new(model, tokenizer, config.limits), jobs, worker_load, started);
                     })
                     .expect("spawning a worker thread");
                 Worker { queue, load, alive, thread: Some(thread) }
             })
             .collect();
-        Self { workers }
+        Self { workers, started }
     }
 
     /// Queues a job on the least-loaded worker; fails at once when every queue is full.
@@ -117,9 +125,14 @@ impl Engine {
         Err(EngineError::QueueFull)
     }
 
-    /// Every worker thread is running.
+    /// Every worker thread is running and went round its loop recently.
     pub fn ready(&self) -> bool {
-        !self.workers.is_empty() && self.workers.iter().all(|w| w.alive.load(Ordering::SeqCst))
+        let now = self.started.elapsed().as_millis() as u64;
+        !self.workers.is_empty()
+            && self.workers.iter().all(|w| {
+                w.alive.load(Ordering::SeqCst)
+                    && now.saturating_sub(w.load.beat.load(Ordering::Relaxed)) < STALL.as_millis() as u64
+            })
     }
 
     pub fn workers(&self) -> usize {
@@ -138,10 +151,11 @@ impl Drop for Engine {
     }
 }
 
-fn run_worker(mut scheduler: Scheduler, jobs: mpsc::Receiver<Job>, load: Arc<Load>) {
+fn run_worker(mut scheduler: Scheduler, jobs: mpsc::Receiver<Job>, load: Arc<Load>, started: Instant) {
     let mut next: Option<Job> = None;
     let mut closed = false;
     loop {
+        load.beat.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         // Admit queued jobs in order while they fit.
         loop {
             if next.is_none() && !closed {
@@ -170,7 +184,10 @@ fn run_worker(mut scheduler: Scheduler, jobs: mpsc::Receiver<Job>, load: Arc<Loa
                     gauge!(m::REQUESTS_WAITING).decrement(1.0);
                     load.queued.fetch_sub(1, Ordering::Relaxed);
                     if !job.is_cancelled() {
-                        scheduler.admit(job);
+                        let admitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scheduler.admit(job)));
+                        if admitted.is_err() {
+                            tracing::error!("panic while admitting a job; its client gets a closed stream");
+                        }
                     }
                 }
                 Some(job) => {
