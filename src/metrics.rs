@@ -32,7 +32,10 @@ pub const CATALOG: [(&str, &str); 14] = [
     (PROMPT_TOKENS, "Prompt tokens processed."),
     (GENERATION_TOKENS, "Tokens generated."),
     (REQUESTS, "HTTP requests, by endpoint and status code."),
-    (REQUEST_DURATION, "Time from receiving a request to its last byte, by endpoint."),
+    (
+        REQUEST_DURATION,
+        "Time from receiving a request until its response starts (the whole answer unless streamed), by endpoint.",
+    ),
     (TIME_TO_FIRST_TOKEN, "Time from submission to a choice's first token."),
     (INTER_TOKEN_LATENCY, "Time between consecutive tokens of a choice."),
     (QUEUE_WAIT, "Time a job waited before a worker admitted it."),
