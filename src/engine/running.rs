@@ -8,14 +8,11 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::job::{Event, ExitReason, Job, JobSpec, TokenLogprobs};
+use crate::generate::sampling::sampler_seed;
 use crate::generate::{FinishReason, Sampler};
 use crate::model::exit::log_softmax;
 use crate::model::{CacheStrategy, ExitTracker, HuginnConfig, HuginnModel, KvCache};
 use crate::text::TextStream;
-
-/// Offset between a choice's state-initialisation seed and its sampler seed (as in
-/// [`crate::generate::generate`], so a server choice reproduces `huginn generate`).
-const SAMPLER_SEED_OFFSET: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// State shared by the choices of one job; counted in the running-requests gauge while it lives.
 pub struct JobShared {
@@ -99,7 +96,7 @@ impl Running {
             finished: false,
             cache: model.new_cache(spec.params.cache),
             rng: StdRng::seed_from_u64(seed),
-            sampler: Sampler::new(spec.params.sampling.clone(), seed.wrapping_add(SAMPLER_SEED_OFFSET)),
+            sampler: Sampler::new(spec.params.sampling.clone(), sampler_seed(seed)),
             text: TextStream::new(spec.stop.clone()),
             context: spec.prompt.clone(),
             generated: 0,

@@ -11,12 +11,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use metrics::{counter, gauge, histogram};
 
 use super::job::{Event, Job};
 use super::running::{JobShared, Running, kv_reservation, token_logprobs};
 use crate::generate::FinishReason;
+use crate::generate::sequence::latent_vec;
 use crate::metrics as m;
 use crate::model::{Chunk, ExitTracker, HuginnModel, LogitRows, Result};
 use crate::text::TextTokenizer;
@@ -144,7 +145,7 @@ impl Scheduler {
             let mut converged = false;
             if checking.contains(&i) {
                 let latent =
-                    if r.spec().params.exit.criterion.needs_latent() { latent(&r.state, 0)? } else { Vec::new() };
+                    if r.spec().params.exit.criterion.needs_latent() { latent_vec(&r.state)? } else { Vec::new() };
                 converged = r.tracker.check(&latent, r.logits.as_deref())?.exit;
             }
             if converged || r.step >= r.cap {
@@ -300,7 +301,7 @@ fn start_chunks(model: &HuginnModel, seqs: &mut [&mut Running]) -> Result<()> {
             r.state = model.init_state(len, scale, r.rng())?;
         }
         let rule = r.spec().params.exit;
-        let initial = if rule.criterion.needs_latent() && !r.prefill { latent(&r.state, 0)? } else { Vec::new() };
+        let initial = if rule.criterion.needs_latent() && !r.prefill { latent_vec(&r.state)? } else { Vec::new() };
         r.tracker = ExitTracker::new(rule, initial);
         r.step = 0;
         r.logits = None;
@@ -312,9 +313,4 @@ fn start_chunks(model: &HuginnModel, seqs: &mut [&mut Running]) -> Result<()> {
 fn cat<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> Result<Tensor> {
     let parts: Vec<&Tensor> = tensors.collect();
     Ok(if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 0)? })
-}
-
-/// Row `row` of a state as float32.
-fn latent(state: &Tensor, row: usize) -> Result<Vec<f32>> {
-    Ok(state.narrow(0, row, 1)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }

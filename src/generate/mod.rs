@@ -109,7 +109,7 @@ pub fn generate(
         return Err(ModelError::ContextOverflow { needed: prompt.len() + 1, limit });
     }
     let mut sequence = Sequence::new(model, params.cache, params.init_scale, params.continuous_compute, params.seed);
-    let mut sampler = Sampler::new(params.sampling.clone(), params.seed.wrapping_add(0x9E37_79B9_7F4A_7C15));
+    let mut sampler = Sampler::new(params.sampling.clone(), sampling::sampler_seed(params.seed));
     let mut context = prompt.to_vec();
     let mut output = GenerationOutput {
         token_ids: Vec::new(),

@@ -68,6 +68,12 @@ impl SamplingParams {
     }
 }
 
+/// The sampler seed of a sequence whose state-initialisation seed is `seed`: the two RNG streams
+/// stay independent, and `huginn generate` and the server derive them the same way.
+pub fn sampler_seed(seed: u64) -> u64 {
+    seed.wrapping_add(0x9E37_79B9_7F4A_7C15)
+}
+
 /// Picks tokens for one sequence; reproducible for a given seed.
 pub struct Sampler {
     params: SamplingParams,

@@ -131,6 +131,7 @@ impl<'m> Sequence<'m> {
     }
 }
 
-fn latent_vec(state: &Tensor) -> Result<Vec<f32>> {
+/// A one-row latent state as float32 values (what the exit criteria compare).
+pub(crate) fn latent_vec(state: &Tensor) -> Result<Vec<f32>> {
     Ok(state.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
