@@ -19,6 +19,8 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("method not allowed for this route")]
+    MethodNotAllowed,
     #[error("the request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
     #[error("the server is at capacity; retry shortly")]
@@ -42,6 +44,7 @@ impl ApiError {
         match self {
             ApiError::InvalidParam { .. } | ApiError::Unsupported { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -58,6 +61,7 @@ impl ApiError {
             }
             ApiError::ModelNotFound(_) => ("invalid_request_error", Some("model".to_string()), Some("model_not_found")),
             ApiError::NotFound(_) => ("invalid_request_error", None, Some("not_found")),
+            ApiError::MethodNotAllowed => ("invalid_request_error", None, Some("method_not_allowed")),
             ApiError::PayloadTooLarge(_) => ("invalid_request_error", None, Some("payload_too_large")),
             ApiError::Overloaded => ("server_overloaded", None, Some("queue_full")),
             ApiError::Unavailable => ("server_error", None, Some("unavailable")),

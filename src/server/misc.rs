@@ -3,7 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -83,6 +83,5 @@ pub async fn not_found() -> Response {
 }
 
 pub async fn method_not_allowed() -> Response {
-    let body = json!({"error": {"message": "method not allowed for this route", "type": "invalid_request_error", "param": null, "code": "method_not_allowed"}});
-    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+    ApiError::MethodNotAllowed.into_response()
 }
