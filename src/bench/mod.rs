@@ -56,12 +56,17 @@ pub fn decode_speed(
     Ok(DecodeStats { num_steps, tokens, seconds: best })
 }
 
+/// Weights of one sandwich block: Wqkv, attention proj, MLP fc and proj, four norms, q/k bias.
+fn block_params(cfg: &crate::model::HuginnConfig) -> usize {
+    let d = cfg.n_embd;
+    3 * d * d + d * d + 3 * cfg.intermediate_size * d + 4 * d + 2 * d
+}
+
 /// Bytes of weights one core step reads: the adapter's state half and the core layers.
 pub fn core_step_weight_bytes(model: &HuginnModel) -> usize {
     let cfg = model.config();
     let d = cfg.n_embd;
-    let per_layer = 3 * d * d + d * d + 3 * cfg.intermediate_size * d + 4 * d + 2 * d;
-    (d * d + cfg.n_layers_in_recurrent_block * per_layer) * model.dtype().size_in_bytes()
+    (d * d + cfg.n_layers_in_recurrent_block * block_params(cfg)) * model.dtype().size_in_bytes()
 }
 
 /// Bytes of weights one token reads outside the recurrence: embedding row, prelude, adapter input
@@ -69,9 +74,8 @@ pub fn core_step_weight_bytes(model: &HuginnModel) -> usize {
 pub fn per_token_weight_bytes(model: &HuginnModel) -> usize {
     let cfg = model.config();
     let d = cfg.n_embd;
-    let per_layer = 3 * d * d + d * d + 3 * cfg.intermediate_size * d + 4 * d + 2 * d;
     let layers = cfg.n_layers_in_prelude + cfg.n_layers_in_coda;
-    (d + d * d + layers * per_layer + cfg.vocab_size * d) * model.dtype().size_in_bytes()
+    (d + d * d + layers * block_params(cfg) + cfg.vocab_size * d) * model.dtype().size_in_bytes()
 }
 
 /// Read bandwidth in bytes per second: `threads` threads summing disjoint parts of a `bytes`-sized
