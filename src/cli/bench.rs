@@ -233,7 +233,7 @@ fn render(
         )?;
     }
     writeln!(md, "\nTarget: at least 70% of the bound. The bound counts weight bytes only (the K/V cache of a short")?;
-    writeln!(md, "context adds well under 1%). The decode kernels for these shapes are row-dot matrix-vector")?;
-    writeln!(md, "products that read each weight once per step, split across the threads (`src/model/matvec.rs`).")?;
+    writeln!(md, "context adds well under 1%). The linear layers read each weight once per call from panels")?;
+    writeln!(md, "packed at load, split across the threads (`src/model/linear.rs`).")?;
     Ok(md)
 }

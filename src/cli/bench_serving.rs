@@ -12,6 +12,9 @@ use super::bench::BenchArgs;
 
 const PROMPT: [u32; 8] = [84, 104, 101, 32, 99, 111, 114, 101];
 const CONCURRENCY: [usize; 4] = [1, 4, 16, 64];
+/// Tokens generated per request on the fixture and on the width-1024 model (`--quick`: fewer).
+const TOKENS: (usize, usize) = (16, 32);
+const QUICK_TOKENS: (usize, usize) = (4, 2);
 
 fn table(md: &mut String, name: &str, rows: &[LoadResult]) -> std::fmt::Result {
     for r in rows {
@@ -38,6 +41,7 @@ fn tokenizer(dir: &Path, model: &HuginnModel) -> anyhow::Result<Arc<TextTokenize
 
 pub fn run(args: &BenchArgs, tiny: HuginnModel, large: HuginnModel) -> anyhow::Result<String> {
     let quick = args.quick;
+    let (tiny_tokens, large_tokens) = if quick { QUICK_TOKENS } else { TOKENS };
     let (tiny_tok, large_tok) = (tokenizer(args.fixture(), &tiny)?, tokenizer(args.large_model(), &large)?);
     let tiny = Arc::new(tiny);
     let large = Arc::new(large);
@@ -47,7 +51,7 @@ pub fn run(args: &BenchArgs, tiny: HuginnModel, large: HuginnModel) -> anyhow::R
     for steps in [8, 32] {
         for c in CONCURRENCY {
             let per_client = if quick { 1 } else { (8 / c).max(1) };
-            let r = closed_loop(&engine, &PROMPT, steps, c, per_client, if quick { 4 } else { 16 });
+            let r = closed_loop(&engine, &PROMPT, steps, c, per_client, tiny_tokens);
             eprintln!("fixture r={steps} c={c}: {:.0} tokens/s", r.tokens_per_second());
             rows_tiny.push(r);
         }
@@ -58,14 +62,8 @@ pub fn run(args: &BenchArgs, tiny: HuginnModel, large: HuginnModel) -> anyhow::R
     let large_concurrency: &[usize] = if quick { &[1, 4] } else { &CONCURRENCY };
     for steps in [8, 32] {
         for &c in large_concurrency {
-            // Generations long enough that decoding, not the prompt prefill, dominates.
-            let tokens = if quick {
-                2
-            } else if steps == 8 {
-                16
-            } else {
-                8
-            };
+            // Generations four times the prompt: decoding, not the prompt prefill, dominates.
+            let tokens = large_tokens;
             let per_client = if c == 1 && !quick { 2 } else { 1 };
             let r = closed_loop(&engine, &PROMPT, steps, c, per_client, tokens);
             eprintln!("width-1024 r={steps} c={c}: {:.2} tokens/s", r.tokens_per_second());
@@ -78,7 +76,9 @@ pub fn run(args: &BenchArgs, tiny: HuginnModel, large: HuginnModel) -> anyhow::R
     writeln!(md, "\n## Serving: depth-level continuous batching under load\n")?;
     writeln!(md, "Closed-loop clients submit requests straight to the engine (one CPU worker, greedy, zero")?;
     writeln!(md, "initial state, an 8-token prompt, no exit criterion); each client sends its next request when")?;
-    writeln!(md, "the previous one finishes. Throughput is generated tokens over wall time; TTFT runs from")?;
+    writeln!(md, "the previous one finishes. Each request generates {tiny_tokens} tokens on the fixture and")?;
+    writeln!(md, "{large_tokens} on the width-1024 model (the prompt's prefill is part of the measured work).")?;
+    writeln!(md, "Throughput is generated tokens over wall time; TTFT runs from")?;
     writeln!(md, "submission to the first token, ITL between consecutive tokens of a request.\n")?;
     writeln!(
         md,

@@ -14,7 +14,7 @@ use super::cache::{CacheStrategy, KvCache};
 use super::config::HuginnConfig;
 use super::error::{ModelError, Result};
 use super::layers::{Chunk, RmsNorm, Rope, SandwichBlock, Stage};
-use super::matvec::linear;
+use super::linear::Linear;
 use super::weights::{WeightFiles, read_text};
 
 pub struct HuginnModel {
@@ -23,12 +23,12 @@ pub struct HuginnModel {
     dtype: DType,
     embed_scale: f64,
     wte: Tensor,
-    lm_head: Tensor,
+    lm_head: Linear,
     prelude: Vec<SandwichBlock>,
     /// Adapter columns that multiply the latent state.
-    adapter_state: Tensor,
+    adapter_state: Linear,
     /// Adapter columns that multiply the prelude output (applied once per token: the injection).
-    adapter_input: Tensor,
+    adapter_input: Linear,
     adapter_bias: Option<Tensor>,
     core: Vec<SandwichBlock>,
     coda: Vec<SandwichBlock>,
@@ -86,11 +86,11 @@ impl HuginnModel {
     pub fn from_weights(cfg: HuginnConfig, w: &WeightFiles) -> Result<Self> {
         let (d, v) = (cfg.n_embd, cfg.vocab_size);
         let wte = w.load("transformer.wte.weight", &[v, d])?;
-        let lm_head = if w.contains("lm_head.weight") || !cfg.tie_embeddings {
+        let lm_head = Linear::new(if w.contains("lm_head.weight") || !cfg.tie_embeddings {
             w.load("lm_head.weight", &[v, d])?
         } else {
             wte.clone()
-        };
+        })?;
         let blocks = |stage: Stage, name: &str, count: usize| -> Result<Vec<SandwichBlock>> {
             (0..count).map(|i| SandwichBlock::load(w, &format!("transformer.{name}.{i}"), &cfg, stage, i)).collect()
         };
@@ -102,8 +102,8 @@ impl HuginnModel {
             prelude: blocks(Stage::Prelude, "prelude", cfg.n_layers_in_prelude)?,
             core: blocks(Stage::Core, "core_block", cfg.n_layers_in_recurrent_block)?,
             coda: blocks(Stage::Coda, "coda", cfg.n_layers_in_coda)?,
-            adapter_state: adapter.narrow(1, 0, d)?.contiguous()?,
-            adapter_input: adapter.narrow(1, d, d)?.contiguous()?,
+            adapter_state: Linear::new(adapter.narrow(1, 0, d)?.contiguous()?)?,
+            adapter_input: Linear::new(adapter.narrow(1, d, d)?.contiguous()?)?,
             adapter_bias,
             ln_f: RmsNorm::load(w, "transformer.ln_f.weight", &cfg)?,
             rope: Rope::new(&cfg, &device)?,
@@ -158,7 +158,7 @@ impl HuginnModel {
         for block in &self.prelude {
             xs = block.forward(&xs, &layout, chunks)?;
         }
-        let injection = linear(&xs, &self.adapter_input)?;
+        let injection = self.adapter_input.forward(&xs)?;
         Ok(match &self.adapter_bias {
             Some(bias) => injection.broadcast_add(bias)?,
             None => injection,
@@ -182,7 +182,7 @@ impl HuginnModel {
     pub fn core_step(&self, state: &Tensor, injection: &Tensor, chunks: &mut [Chunk<'_>]) -> Result<Tensor> {
         self.check_rows(state.dim(0)?, chunks)?;
         let layout = self.rope.layout(chunks, self.dtype)?;
-        let mut xs = (linear(state, &self.adapter_state)? + injection)?;
+        let mut xs = (self.adapter_state.forward(state)? + injection)?;
         for block in &self.core {
             xs = block.forward(&xs, &layout, chunks)?;
         }
@@ -216,7 +216,7 @@ impl HuginnModel {
             }
         };
         let xs = self.ln_f.forward(&xs)?;
-        Ok(linear(&xs, &self.lm_head)?.to_dtype(DType::F32)?)
+        Ok(self.lm_head.forward(&xs)?.to_dtype(DType::F32)?)
     }
 
     fn check_rows(&self, rows: usize, chunks: &[Chunk<'_>]) -> Result<()> {

@@ -8,7 +8,7 @@ use super::cache::{KvCache, LayerSlot};
 use super::config::HuginnConfig;
 use super::decode_attention::attend_one;
 use super::error::Result;
-use super::matvec::linear;
+use super::linear::Linear;
 use super::weights::WeightFiles;
 
 /// One sequence's rows in a batched call: positions `start..start + len`, at recurrence step `step`
@@ -107,10 +107,10 @@ impl RmsNorm {
 }
 
 struct Attention {
-    wqkv: Tensor,
+    wqkv: Linear,
     /// `[2d]`: query bias then key bias, flattened.
     qk_bias: Option<Tensor>,
-    proj: Tensor,
+    proj: Linear,
     heads: usize,
     head_dim: usize,
 }
@@ -135,7 +135,13 @@ impl Attention {
         } else {
             None
         };
-        Ok(Self { wqkv, qk_bias, proj: w.load(&format!("{prefix}.proj.weight"), &[d, d])?, heads: h, head_dim: hd })
+        Ok(Self {
+            wqkv: Linear::new(wqkv)?,
+            qk_bias,
+            proj: Linear::new(w.load(&format!("{prefix}.proj.weight"), &[d, d])?)?,
+            heads: h,
+            head_dim: hd,
+        })
     }
 
     fn forward(
@@ -148,7 +154,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let (tokens, d) = xs.dims2()?;
         let (h, hd) = (self.heads, self.head_dim);
-        let qkv = linear(xs, &self.wqkv)?;
+        let qkv = self.wqkv.forward(xs)?;
         let qk = qkv.narrow(1, 0, 2 * d)?;
         let qk = match &self.qk_bias {
             Some(bias) => qk.broadcast_add(bias)?,
@@ -186,28 +192,28 @@ impl Attention {
             row += n;
         }
         let attended = if outputs.len() == 1 { outputs.swap_remove(0) } else { Tensor::cat(&outputs, 0)? };
-        linear(&attended, &self.proj)
+        self.proj.forward(&attended)
     }
 }
 
 struct GatedMlp {
-    fc: Tensor,
-    proj: Tensor,
+    fc: Linear,
+    proj: Linear,
 }
 
 impl GatedMlp {
     fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig) -> Result<Self> {
         let (d, i) = (cfg.n_embd, cfg.intermediate_size);
         Ok(Self {
-            fc: w.load(&format!("{prefix}.fc.weight"), &[2 * i, d])?,
-            proj: w.load(&format!("{prefix}.proj.weight"), &[d, i])?,
+            fc: Linear::new(w.load(&format!("{prefix}.fc.weight"), &[2 * i, d])?)?,
+            proj: Linear::new(w.load(&format!("{prefix}.proj.weight"), &[d, i])?)?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         // fc rows: first half gate, second half up.
-        let gated = candle_nn::ops::swiglu(&linear(xs, &self.fc)?)?;
-        linear(&gated, &self.proj)
+        let gated = candle_nn::ops::swiglu(&self.fc.forward(xs)?)?;
+        self.proj.forward(&gated)
     }
 }
 

@@ -7,7 +7,8 @@ pub mod error;
 pub mod exit;
 pub mod huginn;
 pub mod layers;
-pub mod matvec;
+pub mod linear;
+pub mod panel_kernel;
 pub mod weights;
 
 pub use cache::{CacheStrategy, KvCache, LayerSlot};

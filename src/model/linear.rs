@@ -1,0 +1,288 @@
+//! Linear layers: `xs @ W^T` for a `[out, in]` weight.
+//!
+//! On the CPU in float32 the weight is repacked once, at load, into column panels
+//! ([`panel_kernel`](super::panel_kernel)) and multiplied by register-tile kernels split across the
+//! thread pool by panels. At batch 1 this streams each weight once per call, bound by memory
+//! bandwidth; at larger batches every weight load feeds up to 8 rows of multiply-adds. Each output
+//! is summed in the same order whatever the number of rows in the call, so a sequence's results
+//! do not depend on which other sequences share its batch. Other dtypes, other devices and weights
+//! that need gradients (training) keep the plain matmul, so the model code stays device-agnostic.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::error::Result;
+use super::panel_kernel::{MAX_ROWS, PANEL, panels_per_tile, tile};
+
+/// Below this many multiply-adds a single thread is faster than waking the pool.
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// A linear layer without bias.
+#[derive(Clone)]
+pub struct Linear {
+    weight: Tensor,
+    packed: Option<Arc<Panels>>,
+}
+
+impl Linear {
+    /// Packs float32 CPU weights into panels (and then drops the original layout); other weights,
+    /// and trainable variables, are kept as they are.
+    pub fn new(weight: Tensor) -> Result<Self> {
+        let packable = weight.device().is_cpu()
+            && weight.dtype() == DType::F32
+            && weight.rank() == 2
+            && !weight.is_variable()
+            && !weight.track_op()
+            && weight.dims().iter().all(|&d| d > 0);
+        if !packable {
+            return Ok(Self { weight, packed: None });
+        }
+        let (n, k) = weight.dims2()?;
+        let values = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let packed = Arc::new(Panels::pack(&values, n, k));
+        // Keep only a zero-stride placeholder with the right shape and dtype.
+        let weight = Tensor::zeros((), DType::F32, weight.device())?.broadcast_as((n, k))?;
+        Ok(Self { weight, packed: Some(packed) })
+    }
+
+    /// `[out, in]`.
+    pub fn dims(&self) -> (usize, usize) {
+        match &self.packed {
+            Some(p) => (p.n, p.k),
+            None => self.weight.dims2().unwrap_or((0, 0)),
+        }
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match &self.packed {
+            Some(panels) if xs.device().is_cpu() && xs.dtype() == DType::F32 && xs.rank() == 2 => {
+                Ok(xs.contiguous()?.apply_op1_no_bwd(&PanelMatmul(panels.clone()))?)
+            }
+            Some(panels) => {
+                // Not a shape the kernel takes (for example a rank-3 input): unpack for matmul.
+                let w = Tensor::from_vec(panels.unpack(), (panels.n, panels.k), xs.device())?;
+                Ok(xs.broadcast_matmul(&w.t()?)?)
+            }
+            None => Ok(xs.broadcast_matmul(&self.weight.t()?)?),
+        }
+    }
+}
+
+/// A `[n, k]` matrix stored as `ceil(n / PANEL)` panels of `[k][PANEL]`, zero-padded.
+struct Panels {
+    data: Vec<f32>,
+    n: usize,
+    k: usize,
+}
+
+impl Panels {
+    fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        let mut data = vec![0.0f32; n.div_ceil(PANEL) * k * PANEL];
+        data.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
+            for j in 0..PANEL.min(n - p * PANEL) {
+                let row = &w[(p * PANEL + j) * k..][..k];
+                for (c, value) in row.iter().enumerate() {
+                    panel[c * PANEL + j] = *value;
+                }
+            }
+        });
+        Self { data, n, k }
+    }
+
+    fn unpack(&self) -> Vec<f32> {
+        let mut w = vec![0.0f32; self.n * self.k];
+        for (j, row) in w.chunks_exact_mut(self.k).enumerate() {
+            let panel = &self.data[(j / PANEL) * self.k * PANEL..];
+            for (c, value) in row.iter_mut().enumerate() {
+                *value = panel[c * PANEL + j % PANEL];
+            }
+        }
+        w
+    }
+
+    /// `out[m, cols]` for the whole panels in `panels` (`cols = count * PANEL`).
+    fn multiply(&self, x: &RowGroups, panels: &[f32], out: &mut [f32]) {
+        let k = self.k;
+        let cols = panels.len() / k;
+        let step = panels_per_tile(x.largest) * k * PANEL;
+        // The first row group streams a block from memory; the later ones, computing from cache,
+        // prefetch the next block a share each.
+        let helpers = x.groups.len() - 1;
+        for (i, block) in panels.chunks(step).enumerate() {
+            let next = &panels[((i + 1) * step).min(panels.len())..];
+            let next = if helpers > 0 { &next[..step.min(next.len())] } else { &[][..] };
+            let share = (next.len() / helpers.max(1)).next_multiple_of(16);
+            for (g, group) in x.groups.iter().enumerate() {
+                let (rows, first) = (group.rows, group.first_row);
+                let out = &mut out[first * cols + i * step / k..];
+                let ahead = match g.checked_sub(1) {
+                    Some(h) => &next[(h * share).min(next.len())..((h + 1) * share).min(next.len())],
+                    None => &[][..],
+                };
+                tile(&x.data[group.offset..][..rows * k], rows, k, block, out, cols, ahead);
+            }
+        }
+    }
+}
+
+/// The input rows packed in groups of at most [`MAX_ROWS`] rows, each `[k][rows]`.
+struct RowGroups {
+    data: Vec<f32>,
+    groups: Vec<RowGroup>,
+    largest: usize,
+}
+
+struct RowGroup {
+    first_row: usize,
+    rows: usize,
+    offset: usize,
+}
+
+impl RowGroups {
+    /// Splits `m` rows into groups of near-equal size.
+    fn pack(xs: &[f32], m: usize, k: usize) -> Self {
+        let count = m.div_ceil(MAX_ROWS);
+        let (base, extra) = (m / count, m % count);
+        let mut data = vec![0.0f32; m * k];
+        let mut groups = Vec::with_capacity(count);
+        let mut first_row = 0;
+        for g in 0..count {
+            let rows = base + usize::from(g < extra);
+            let offset = first_row * k;
+            let packed = &mut data[offset..offset + rows * k];
+            for r in 0..rows {
+                for (c, value) in xs[(first_row + r) * k..][..k].iter().enumerate() {
+                    packed[c * rows + r] = *value;
+                }
+            }
+            groups.push(RowGroup { first_row, rows, offset });
+            first_row += rows;
+        }
+        Self { data, groups, largest: base + usize::from(extra > 0) }
+    }
+}
+
+struct PanelMatmul(Arc<Panels>);
+
+impl CustomOp1 for PanelMatmul {
+    fn name(&self) -> &'static str {
+        "panel-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(xs) = storage else { candle_core::bail!("panel-matmul expects float32 input") };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("panel-matmul expects a contiguous input")
+        };
+        let w = &self.0;
+        let (m, k) = layout.shape().dims2()?;
+        if k != w.k {
+            candle_core::bail!("panel-matmul: input has {k} features, the weight {}", w.k)
+        }
+        let xs = &xs[start..end];
+        if m == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), Shape::from((0, w.n))));
+        }
+        let x = RowGroups::pack(xs, m, k);
+        let count = w.n.div_ceil(PANEL);
+        let threads = rayon::current_num_threads().max(1);
+        let per_task = if m * w.n * k < PARALLEL_MIN_WORK {
+            count
+        } else {
+            count.div_ceil(threads * 4).next_multiple_of(panels_per_tile(x.largest))
+        };
+        // Each task fills `[m, its columns]`; the blocks are then placed side by side.
+        let blocks: Vec<Vec<f32>> = w
+            .data
+            .par_chunks(per_task * k * PANEL)
+            .map(|panels| {
+                let mut out = vec![0.0f32; m * panels.len() / k];
+                w.multiply(&x, panels, &mut out);
+                out
+            })
+            .collect();
+        let mut out = vec![0.0f32; m * w.n];
+        let mut col = 0;
+        for block in &blocks {
+            let cols = block.len() / m;
+            let take = cols.min(w.n - col);
+            for r in 0..m {
+                out[r * w.n + col..][..take].copy_from_slice(&block[r * cols..][..take]);
+            }
+            col += take;
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, w.n))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    fn check(m: usize, n: usize, k: usize) {
+        let dev = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let fast = Linear::new(w.clone()).unwrap().forward(&xs).unwrap();
+        let reference = xs.matmul(&w.t().unwrap()).unwrap();
+        let diff = max_diff(&fast, &reference);
+        assert!(diff < 1e-3, "m={m} n={n} k={k}: {diff}");
+    }
+
+    #[test]
+    fn matches_matmul_for_small_and_large_shapes() {
+        check(1, 3, 5);
+        check(1, 192, 64);
+        check(3, 300, 257);
+        check(16, 2048, 512);
+        check(1, 4096, 1024);
+    }
+
+    #[test]
+    fn zero_rows_give_an_empty_result() {
+        let linear = Linear::new(Tensor::ones((64, 16), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let out = linear.forward(&Tensor::zeros((0, 16), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        assert_eq!(out.dims(), &[0, 64]);
+    }
+
+    #[test]
+    fn large_batches_match_matmul() {
+        check(40, 64, 32);
+        check(100, 300, 128);
+        check(13, 33, 7);
+    }
+
+    #[test]
+    fn rank_three_inputs_and_unpacking_match_matmul() {
+        let dev = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1.0, (2, 5, 48), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (70, 48), &dev).unwrap();
+        let fast = Linear::new(w.clone()).unwrap().forward(&xs).unwrap();
+        let reference = xs.broadcast_matmul(&w.t().unwrap()).unwrap();
+        assert!(max_diff(&fast, &reference) < 1e-4);
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_or_in_a_batch() {
+        let dev = Device::Cpu;
+        let linear = Linear::new(Tensor::randn(0f32, 1.0, (1000, 256), &dev).unwrap()).unwrap();
+        let batch = Tensor::randn(0f32, 1.0, (70, 256), &dev).unwrap();
+        let together = linear.forward(&batch).unwrap();
+        for r in [0, 33, 69] {
+            let alone = linear.forward(&batch.narrow(0, r, 1).unwrap()).unwrap();
+            let same = together.narrow(0, r, 1).unwrap();
+            assert_eq!(alone.to_vec2::<f32>().unwrap(), same.to_vec2::<f32>().unwrap());
+        }
+        for rows in [2, 9, 16] {
+            let part = linear.forward(&batch.narrow(0, 0, rows).unwrap()).unwrap();
+            assert_eq!(part.to_vec2::<f32>().unwrap(), together.narrow(0, 0, rows).unwrap().to_vec2::<f32>().unwrap());
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Register-tile kernels for `x @ W^T` with `W` packed in column panels.
+//!
+//! A panel holds [`PANEL`] consecutive output features for every input feature, laid out
+//! `[k][PANEL]`, so a kernel streams contiguous blocks of weights. The input rows are packed too,
+//! in groups of up to [`MAX_ROWS`] rows laid out `[k][rows]`, so that the values broadcast at one
+//! input feature sit side by side. A tile multiplies one row group by a few panels at once (several
+//! independent weight streams and enough accumulators to hide the multiply-add latency). Every
+//! output is a single accumulator summed over the input features in order, whatever the tile
+//! shape: a row's results do not depend on the other rows computed beside it (the engine relies on
+//! this for batch-invariant outputs).
+
+/// Output features per panel.
+pub const PANEL: usize = 32;
+/// Rows per packed input group.
+pub const MAX_ROWS: usize = 6;
+
+/// Calls `$module::tile::<R, P>` for the runtime row and panel counts.
+macro_rules! dispatch {
+    ($module:ident, $rows:expr, $count:expr, $($arg:expr),*) => {
+        match ($rows, $count) {
+            (1, 1) => $module::tile::<1, 1>($($arg),*),
+            (1, 2) => $module::tile::<1, 2>($($arg),*),
+            (1, 3) => $module::tile::<1, 3>($($arg),*),
+            (1, _) => $module::tile::<1, 4>($($arg),*),
+            (2, 1) => $module::tile::<2, 1>($($arg),*),
+            (2, 2) => $module::tile::<2, 2>($($arg),*),
+            (2, 3) => $module::tile::<2, 3>($($arg),*),
+            (2, _) => $module::tile::<2, 4>($($arg),*),
+            (3, 1) => $module::tile::<3, 1>($($arg),*),
+            (3, 2) => $module::tile::<3, 2>($($arg),*),
+            (3, _) => $module::tile::<3, 3>($($arg),*),
+            (4, 1) => $module::tile::<4, 1>($($arg),*),
+            (4, 2) => $module::tile::<4, 2>($($arg),*),
+            (4, _) => $module::tile::<4, 3>($($arg),*),
+            (5, 1) => $module::tile::<5, 1>($($arg),*),
+            (5, _) => $module::tile::<5, 2>($($arg),*),
+            (_, 1) => $module::tile::<6, 1>($($arg),*),
+            (_, _) => $module::tile::<6, 2>($($arg),*),
+        }
+    };
+}
+
+/// How many panels a tile of `rows` rows takes at once (so that the accumulators fit the registers).
+pub fn panels_per_tile(rows: usize) -> usize {
+    match rows {
+        0..=2 => 4,
+        3..=4 => 3,
+        _ => 2,
+    }
+}
+
+/// `out[r * stride + j] = sum_c x[c * rows + r] * panels[p][c][j']` (with `j = p * PANEL + j'`) for
+/// the `rows` rows of the packed group `x` (`[k][rows]`) and the `panels.len() / (k * PANEL)` panels
+/// (at most [`panels_per_tile`]`(rows)`). Meanwhile `ahead` (weights the caller needs next) is
+/// prefetched into the cache, spread evenly over the tile's work, so that the next tile finds
+/// its weights without waiting on memory.
+pub fn tile(x: &[f32], rows: usize, k: usize, panels: &[f32], out: &mut [f32], stride: usize, ahead: &[f32]) {
+    let count = panels.len() / (k * PANEL);
+    assert!((1..=MAX_ROWS).contains(&rows) && (1..=panels_per_tile(rows)).contains(&count));
+    assert!(x.len() >= rows * k && panels.len() == count * k * PANEL);
+    assert!(out.len() >= (rows - 1) * stride + count * PANEL);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU supports the features the function is compiled for; bounds asserted above.
+        unsafe { dispatch!(avx512, rows, count, x, k, panels, out, stride, ahead) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: as above.
+        unsafe { dispatch!(avx2, rows, count, x, k, panels, out, stride, ahead) };
+        return;
+    }
+    dispatch!(portable, rows, count, x, k, panels, out, stride, ahead);
+}
+
+/// Cache-line prefetches of a region, spread over the `k` steps of a tile.
+struct Prefetch {
+    start: *const f32,
+    lines: usize,
+    per_step: usize,
+}
+
+impl Prefetch {
+    /// Floats per 64-byte cache line.
+    const LINE: usize = 16;
+
+    fn new(region: &[f32], k: usize) -> Self {
+        let lines = region.len() / Self::LINE;
+        Self { start: region.as_ptr(), lines, per_step: lines.div_ceil(k.max(1)) }
+    }
+
+    #[inline(always)]
+    fn step(&self, c: usize) {
+        #[cfg(target_arch = "x86_64")]
+        for line in c * self.per_step..((c + 1) * self.per_step).min(self.lines) {
+            // SAFETY: line < lines, so the address is inside the region; a prefetch never faults.
+            unsafe {
+                use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+                _mm_prefetch::<_MM_HINT_T1>(self.start.add(line * Self::LINE).cast());
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = c;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::PANEL;
+
+    /// `R` rows by `P` panels: 2 * R * P accumulators; per input feature 2 * P weight loads and R
+    /// broadcasts feed 2 * R * P fused multiply-adds.
+    #[target_feature(enable = "avx512f")]
+    pub fn tile<const R: usize, const P: usize>(
+        x: &[f32],
+        k: usize,
+        panels: &[f32],
+        out: &mut [f32],
+        stride: usize,
+        ahead: &[f32],
+    ) {
+        assert!(x.len() >= R * k && panels.len() >= P * k * PANEL && out.len() >= (R - 1) * stride + P * PANEL);
+        let mut acc = [[[_mm512_setzero_ps(); 2]; P]; R];
+        let (xp, wp) = (x.as_ptr(), panels.as_ptr());
+        let lines = super::Prefetch::new(ahead, k);
+        for c in 0..k {
+            lines.step(c);
+            // SAFETY: c < k, so every offset is inside the lengths asserted above.
+            unsafe {
+                let w: [[__m512; 2]; P] = std::array::from_fn(|p| {
+                    let at = wp.add(p * k * PANEL + c * PANEL);
+                    [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))]
+                });
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*xp.add(c * R + r));
+                    for (a, w) in acc.iter_mut().zip(&w) {
+                        a[0] = _mm512_fmadd_ps(b, w[0], a[0]);
+                        a[1] = _mm512_fmadd_ps(b, w[1], a[1]);
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (p, a) in acc.iter().enumerate() {
+                // SAFETY: r * stride + P * PANEL <= out.len() (asserted above).
+                unsafe {
+                    let at = out.as_mut_ptr().add(r * stride + p * PANEL);
+                    _mm512_storeu_ps(at, a[0]);
+                    _mm512_storeu_ps(at.add(16), a[1]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::PANEL;
+
+    /// The same tile with 8-lane registers (4 per panel row); the compiler spills what does not
+    /// fit the 16 registers.
+    #[target_feature(enable = "avx2,fma")]
+    pub fn tile<const R: usize, const P: usize>(
+        x: &[f32],
+        k: usize,
+        panels: &[f32],
+        out: &mut [f32],
+        stride: usize,
+        ahead: &[f32],
+    ) {
+        assert!(x.len() >= R * k && panels.len() >= P * k * PANEL && out.len() >= (R - 1) * stride + P * PANEL);
+        let mut acc = [[[_mm256_setzero_ps(); 4]; P]; R];
+        let (xp, wp) = (x.as_ptr(), panels.as_ptr());
+        let lines = super::Prefetch::new(ahead, k);
+        for c in 0..k {
+            lines.step(c);
+            // SAFETY: c < k, so every offset is inside the lengths asserted above.
+            unsafe {
+                for p in 0..P {
+                    let at = wp.add(p * k * PANEL + c * PANEL);
+                    let w = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(at.add(o)));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let b = _mm256_set1_ps(*xp.add(c * R + r));
+                        for (a, w) in acc[p].iter_mut().zip(w) {
+                            *a = _mm256_fmadd_ps(b, w, *a);
+                        }
+                    }
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (p, a) in acc.iter().enumerate() {
+                for (i, a) in a.iter().enumerate() {
+                    // SAFETY: r * stride + P * PANEL <= out.len() (asserted above).
+                    unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(r * stride + p * PANEL + 8 * i), *a) };
+                }
+            }
+        }
+    }
+}
+
+mod portable {
+    use super::PANEL;
+
+    pub fn tile<const R: usize, const P: usize>(
+        x: &[f32],
+        k: usize,
+        panels: &[f32],
+        out: &mut [f32],
+        stride: usize,
+        _ahead: &[f32],
+    ) {
+        for p in 0..P {
+            let panel = &panels[p * k * PANEL..(p + 1) * k * PANEL];
+            let mut acc = [[0.0f32; PANEL]; R];
+            for (c, w) in panel.chunks_exact(PANEL).enumerate() {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let b = x[c * R + r];
+                    for (a, w) in acc.iter_mut().zip(w) {
+                        *a += b * w;
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                out[r * stride + p * PANEL..][..PANEL].copy_from_slice(acc);
+            }
+        }
+    }
+}
