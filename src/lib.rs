@@ -11,3 +11,4 @@ pub mod model;
 pub mod server;
 pub mod settings;
 pub mod text;
+pub mod train;

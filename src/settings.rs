@@ -180,6 +180,17 @@ impl Settings {
     }
 }
 
+/// Folder of the default model, shipped in the repository.
+pub const DEFAULT_MODEL: &str = "models/huginn-addition";
+
+/// The default model's folder: `models/huginn-addition` under the working directory, else under
+/// the source tree the binary was built from; `None` when neither exists.
+pub fn default_model_dir() -> Option<PathBuf> {
+    let here = PathBuf::from(DEFAULT_MODEL);
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL);
+    [here, built].into_iter().find(|dir| dir.join("config.json").is_file())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -223,3 +223,67 @@ fn settings_file_then_environment_then_flags() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("numsteps"));
 }
+
+#[test]
+fn train_writes_a_servable_checkpoint_and_eval_reports_a_table_and_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model");
+    let config = dir.path().join("shape.json");
+    // A very small shape so that the run takes a moment.
+    let mut shape: Value = serde_json::to_value(huginn::checkpoint::preset("addition").unwrap()).unwrap();
+    shape["n_embd"] = 32.into();
+    shape["num_attention_heads"] = 2.into();
+    shape["num_key_value_heads"] = 2.into();
+    shape["intermediate_size"] = 64.into();
+    std::fs::write(&config, shape.to_string()).unwrap();
+    let trained = huginn(&[
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--mean-recurrence",
+        "2",
+        "--checkpoint-every",
+        "2",
+    ]);
+    assert!(trained.status.success(), "stderr: {}", String::from_utf8_lossy(&trained.stderr));
+    for file in
+        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+    {
+        assert!(out.join(file).is_file(), "missing {file}");
+    }
+    let run: Value = serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(run["step"], 3);
+    assert_eq!(run["options"]["model"]["mean_recurrence"], 2);
+
+    let (table, plot) = (dir.path().join("eval.md"), dir.path().join("plot.svg"));
+    let eval = huginn(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--problems",
+        "5",
+        "--num-steps",
+        "1,2",
+        "--exit",
+        "kl:0.001:4",
+        "--markdown",
+        table.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    assert!(eval.status.success(), "stderr: {}", String::from_utf8_lossy(&eval.stderr));
+    let table = std::fs::read_to_string(table).unwrap();
+    assert_eq!(table.lines().count(), 2 + 3, "{table}");
+    assert!(table.contains("| fixed 2 | 2 |") && table.contains("| exit kl:0.001:4 | 4 |"), "{table}");
+    assert!(std::fs::read_to_string(plot).unwrap().starts_with("<svg"));
+
+    let bad = huginn(&["eval", "--model", out.to_str().unwrap(), "--exit", "kl"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("criterion:threshold:cap"));
+}

@@ -3,7 +3,10 @@
 //! the end of the vocabulary (as in Huginn-0125: 65504 for a 65536 vocabulary), and the remaining
 //! ids are inert placeholders.
 
-use serde_json::{Map, Value, json};
+use serde_json::Value;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
 
 use crate::model::{ModelError, Result};
 
@@ -25,47 +28,36 @@ pub fn byte_to_char(b: u8) -> char {
     char::from_u32(256 + shifted as u32).unwrap_or('?')
 }
 
-/// The `tokenizer.json` document for a byte-level vocabulary of `vocab_size` entries.
-pub fn byte_level_tokenizer_json(vocab_size: usize) -> Result<Value> {
+/// A byte-level tokenizer of `vocab_size` entries, built with the tokenizers crate.
+pub fn byte_level_tokenizer(vocab_size: usize) -> Result<Tokenizer> {
     if vocab_size < 256 + 32 {
         return Err(ModelError::InvalidArgument(format!(
             "vocab_size {vocab_size} is too small for the byte-level tokenizer (at least 288)"
         )));
     }
     let base = special_base(vocab_size);
-    let mut vocab = Map::new();
-    for b in 0..=255u8 {
-        vocab.insert(byte_to_char(b).to_string(), json!(b as u32));
-    }
-    let mut added = Vec::new();
-    for id in 256..vocab_size {
-        let special = id.checked_sub(base).and_then(|i| SPECIAL_TOKENS.get(i));
-        let token = match special {
-            Some(name) => name.to_string(),
-            None => format!("<r{id}>"),
-        };
-        if special.is_some() {
-            added.push(json!({"id": id, "content": token, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": true}));
-        }
-        vocab.insert(token, json!(id));
-    }
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-    Ok(json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": byte_level,
-        "post_processor": null,
-        "decoder": byte_level,
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": vocab, "merges": []
-        }
-    }))
+    let name = |id: usize| match id.checked_sub(base).and_then(|i| SPECIAL_TOKENS.get(i)) {
+        Some(special) => special.to_string(),
+        None => format!("<r{id}>"),
+    };
+    let vocab: Vocab = (0..=255u8)
+        .map(|b| (byte_to_char(b).to_string(), b as u32))
+        .chain((256..vocab_size).map(|id| (name(id), id as u32)))
+        .collect();
+    let bad = |e: tokenizers::Error| ModelError::InvalidArgument(format!("building the tokenizer: {e}"));
+    let bpe = BPE::builder().vocab_and_merges(vocab, Vec::new()).build().map_err(bad)?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    tokenizer.with_decoder(Some(ByteLevel::new(false, true, true)));
+    let specials: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(t.to_string(), true)).collect();
+    tokenizer.add_special_tokens(specials).map_err(bad)?;
+    Ok(tokenizer)
+}
+
+/// The `tokenizer.json` document of [`byte_level_tokenizer`].
+pub fn byte_level_tokenizer_json(vocab_size: usize) -> Result<Value> {
+    serde_json::to_value(byte_level_tokenizer(vocab_size)?)
+        .map_err(|e| ModelError::InvalidArgument(format!("serializing the tokenizer: {e}")))
 }
 
 #[cfg(test)]

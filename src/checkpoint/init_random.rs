@@ -148,29 +148,7 @@ pub fn write_random_checkpoint(dir: &Path, cfg: &HuginnConfig, seed: u64, dtype:
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         return Err(ModelError::UnsupportedDtype(format!("{dtype:?}")));
     }
-    let tokenizer = byte_level_tokenizer_json(cfg.vocab_size)?;
-    let io = |e: std::io::Error| ModelError::Io { path: dir.to_path_buf(), message: e.to_string() };
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let base = special_base(cfg.vocab_size) as u32;
-    let (bos, eos, pad) = (base, base + 1, base + 5);
-    let mut cfg = cfg.clone();
-    cfg.bos_token_id = Some(bos);
-    cfg.eos_token_id = Some(crate::model::config::TokenIds::One(eos));
-    cfg.pad_token_id = Some(pad);
-    cfg.torch_dtype = Some(dtype_name(dtype).into());
-    let mut config = serde_json::to_value(&cfg).map_err(|e| ModelError::InvalidArgument(e.to_string()))?;
-    config["architectures"] = json!(["RavenForCausalLM"]);
-    config["model_type"] = json!("huginn_raven");
-    write_json(&dir.join("config.json"), &config)?;
-    write_json(&dir.join("tokenizer.json"), &tokenizer)?;
-    write_json(
-        &dir.join("tokenizer_config.json"),
-        &json!({"chat_template": HUGINN_CHAT_TEMPLATE, "bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1], "pad_token": SPECIAL_TOKENS[5]}),
-    )?;
-    write_json(
-        &dir.join("generation_config.json"),
-        &json!({"bos_token_id": bos, "eos_token_id": [eos, base + 4], "pad_token_id": pad}),
-    )?;
+    let cfg = write_metadata(dir, cfg, dtype)?;
 
     let specs = tensor_specs(&cfg);
     let shards = shards.clamp(1, specs.len());
@@ -205,6 +183,37 @@ pub fn write_random_checkpoint(dir: &Path, cfg: &HuginnConfig, seed: u64, dtype:
         write_json(&dir.join(crate::model::weights::SHARD_INDEX), &index)?;
     }
     Ok(())
+}
+
+/// Writes config.json (with the special-token ids and dtype filled in), the byte-level
+/// tokenizer.json, tokenizer_config.json (Huginn chat template) and generation_config.json into
+/// `dir`; returns the config as written.
+pub fn write_metadata(dir: &Path, cfg: &HuginnConfig, dtype: DType) -> Result<HuginnConfig> {
+    let tokenizer = byte_level_tokenizer_json(cfg.vocab_size)?;
+    let io = |e: std::io::Error| ModelError::Io { path: dir.to_path_buf(), message: e.to_string() };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let base = special_base(cfg.vocab_size) as u32;
+    let (bos, eos, pad) = (base, base + 1, base + 5);
+    let mut cfg = cfg.clone();
+    cfg.bos_token_id = Some(bos);
+    cfg.eos_token_id = Some(crate::model::config::TokenIds::One(eos));
+    cfg.pad_token_id = Some(pad);
+    cfg.torch_dtype = Some(dtype_name(dtype).into());
+    let mut config = serde_json::to_value(&cfg).map_err(|e| ModelError::InvalidArgument(e.to_string()))?;
+    config["architectures"] = json!(["RavenForCausalLM"]);
+    config["model_type"] = json!("huginn_raven");
+    write_json(&dir.join("config.json"), &config)?;
+    write_json(&dir.join("tokenizer.json"), &tokenizer)?;
+    write_json(
+        &dir.join("tokenizer_config.json"),
+        &json!({"chat_template": HUGINN_CHAT_TEMPLATE, "bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1], "pad_token": SPECIAL_TOKENS[5]}),
+    )?;
+    write_json(
+        &dir.join("generation_config.json"),
+        &json!({"bos_token_id": bos, "eos_token_id": [eos, base + 4], "pad_token_id": pad}),
+    )?;
+
+    Ok(cfg)
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {

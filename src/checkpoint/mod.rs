@@ -3,12 +3,12 @@
 pub mod byte_tokenizer;
 pub mod init_random;
 
-pub use init_random::write_random_checkpoint;
+pub use init_random::{write_metadata, write_random_checkpoint};
 
 use crate::model::{HuginnConfig, ModelError, Result};
 
 /// Named shapes for `init-random`.
-pub const PRESETS: [&str; 3] = ["huginn-0125", "tiny", "width-1024"];
+pub const PRESETS: [&str; 4] = ["huginn-0125", "tiny", "width-1024", "addition"];
 
 pub fn preset(name: &str) -> Result<HuginnConfig> {
     let base = HuginnConfig::huginn_0125();
@@ -35,6 +35,24 @@ pub fn preset(name: &str) -> Result<HuginnConfig> {
             intermediate_size: 2816,
             vocab_size: 32768,
             block_size: 4096,
+            ..without_special_ids(base)
+        }),
+        // The default model's shape (trained by `huginn train`): width 128, 4 heads, layers 1/1/1
+        // (one layer per recurrence, so depth comes from iterating), the 288-entry byte-level
+        // vocabulary, trained around 8 recurrences.
+        "addition" => Ok(HuginnConfig {
+            n_embd: 128,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(4),
+            intermediate_size: 384,
+            n_layers_in_prelude: 1,
+            n_layers_in_recurrent_block: 1,
+            n_layers_in_coda: 1,
+            vocab_size: 288,
+            block_size: 256,
+            mean_recurrence: 8,
+            mean_backprop_depth: 4,
+            qk_bias: false,
             ..without_special_ids(base)
         }),
         other => Err(ModelError::InvalidArgument(format!("unknown preset `{other}` (one of {})", PRESETS.join(", ")))),

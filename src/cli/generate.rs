@@ -91,7 +91,11 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
     let device = parse_device(args.device.as_deref().unwrap_or(&settings.model.device))?;
     let defaults = settings.generation;
-    let dir = args.model.or(settings.model.path).context("give --model DIR (or set model.path in the settings)")?;
+    let dir = args
+        .model
+        .or(settings.model.path)
+        .or_else(huginn::settings::default_model_dir)
+        .context("the default model is missing: give --model DIR (or set model.path in the settings)")?;
     let dtype = parse_dtype(args.dtype.as_deref().unwrap_or(&settings.model.dtype))?;
     let model = HuginnModel::load(&dir, dtype, &device).context("loading the model")?;
     let tokenizer = TextTokenizer::load(&dir, model.config()).context("loading the tokenizer")?;

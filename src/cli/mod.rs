@@ -1,10 +1,13 @@
-//! Command-line interface: `huginn generate`, `huginn init-random`, `huginn bench`.
+//! Command-line interface: `huginn serve` (default), `generate`, `init-random`, `bench`, `train`, `eval`.
 
 mod bench;
 mod bench_serving;
+mod eval;
 mod generate;
 mod init_random;
+mod plot;
 mod serve;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +31,10 @@ enum Command {
     InitRandom(init_random::InitRandomArgs),
     /// Measure batch-1 decode speed and write docs/BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Train a recurrent-depth model on integer addition (CPU) and write a checkpoint.
+    Train(train::TrainArgs),
+    /// Exact-match accuracy on held-out addition problems at several compute budgets.
+    Eval(eval::EvalArgs),
 }
 
 /// Parses the command line and runs the chosen command.
@@ -45,5 +52,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args, settings),
         Command::InitRandom(args) => init_random::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }

@@ -29,7 +29,14 @@ pub fn run(args: ServeArgs, mut settings: Settings) -> anyhow::Result<()> {
     if args.model.is_some() {
         settings.model.path = args.model;
     }
-    let dir = settings.model.path.clone().context("give --model DIR (or set model.path / HUGINN_MODEL_PATH)")?;
+    if settings.model.path.is_none() {
+        settings.model.path = huginn::settings::default_model_dir();
+    }
+    let dir = settings
+        .model
+        .path
+        .clone()
+        .context("the default model is missing: give --model DIR (or set model.path / HUGINN_MODEL_PATH)")?;
     tracing::info!("effective settings:\n{}", toml::to_string(&settings).unwrap_or_default());
     let state =
         build_state(settings.clone(), &dir).with_context(|| format!("loading the model from {}", dir.display()))?;

@@ -1,0 +1,105 @@
+//! `huginn eval`: exact-match accuracy on held-out addition problems at several compute budgets.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use clap::Args;
+
+use huginn::model::{ExitCriterion, ExitRule, HuginnModel};
+use huginn::text::TextTokenizer;
+use huginn::train::eval::{Budget, EvalResult, evaluate, held_out_problems};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Checkpoint folder (default: the default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Problems per setting.
+    #[arg(long, default_value_t = 1000)]
+    problems: usize,
+    /// Seed of the problem draw (problems come from the held-out split whatever the seed).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Operands below 10^digits.
+    #[arg(long, default_value_t = 3)]
+    digits: u32,
+    /// Fixed recurrence counts to evaluate.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
+    num_steps: Vec<usize>,
+    /// Adaptive exit settings to evaluate, as `criterion:threshold:cap` (for example `kl:0.0005:32`).
+    #[arg(long = "exit", value_delimiter = ',')]
+    exits: Vec<String>,
+    /// Ask in the chat format instead of as a completion.
+    #[arg(long)]
+    chat: bool,
+    /// Also write the table as Markdown to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Also write a plot of accuracy against num_steps (SVG) to this file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+fn parse_exit(spec: &str) -> anyhow::Result<(ExitRule, usize)> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    anyhow::ensure!(parts.len() == 3, "--exit `{spec}`: use criterion:threshold:cap, e.g. kl:0.0005:32");
+    let criterion: ExitCriterion = parts[0].parse()?;
+    let threshold: f64 = parts[1].parse().with_context(|| format!("--exit `{spec}`: threshold"))?;
+    let cap: usize = parts[2].parse().with_context(|| format!("--exit `{spec}`: cap"))?;
+    Ok((ExitRule::new(criterion, Some(threshold), 0)?, cap))
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let dir = match args.model {
+        Some(dir) => dir,
+        None => huginn::settings::default_model_dir().context("no --model given and the default model is missing")?,
+    };
+    let model =
+        HuginnModel::load(&dir, DType::F32, &Device::Cpu).with_context(|| format!("loading {}", dir.display()))?;
+    let tokenizer = TextTokenizer::load(&dir, model.config())?;
+    let problems = held_out_problems(args.problems, args.digits, args.seed);
+    let mut settings: Vec<(String, Budget)> = args
+        .num_steps
+        .iter()
+        .map(|&n| (format!("fixed {n}"), Budget { num_steps: n, exit: ExitRule::default() }))
+        .collect();
+    for spec in &args.exits {
+        let (exit, cap) = parse_exit(spec)?;
+        settings.push((format!("exit {spec}"), Budget { num_steps: cap, exit }));
+    }
+    let format = if args.chat { "chat" } else { "completion" };
+    let mut md = String::new();
+    writeln!(md, "| setting | num_steps (cap) | accuracy | mean steps per token |")?;
+    writeln!(md, "|---|---:|---:|---:|")?;
+    eprintln!(
+        "{} held-out problems ({}-digit operands, {format} format, seed {})",
+        problems.len(),
+        args.digits,
+        args.seed
+    );
+    let mut fixed: Vec<(usize, EvalResult)> = Vec::new();
+    for (name, budget) in &settings {
+        let result = evaluate(&model, &tokenizer, &problems, args.chat, *budget)?;
+        let row = format!(
+            "| {name} | {} | {:.1}% | {:.2} |",
+            budget.num_steps,
+            100.0 * result.accuracy(),
+            result.mean_steps_per_token
+        );
+        println!("{row}");
+        writeln!(md, "{row}")?;
+        if budget.exit.criterion == ExitCriterion::None {
+            fixed.push((budget.num_steps, result));
+        }
+    }
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &md).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, super::plot::accuracy_svg(&fixed))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
