@@ -65,6 +65,11 @@ impl Rope {
         })
     }
 
+    /// The `[block_size, head_dim / 2]` cos and sin tables.
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     pub fn layout(&self, chunks: &[Chunk<'_>], dtype: DType) -> Result<BatchLayout> {
         let gather = |table: &Tensor| -> Result<Tensor> {
             let parts =

@@ -4,13 +4,14 @@
 //! recurrence. Parameter names are the published checkpoint's, so the weights save as a checkpoint
 //! the inference runtime loads.
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{D, Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::Rng;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::model::huginn::truncated_normal;
+use crate::model::layers::Rope;
 use crate::model::{HuginnConfig, ModelError, Result};
 
 struct Block {
@@ -137,7 +138,8 @@ impl TrainModel {
         let blocks = |stage: &str, count: usize| -> Result<Vec<Block>> {
             (0..count).map(|i| block(format!("transformer.{stage}.{i}"))).collect()
         };
-        let (cos, sin) = rope_tables(&cfg, device)?;
+        let rope = Rope::new(&cfg, device)?;
+        let (cos, sin) = (rope.tables().0.clone(), rope.tables().1.clone());
         Ok(Self {
             wte: get("transformer.wte.weight")?,
             adapter: get("transformer.adapter.weight")?,
@@ -247,16 +249,4 @@ fn causal_mask(time: usize, device: &Device) -> Result<Tensor> {
     let values: Vec<f32> =
         (0..time * time).map(|i| if i % time > i / time { f32::NEG_INFINITY } else { 0.0 }).collect();
     Ok(Tensor::from_vec(values, (time, time), device)?)
-}
-
-/// Interleaved rotary tables `[block_size, head_dim / 2]`, the same recipe as inference.
-fn rope_tables(cfg: &HuginnConfig, device: &Device) -> Result<(Tensor, Tensor)> {
-    let half = cfg.head_dim() / 2;
-    let (hd, base) = (cfg.head_dim() as f32, cfg.rope_base as f32);
-    let inv: Vec<f32> = (0..half).map(|i| 1.0 / base.powf((2 * i) as f32 / hd)).collect();
-    let angles: Vec<f32> = (0..cfg.block_size).flat_map(|p| inv.iter().map(move |f| p as f32 * f)).collect();
-    let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
-    let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
-    let shape = (cfg.block_size, half);
-    Ok((Tensor::from_vec(cos, shape, device)?.to_dtype(DType::F32)?, Tensor::from_vec(sin, shape, device)?))
 }
