@@ -35,11 +35,23 @@ pub struct ServerSettings {
     pub served_model_name: String,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// File of API keys, one per line (`#` comments); with the `HUGINN_API_KEYS` variable
+    /// (comma-separated), requests must send one as `Authorization: Bearer KEY`. No keys: open.
+    pub api_keys_file: Option<PathBuf>,
+    /// Paths that need no API key even when keys are set.
+    pub auth_open_paths: Vec<String>,
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        Self { host: "127.0.0.1".into(), port: 8000, served_model_name: String::new(), max_body_bytes: 1 << 20 }
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            served_model_name: String::new(),
+            max_body_bytes: 1 << 20,
+            api_keys_file: None,
+            auth_open_paths: ["/health", "/ready", "/metrics"].map(String::from).to_vec(),
+        }
     }
 }
 

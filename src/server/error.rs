@@ -27,6 +27,9 @@ pub enum ApiError {
     Overloaded,
     #[error("the model is not available")]
     Unavailable,
+    /// A missing or wrong API key.
+    #[error("{0}")]
+    Unauthorized(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -48,6 +51,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -65,6 +69,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => ("invalid_request_error", None, Some("payload_too_large")),
             ApiError::Overloaded => ("server_overloaded", None, Some("queue_full")),
             ApiError::Unavailable => ("server_error", None, Some("unavailable")),
+            ApiError::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
             ApiError::Internal(_) => ("server_error", None, None),
         };
         json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
@@ -88,6 +93,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
         if matches!(self, ApiError::Overloaded) {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, ApiError::Unauthorized(_)) {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP server (axum): routes, request handling, metrics and shutdown.
 
+pub mod auth;
 mod chat;
 mod completions;
 pub mod error;
@@ -37,6 +38,17 @@ pub use state::AppState;
 pub fn build_state(settings: Settings, dir: &Path) -> anyhow::Result<AppState> {
     let device = parse_device(&settings.model.device)?;
     let dtype = parse_dtype(&settings.model.dtype)?;
+    let api_keys = auth::ApiKeys::load(
+        settings.server.api_keys_file.as_deref(),
+        std::env::var(auth::API_KEYS_ENV).ok().as_deref(),
+    )?;
+    if api_keys.is_enabled() {
+        tracing::info!(
+            "API keys required ({} configured) except on {:?}",
+            api_keys.len(),
+            settings.server.auth_open_paths
+        );
+    }
     let model = Arc::new(HuginnModel::load(dir, dtype, &device)?);
     let tokenizer = Arc::new(TextTokenizer::load(dir, model.config())?);
     let config = Arc::new(model.config().clone());
@@ -67,6 +79,7 @@ pub fn build_state(settings: Settings, dir: &Path) -> anyhow::Result<AppState> {
         metrics: crate::metrics::install(),
         draining: Arc::new(AtomicBool::new(false)),
         created: state::unix_time(),
+        api_keys: Arc::new(api_keys),
     })
 }
 
@@ -84,6 +97,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(misc::not_found)
         .method_not_allowed_fallback(misc::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), auth::authorize))
         .layer(middleware::from_fn(track))
         .with_state(state)
 }

@@ -23,6 +23,8 @@ pub struct AppState {
     /// Set when shutdown begins: readiness fails and new work is refused.
     pub draining: Arc<AtomicBool>,
     pub created: u64,
+    /// API keys requests must present (none: the API is open).
+    pub api_keys: Arc<super::auth::ApiKeys>,
 }
 
 impl AppState {
