@@ -332,6 +332,23 @@ async fn sse_framing_and_error_bodies() {
     let response =
         reqwest::Client::new().post(format!("{}/v1/completions", server.base)).body("{not json").send().await.unwrap();
     assert_eq!(response.status(), 400);
+    // A declared non-JSON body (curl -d without a header sends a form) is 415; JSON with a charset is fine.
+    for (kind, status) in
+        [("application/x-www-form-urlencoded", 415), ("text/plain", 415), ("application/json; charset=utf-8", 200)]
+    {
+        let response = reqwest::Client::new()
+            .post(format!("{}/v1/completions", server.base))
+            .header("content-type", kind)
+            .body(r#"{"prompt": "hi", "max_tokens": 1}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), status, "{kind}");
+        if status == 415 {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "unsupported_media_type", "{body}");
+        }
+    }
     let response = reqwest::get(format!("{}/v2/nothing", server.base)).await.unwrap();
     assert_eq!(response.status(), 404);
     assert!(response.json::<Value>().await.unwrap()["error"]["message"].is_string());

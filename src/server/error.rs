@@ -23,6 +23,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("the request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
+    #[error("unsupported content type `{0}`: send the body as JSON with `Content-Type: application/json`")]
+    UnsupportedMediaType(String),
     #[error("the server is at capacity; retry shortly")]
     Overloaded,
     #[error("the model is not available")]
@@ -49,6 +51,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -67,6 +70,7 @@ impl ApiError {
             ApiError::NotFound(_) => ("invalid_request_error", None, Some("not_found")),
             ApiError::MethodNotAllowed => ("invalid_request_error", None, Some("method_not_allowed")),
             ApiError::PayloadTooLarge(_) => ("invalid_request_error", None, Some("payload_too_large")),
+            ApiError::UnsupportedMediaType(_) => ("invalid_request_error", None, Some("unsupported_media_type")),
             ApiError::Overloaded => ("server_overloaded", None, Some("queue_full")),
             ApiError::Unavailable => ("server_error", None, Some("unavailable")),
             ApiError::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),

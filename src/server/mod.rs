@@ -19,7 +19,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics::{counter, histogram};
 use serde_json::Value;
@@ -97,6 +97,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(misc::not_found)
         .method_not_allowed_fallback(misc::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(require_json))
         .layer(middleware::from_fn_with_state(state.clone(), auth::authorize))
         .layer(middleware::from_fn(track))
         .with_state(state)
@@ -112,6 +113,21 @@ async fn track(request: Request, next: Next) -> Response {
     counter!(m::REQUESTS, "endpoint" => endpoint.clone(), "status" => status).increment(1);
     histogram!(m::REQUEST_DURATION, "endpoint" => endpoint).record(started.elapsed().as_secs_f64());
     response
+}
+
+/// POST bodies are JSON: a declared content type that is not JSON gets 415 (a missing one is
+/// accepted, and the body must still parse as JSON).
+async fn require_json(request: Request, next: Next) -> Response {
+    if request.method() == axum::http::Method::POST
+        && let Some(kind) = request.headers().get(axum::http::header::CONTENT_TYPE)
+    {
+        let kind = kind.to_str().unwrap_or("").to_string();
+        let essence = kind.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return ApiError::UnsupportedMediaType(kind).into_response();
+        }
+    }
+    next.run(request).await
 }
 
 pub(crate) fn parse_body(body: &Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
