@@ -21,14 +21,16 @@ const PARALLEL_MIN_WORK: usize = 1 << 16;
 
 /// A linear layer without bias.
 #[derive(Clone)]
-pub struct Linear {
-    weight: Tensor,
-    packed: Option<Arc<Panels>>,
+pub enum Linear {
+    /// Float32 CPU weights, repacked into panels (the original layout is dropped).
+    Packed(Arc<Panels>),
+    /// Any other weight (other dtypes or devices, trainable variables), used through matmul.
+    Plain(Tensor),
 }
 
 impl Linear {
-    /// Packs float32 CPU weights into panels (and then drops the original layout); other weights,
-    /// and trainable variables, are kept as they are.
+    /// Packs float32 CPU weights into panels; other weights, and trainable variables, are kept as
+    /// they are.
     pub fn new(weight: Tensor) -> Result<Self> {
         let packable = weight.device().is_cpu()
             && weight.dtype() == DType::F32
@@ -37,41 +39,29 @@ impl Linear {
             && !weight.track_op()
             && weight.dims().iter().all(|&d| d > 0);
         if !packable {
-            return Ok(Self { weight, packed: None });
+            return Ok(Self::Plain(weight));
         }
         let (n, k) = weight.dims2()?;
         let values = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let packed = Arc::new(Panels::pack(&values, n, k));
-        // Keep only a zero-stride placeholder with the right shape and dtype.
-        let weight = Tensor::zeros((), DType::F32, weight.device())?.broadcast_as((n, k))?;
-        Ok(Self { weight, packed: Some(packed) })
+        Ok(Self::Packed(Arc::new(Panels::pack(&values, n, k))))
     }
 
-    /// `[out, in]`.
-    pub fn dims(&self) -> (usize, usize) {
-        match &self.packed {
-            Some(p) => (p.n, p.k),
-            None => self.weight.dims2().unwrap_or((0, 0)),
-        }
-    }
-
+    /// `xs @ W^T` over the last dimension of `xs`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match &self.packed {
-            Some(panels) if xs.device().is_cpu() && xs.dtype() == DType::F32 && xs.rank() == 2 => {
-                Ok(xs.contiguous()?.apply_op1_no_bwd(&PanelMatmul(panels.clone()))?)
+        match self {
+            Self::Packed(panels) => {
+                let (&k, leading) = xs.dims().split_last().unwrap_or((&0, &[]));
+                let rows = xs.contiguous()?.reshape((leading.iter().product::<usize>(), k))?;
+                let out = rows.apply_op1_no_bwd(&PanelMatmul(panels.clone()))?;
+                Ok(out.reshape([leading, &[panels.n]].concat())?)
             }
-            Some(panels) => {
-                // Not a shape the kernel takes (for example a rank-3 input): unpack for matmul.
-                let w = Tensor::from_vec(panels.unpack(), (panels.n, panels.k), xs.device())?;
-                Ok(xs.broadcast_matmul(&w.t()?)?)
-            }
-            None => Ok(xs.broadcast_matmul(&self.weight.t()?)?),
+            Self::Plain(weight) => Ok(xs.broadcast_matmul(&weight.t()?)?),
         }
     }
 }
 
 /// A `[n, k]` matrix stored as `ceil(n / PANEL)` panels of `[k][PANEL]`, zero-padded.
-struct Panels {
+pub struct Panels {
     data: Vec<f32>,
     n: usize,
     k: usize,
@@ -89,17 +79,6 @@ impl Panels {
             }
         });
         Self { data, n, k }
-    }
-
-    fn unpack(&self) -> Vec<f32> {
-        let mut w = vec![0.0f32; self.n * self.k];
-        for (j, row) in w.chunks_exact_mut(self.k).enumerate() {
-            let panel = &self.data[(j / PANEL) * self.k * PANEL..];
-            for (c, value) in row.iter_mut().enumerate() {
-                *value = panel[c * PANEL + j % PANEL];
-            }
-        }
-        w
     }
 
     /// `out[m, cols]` for the whole panels in `panels` (`cols = count * PANEL`).
@@ -260,7 +239,7 @@ mod tests {
     }
 
     #[test]
-    fn rank_three_inputs_and_unpacking_match_matmul() {
+    fn rank_three_inputs_match_matmul() {
         let dev = Device::Cpu;
         let xs = Tensor::randn(0f32, 1.0, (2, 5, 48), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (70, 48), &dev).unwrap();

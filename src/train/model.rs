@@ -31,8 +31,7 @@ pub struct TrainModel {
     core: Vec<Block>,
     coda: Vec<Block>,
     ln_f: Tensor,
-    cos: Tensor,
-    sin: Tensor,
+    rope: Rope,
 }
 
 /// Weight initialisation: normal with `std = sqrt(2 / 5d)` (output projections also divided by
@@ -139,7 +138,6 @@ impl TrainModel {
             (0..count).map(|i| block(format!("transformer.{stage}.{i}"))).collect()
         };
         let rope = Rope::new(&cfg, device)?;
-        let (cos, sin) = (rope.tables().0.clone(), rope.tables().1.clone());
         Ok(Self {
             wte: get("transformer.wte.weight")?,
             adapter: get("transformer.adapter.weight")?,
@@ -147,8 +145,7 @@ impl TrainModel {
             prelude: blocks("prelude", cfg.n_layers_in_prelude)?,
             core: blocks("core_block", cfg.n_layers_in_recurrent_block)?,
             coda: blocks("coda", cfg.n_layers_in_coda)?,
-            cos,
-            sin,
+            rope,
             vars,
             cfg,
         })
@@ -181,7 +178,8 @@ impl TrainModel {
     pub fn forward(&self, ids: &Tensor, state: &Tensor, steps: usize, backprop: usize) -> Result<Tensor> {
         let (_, time) = ids.dims2()?;
         let mask = causal_mask(time, ids.device())?;
-        let rope = (self.cos.narrow(0, 0, time)?, self.sin.narrow(0, 0, time)?);
+        let (cos, sin) = self.rope.tables();
+        let rope = (cos.narrow(0, 0, time)?, sin.narrow(0, 0, time)?);
         let embed_scale = (self.cfg.n_embd as f64).sqrt();
         let mut xs = (self.wte.embedding(&ids.flatten_all()?)?.reshape((ids.dim(0)?, time, ()))? * embed_scale)?;
         for block in &self.prelude {
