@@ -21,9 +21,10 @@ pub const REQUESTS_WAITING: &str = "huginn_requests_waiting";
 pub const BATCH_SEQUENCES: &str = "huginn_batch_sequences";
 pub const KV_CACHE_BYTES: &str = "huginn_kv_cache_bytes";
 pub const EARLY_EXITS: &str = "huginn_early_exits_total";
+pub const WORKER_RESTARTS: &str = "huginn_worker_restarts_total";
 
 /// (name, help) of every metric, for the README table and the exporter's descriptions.
-pub const CATALOG: [(&str, &str); 14] = [
+pub const CATALOG: [(&str, &str); 15] = [
     (
         STEPS_PER_TOKEN,
         "Recurrence (core-block) steps spent per generated token, by exit_reason: converged, cap, budget.",
@@ -44,6 +45,7 @@ pub const CATALOG: [(&str, &str); 14] = [
     (BATCH_SEQUENCES, "Sequences advanced together in one core-step pass."),
     (KV_CACHE_BYTES, "Bytes of key/value cache held by running sequences."),
     (EARLY_EXITS, "Tokens that stopped iterating because their exit criterion fired, by criterion."),
+    (WORKER_RESTARTS, "Model workers restarted after a panic or model error (their in-flight requests failed)."),
 ];
 
 fn describe() {
@@ -61,6 +63,7 @@ fn describe() {
     describe_histogram!(BATCH_SEQUENCES, Unit::Count, CATALOG[11].1);
     describe_gauge!(KV_CACHE_BYTES, Unit::Bytes, CATALOG[12].1);
     describe_counter!(EARLY_EXITS, Unit::Count, CATALOG[13].1);
+    describe_counter!(WORKER_RESTARTS, Unit::Count, CATALOG[14].1);
 }
 
 const STEP_BUCKETS: [f64; 13] = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0];
@@ -83,6 +86,11 @@ pub fn install() -> PrometheusHandle {
             // handle then renders an empty page rather than failing the server.
             let _ = metrics::set_global_recorder(recorder);
             describe();
+            // Series scraped (and autoscaled on) before the first request exist from the start.
+            for gauge in [REQUESTS_RUNNING, REQUESTS_WAITING, KV_CACHE_BYTES] {
+                metrics::gauge!(gauge).set(0.0);
+            }
+            metrics::counter!(WORKER_RESTARTS).absolute(0);
             handle
         })
         .clone()

@@ -40,6 +40,15 @@ pub struct ServerSettings {
     pub api_keys_file: Option<PathBuf>,
     /// Paths that need no API key even when keys are set.
     pub auth_open_paths: Vec<String>,
+    /// Generation requests handled at once (parsing, tokenizing, queued, running or streaming);
+    /// beyond it new ones get 429.
+    pub max_concurrent_requests: usize,
+    /// Deadline of a generation request, from its arrival to its last token; 0: none.
+    pub request_timeout_seconds: u64,
+    /// A stream whose client accepts no data for this long is ended and its work cancelled; 0: never.
+    pub stream_idle_timeout_seconds: u64,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before the process exits.
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for ServerSettings {
@@ -51,6 +60,10 @@ impl Default for ServerSettings {
             max_body_bytes: 1 << 20,
             api_keys_file: None,
             auth_open_paths: ["/health", "/ready", "/metrics"].map(String::from).to_vec(),
+            max_concurrent_requests: 256,
+            request_timeout_seconds: 600,
+            stream_idle_timeout_seconds: 60,
+            shutdown_grace_seconds: 30,
         }
     }
 }
@@ -64,11 +77,13 @@ pub struct EngineSettings {
     pub max_active_sequences: usize,
     /// K/V cache bytes a worker may reserve for running sequences.
     pub max_kv_bytes: usize,
+    /// Delay before a failed worker restarts; doubles while it keeps failing (at most 30 s).
+    pub restart_backoff_ms: u64,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        Self { queue_capacity: 64, max_active_sequences: 64, max_kv_bytes: 4 << 30 }
+        Self { queue_capacity: 64, max_active_sequences: 64, max_kv_bytes: 4 << 30, restart_backoff_ms: 1000 }
     }
 }
 
@@ -79,13 +94,15 @@ pub struct LimitSettings {
     pub max_num_steps: usize,
     pub max_tokens: usize,
     pub max_n: usize,
+    /// Largest `max_total_steps` (core steps a request's choice may spend in all).
+    pub max_total_steps: usize,
     /// Unset: the model's context length.
     pub max_prompt_tokens: Option<usize>,
 }
 
 impl Default for LimitSettings {
     fn default() -> Self {
-        Self { max_num_steps: 256, max_tokens: 4096, max_n: 16, max_prompt_tokens: None }
+        Self { max_num_steps: 256, max_tokens: 4096, max_n: 16, max_total_steps: 1 << 20, max_prompt_tokens: None }
     }
 }
 

@@ -15,7 +15,11 @@ use huginn::text::TextTokenizer;
 fn engine(model: Arc<HuginnModel>, max_active: usize) -> Engine {
     let tokenizer = Arc::new(TextTokenizer::load(&fixture_dir(), model.config()).unwrap());
     let limits = SchedulerLimits { max_active_sequences: max_active, max_kv_bytes: 1 << 30 };
-    Engine::start(vec![model], tokenizer, EngineConfig { queue_capacity: 64, limits })
+    Engine::start(
+        vec![model],
+        tokenizer,
+        EngineConfig { queue_capacity: 64, limits, restart_backoff: std::time::Duration::from_millis(1000) },
+    )
 }
 
 fn params(num_steps: usize, exit: ExitRule, max_tokens: usize) -> GenerationParams {

@@ -41,7 +41,11 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
 
 pub fn engine_for(model: Arc<HuginnModel>, tokenizer: Arc<TextTokenizer>, max_active: usize) -> Engine {
     let limits = SchedulerLimits { max_active_sequences: max_active, max_kv_bytes: usize::MAX };
-    Engine::start(vec![model], tokenizer, EngineConfig { queue_capacity: 1024, limits })
+    Engine::start(
+        vec![model],
+        tokenizer,
+        EngineConfig { queue_capacity: 1024, limits, restart_backoff: std::time::Duration::from_millis(1000) },
+    )
 }
 
 fn spec(prompt: &[u32], num_steps: usize, tokens: usize) -> JobSpec {

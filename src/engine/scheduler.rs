@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, histogram};
 
 use super::job::{Event, Job};
 use super::running::{JobShared, Running, kv_reservation, token_logprobs};
@@ -93,17 +93,16 @@ impl Scheduler {
         }
     }
 
-    /// One core step for every running sequence, then exits, sampling and the next preludes.
-    pub fn tick(&mut self) {
+    /// One core step for every running sequence, then exits, sampling and the next preludes. On
+    /// an error the running sequences are left as they were: the caller fails them.
+    pub fn tick(&mut self) -> Result<()> {
         self.drop_cancelled();
         if self.running.is_empty() {
-            return;
+            return Ok(());
         }
-        if let Err(e) = self.step_all() {
-            self.fail_all(&e.to_string());
-        }
+        self.step_all()?;
         self.drop_finished();
-        gauge!(m::KV_CACHE_BYTES).set(self.kv_bytes() as f64);
+        Ok(())
     }
 
     fn step_all(&mut self) -> Result<()> {

@@ -11,7 +11,7 @@ use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TryRecvError, TrySendE
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use metrics::gauge;
+use metrics::{counter, gauge};
 use tokio::sync::mpsc as async_mpsc;
 
 use super::job::{Job, JobHandle, JobSpec};
@@ -33,46 +33,68 @@ pub struct EngineConfig {
     /// Jobs each worker's queue holds before submissions are refused.
     pub queue_capacity: usize,
     pub limits: SchedulerLimits,
+    /// Delay before a failed worker restarts; doubles while it keeps failing (at most 30 s).
+    pub restart_backoff: Duration,
 }
 
 struct Worker {
     queue: SyncSender<Job>,
-    load: Arc<Load>,
-    alive: Arc<AtomicBool>,
+    shared: Arc<WorkerShared>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// What a worker is doing; queued jobs plus running sequences is the dispatch key. `beat` is the
-/// time (ms since the engine started) the worker last went round its loop.
+/// What a worker is doing and whether it is up; shared between its thread and the engine.
+/// Queued jobs plus running sequences is the dispatch key; `beat` is the time (ms since the engine
+/// started) the worker last went round its loop.
 #[derive(Default)]
-struct Load {
+struct WorkerShared {
     queued: AtomicUsize,
     sequences: AtomicUsize,
+    kv_bytes: AtomicUsize,
     beat: AtomicU64,
+    /// Iterating (false while starting, restarting after a fault, or after the thread ended).
+    up: AtomicBool,
+    /// The thread still runs (false once it has ended, however it ended).
+    alive: AtomicBool,
+    restarts: AtomicU64,
+    /// Fault drill: the worker panics at its next tick.
+    inject_fault: AtomicBool,
 }
 
-impl Load {
+impl WorkerShared {
     fn total(&self) -> usize {
         self.queued.load(Ordering::Relaxed) + self.sequences.load(Ordering::Relaxed)
+    }
+
+    /// Publishes the worker's K/V bytes; the gauge holds the sum over workers.
+    fn report_kv(&self, bytes: usize) {
+        let before = self.kv_bytes.swap(bytes, Ordering::Relaxed);
+        gauge!(m::KV_CACHE_BYTES).increment(bytes as f64 - before as f64);
     }
 }
 
 /// A worker that has not gone round its loop for this long is not answering (a tick of a large
 /// model on a CPU can take seconds, so the margin is wide).
 const STALL: Duration = Duration::from_secs(60);
+/// Longest delay between restarts of a worker that keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A worker that ran this long since its last restart starts again from the base delay.
+const STABLE: Duration = Duration::from_secs(60);
 
 /// Handle to the pool of workers.
 pub struct Engine {
     workers: Vec<Worker>,
     started: Instant,
+    queue_capacity: usize,
 }
 
-/// Marks the worker dead when its thread ends, however it ends.
-struct AliveGuard(Arc<AtomicBool>);
+/// Marks the worker down and dead when its thread ends, however it ends.
+struct AliveGuard(Arc<WorkerShared>);
 
 impl Drop for AliveGuard {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::SeqCst);
+        self.0.up.store(false, Ordering::SeqCst);
+        self.0.alive.store(false, Ordering::SeqCst);
     }
 }
 
@@ -85,58 +107,88 @@ impl Engine {
             .enumerate()
             .map(|(index, model)| {
                 let (queue, jobs) = mpsc::sync_channel::<Job>(config.queue_capacity.max(1));
-                let load = Arc::new(Load::default());
-                let alive = Arc::new(AtomicBool::new(true));
-                let (tokenizer, worker_load, guard) = (tokenizer.clone(), load.clone(), AliveGuard(alive.clone()));
+                let shared = Arc::new(WorkerShared { alive: AtomicBool::new(true), ..Default::default() });
+                let (tokenizer, guard) = (tokenizer.clone(), AliveGuard(shared.clone()));
                 let thread = std::thread::Builder::new()
                     .name(format!("huginn-worker-{index}"))
                     .spawn(move || {
-                        let _guard = guard;
-                        run_worker(Scheduler::new(model, tokenizer, config.limits), jobs, worker_load, started);
+                        let shared = guard.0.clone();
+                        supervise(index, &model, &tokenizer, config, jobs, &shared, started);
+                        drop(guard);
                     })
                     .expect("spawning a worker thread");
-                Worker { queue, load, alive, thread: Some(thread) }
+                Worker { queue, shared, thread: Some(thread) }
             })
             .collect();
-        Self { workers, started }
+        Self { workers, started, queue_capacity: config.queue_capacity.max(1) }
     }
 
-    /// Queues a job on the least-loaded worker; fails at once when every queue is full.
+    /// Queues a job on the least-loaded worker; fails at once when every queue is full. A worker
+    /// restarting after a fault still takes jobs: they wait for it in its queue.
     pub fn submit(&self, spec: JobSpec) -> Result<JobHandle, EngineError> {
         let capacity = spec.n * (spec.params.max_tokens + 3) + 8;
         let (events, receiver) = async_mpsc::channel(capacity);
         let cancelled = Arc::new(AtomicBool::new(false));
         let mut job = Job { spec, events, cancelled: cancelled.clone(), submitted: Instant::now() };
-        let mut order: Vec<&Worker> = self.workers.iter().filter(|w| w.alive.load(Ordering::SeqCst)).collect();
+        let mut order: Vec<&Worker> = self.workers.iter().filter(|w| w.shared.alive.load(Ordering::SeqCst)).collect();
         if order.is_empty() {
             return Err(EngineError::Unavailable);
         }
-        order.sort_by_key(|w| w.load.total());
+        order.sort_by_key(|w| (!w.shared.up.load(Ordering::SeqCst), w.shared.total()));
         for worker in order {
+            // A place in the queue is reserved first: the job the worker holds while it waits for
+            // room counts too, so at most `queue_capacity` jobs wait per worker.
+            if worker.shared.queued.fetch_add(1, Ordering::SeqCst) >= self.queue_capacity {
+                worker.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                continue;
+            }
             match worker.queue.try_send(job) {
                 Ok(()) => {
-                    worker.load.queued.fetch_add(1, Ordering::Relaxed);
                     gauge!(m::REQUESTS_WAITING).increment(1.0);
                     return Ok(JobHandle::new(receiver, cancelled));
                 }
-                Err(TrySendError::Full(back)) | Err(TrySendError::Disconnected(back)) => job = back,
+                Err(TrySendError::Full(back)) | Err(TrySendError::Disconnected(back)) => {
+                    worker.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                    job = back;
+                }
             }
         }
         Err(EngineError::QueueFull)
     }
 
-    /// Every worker thread is running and went round its loop recently.
+    /// Every worker is up and went round its loop recently.
     pub fn ready(&self) -> bool {
         let now = self.started.elapsed().as_millis() as u64;
         !self.workers.is_empty()
             && self.workers.iter().all(|w| {
-                w.alive.load(Ordering::SeqCst)
-                    && now.saturating_sub(w.load.beat.load(Ordering::Relaxed)) < STALL.as_millis() as u64
+                w.shared.up.load(Ordering::SeqCst)
+                    && now.saturating_sub(w.shared.beat.load(Ordering::Relaxed)) < STALL.as_millis() as u64
             })
     }
 
     pub fn workers(&self) -> usize {
         self.workers.len()
+    }
+
+    /// Jobs queued plus sequences running, over all workers (0 when the engine is idle).
+    pub fn in_flight(&self) -> usize {
+        self.workers.iter().map(|w| w.shared.total()).sum()
+    }
+
+    /// K/V cache bytes held by running sequences, over all workers.
+    pub fn kv_bytes(&self) -> usize {
+        self.workers.iter().map(|w| w.shared.kv_bytes.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Times the workers were restarted after a fault.
+    pub fn restarts(&self) -> u64 {
+        self.workers.iter().map(|w| w.shared.restarts.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Fault drill: worker `index` panics at its next tick, failing its in-flight requests and
+    /// restarting as after any fault. Returns false when there is no such worker.
+    pub fn inject_fault(&self, index: usize) -> bool {
+        self.workers.get(index).map(|w| w.shared.inject_fault.store(true, Ordering::SeqCst)).is_some()
     }
 }
 
@@ -151,11 +203,71 @@ impl Drop for Engine {
     }
 }
 
-fn run_worker(mut scheduler: Scheduler, jobs: mpsc::Receiver<Job>, load: Arc<Load>, started: Instant) {
-    let mut next: Option<Job> = None;
+/// Why a worker's loop returned.
+enum Stop {
+    /// The queue closed and the admitted work is done.
+    Closed,
+    /// A panic or model error: the in-flight requests were failed; `next` is the queued job the
+    /// worker had taken but not admitted yet.
+    Fault { message: String, next: Option<Box<Job>> },
+}
+
+/// Runs a worker's loop, restarting it with a fresh scheduler (the model stays loaded) after each
+/// fault; `/ready` fails while it is down.
+fn supervise(
+    index: usize,
+    model: &Arc<HuginnModel>,
+    tokenizer: &Arc<TextTokenizer>,
+    config: EngineConfig,
+    jobs: mpsc::Receiver<Job>,
+    shared: &WorkerShared,
+    started: Instant,
+) {
+    let mut delay = config.restart_backoff;
+    let mut next = None;
+    loop {
+        let scheduler = Scheduler::new(model.clone(), tokenizer.clone(), config.limits);
+        let since = Instant::now();
+        shared.up.store(true, Ordering::SeqCst);
+        let stop = run_worker(scheduler, &jobs, shared, started, next.take());
+        shared.up.store(false, Ordering::SeqCst);
+        shared.sequences.store(0, Ordering::Relaxed);
+        shared.report_kv(0);
+        match stop {
+            Stop::Closed => return,
+            Stop::Fault { message, next: held } => {
+                next = held.map(|job| *job);
+                if since.elapsed() >= STABLE {
+                    delay = config.restart_backoff;
+                }
+                shared.restarts.fetch_add(1, Ordering::Relaxed);
+                counter!(m::WORKER_RESTARTS).increment(1);
+                tracing::error!(worker = index, %message, "worker failed; restarting in {delay:?}");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+fn run_worker(
+    mut scheduler: Scheduler,
+    jobs: &mpsc::Receiver<Job>,
+    shared: &WorkerShared,
+    started: Instant,
+    mut next: Option<Job>,
+) -> Stop {
     let mut closed = false;
     loop {
-        load.beat.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        shared.beat.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         // Admit queued jobs in order while they fit.
         loop {
             if next.is_none() && !closed {
@@ -182,11 +294,13 @@ fn run_worker(mut scheduler: Scheduler, jobs: mpsc::Receiver<Job>, load: Arc<Loa
             match next.take() {
                 Some(job) if job.is_cancelled() || scheduler.has_room_for(&job) => {
                     gauge!(m::REQUESTS_WAITING).decrement(1.0);
-                    load.queued.fetch_sub(1, Ordering::Relaxed);
+                    shared.queued.fetch_sub(1, Ordering::SeqCst);
                     if !job.is_cancelled() {
                         let admitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scheduler.admit(job)));
-                        if admitted.is_err() {
-                            tracing::error!("panic while admitting a job; its client gets a closed stream");
+                        if let Err(payload) = admitted {
+                            let message = format!("internal error in the model worker: {}", panic_message(&*payload));
+                            scheduler.fail_all(&message);
+                            return Stop::Fault { message, next: None };
                         }
                     }
                 }
@@ -198,12 +312,24 @@ fn run_worker(mut scheduler: Scheduler, jobs: mpsc::Receiver<Job>, load: Arc<Loa
             }
         }
         if closed && next.is_none() && scheduler.is_idle() {
-            return;
+            return Stop::Closed;
         }
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scheduler.tick()));
-        if outcome.is_err() {
-            scheduler.fail_all("internal error in the model worker");
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if shared.inject_fault.swap(false, Ordering::SeqCst) {
+                panic!("injected fault (drill)");
+            }
+            scheduler.tick()
+        }));
+        let failure = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("model error in the worker: {e}")),
+            Err(payload) => Some(format!("internal error in the model worker: {}", panic_message(&*payload))),
+        };
+        if let Some(message) = failure {
+            scheduler.fail_all(&message);
+            return Stop::Fault { message, next: next.map(Box::new) };
         }
-        load.sequences.store(scheduler.sequences(), Ordering::Relaxed);
+        shared.sequences.store(scheduler.sequences(), Ordering::Relaxed);
+        shared.report_kv(scheduler.kv_bytes());
     }
 }

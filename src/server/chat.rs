@@ -76,7 +76,8 @@ pub(crate) fn parse_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
 }
 
 pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = parse_body(&body)?;
+    let lease = state.lease()?;
+    let body = parse_body(&state, &body)?;
     let f = Fields::parse(&body)?;
     check_model(&f, &state)?;
     f.reject_unsupported(&["tools", "tool_choice", "functions", "function_call", "audio", "prediction"])?;
@@ -112,9 +113,9 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
         tokenizer: state.tokenizer.clone(),
     };
     if common.stream {
-        return Ok(respond::stream(jobs, common.n, writer, usage, common.include_usage).into_response());
+        return Ok(respond::stream(jobs, common.n, writer, usage, common.include_usage, lease).into_response());
     }
-    let done = respond::collect(jobs, common.n).await?;
+    let done = respond::collect(jobs, common.n, lease).await?;
     Ok(axum::Json(writer.body(&done, with_logprobs, usage)).into_response())
 }
 

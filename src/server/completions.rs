@@ -50,7 +50,8 @@ fn parse_prompts(f: &Fields) -> Result<Vec<Prompt>, ApiError> {
 }
 
 pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = parse_body(&body)?;
+    let lease = state.lease()?;
+    let body = parse_body(&state, &body)?;
     let f = Fields::parse(&body)?;
     check_model(&f, &state)?;
     f.reject_unsupported(&["suffix", "tools", "tool_choice", "functions", "function_call"])?;
@@ -109,9 +110,9 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
         tokenizer: state.tokenizer.clone(),
     };
     if common.stream {
-        return Ok(respond::stream(jobs, choices, writer, usage, common.include_usage).into_response());
+        return Ok(respond::stream(jobs, choices, writer, usage, common.include_usage, lease).into_response());
     }
-    let done = respond::collect(jobs, choices).await?;
+    let done = respond::collect(jobs, choices, lease).await?;
     Ok(axum::Json(writer.body(&done, &prompt_texts, &ids, n, logprobs.is_some(), usage)).into_response())
 }
 

@@ -27,8 +27,11 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("the server is at capacity; retry shortly")]
     Overloaded,
-    #[error("the model is not available")]
-    Unavailable,
+    /// The server cannot take work now (shutting down, not ready, no worker).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("the request did not finish within the server's deadline of {0} s; its work was cancelled")]
+    Timeout(u64),
     /// A missing or wrong API key.
     #[error("{0}")]
     Unauthorized(String),
@@ -45,6 +48,10 @@ impl ApiError {
         ApiError::InvalidParam { param: None, message: message.into() }
     }
 
+    pub fn shutting_down() -> Self {
+        ApiError::Unavailable("the server is shutting down and takes no new requests".into())
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidParam { .. } | ApiError::Unsupported { .. } => StatusCode::BAD_REQUEST,
@@ -53,7 +60,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -72,7 +80,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => ("invalid_request_error", None, Some("payload_too_large")),
             ApiError::UnsupportedMediaType(_) => ("invalid_request_error", None, Some("unsupported_media_type")),
             ApiError::Overloaded => ("server_overloaded", None, Some("queue_full")),
-            ApiError::Unavailable => ("server_error", None, Some("unavailable")),
+            ApiError::Unavailable(_) => ("server_error", None, Some("unavailable")),
+            ApiError::Timeout(_) => ("server_error", None, Some("timeout")),
             ApiError::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
             ApiError::Internal(_) => ("server_error", None, None),
         };
@@ -82,9 +91,9 @@ impl ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        match e {
+        match &e {
             EngineError::QueueFull => ApiError::Overloaded,
-            EngineError::Unavailable => ApiError::Unavailable,
+            EngineError::Unavailable => ApiError::Unavailable(e.to_string()),
         }
     }
 }

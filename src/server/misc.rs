@@ -31,10 +31,13 @@ pub async fn health() -> Response {
 
 /// Readiness: the model is loaded, every worker is running and the server is not shutting down.
 pub async fn ready(State(state): State<AppState>) -> Response {
-    if state.engine.ready() && !state.is_draining() {
-        axum::Json(json!({"status": "ready"})).into_response()
+    if state.is_draining() {
+        ApiError::shutting_down().into_response()
+    } else if !state.engine.ready() {
+        ApiError::Unavailable("not ready: a model worker is starting, restarting or not answering".into())
+            .into_response()
     } else {
-        ApiError::Unavailable.into_response()
+        axum::Json(json!({"status": "ready"})).into_response()
     }
 }
 
@@ -47,7 +50,7 @@ pub async fn tokenize(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = parse_body(&body)?;
+    let body = parse_body(&state, &body)?;
     let f = Fields::parse(&body)?;
     let text = if f.raw("messages").is_some() {
         let messages = chat_messages(&f)?;
@@ -65,7 +68,7 @@ pub async fn detokenize(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = parse_body(&body)?;
+    let body = parse_body(&state, &body)?;
     let f = Fields::parse(&body)?;
     let ids = f
         .get::<Vec<u32>>("tokens", "a list of token ids")?

@@ -59,8 +59,13 @@ pub fn build_state(settings: Settings, dir: &Path) -> anyhow::Result<AppState> {
     let engine = Engine::start(
         vec![model],
         tokenizer.clone(),
-        EngineConfig { queue_capacity: settings.engine.queue_capacity, limits },
+        EngineConfig {
+            queue_capacity: settings.engine.queue_capacity,
+            limits,
+            restart_backoff: std::time::Duration::from_millis(settings.engine.restart_backoff_ms),
+        },
     );
+    let settings_slots = settings.server.max_concurrent_requests.max(1);
     let model_name: Arc<str> = if settings.server.served_model_name.is_empty() {
         dir.canonicalize()
             .ok()
@@ -80,6 +85,7 @@ pub fn build_state(settings: Settings, dir: &Path) -> anyhow::Result<AppState> {
         draining: Arc::new(AtomicBool::new(false)),
         created: state::unix_time(),
         api_keys: Arc::new(api_keys),
+        request_slots: Arc::new(tokio::sync::Semaphore::new(settings_slots)),
     })
 }
 
@@ -130,11 +136,11 @@ async fn require_json(request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
-pub(crate) fn parse_body(body: &Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+pub(crate) fn parse_body(state: &AppState, body: &Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
     let body = match body {
         Ok(body) => body,
         Err(rejection) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
-            return Err(ApiError::PayloadTooLarge(0));
+            return Err(ApiError::PayloadTooLarge(state.settings.server.max_body_bytes));
         }
         Err(rejection) => return Err(ApiError::invalid(rejection.body_text())),
     };
@@ -170,7 +176,7 @@ pub(crate) async fn tokenize_blocking(
 /// Submits every job (one per prompt); the first refusal fails the request and cancels the rest.
 pub(crate) fn submit_all(state: &AppState, specs: Vec<JobSpec>) -> Result<Vec<(JobHandle, usize)>, ApiError> {
     if state.is_draining() {
-        return Err(ApiError::Unavailable);
+        return Err(ApiError::shutting_down());
     }
     let mut jobs = Vec::with_capacity(specs.len());
     let mut base = 0;

@@ -136,7 +136,9 @@ pub fn common(f: &Fields, state: &AppState, max_tokens_keys: &[&str]) -> Result<
         .map_err(|e| ApiError::param("exit_threshold", e.to_string()))?;
     let max_total_steps = f.get::<i64>("max_total_steps", "an integer")?;
     if let Some(v) = max_total_steps {
-        check(v >= 1, "max_total_steps", || format!("`max_total_steps` must be at least 1, got {v}"))?;
+        check(v >= 1 && v as usize <= limits.max_total_steps, "max_total_steps", || {
+            format!("`max_total_steps` must be between 1 and {}, got {v}", limits.max_total_steps)
+        })?;
     }
     let init_scale = f.get::<f64>("init_scale", "a number")?.unwrap_or(defaults.init_scale);
     check(finite_in(init_scale, 0.0, 10.0), "init_scale", || {

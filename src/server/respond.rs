@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
+use super::state::Lease;
 use crate::engine::{Event, JobHandle, TokenLogprobs};
 use crate::generate::FinishReason;
 
@@ -57,22 +58,39 @@ pub fn finish_name(reason: Option<FinishReason>) -> Value {
 fn merged(jobs: Vec<(JobHandle, usize)>) -> impl Stream<Item = (usize, Event)> + Send {
     let streams = jobs.into_iter().map(|(mut handle, base)| {
         let (tx, rx) = tokio::sync::mpsc::channel::<Event>(1);
-        // Forward so that the handle (and with it cancellation on drop) lives in this task.
+        // Forward so that the handle (and with it cancellation on drop) lives in this task, which
+        // ends as soon as the receiving side is gone, even while the job still waits in a queue.
         tokio::spawn(async move {
-            while let Some(event) = handle.events.recv().await {
-                if tx.send(event).await.is_err() {
-                    handle.cancel();
-                    return;
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => break,
+                    event = handle.events.recv() => {
+                        let Some(event) = event else { break };
+                        if tx.send(event).await.is_err() {
+                            break;
+                        }
+                    }
                 }
             }
+            handle.cancel();
         });
         ReceiverStream::new(rx).map(move |event| (base, event))
     });
     futures::stream::select_all(streams)
 }
 
-/// Waits for every choice to finish.
-pub async fn collect(jobs: Vec<(JobHandle, usize)>, choices: usize) -> Result<Vec<Choice>, ApiError> {
+/// Waits for every choice to finish, until the lease's deadline (then the jobs are cancelled).
+pub async fn collect(jobs: Vec<(JobHandle, usize)>, choices: usize, lease: Lease) -> Result<Vec<Choice>, ApiError> {
+    let work = collect_events(jobs, choices);
+    match lease.deadline {
+        Some(deadline) => {
+            tokio::time::timeout_at(deadline, work).await.map_err(|_| ApiError::Timeout(lease.timeout_seconds))?
+        }
+        None => work.await,
+    }
+}
+
+async fn collect_events(jobs: Vec<(JobHandle, usize)>, choices: usize) -> Result<Vec<Choice>, ApiError> {
     let mut out: Vec<Choice> = (0..choices).map(|_| Choice::default()).collect();
     let mut events = Box::pin(merged(jobs));
     while let Some((base, event)) = events.next().await {
@@ -109,29 +127,60 @@ pub trait ChunkWriter: Send + 'static {
     fn usage(&mut self, usage: &Usage) -> Value;
 }
 
-/// Streams the jobs as SSE: chunks flushed per token, an error event if the engine fails, a
-/// usage-only chunk when asked for, then `[DONE]`.
+/// Streams the jobs as SSE: chunks flushed per token, an error event if the engine fails or the
+/// deadline passes, a usage-only chunk when asked for, then `[DONE]`. A client that accepts no data
+/// for the lease's idle time is dropped; dropping the stream cancels the jobs.
 pub fn stream(
     jobs: Vec<(JobHandle, usize)>,
     choices: usize,
     mut writer: impl ChunkWriter,
     mut usage: Usage,
     include_usage: bool,
+    lease: Lease,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(16);
     tokio::spawn(async move {
-        let send = |value: Value| {
+        let idle = lease.idle;
+        let send = |data: String| {
             let tx = tx.clone();
-            async move { tx.send(SseEvent::default().data(value.to_string())).await.is_ok() }
+            async move {
+                let delivery = tx.send(SseEvent::default().data(data));
+                match idle {
+                    Some(idle) => matches!(tokio::time::timeout(idle, delivery).await, Ok(Ok(()))),
+                    None => delivery.await.is_ok(),
+                }
+            }
         };
         for chunk in writer.opening(choices) {
-            if !send(chunk).await {
+            if !send(chunk.to_string()).await {
                 return;
             }
         }
         let mut events = Box::pin(merged(jobs));
         let mut failed = false;
-        while let Some((base, event)) = events.next().await {
+        let mut finished = 0;
+        loop {
+            let next = match lease.deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, events.next()).await,
+                None => Ok(events.next().await),
+            };
+            let (base, event) = match next {
+                Ok(Some(item)) => item,
+                Ok(None) if finished < choices => {
+                    failed = true;
+                    let stopped = ApiError::Internal("the engine stopped before the request finished".into());
+                    let _ = send(stopped.body().to_string()).await;
+                    break;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    failed = true;
+                    if !send(ApiError::Timeout(lease.timeout_seconds).body().to_string()).await {
+                        return;
+                    }
+                    break;
+                }
+            };
             let chunk = match event {
                 Event::PromptLogprobs { choice, logprobs } => writer.prompt_logprobs(base + choice, &logprobs),
                 Event::Token { choice, text, steps, logprobs, .. } => {
@@ -139,14 +188,17 @@ pub fn stream(
                     usage.recurrence_steps += steps;
                     Some(writer.token(base + choice, &text, steps, logprobs.as_ref()))
                 }
-                Event::Finished { choice, reason, text } => Some(writer.finish(base + choice, &text, reason)),
+                Event::Finished { choice, reason, text } => {
+                    finished += 1;
+                    Some(writer.finish(base + choice, &text, reason))
+                }
                 Event::Error { message } => {
                     failed = true;
                     Some(ApiError::Internal(message).body())
                 }
             };
             if let Some(chunk) = chunk
-                && !send(chunk).await
+                && !send(chunk.to_string()).await
             {
                 return; // client gone: dropping the event stream cancels the jobs
             }
@@ -154,10 +206,66 @@ pub fn stream(
                 break;
             }
         }
+        drop(events); // cancels whatever is left after a failure
         if include_usage && !failed {
-            let _ = send(writer.usage(&usage)).await;
+            let _ = send(writer.usage(&usage).to_string()).await;
         }
-        let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+        let _ = send("[DONE]".into()).await;
+        drop(lease);
     });
     Sse::new(ReceiverStream::new(rx).map(Ok)).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::engine::ExitReason;
+
+    struct Plain;
+
+    impl ChunkWriter for Plain {
+        fn opening(&mut self, _: usize) -> Vec<Value> {
+            Vec::new()
+        }
+        fn prompt_logprobs(&mut self, _: usize, _: &[TokenLogprobs]) -> Option<Value> {
+            None
+        }
+        fn token(&mut self, _: usize, text: &str, _: usize, _: Option<&TokenLogprobs>) -> Value {
+            json!(text)
+        }
+        fn finish(&mut self, _: usize, _: &str, _: FinishReason) -> Value {
+            json!("end")
+        }
+        fn usage(&mut self, _: &Usage) -> Value {
+            json!("usage")
+        }
+    }
+
+    /// A client that stops reading: once the buffers are full and nothing is accepted for the idle
+    /// time, the stream ends and its job is cancelled.
+    #[tokio::test]
+    async fn a_stream_nobody_reads_is_dropped_after_the_idle_time() {
+        let slot = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned().unwrap();
+        let (events, receiver) = tokio::sync::mpsc::channel(1024);
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let handle = JobHandle::new(receiver, cancelled.clone());
+        let lease = Lease::new(slot, 0, 1);
+        let sse = stream(vec![(handle, 0)], 1, Plain, Usage::default(), false, lease);
+        for i in 0..200 {
+            let token =
+                Event::Token { choice: 0, id: i, text: "x".into(), steps: 1, exit: ExitReason::Cap, logprobs: None };
+            if events.try_send(token).is_err() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!cancelled.load(Ordering::Relaxed), "cancelled before the idle time");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(cancelled.load(Ordering::Relaxed), "a stream nobody reads must be cancelled");
+        drop(sse);
+    }
 }

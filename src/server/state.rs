@@ -2,9 +2,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::error::ApiError;
 
 use crate::engine::Engine;
 use crate::model::HuginnConfig;
@@ -25,6 +29,32 @@ pub struct AppState {
     pub created: u64,
     /// API keys requests must present (none: the API is open).
     pub api_keys: Arc<super::auth::ApiKeys>,
+    /// Slots for generation requests in flight (`server.max_concurrent_requests`).
+    pub request_slots: Arc<Semaphore>,
+}
+
+/// A generation request's hold on the server: its concurrency slot (released when the lease is
+/// dropped, after the last byte of a stream) and its time limits.
+pub struct Lease {
+    _slot: OwnedSemaphorePermit,
+    /// When the request must be done (`server.request_timeout_seconds`).
+    pub deadline: Option<Instant>,
+    pub timeout_seconds: u64,
+    /// How long a stream may wait for its client to accept data.
+    pub idle: Option<Duration>,
+}
+
+impl Lease {
+    /// Limits in seconds from now; 0 means none.
+    pub(crate) fn new(slot: OwnedSemaphorePermit, timeout_seconds: u64, idle_seconds: u64) -> Self {
+        let seconds = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+        Lease {
+            _slot: slot,
+            deadline: seconds(timeout_seconds).map(|d| Instant::now() + d),
+            timeout_seconds,
+            idle: seconds(idle_seconds),
+        }
+    }
 }
 
 impl AppState {
@@ -34,6 +64,17 @@ impl AppState {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Takes a slot for a generation request, at once: 503 while shutting down, 429 when every
+    /// slot is taken.
+    pub fn lease(&self) -> Result<Lease, ApiError> {
+        if self.is_draining() {
+            return Err(ApiError::shutting_down());
+        }
+        let slot = self.request_slots.clone().try_acquire_owned().map_err(|_| ApiError::Overloaded)?;
+        let server = &self.settings.server;
+        Ok(Lease::new(slot, server.request_timeout_seconds, server.stream_idle_timeout_seconds))
     }
 }
 

@@ -27,3 +27,45 @@ pub fn openai(server: &TestServer) -> async_openai::Client<async_openai::config:
         async_openai::config::OpenAIConfig::new().with_api_base(format!("{}/v1", server.base)).with_api_key("unused");
     async_openai::Client::with_config(config)
 }
+
+/// POSTs JSON; the status and the body parsed as JSON (`Null` when it is not JSON).
+pub async fn post_json(base: &str, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new().post(format!("{base}{path}")).json(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+pub async fn get_status(base: &str, path: &str) -> u16 {
+    reqwest::get(format!("{base}{path}")).await.unwrap().status().as_u16()
+}
+
+/// A completion that keeps the fixture model busy for seconds (200 tokens x 256 steps).
+pub fn long_completion(stream: bool) -> serde_json::Value {
+    serde_json::json!({
+        "prompt": "hello", "max_tokens": 200, "num_steps": 256, "ignore_eos": true, "stream": stream,
+    })
+}
+
+/// Opens a streamed completion and reads until its first `data:` chunk arrived.
+pub async fn stream_until_first_chunk(base: &str, body: &serde_json::Value) -> reqwest::Response {
+    let mut response = reqwest::Client::new().post(format!("{base}/v1/completions")).json(body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let chunk = response.chunk().await.unwrap().expect("the stream ended before its first chunk");
+        seen.extend_from_slice(&chunk);
+    }
+    response
+}
+
+/// Polls `condition` every 20 ms for up to `seconds`; whether it came true.
+pub async fn eventually(seconds: u64, mut condition: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while std::time::Instant::now() < until {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    condition()
+}
