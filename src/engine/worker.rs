@@ -225,11 +225,20 @@ fn supervise(
 ) {
     let mut delay = config.restart_backoff;
     let mut next = None;
+    // The worker's own compute threads. Its model steps run on one of them (`install`), so that
+    // the serial parts of a step and the parallel kernels share the same threads: no third thread
+    // handing every kernel call to the pool and waiting for it.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(crate::cpu_threads::configured())
+        .thread_name(move |i| format!("huginn-compute-{index}-{i}"))
+        .build()
+        .map_err(|e| tracing::warn!("no dedicated compute threads ({e}); using the global pool"))
+        .ok();
     loop {
         let scheduler = Scheduler::new(model.clone(), tokenizer.clone(), config.limits);
         let since = Instant::now();
         shared.up.store(true, Ordering::SeqCst);
-        let stop = run_worker(scheduler, &jobs, shared, started, next.take());
+        let stop = run_worker(scheduler, &jobs, shared, started, next.take(), pool.as_ref());
         shared.up.store(false, Ordering::SeqCst);
         shared.sequences.store(0, Ordering::Relaxed);
         shared.report_kv(0);
@@ -258,12 +267,21 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
+/// Runs `work` on the compute threads when there are some.
+fn on_pool<T: Send>(pool: Option<&rayon::ThreadPool>, work: impl FnOnce() -> T + Send) -> T {
+    match pool {
+        Some(pool) => pool.install(work),
+        None => work(),
+    }
+}
+
 fn run_worker(
     mut scheduler: Scheduler,
     jobs: &mpsc::Receiver<Job>,
     shared: &WorkerShared,
     started: Instant,
     mut next: Option<Job>,
+    pool: Option<&rayon::ThreadPool>,
 ) -> Stop {
     let mut closed = false;
     loop {
@@ -296,7 +314,9 @@ fn run_worker(
                     gauge!(m::REQUESTS_WAITING).decrement(1.0);
                     shared.queued.fetch_sub(1, Ordering::SeqCst);
                     if !job.is_cancelled() {
-                        let admitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scheduler.admit(job)));
+                        let admitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            on_pool(pool, || scheduler.admit(job))
+                        }));
                         if let Err(payload) = admitted {
                             let message = format!("internal error in the model worker: {}", panic_message(&*payload));
                             scheduler.fail_all(&message);
@@ -318,7 +338,7 @@ fn run_worker(
             if shared.inject_fault.swap(false, Ordering::SeqCst) {
                 panic!("injected fault (drill)");
             }
-            scheduler.tick()
+            on_pool(pool, || scheduler.tick())
         }));
         let failure = match outcome {
             Ok(Ok(())) => None,

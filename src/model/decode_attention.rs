@@ -4,9 +4,13 @@
 //! is three tensor ops and two small GEMM calls per head; here it is one pass per head that reads
 //! each key and value row once. Other devices, dtypes and multi-token chunks use the tensor ops.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
 
 use super::error::Result;
+
+/// Below this many multiply-adds (all rows together) one thread is faster than the pool.
+const PARALLEL_MIN_WORK: usize = 1 << 15;
 
 /// `softmax(q · kᵀ) · v` for `q`: `[heads, 1, head_dim]` (already scaled) and `k`, `v`:
 /// `[heads, positions, head_dim]` (head-strided views of the cache are fine).
@@ -23,6 +27,153 @@ pub fn attend_one(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
     Ok(probs.matmul(v)?)
 }
+
+/// Decode attention of many sequences in one call: row `i` of `q` (`[rows, heads, head_dim]`,
+/// already scaled; any row and head strides) attends over `kv[i]` (`[heads, positions_i, head_dim]`
+/// views of its cache). Returns `[rows, heads * head_dim]`, or `None` when the tensors are not
+/// float32 CPU tensors of that layout (then the caller goes sequence by sequence). Each head is
+/// summed exactly as [`attend_one`] sums it, so the results are the same bits.
+pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<Option<Tensor>> {
+    let (rows, heads, dim) = q.dims3()?;
+    let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if rows != kv.len()
+        || !fits(q)
+        || q.stride()[2] != 1
+        || !kv.iter().all(|(k, v)| {
+            fits(k) && fits(v) && rows_contiguous(k) && rows_contiguous(v) && k.dims() == v.dims() && {
+                let d = k.dims();
+                d[0] == heads && d[2] == dim
+            }
+        })
+    {
+        return Ok(None);
+    }
+    let (q_storage, q_layout) = q.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(q_data)) = &*q_storage else { return Ok(None) };
+    let guards: Vec<_> = kv.iter().map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
+    let mut views = Vec::with_capacity(rows);
+    for ((ks, kl), (vs, vl)) in &guards {
+        let (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) = (&**ks, &**vs) else {
+            return Ok(None);
+        };
+        views.push(HeadViews {
+            k,
+            k_start: kl.start_offset(),
+            k_head: kl.stride()[0],
+            v,
+            v_start: vl.start_offset(),
+            v_head: vl.stride()[0],
+            positions: kl.dims()[1],
+        });
+    }
+    let (q_start, q_row, q_head) = (q_layout.start_offset(), q_layout.stride()[0], q_layout.stride()[1]);
+    let width = heads * dim;
+    let mut out = vec![0.0f32; rows * width];
+    let work: usize = views.iter().map(|v| v.positions * width * 2).sum();
+    let row_task = |(i, (out, view)): (usize, (&mut [f32], &HeadViews<'_>))| {
+        let mut scores = vec![0.0f32; view.positions];
+        for h in 0..heads {
+            let qh = &q_data[q_start + i * q_row + h * q_head..][..dim];
+            let kh = &view.k[view.k_start + h * view.k_head..][..view.positions * dim];
+            let vh = &view.v[view.v_start + h * view.v_head..][..view.positions * dim];
+            attend_head(qh, kh, vh, dim, &mut scores, &mut out[h * dim..(h + 1) * dim]);
+        }
+    };
+    if work < PARALLEL_MIN_WORK {
+        out.chunks_mut(width).zip(&views).enumerate().for_each(row_task);
+    } else {
+        out.par_chunks_mut(width).zip(views.par_iter()).enumerate().for_each(row_task);
+    }
+    drop(guards);
+    drop(q_storage);
+    Ok(Some(Tensor::from_vec(out, (rows, width), q.device())?))
+}
+
+/// One sequence's cache, as slices of the buffers' storage.
+struct HeadViews<'a> {
+    k: &'a [f32],
+    k_start: usize,
+    k_head: usize,
+    v: &'a [f32],
+    v_start: usize,
+    v_head: usize,
+    positions: usize,
+}
+
+/// `out = softmax(q · kᵀ) · v` for one head (`k`, `v`: `[positions][dim]`; `out` starts at zero),
+/// with the widest vector instructions the CPU has (the same operations in the same order on
+/// every path, so the same bits).
+fn attend_head(qh: &[f32], kh: &[f32], vh: &[f32], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the feature the function is compiled for.
+            return unsafe { attend_head_avx512(qh, kh, vh, dim, scores, oh) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { attend_head_avx2(qh, kh, vh, dim, scores, oh) };
+        }
+    }
+    attend_head_body(qh, kh, vh, dim, scores, oh)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn attend_head_avx512(qh: &[f32], kh: &[f32], vh: &[f32], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
+    attend_head_body(qh, kh, vh, dim, scores, oh)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn attend_head_avx2(qh: &[f32], kh: &[f32], vh: &[f32], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
+    attend_head_body(qh, kh, vh, dim, scores, oh)
+}
+
+#[inline(always)]
+fn attend_head_body(qh: &[f32], kh: &[f32], vh: &[f32], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
+    let mut max = f32::NEG_INFINITY;
+    for (score, key) in scores.iter_mut().zip(kh.chunks_exact(dim)) {
+        *score = dot(qh, key);
+        max = max.max(*score);
+    }
+    let mut total = 0.0f32;
+    for score in scores.iter_mut() {
+        *score = (*score - max).exp();
+        total += *score;
+    }
+    for (weight, value) in scores.iter().zip(vh.chunks_exact(dim)) {
+        let w = weight / total;
+        for (o, x) in oh.iter_mut().zip(value) {
+            *o += w * x;
+        }
+    }
+}
+
+/// `a · b` in [`LANES`] independent partial sums (which the compiler keeps in one vector register)
+/// added pairwise at the end: a fixed order, whatever the caller.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let (a_body, a_tail) = a.split_at(a.len() - a.len() % LANES);
+    let (b_body, b_tail) = b.split_at(a_body.len());
+    for (x, y) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            lanes[i] += lanes[i + width];
+        }
+    }
+    lanes[0] + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// Partial sums of [`dot`].
+const LANES: usize = 16;
 
 /// Each `[positions, head_dim]` slice is contiguous (the head stride may be anything).
 fn rows_contiguous(t: &Tensor) -> bool {
@@ -62,23 +213,7 @@ impl CustomOp3 for AttendOne {
             let qh = &q[h * dim..(h + 1) * dim];
             let kh = &k[kl.start_offset() + h * k_head_stride..][..positions * dim];
             let vh = &v[vl.start_offset() + h * v_head_stride..][..positions * dim];
-            let mut max = f32::NEG_INFINITY;
-            for (score, key) in scores.iter_mut().zip(kh.chunks_exact(dim)) {
-                *score = qh.iter().zip(key).map(|(a, b)| a * b).sum();
-                max = max.max(*score);
-            }
-            let mut total = 0.0f32;
-            for score in scores.iter_mut() {
-                *score = (*score - max).exp();
-                total += *score;
-            }
-            let oh = &mut out[h * dim..(h + 1) * dim];
-            for (weight, value) in scores.iter().zip(vh.chunks_exact(dim)) {
-                let w = weight / total;
-                for (o, x) in oh.iter_mut().zip(value) {
-                    *o += w * x;
-                }
-            }
+            attend_head(qh, kh, vh, dim, &mut scores, &mut out[h * dim..(h + 1) * dim]);
         }
         Ok((CpuStorage::F32(out), Shape::from((heads, 1, dim))))
     }
@@ -101,5 +236,33 @@ mod tests {
         let reference = candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v).unwrap();
         let diff = (fast - reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    }
+
+    #[test]
+    fn rows_in_one_call_give_the_bits_of_one_at_a_time() {
+        let dev = Device::Cpu;
+        let (heads, dim) = (4, 16);
+        // Rows taken from a wider [rows, 2 * heads, dim] tensor, as the layer passes them.
+        let q = Tensor::randn(0f32, 1.0, (3, 2 * heads, dim), &dev).unwrap().narrow(1, 0, heads).unwrap();
+        let kv: Vec<(Tensor, Tensor)> = [1, 5, 9]
+            .iter()
+            .map(|&positions| {
+                let view = |t: Tensor| t.narrow(1, 0, positions).unwrap();
+                (
+                    view(Tensor::randn(0f32, 1.0, (heads, 12, dim), &dev).unwrap()),
+                    view(Tensor::randn(0f32, 1.0, (heads, 12, dim), &dev).unwrap()),
+                )
+            })
+            .collect();
+        let together = attend_rows(&q, &kv).unwrap().expect("float32 CPU views are handled");
+        assert_eq!(together.dims(), &[3, heads * dim]);
+        for (row, (k, v)) in kv.iter().enumerate() {
+            let q_row = q.narrow(0, row, 1).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
+            let alone = attend_one(&q_row, k, v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(together.get(row).unwrap().to_vec1::<f32>().unwrap(), alone);
+        }
+        // Other layouts are left to the caller.
+        let bf16 = q.to_dtype(DType::BF16).unwrap();
+        assert!(attend_rows(&bf16, &kv).unwrap().is_none());
     }
 }

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::cache::{KvCache, LayerSlot};
 use super::config::HuginnConfig;
-use super::decode_attention::attend_one;
+use super::decode_attention::{attend_one, attend_rows};
 use super::error::Result;
 use super::linear::Linear;
 use super::weights::WeightFiles;
@@ -174,15 +174,36 @@ impl Attention {
         let k = qk.narrow(1, h, h)?;
         let v = qkv.narrow(1, 2 * d, d)?.reshape((tokens, h, hd))?;
 
+        let slot = |chunk: &Chunk<'_>| match stage {
+            Stage::Prelude => LayerSlot::Prelude(layer),
+            Stage::Core => LayerSlot::Core { layer, step: chunk.step },
+            Stage::Coda => LayerSlot::Coda(layer),
+        };
+        if chunks.iter().all(|c| c.len == 1) {
+            // Decode: every sequence attends its one new position, all in one call.
+            let mut kv = Vec::with_capacity(chunks.len());
+            for (row, chunk) in chunks.iter_mut().enumerate() {
+                let slot = slot(chunk);
+                kv.push(chunk.cache.append(slot, chunk.start, &k.narrow(0, row, 1)?, &v.narrow(0, row, 1)?)?);
+            }
+            if let Some(attended) = attend_rows(&q, &kv)? {
+                return self.proj.forward(&attended);
+            }
+            let outputs = kv
+                .iter()
+                .enumerate()
+                .map(|(row, (keys, values))| {
+                    let q_row = q.narrow(0, row, 1)?.transpose(0, 1)?.contiguous()?; // [h, 1, hd]
+                    Ok(attend_one(&q_row, keys, values)?.transpose(0, 1)?.reshape((1, d))?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return self.proj.forward(&Tensor::cat(&outputs, 0)?);
+        }
         let mut outputs = Vec::with_capacity(chunks.len());
         let mut row = 0;
         for (index, chunk) in chunks.iter_mut().enumerate() {
             let n = chunk.len;
-            let slot = match stage {
-                Stage::Prelude => LayerSlot::Prelude(layer),
-                Stage::Core => LayerSlot::Core { layer, step: chunk.step },
-                Stage::Coda => LayerSlot::Coda(layer),
-            };
+            let slot = slot(chunk);
             let (keys, values) = chunk.cache.append(slot, chunk.start, &k.narrow(0, row, n)?, &v.narrow(0, row, n)?)?;
             let q_chunk = q.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?; // [h, n, hd]
             let out = match &layout.masks[index] {

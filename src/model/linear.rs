@@ -81,10 +81,13 @@ impl Panels {
         Self { data, n, k }
     }
 
-    /// `out[m, cols]` for the whole panels in `panels` (`cols = count * PANEL`).
-    fn multiply(&self, x: &RowGroups, panels: &[f32], out: &mut [f32]) {
+    /// The outputs of the whole panels in `panels`: row `r`'s `panels.len() / k` columns start at
+    /// `out + r * stride`.
+    ///
+    /// # Safety
+    /// Those outputs of every row of `x` must be valid for writes and written by no one else.
+    unsafe fn multiply(&self, x: &RowGroups, panels: &[f32], out: *mut f32, stride: usize) {
         let k = self.k;
-        let cols = panels.len() / k;
         let step = panels_per_tile(x.largest) * k * PANEL;
         // The first row group streams a block from memory; the later ones, computing from cache,
         // prefetch the next block a share each.
@@ -95,12 +98,15 @@ impl Panels {
             let share = (next.len() / helpers.max(1)).next_multiple_of(16);
             for (g, group) in x.groups.iter().enumerate() {
                 let (rows, first) = (group.rows, group.first_row);
-                let out = &mut out[first * cols + i * step / k..];
                 let ahead = match g.checked_sub(1) {
                     Some(h) => &next[(h * share).min(next.len())..((h + 1) * share).min(next.len())],
                     None => &[][..],
                 };
-                tile(&x.data[group.offset..][..rows * k], rows, k, block, out, cols, ahead);
+                // SAFETY: this block's columns of the group's rows, inside the caller's region.
+                unsafe {
+                    let out = out.add(first * stride + i * step / k);
+                    tile(&x.data[group.offset..][..rows * k], rows, k, block, out, stride, ahead);
+                }
             }
         }
     }
@@ -143,6 +149,23 @@ impl RowGroups {
     }
 }
 
+/// The output buffer, shared by the tasks of one product (each writes its own columns).
+struct OutPtr(*mut f32);
+
+// SAFETY: the tasks write disjoint elements (see `PanelMatmul::cpu_fwd`).
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The element `offset` floats from the start.
+    ///
+    /// # Safety
+    /// `offset` must be inside the buffer.
+    unsafe fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller's contract.
+        unsafe { self.0.add(offset) }
+    }
+}
+
 struct PanelMatmul(Arc<Panels>);
 
 impl CustomOp1 for PanelMatmul {
@@ -172,25 +195,19 @@ impl CustomOp1 for PanelMatmul {
         } else {
             count.div_ceil(threads * 4).next_multiple_of(panels_per_tile(x.largest))
         };
-        // Each task fills `[m, its columns]`; the blocks are then placed side by side.
-        let blocks: Vec<Vec<f32>> = w
-            .data
-            .par_chunks(per_task * k * PANEL)
-            .map(|panels| {
-                let mut out = vec![0.0f32; m * panels.len() / k];
-                w.multiply(&x, panels, &mut out);
-                out
-            })
-            .collect();
-        let mut out = vec![0.0f32; m * w.n];
-        let mut col = 0;
-        for block in &blocks {
-            let cols = block.len() / m;
-            let take = cols.min(w.n - col);
-            for r in 0..m {
-                out[r * w.n + col..][..take].copy_from_slice(&block[r * cols..][..take]);
-            }
-            col += take;
+        // Each task writes its columns of every row straight into the output, whose rows are
+        // padded to whole panels when `n` is not a multiple of PANEL.
+        let padded = count * PANEL;
+        let mut out = vec![0.0f32; m * padded];
+        let base = OutPtr(out.as_mut_ptr());
+        let base = &base;
+        w.data.par_chunks(per_task * k * PANEL).enumerate().for_each(|(task, panels)| {
+            // SAFETY: task `task` owns columns task * per_task * PANEL .. + panels.len() / k of
+            // every row, inside the `m * padded` output; no two tasks share a column.
+            unsafe { w.multiply(&x, panels, base.at(task * per_task * PANEL), padded) };
+        });
+        if padded != w.n {
+            out = out.chunks_exact(padded).flat_map(|row| &row[..w.n]).copied().collect();
         }
         Ok((CpuStorage::F32(out), Shape::from((m, w.n))))
     }

@@ -54,14 +54,21 @@ pub fn panels_per_tile(rows: usize) -> usize {
 /// (at most [`panels_per_tile`]`(rows)`). Meanwhile `ahead` (weights the caller needs next) is
 /// prefetched into the cache, spread evenly over the tile's work, so that the next tile finds
 /// its weights without waiting on memory.
-pub fn tile(x: &[f32], rows: usize, k: usize, panels: &[f32], out: &mut [f32], stride: usize, ahead: &[f32]) {
+///
+/// The output is a raw pointer because the threads of one product write disjoint column ranges of
+/// the same rows.
+///
+/// # Safety
+/// For every `r < rows`, `out + r * stride .. out + r * stride + count * PANEL` must be valid for
+/// writes and not accessed by anyone else during the call.
+pub unsafe fn tile(x: &[f32], rows: usize, k: usize, panels: &[f32], out: *mut f32, stride: usize, ahead: &[f32]) {
     let count = panels.len() / (k * PANEL);
     assert!((1..=MAX_ROWS).contains(&rows) && (1..=panels_per_tile(rows)).contains(&count));
     assert!(x.len() >= rows * k && panels.len() == count * k * PANEL);
-    assert!(out.len() >= (rows - 1) * stride + count * PANEL);
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports the features the function is compiled for; bounds asserted above.
+        // SAFETY: the CPU supports the features the function is compiled for; input bounds asserted
+        // above, the output's by the caller.
         unsafe { dispatch!(avx512, rows, count, x, k, panels, out, stride, ahead) };
         return;
     }
@@ -71,7 +78,8 @@ pub fn tile(x: &[f32], rows: usize, k: usize, panels: &[f32], out: &mut [f32], s
         unsafe { dispatch!(avx2, rows, count, x, k, panels, out, stride, ahead) };
         return;
     }
-    dispatch!(portable, rows, count, x, k, panels, out, stride, ahead);
+    // SAFETY: the output's bounds are the caller's contract.
+    unsafe { dispatch!(portable, rows, count, x, k, panels, out, stride, ahead) };
 }
 
 /// Cache-line prefetches of a region, spread over the `k` steps of a tile.
@@ -113,16 +121,18 @@ mod avx512 {
 
     /// `R` rows by `P` panels: 2 * R * P accumulators; per input feature 2 * P weight loads and R
     /// broadcasts feed 2 * R * P fused multiply-adds.
+    /// # Safety
+    /// As [`super::tile`]; the CPU must support AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub fn tile<const R: usize, const P: usize>(
+    pub unsafe fn tile<const R: usize, const P: usize>(
         x: &[f32],
         k: usize,
         panels: &[f32],
-        out: &mut [f32],
+        out: *mut f32,
         stride: usize,
         ahead: &[f32],
     ) {
-        assert!(x.len() >= R * k && panels.len() >= P * k * PANEL && out.len() >= (R - 1) * stride + P * PANEL);
+        assert!(x.len() >= R * k && panels.len() >= P * k * PANEL);
         let mut acc = [[[_mm512_setzero_ps(); 2]; P]; R];
         let (xp, wp) = (x.as_ptr(), panels.as_ptr());
         let lines = super::Prefetch::new(ahead, k);
@@ -145,9 +155,9 @@ mod avx512 {
         }
         for (r, acc) in acc.iter().enumerate() {
             for (p, a) in acc.iter().enumerate() {
-                // SAFETY: r * stride + P * PANEL <= out.len() (asserted above).
+                // SAFETY: inside row r's P * PANEL outputs (the caller's contract).
                 unsafe {
-                    let at = out.as_mut_ptr().add(r * stride + p * PANEL);
+                    let at = out.add(r * stride + p * PANEL);
                     _mm512_storeu_ps(at, a[0]);
                     _mm512_storeu_ps(at.add(16), a[1]);
                 }
@@ -164,16 +174,18 @@ mod avx2 {
 
     /// The same tile with 8-lane registers (4 per panel row); the compiler spills what does not
     /// fit the 16 registers.
+    /// # Safety
+    /// As [`super::tile`]; the CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub fn tile<const R: usize, const P: usize>(
+    pub unsafe fn tile<const R: usize, const P: usize>(
         x: &[f32],
         k: usize,
         panels: &[f32],
-        out: &mut [f32],
+        out: *mut f32,
         stride: usize,
         ahead: &[f32],
     ) {
-        assert!(x.len() >= R * k && panels.len() >= P * k * PANEL && out.len() >= (R - 1) * stride + P * PANEL);
+        assert!(x.len() >= R * k && panels.len() >= P * k * PANEL);
         let mut acc = [[[_mm256_setzero_ps(); 4]; P]; R];
         let (xp, wp) = (x.as_ptr(), panels.as_ptr());
         let lines = super::Prefetch::new(ahead, k);
@@ -196,8 +208,8 @@ mod avx2 {
         for (r, acc) in acc.iter().enumerate() {
             for (p, a) in acc.iter().enumerate() {
                 for (i, a) in a.iter().enumerate() {
-                    // SAFETY: r * stride + P * PANEL <= out.len() (asserted above).
-                    unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(r * stride + p * PANEL + 8 * i), *a) };
+                    // SAFETY: inside row r's P * PANEL outputs (the caller's contract).
+                    unsafe { _mm256_storeu_ps(out.add(r * stride + p * PANEL + 8 * i), *a) };
                 }
             }
         }
@@ -207,11 +219,13 @@ mod avx2 {
 mod portable {
     use super::PANEL;
 
-    pub fn tile<const R: usize, const P: usize>(
+    /// # Safety
+    /// As [`super::tile`].
+    pub unsafe fn tile<const R: usize, const P: usize>(
         x: &[f32],
         k: usize,
         panels: &[f32],
-        out: &mut [f32],
+        out: *mut f32,
         stride: usize,
         _ahead: &[f32],
     ) {
@@ -227,7 +241,8 @@ mod portable {
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
-                out[r * stride + p * PANEL..][..PANEL].copy_from_slice(acc);
+                // SAFETY: row r's outputs of panel p (the caller's contract).
+                unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add(r * stride + p * PANEL), PANEL) };
             }
         }
     }
