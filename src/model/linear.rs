@@ -14,7 +14,12 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::error::Result;
-use super::panel_kernel::{MAX_ROWS, PANEL, panels_per_tile, tile};
+use super::panel_kernel::{MAX_ROWS, PANEL, panels_per_tile, tile, tile_range};
+
+/// Input features per chunk when several row groups share a block of panels: a chunk of a
+/// block (at most 4 panels x 128 features x 128 bytes = 64 KiB, 32 KiB for the tiles of 5 or 6
+/// rows) stays in the L1/L2 cache while every group uses it.
+const FEATURE_CHUNK: usize = 128;
 
 /// Below this many multiply-adds a single thread is faster than waking the pool.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
@@ -84,28 +89,47 @@ impl Panels {
     /// The outputs of the whole panels in `panels`: row `r`'s `panels.len() / k` columns start at
     /// `out + r * stride`.
     ///
+    /// One row group streams each block of panels once. Several row groups take a block in chunks
+    /// of [`FEATURE_CHUNK`] input features: every group multiplies the chunk (from memory for the
+    /// first, from the L1 cache for the others) while prefetching a panel's share of the next
+    /// chunk, so the weight stream and the arithmetic overlap. Chunks continue the same sums, in the
+    /// same order: the results do not depend on the number of rows.
+    ///
     /// # Safety
     /// Those outputs of every row of `x` must be valid for writes and written by no one else.
     unsafe fn multiply(&self, x: &RowGroups, panels: &[f32], out: *mut f32, stride: usize) {
         let k = self.k;
-        let step = panels_per_tile(x.largest) * k * PANEL;
-        // The first row group streams a block from memory; the later ones, computing from cache,
-        // prefetch the next block a share each.
-        let helpers = x.groups.len() - 1;
-        for (i, block) in panels.chunks(step).enumerate() {
-            let next = &panels[((i + 1) * step).min(panels.len())..];
-            let next = if helpers > 0 { &next[..step.min(next.len())] } else { &[][..] };
-            let share = (next.len() / helpers.max(1)).next_multiple_of(16);
-            for (g, group) in x.groups.iter().enumerate() {
-                let (rows, first) = (group.rows, group.first_row);
-                let ahead = match g.checked_sub(1) {
-                    Some(h) => &next[(h * share).min(next.len())..((h + 1) * share).min(next.len())],
-                    None => &[][..],
-                };
+        let per_tile = panels_per_tile(x.largest);
+        let step = per_tile * k * PANEL;
+        let blocks: Vec<&[f32]> = panels.chunks(step).collect();
+        if let [group] = x.groups.as_slice() {
+            for (i, block) in blocks.iter().enumerate() {
                 // SAFETY: this block's columns of the group's rows, inside the caller's region.
-                unsafe {
-                    let out = out.add(first * stride + i * step / k);
-                    tile(&x.data[group.offset..][..rows * k], rows, k, block, out, stride, ahead);
+                unsafe { tile(&x.data[..group.rows * k], group.rows, k, block, out.add(i * step / k), stride, &[]) };
+            }
+            return;
+        }
+        // The weights of panel `p` of block `b` for the chunk of features starting at `first`.
+        let chunk = |b: usize, first: usize, p: usize| -> &[f32] {
+            match blocks.get(b) {
+                Some(block) if (p + 1) * k * PANEL <= block.len() && first < k => {
+                    &block[p * k * PANEL + first * PANEL..p * k * PANEL + (first + FEATURE_CHUNK).min(k) * PANEL]
+                }
+                _ => &[],
+            }
+        };
+        for (i, block) in blocks.iter().enumerate() {
+            for first in (0..k).step_by(FEATURE_CHUNK) {
+                let features = first..(first + FEATURE_CHUNK).min(k);
+                let (next_block, next_first) = if features.end < k { (i, features.end) } else { (i + 1, 0) };
+                for (g, group) in x.groups.iter().enumerate() {
+                    let ahead = if g < per_tile { chunk(next_block, next_first, g) } else { &[][..] };
+                    // SAFETY: this block's columns of the group's rows, inside the caller's region.
+                    unsafe {
+                        let out = out.add(group.first_row * stride + i * step / k);
+                        let xs = &x.data[group.offset..][..group.rows * k];
+                        tile_range(xs, group.rows, k, block, features.clone(), first > 0, out, stride, ahead);
+                    }
                 }
             }
         }
@@ -279,6 +303,14 @@ mod tests {
         for rows in [2, 9, 16] {
             let part = linear.forward(&batch.narrow(0, 0, rows).unwrap()).unwrap();
             assert_eq!(part.to_vec2::<f32>().unwrap(), together.narrow(0, 0, rows).unwrap().to_vec2::<f32>().unwrap());
+        }
+        // Input features in chunks with a partial last one (300 = 2 x 128 + 44).
+        let linear = Linear::new(Tensor::randn(0f32, 1.0, (96, 300), &dev).unwrap()).unwrap();
+        let batch = Tensor::randn(0f32, 1.0, (16, 300), &dev).unwrap();
+        let together = linear.forward(&batch).unwrap().to_vec2::<f32>().unwrap();
+        for r in [0, 7, 15] {
+            let alone = linear.forward(&batch.narrow(0, r, 1).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(alone[0], together[r]);
         }
     }
 }

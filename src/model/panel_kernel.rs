@@ -62,24 +62,47 @@ pub fn panels_per_tile(rows: usize) -> usize {
 /// For every `r < rows`, `out + r * stride .. out + r * stride + count * PANEL` must be valid for
 /// writes and not accessed by anyone else during the call.
 pub unsafe fn tile(x: &[f32], rows: usize, k: usize, panels: &[f32], out: *mut f32, stride: usize, ahead: &[f32]) {
+    // SAFETY: the caller's contract.
+    unsafe { tile_range(x, rows, k, panels, 0..k, false, out, stride, ahead) }
+}
+
+/// [`tile`] over the input features `features` only; with `accumulate`, the sums continue from
+/// what `out` holds (the partial sums of the features before), so that splitting the features
+/// into consecutive ranges gives the same bits as one call over all of them.
+///
+/// # Safety
+/// As [`tile`]; with `accumulate`, the outputs must hold the partial sums.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn tile_range(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    panels: &[f32],
+    features: std::ops::Range<usize>,
+    accumulate: bool,
+    out: *mut f32,
+    stride: usize,
+    ahead: &[f32],
+) {
     let count = panels.len() / (k * PANEL);
     assert!((1..=MAX_ROWS).contains(&rows) && (1..=panels_per_tile(rows)).contains(&count));
-    assert!(x.len() >= rows * k && panels.len() == count * k * PANEL);
+    assert!(x.len() >= rows * k && panels.len() == count * k * PANEL && features.end <= k);
+    let (range, acc_in) = (features, accumulate);
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU supports the features the function is compiled for; input bounds asserted
         // above, the output's by the caller.
-        unsafe { dispatch!(avx512, rows, count, x, k, panels, out, stride, ahead) };
+        unsafe { dispatch!(avx512, rows, count, x, k, panels, range, acc_in, out, stride, ahead) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: as above.
-        unsafe { dispatch!(avx2, rows, count, x, k, panels, out, stride, ahead) };
+        unsafe { dispatch!(avx2, rows, count, x, k, panels, range, acc_in, out, stride, ahead) };
         return;
     }
     // SAFETY: the output's bounds are the caller's contract.
-    unsafe { dispatch!(portable, rows, count, x, k, panels, out, stride, ahead) };
+    unsafe { dispatch!(portable, rows, count, x, k, panels, range, acc_in, out, stride, ahead) };
 }
 
 /// Cache-line prefetches of a region, spread over the `k` steps of a tile.
@@ -124,20 +147,35 @@ mod avx512 {
     /// # Safety
     /// As [`super::tile`]; the CPU must support AVX-512F.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile<const R: usize, const P: usize>(
         x: &[f32],
         k: usize,
         panels: &[f32],
+        range: std::ops::Range<usize>,
+        accumulate: bool,
         out: *mut f32,
         stride: usize,
         ahead: &[f32],
     ) {
-        assert!(x.len() >= R * k && panels.len() >= P * k * PANEL);
+        assert!(x.len() >= R * k && panels.len() >= P * k * PANEL && range.end <= k);
         let mut acc = [[[_mm512_setzero_ps(); 2]; P]; R];
+        if accumulate {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (p, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: row r's outputs of panel p (the caller's contract).
+                    unsafe {
+                        let at = out.add(r * stride + p * PANEL);
+                        *a = [_mm512_loadu_ps(at), _mm512_loadu_ps(at.add(16))];
+                    }
+                }
+            }
+        }
         let (xp, wp) = (x.as_ptr(), panels.as_ptr());
-        let lines = super::Prefetch::new(ahead, k);
-        for c in 0..k {
-            lines.step(c);
+        let lines = super::Prefetch::new(ahead, range.len());
+        let first = range.start;
+        for c in range {
+            lines.step(c - first);
             // SAFETY: c < k, so every offset is inside the lengths asserted above.
             unsafe {
                 let w: [[__m512; 2]; P] = std::array::from_fn(|p| {
@@ -177,20 +215,34 @@ mod avx2 {
     /// # Safety
     /// As [`super::tile`]; the CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile<const R: usize, const P: usize>(
         x: &[f32],
         k: usize,
         panels: &[f32],
+        range: std::ops::Range<usize>,
+        accumulate: bool,
         out: *mut f32,
         stride: usize,
         ahead: &[f32],
     ) {
-        assert!(x.len() >= R * k && panels.len() >= P * k * PANEL);
+        assert!(x.len() >= R * k && panels.len() >= P * k * PANEL && range.end <= k);
         let mut acc = [[[_mm256_setzero_ps(); 4]; P]; R];
+        if accumulate {
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (p, a) in acc.iter_mut().enumerate() {
+                    for (i, a) in a.iter_mut().enumerate() {
+                        // SAFETY: row r's outputs of panel p (the caller's contract).
+                        *a = unsafe { _mm256_loadu_ps(out.add(r * stride + p * PANEL + 8 * i)) };
+                    }
+                }
+            }
+        }
         let (xp, wp) = (x.as_ptr(), panels.as_ptr());
-        let lines = super::Prefetch::new(ahead, k);
-        for c in 0..k {
-            lines.step(c);
+        let lines = super::Prefetch::new(ahead, range.len());
+        let first = range.start;
+        for c in range {
+            lines.step(c - first);
             // SAFETY: c < k, so every offset is inside the lengths asserted above.
             unsafe {
                 for p in 0..P {
@@ -221,10 +273,13 @@ mod portable {
 
     /// # Safety
     /// As [`super::tile`].
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile<const R: usize, const P: usize>(
         x: &[f32],
         k: usize,
         panels: &[f32],
+        range: std::ops::Range<usize>,
+        accumulate: bool,
         out: *mut f32,
         stride: usize,
         _ahead: &[f32],
@@ -232,7 +287,14 @@ mod portable {
         for p in 0..P {
             let panel = &panels[p * k * PANEL..(p + 1) * k * PANEL];
             let mut acc = [[0.0f32; PANEL]; R];
-            for (c, w) in panel.chunks_exact(PANEL).enumerate() {
+            if accumulate {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: row r's outputs of panel p (the caller's contract).
+                    unsafe { std::ptr::copy_nonoverlapping(out.add(r * stride + p * PANEL), acc.as_mut_ptr(), PANEL) };
+                }
+            }
+            let first = range.start;
+            for (c, w) in panel.chunks_exact(PANEL).enumerate().skip(first).take(range.len()) {
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let b = x[c * R + r];
                     for (a, w) in acc.iter_mut().zip(w) {
