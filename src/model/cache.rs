@@ -189,8 +189,6 @@ impl KvCache {
                 self.len()
             )));
         }
-        let k = k.transpose(0, 1)?.contiguous()?;
-        let v = v.transpose(0, 1)?.contiguous()?;
         if let LayerSlot::Core { layer, step } = slot {
             let rslot = self.strategy.slot_of_step(step);
             self.fill_missing(rslot, layer, start)?;
@@ -207,8 +205,8 @@ impl KvCache {
                 buf.len
             )));
         }
-        buf.k.slice_set(&k, 1, start)?;
-        buf.v.slice_set(&v, 1, start)?;
+        write_rows(&buf.k, k, start)?;
+        write_rows(&buf.v, v, start)?;
         buf.len = buf.len.max(end);
         Ok((buf.k.narrow(1, 0, end)?, buf.v.narrow(1, 0, end)?))
     }
@@ -270,6 +268,60 @@ impl KvCache {
 }
 
 /// Grows a buffer to hold `needed` positions (amortised: at least half again, at most +512 rows).
+/// Writes `rows` (`[n, heads, head_dim]`) into `buffer` (`[heads, capacity, head_dim]`) at
+/// positions `start..start + n`: in place, straight from the rows' strides, for float32 CPU
+/// tensors; through a transposed copy otherwise.
+fn write_rows(buffer: &Tensor, rows: &Tensor, start: usize) -> Result<()> {
+    let direct = buffer.device().is_cpu()
+        && buffer.dtype() == DType::F32
+        && rows.dtype() == DType::F32
+        && buffer.is_contiguous()
+        && rows.stride().last() == Some(&1);
+    if direct {
+        buffer.inplace_op2(rows, &WriteRows { start })?;
+    } else {
+        buffer.slice_set(&rows.transpose(0, 1)?.contiguous()?, 1, start)?;
+    }
+    Ok(())
+}
+
+/// The in-place write of [`write_rows`].
+struct WriteRows {
+    start: usize,
+}
+
+impl candle_core::InplaceOp2 for WriteRows {
+    fn name(&self) -> &'static str {
+        "kv-write-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        buffer: &mut candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+        rows: &candle_core::CpuStorage,
+        rl: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let (candle_core::CpuStorage::F32(buffer), candle_core::CpuStorage::F32(rows)) = (buffer, rows) else {
+            candle_core::bail!("kv-write-rows expects float32 tensors")
+        };
+        let (heads, capacity, dim) = bl.shape().dims3()?;
+        let (n, row_heads, row_dim) = rl.shape().dims3()?;
+        if (row_heads, row_dim) != (heads, dim) || self.start + n > capacity || !bl.is_contiguous() {
+            candle_core::bail!("kv-write-rows: {:?} rows at {} into {:?}", rl.shape(), self.start, bl.shape())
+        }
+        let (row_stride, head_stride) = (rl.stride()[0], rl.stride()[1]);
+        for r in 0..n {
+            for h in 0..heads {
+                let from = rl.start_offset() + r * row_stride + h * head_stride;
+                let to = bl.start_offset() + (h * capacity + self.start + r) * dim;
+                buffer[to..to + dim].copy_from_slice(&rows[from..from + dim]);
+            }
+        }
+        Ok(())
+    }
+}
+
 fn ensure_capacity<'a>(
     buffer: &'a mut Option<KvBuffer>,
     needed: usize,
