@@ -40,8 +40,8 @@ pub struct ServerSettings {
     pub api_keys_file: Option<PathBuf>,
     /// Paths that need no API key even when keys are set.
     pub auth_open_paths: Vec<String>,
-    /// Generation requests handled at once (parsing, tokenizing, queued, running or streaming);
-    /// beyond it new ones get 429.
+    /// Requests to the generation and tokenizer endpoints handled at once (parsing, tokenizing,
+    /// queued, running or streaming); beyond it new ones get 429.
     pub max_concurrent_requests: usize,
     /// Deadline of a generation request, from its arrival to its last token; 0: none.
     pub request_timeout_seconds: u64,

@@ -218,6 +218,8 @@ async fn concurrent_requests_beyond_the_limit_get_429() {
     let running = stream_until_first_chunk(&server.base, &long_completion(true)).await;
     let (status, answer) = post_json(&server.base, COMPLETIONS, &completion(json!({}))).await;
     assert_eq!(status, 429, "{answer}");
+    let (status, answer) = post_json(&server.base, "/tokenize", &json!({"prompt": "hi"})).await;
+    assert_eq!(status, 429, "{answer}");
     // Health, readiness and metrics are not generation requests.
     assert_eq!(get_status(&server.base, "/ready").await, 200);
     drop(running);
@@ -293,7 +295,7 @@ async fn a_worker_fault_fails_its_requests_and_the_worker_restarts() {
     let mut streamed = stream_until_first_chunk(&server.base, &long_completion(true)).await;
     let base = server.base.clone();
     let plain = tokio::spawn(async move { post_json(&base, COMPLETIONS, &long_completion(false)).await });
-    assert!(eventually(10, || engine.in_flight() == 2).await, "both requests should be running");
+    assert!(eventually(10, || engine.sequences() == 2).await, "both requests should be running");
     assert!(engine.inject_fault(0));
 
     // Both in-flight requests fail with a message: an error event on the stream, a 500 otherwise.

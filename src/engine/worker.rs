@@ -175,6 +175,11 @@ impl Engine {
         self.workers.iter().map(|w| w.shared.total()).sum()
     }
 
+    /// Sequences running (admitted, not finished), over all workers.
+    pub fn sequences(&self) -> usize {
+        self.workers.iter().map(|w| w.shared.sequences.load(Ordering::Relaxed)).sum()
+    }
+
     /// K/V cache bytes held by running sequences, over all workers.
     pub fn kv_bytes(&self) -> usize {
         self.workers.iter().map(|w| w.shared.kv_bytes.load(Ordering::Relaxed)).sum()
@@ -319,6 +324,8 @@ fn run_worker(
                         }));
                         if let Err(payload) = admitted {
                             let message = format!("internal error in the model worker: {}", panic_message(&*payload));
+                            // Down before its clients hear of the fault, so that `/ready` agrees.
+                            shared.up.store(false, Ordering::SeqCst);
                             scheduler.fail_all(&message);
                             return Stop::Fault { message, next: None };
                         }
@@ -346,6 +353,8 @@ fn run_worker(
             Err(payload) => Some(format!("internal error in the model worker: {}", panic_message(&*payload))),
         };
         if let Some(message) = failure {
+            // Down before its clients hear of the fault, so that `/ready` agrees.
+            shared.up.store(false, Ordering::SeqCst);
             scheduler.fail_all(&message);
             return Stop::Fault { message, next: next.map(Box::new) };
         }

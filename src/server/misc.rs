@@ -50,6 +50,7 @@ pub async fn tokenize(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let _slot = state.lease()?;
     let body = parse_body(&state, &body)?;
     let f = Fields::parse(&body)?;
     let text = if f.raw("messages").is_some() {
@@ -68,6 +69,7 @@ pub async fn detokenize(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let _slot = state.lease()?;
     let body = parse_body(&state, &body)?;
     let f = Fields::parse(&body)?;
     let ids = f
@@ -77,7 +79,11 @@ pub async fn detokenize(
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(ApiError::param("tokens", format!("token id {bad} is outside the vocabulary (size {vocab})")));
     }
-    let text = state.tokenizer.decode(&ids).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let tokenizer = state.tokenizer.clone();
+    let text = tokio::task::spawn_blocking(move || tokenizer.decode(&ids))
+        .await
+        .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(axum::Json(json!({"prompt": text})).into_response())
 }
 
