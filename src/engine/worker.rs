@@ -99,27 +99,36 @@ impl Drop for AliveGuard {
 }
 
 impl Engine {
-    /// Starts one worker per model replica (one per device).
+    /// Starts one worker per model replica (one per device) and returns once each is up (or its
+    /// thread ended), so that the engine is ready when it is returned.
     pub fn start(models: Vec<Arc<HuginnModel>>, tokenizer: Arc<TextTokenizer>, config: EngineConfig) -> Self {
         let started = Instant::now();
-        let workers = models
+        let (up_tx, up_rx) = mpsc::channel::<()>();
+        let workers: Vec<Worker> = models
             .into_iter()
             .enumerate()
             .map(|(index, model)| {
                 let (queue, jobs) = mpsc::sync_channel::<Job>(config.queue_capacity.max(1));
                 let shared = Arc::new(WorkerShared { alive: AtomicBool::new(true), ..Default::default() });
-                let (tokenizer, guard) = (tokenizer.clone(), AliveGuard(shared.clone()));
+                let (tokenizer, guard, up) = (tokenizer.clone(), AliveGuard(shared.clone()), up_tx.clone());
                 let thread = std::thread::Builder::new()
                     .name(format!("huginn-worker-{index}"))
                     .spawn(move || {
                         let shared = guard.0.clone();
-                        supervise(index, &model, &tokenizer, config, jobs, &shared, started);
+                        supervise(&model, &tokenizer, config, jobs, &shared, started, up);
                         drop(guard);
                     })
                     .expect("spawning a worker thread");
                 Worker { queue, shared, thread: Some(thread) }
             })
             .collect();
+        drop(up_tx);
+        // One message per worker that came up; the channel closes early if a thread ended first.
+        for _ in 0..workers.len() {
+            if up_rx.recv().is_err() {
+                break;
+            }
+        }
         Self { workers, started, queue_capacity: config.queue_capacity.max(1) }
     }
 
@@ -220,14 +229,16 @@ enum Stop {
 /// Runs a worker's loop, restarting it with a fresh scheduler (the model stays loaded) after each
 /// fault; `/ready` fails while it is down.
 fn supervise(
-    index: usize,
     model: &Arc<HuginnModel>,
     tokenizer: &Arc<TextTokenizer>,
     config: EngineConfig,
     jobs: mpsc::Receiver<Job>,
     shared: &WorkerShared,
     started: Instant,
+    up: mpsc::Sender<()>,
 ) {
+    let mut up = Some(up);
+    let name = std::thread::current().name().unwrap_or("huginn-worker").to_string();
     let mut delay = config.restart_backoff;
     let mut next = None;
     // The worker's own compute threads. Its model steps run on one of them (`install`), so that
@@ -235,7 +246,10 @@ fn supervise(
     // handing every kernel call to the pool and waiting for it.
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(crate::cpu_threads::configured())
-        .thread_name(move |i| format!("huginn-compute-{index}-{i}"))
+        .thread_name({
+            let name = name.clone();
+            move |i| format!("{name}-compute-{i}")
+        })
         .build()
         .map_err(|e| tracing::warn!("no dedicated compute threads ({e}); using the global pool"))
         .ok();
@@ -243,6 +257,9 @@ fn supervise(
         let scheduler = Scheduler::new(model.clone(), tokenizer.clone(), config.limits);
         let since = Instant::now();
         shared.up.store(true, Ordering::SeqCst);
+        if let Some(up) = up.take() {
+            let _ = up.send(());
+        }
         let stop = run_worker(scheduler, &jobs, shared, started, next.take(), pool.as_ref());
         shared.up.store(false, Ordering::SeqCst);
         shared.sequences.store(0, Ordering::Relaxed);
@@ -256,7 +273,7 @@ fn supervise(
                 }
                 shared.restarts.fetch_add(1, Ordering::Relaxed);
                 counter!(m::WORKER_RESTARTS).increment(1);
-                tracing::error!(worker = index, %message, "worker failed; restarting in {delay:?}");
+                tracing::error!(worker = %name, %message, "worker failed; restarting in {delay:?}");
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(MAX_BACKOFF);
             }
