@@ -2,15 +2,11 @@
 
 mod common;
 
-use common::server::start;
+use common::server::{metric_value, start};
 use serde_json::json;
 
 fn value(page: &str, series: &str) -> f64 {
-    page.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("series {series} missing from:\n{page}"))
+    metric_value(page, series).unwrap_or_else(|| panic!("series {series} missing from:\n{page}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -385,8 +385,8 @@ mod shutdown {
     }
 
     async fn gauge(base: &str, name: &str) -> f64 {
-        let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
-        text.lines().find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+        let page = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
+        common::server::metric_value(&page, name).unwrap_or(0.0)
     }
 
     async fn wait_running(base: &str) {

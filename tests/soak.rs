@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::server::start_with;
+use common::server::{metric_value, start_with};
 use huginn::settings::Settings;
 use serde_json::{Value, json};
 
@@ -156,10 +156,6 @@ async fn run_one(client: &reqwest::Client, base: &str, i: usize) -> Result<Outco
     Ok(Outcome::Answered)
 }
 
-fn gauge(metrics: &str, name: &str) -> f64 {
-    metrics.lines().find_map(|line| line.strip_prefix(name)?.trim().parse().ok()).unwrap_or(0.0)
-}
-
 /// Peak resident memory of this process (server and clients), in MiB.
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -223,7 +219,7 @@ async fn four_hundred_mixed_requests_at_concurrency_32() {
         metrics = reqwest::get(&metrics_url).await.unwrap().text().await.unwrap();
         idle = ["huginn_requests_running", "huginn_requests_waiting", "huginn_kv_cache_bytes"]
             .iter()
-            .all(|name| gauge(&metrics, name) == 0.0)
+            .all(|name| metric_value(&metrics, name) == Some(0.0))
             && engine.in_flight() == 0
             && engine.kv_bytes() == 0;
         if idle {

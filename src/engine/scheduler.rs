@@ -259,9 +259,8 @@ impl Scheduler {
         self.running.retain(|r| !r.finished && !r.shared.job.is_cancelled());
     }
 
-    /// Ends every running job with an error event.
+    /// Ends every running job with an error event (the caller logs the failure).
     pub fn fail_all(&mut self, message: &str) {
-        tracing::error!(%message, "engine step failed; failing the running requests");
         for r in &self.running {
             r.send(Event::Error { message: message.to_string() });
         }

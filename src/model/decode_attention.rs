@@ -2,9 +2,10 @@
 //!
 //! A decode step attends one query per head to every cached key. As matmul + softmax + matmul this
 //! is three tensor ops and two small GEMM calls per head; here it is one pass per head that reads
-//! each key and value row once. Other devices, dtypes and multi-token chunks use the tensor ops.
+//! each key and value row once, for every sequence of a tick in one call. Other devices, dtypes and
+//! multi-token chunks use the tensor ops.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::error::Result;
@@ -15,13 +16,11 @@ const PARALLEL_MIN_WORK: usize = 1 << 15;
 /// `softmax(q · kᵀ) · v` for `q`: `[heads, 1, head_dim]` (already scaled) and `k`, `v`:
 /// `[heads, positions, head_dim]` (head-strided views of the cache are fine).
 pub fn attend_one(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let fast = q.device().is_cpu()
-        && [q.dtype(), k.dtype(), v.dtype()].iter().all(|d| *d == DType::F32)
-        && q.dim(1)? == 1
-        && rows_contiguous(k)
-        && rows_contiguous(v);
-    if fast {
-        return Ok(q.contiguous()?.apply_op3_no_bwd(k, v, &AttendOne)?);
+    let (heads, positions, dim) = q.dims3()?;
+    if positions == 1
+        && let Some(out) = attend_rows(&q.transpose(0, 1)?, &[(k.clone(), v.clone())])?
+    {
+        return Ok(out.reshape((heads, 1, dim))?);
     }
     let scores = q.matmul(&k.t()?)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
@@ -31,8 +30,8 @@ pub fn attend_one(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 /// Decode attention of many sequences in one call: row `i` of `q` (`[rows, heads, head_dim]`,
 /// already scaled; any row and head strides) attends over `kv[i]` (`[heads, positions_i, head_dim]`
 /// views of its cache). Returns `[rows, heads * head_dim]`, or `None` when the tensors are not
-/// float32 CPU tensors of that layout (then the caller goes sequence by sequence). Each head is
-/// summed exactly as [`attend_one`] sums it, so the results are the same bits.
+/// float32 CPU tensors of that layout (then the caller uses the tensor ops). Every row is computed
+/// the same way whatever the other rows, so a sequence gets the same bits alone or in a batch.
 pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<Option<Tensor>> {
     let (rows, heads, dim) = q.dims3()?;
     let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
@@ -179,44 +178,6 @@ const LANES: usize = 16;
 fn rows_contiguous(t: &Tensor) -> bool {
     let stride = t.stride();
     t.rank() == 3 && stride[2] == 1 && stride[1] == t.dims()[2]
-}
-
-struct AttendOne;
-
-impl CustomOp3 for AttendOne {
-    fn name(&self) -> &'static str {
-        "attend-one"
-    }
-
-    fn cpu_fwd(
-        &self,
-        qs: &CpuStorage,
-        ql: &Layout,
-        ks: &CpuStorage,
-        kl: &Layout,
-        vs: &CpuStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (qs, ks, vs) else {
-            candle_core::bail!("attend-one expects float32 inputs")
-        };
-        let (heads, _, dim) = ql.shape().dims3()?;
-        let (k_heads, positions, k_dim) = kl.shape().dims3()?;
-        if k_heads != heads || k_dim != dim || vl.shape().dims3()? != (heads, positions, dim) {
-            candle_core::bail!("attend-one: shapes {:?} {:?} {:?}", ql.shape(), kl.shape(), vl.shape())
-        }
-        let q = &q[ql.start_offset()..];
-        let (k_head_stride, v_head_stride) = (kl.stride()[0], vl.stride()[0]);
-        let mut out = vec![0.0f32; heads * dim];
-        let mut scores = vec![0.0f32; positions];
-        for h in 0..heads {
-            let qh = &q[h * dim..(h + 1) * dim];
-            let kh = &k[kl.start_offset() + h * k_head_stride..][..positions * dim];
-            let vh = &v[vl.start_offset() + h * v_head_stride..][..positions * dim];
-            attend_head(qh, kh, vh, dim, &mut scores, &mut out[h * dim..(h + 1) * dim]);
-        }
-        Ok((CpuStorage::F32(out), Shape::from((heads, 1, dim))))
-    }
 }
 
 #[cfg(test)]

@@ -101,9 +101,8 @@ impl Panels {
         let k = self.k;
         let per_tile = panels_per_tile(x.largest);
         let step = per_tile * k * PANEL;
-        let blocks: Vec<&[f32]> = panels.chunks(step).collect();
         if let [group] = x.groups.as_slice() {
-            for (i, block) in blocks.iter().enumerate() {
+            for (i, block) in panels.chunks(step).enumerate() {
                 // SAFETY: this block's columns of the group's rows, inside the caller's region.
                 unsafe { tile(&x.data[..group.rows * k], group.rows, k, block, out.add(i * step / k), stride, &[]) };
             }
@@ -111,14 +110,14 @@ impl Panels {
         }
         // The weights of panel `p` of block `b` for the chunk of features starting at `first`.
         let chunk = |b: usize, first: usize, p: usize| -> &[f32] {
-            match blocks.get(b) {
-                Some(block) if (p + 1) * k * PANEL <= block.len() && first < k => {
-                    &block[p * k * PANEL + first * PANEL..p * k * PANEL + (first + FEATURE_CHUNK).min(k) * PANEL]
-                }
-                _ => &[],
+            let panel = b * step + p * k * PANEL;
+            if panel + k * PANEL <= panels.len() && first < k {
+                &panels[panel + first * PANEL..panel + (first + FEATURE_CHUNK).min(k) * PANEL]
+            } else {
+                &[]
             }
         };
-        for (i, block) in blocks.iter().enumerate() {
+        for (i, block) in panels.chunks(step).enumerate() {
             for first in (0..k).step_by(FEATURE_CHUNK) {
                 let features = first..(first + FEATURE_CHUNK).min(k);
                 let (next_block, next_first) = if features.end < k { (i, features.end) } else { (i + 1, 0) };

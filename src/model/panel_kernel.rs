@@ -87,22 +87,21 @@ pub unsafe fn tile_range(
     let count = panels.len() / (k * PANEL);
     assert!((1..=MAX_ROWS).contains(&rows) && (1..=panels_per_tile(rows)).contains(&count));
     assert!(x.len() >= rows * k && panels.len() == count * k * PANEL && features.end <= k);
-    let (range, acc_in) = (features, accumulate);
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU supports the features the function is compiled for; input bounds asserted
         // above, the output's by the caller.
-        unsafe { dispatch!(avx512, rows, count, x, k, panels, range, acc_in, out, stride, ahead) };
+        unsafe { dispatch!(avx512, rows, count, x, k, panels, features, accumulate, out, stride, ahead) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: as above.
-        unsafe { dispatch!(avx2, rows, count, x, k, panels, range, acc_in, out, stride, ahead) };
+        unsafe { dispatch!(avx2, rows, count, x, k, panels, features, accumulate, out, stride, ahead) };
         return;
     }
     // SAFETY: the output's bounds are the caller's contract.
-    unsafe { dispatch!(portable, rows, count, x, k, panels, range, acc_in, out, stride, ahead) };
+    unsafe { dispatch!(portable, rows, count, x, k, panels, features, accumulate, out, stride, ahead) };
 }
 
 /// Cache-line prefetches of a region, spread over the `k` steps of a tile.

@@ -69,3 +69,8 @@ pub async fn eventually(seconds: u64, mut condition: impl FnMut() -> bool) -> bo
     }
     condition()
 }
+
+/// The value of the series `series` (name and labels as rendered) on a `/metrics` page.
+pub fn metric_value(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
