@@ -1,8 +1,7 @@
 //! `huginn serve` (also what `huginn` with no command runs): the OpenAI-compatible server.
 
-use std::path::PathBuf;
-
 use std::future::IntoFuture;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
