@@ -238,7 +238,7 @@ impl GatedMlp {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         // fc rows: first half gate, second half up.
-        let gated = candle_nn::ops::swiglu(&self.fc.forward(xs)?)?;
+        let gated = super::swiglu::swiglu(&self.fc.forward(xs)?)?;
         self.proj.forward(&gated)
     }
 }

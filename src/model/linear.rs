@@ -21,6 +21,11 @@ use super::panel_kernel::{MAX_ROWS, PANEL, panels_per_tile, tile, tile_range};
 /// rows) stays in the L1/L2 cache while every group uses it.
 const FEATURE_CHUNK: usize = 128;
 
+/// Row groups that share one pass over the weights. Beyond that (more than 66 rows, prompts)
+/// the rows take several passes: the inputs and outputs a pass touches for each chunk then stay in
+/// the L1/L2 caches (measured: 128 rows ~13% faster in two passes than in one).
+const GROUPS_PER_PASS: usize = 11;
+
 /// Below this many multiply-adds a single thread is faster than waking the pool.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
@@ -74,7 +79,7 @@ pub struct Panels {
 
 impl Panels {
     fn pack(w: &[f32], n: usize, k: usize) -> Self {
-        let mut data = vec![0.0f32; n.div_ceil(PANEL) * k * PANEL];
+        let mut data = weight_buffer(n.div_ceil(PANEL) * k * PANEL);
         data.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
             for j in 0..PANEL.min(n - p * PANEL) {
                 let row = &w[(p * PANEL + j) * k..][..k];
@@ -92,8 +97,9 @@ impl Panels {
     /// One row group streams each block of panels once. Several row groups take a block in chunks
     /// of [`FEATURE_CHUNK`] input features: every group multiplies the chunk (from memory for the
     /// first, from the L1 cache for the others) while prefetching a panel's share of the next
-    /// chunk, so the weight stream and the arithmetic overlap. Chunks continue the same sums, in the
-    /// same order: the results do not depend on the number of rows.
+    /// chunk, so the weight stream and the arithmetic overlap; more than [`GROUPS_PER_PASS`] groups
+    /// take several passes. Chunks continue the same sums, in the same order: the results do not
+    /// depend on the number of rows.
     ///
     /// # Safety
     /// Those outputs of every row of `x` must be valid for writes and written by no one else.
@@ -117,22 +123,45 @@ impl Panels {
                 &[]
             }
         };
-        for (i, block) in panels.chunks(step).enumerate() {
-            for first in (0..k).step_by(FEATURE_CHUNK) {
-                let features = first..(first + FEATURE_CHUNK).min(k);
-                let (next_block, next_first) = if features.end < k { (i, features.end) } else { (i + 1, 0) };
-                for (g, group) in x.groups.iter().enumerate() {
-                    let ahead = if g < per_tile { chunk(next_block, next_first, g) } else { &[][..] };
-                    // SAFETY: this block's columns of the group's rows, inside the caller's region.
-                    unsafe {
-                        let out = out.add(group.first_row * stride + i * step / k);
-                        let xs = &x.data[group.offset..][..group.rows * k];
-                        tile_range(xs, group.rows, k, block, features.clone(), first > 0, out, stride, ahead);
+        for groups in x.groups.chunks(GROUPS_PER_PASS) {
+            for (i, block) in panels.chunks(step).enumerate() {
+                for first in (0..k).step_by(FEATURE_CHUNK) {
+                    let features = first..(first + FEATURE_CHUNK).min(k);
+                    let (next_block, next_first) = if features.end < k { (i, features.end) } else { (i + 1, 0) };
+                    for (g, group) in groups.iter().enumerate() {
+                        let ahead = if g < per_tile { chunk(next_block, next_first, g) } else { &[][..] };
+                        // SAFETY: this block's columns of the group's rows, inside the caller's region.
+                        unsafe {
+                            let out = out.add(group.first_row * stride + i * step / k);
+                            let xs = &x.data[group.offset..][..group.rows * k];
+                            tile_range(xs, group.rows, k, block, features.clone(), first > 0, out, stride, ahead);
+                        }
                     }
                 }
             }
         }
     }
+}
+
+/// A zeroed buffer of `len` floats for packed weights, which the kernel may back with transparent
+/// huge pages: every step streams all of a model's weights, and 2 MiB pages need 512 times fewer
+/// TLB entries than 4 KiB ones (measured: 5-10% faster products at 16 rows).
+fn weight_buffer(len: usize) -> Vec<f32> {
+    let mut data: Vec<f32> = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+        let start = (data.as_ptr() as usize).next_multiple_of(page);
+        let end = (data.as_ptr() as usize + len * size_of::<f32>()) / page * page;
+        if end > start {
+            // SAFETY: only advice, on whole pages inside the allocation this Vec owns; a kernel
+            // without huge pages ignores it (the result is not needed).
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    data.resize(len, 0.0);
+    data
 }
 
 /// The input rows packed in groups of at most [`MAX_ROWS`] rows, each `[k][rows]`.

@@ -9,6 +9,7 @@ pub mod huginn;
 pub mod layers;
 pub mod linear;
 pub mod panel_kernel;
+pub mod swiglu;
 pub mod weights;
 
 pub use cache::{CacheStrategy, KvCache, LayerSlot};
