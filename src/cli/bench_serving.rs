@@ -16,7 +16,7 @@ const CONCURRENCY: [usize; 4] = [1, 4, 16, 64];
 const TOKENS: (usize, usize) = (16, 32);
 const QUICK_TOKENS: (usize, usize) = (4, 2);
 /// Runs of concurrency 1 and 16 on the width-1024 model (the best of each is reported).
-const RATIO_RUNS: usize = 3;
+const RATIO_RUNS: usize = 5;
 
 fn table(md: &mut String, name: &str, rows: &[LoadResult]) -> std::fmt::Result {
     for r in rows {

@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::add_norm::add_rms_norm;
 use super::cache::{KvCache, LayerSlot};
 use super::config::HuginnConfig;
 use super::decode_attention::{attend_one, attend_rows};
@@ -108,6 +109,11 @@ impl RmsNorm {
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
+    }
+
+    /// `forward(a + b)`, in one pass.
+    pub fn forward_sum(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        add_rms_norm(a, b, &self.weight, self.eps)
     }
 }
 
@@ -271,8 +277,8 @@ impl SandwichBlock {
 
     pub fn forward(&self, xs: &Tensor, layout: &BatchLayout, chunks: &mut [Chunk<'_>]) -> Result<Tensor> {
         let attn = self.attn.forward(&self.norm_1.forward(xs)?, layout, chunks, self.stage, self.layer)?;
-        let xs = self.norm_2.forward(&(xs + attn)?)?;
+        let xs = self.norm_2.forward_sum(xs, &attn)?;
         let mlp = self.mlp.forward(&self.norm_3.forward(&xs)?)?;
-        self.norm_4.forward(&(xs + mlp)?)
+        self.norm_4.forward_sum(&xs, &mlp)
     }
 }

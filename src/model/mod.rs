@@ -1,5 +1,6 @@
 //! The model runtime: checkpoint loading, the three forward entry points, K/V caches and exits.
 
+pub mod add_norm;
 pub mod cache;
 pub mod config;
 pub mod decode_attention;
