@@ -211,7 +211,40 @@ fn batched_entry_points_equal_separate_runs() {
         )
         .unwrap();
     let want = Tensor::cat(&[want_a, want_b], 0).unwrap();
-    assert!(max_abs_diff(&logits, &want) < 1e-5, "{}", max_abs_diff(&logits, &want));
+    // Every CPU kernel computes a row alone (attention included): the same bits, not just close.
+    assert_eq!(logits.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+}
+
+#[test]
+fn a_prompt_in_one_chunk_gives_the_same_bits_as_one_token_at_a_time() {
+    // With one cache slot per step and a zero initial state, position i sees at step s the keys and
+    // values of positions 0..=i at step s whether the prompt comes in one chunk or token by token.
+    let model = load(&fixture_dir(), DType::F32);
+    let steps = 4;
+    let n = PROMPT.len();
+    let mut cache = model.new_cache(CacheStrategy::Full);
+    let inj = model.prelude(&PROMPT, &mut [Chunk { cache: &mut cache, start: 0, len: n, step: 0 }]).unwrap();
+    let mut state = model.init_state(n, 0.0, &mut rand::rng()).unwrap();
+    for step in 0..steps {
+        state = model.core_step(&state, &inj, &mut [Chunk { cache: &mut cache, start: 0, len: n, step }]).unwrap();
+    }
+    let chunk = [Chunk { cache: &mut cache, start: 0, len: n, step: 0 }];
+    let together = model.coda(&state, &mut { chunk }, LogitRows::All).unwrap();
+
+    let mut cache = model.new_cache(CacheStrategy::Full);
+    let mut rows = Vec::new();
+    for (i, &id) in PROMPT.iter().enumerate() {
+        let inj = model.prelude(&[id], &mut [Chunk { cache: &mut cache, start: i, len: 1, step: 0 }]).unwrap();
+        let mut state = model.init_state(1, 0.0, &mut rand::rng()).unwrap();
+        for step in 0..steps {
+            state = model.core_step(&state, &inj, &mut [Chunk { cache: &mut cache, start: i, len: 1, step }]).unwrap();
+        }
+        rows.push(
+            model.coda(&state, &mut [Chunk { cache: &mut cache, start: i, len: 1, step: 0 }], LogitRows::All).unwrap(),
+        );
+    }
+    let one_at_a_time = Tensor::cat(&rows, 0).unwrap();
+    assert_eq!(together.to_vec2::<f32>().unwrap(), one_at_a_time.to_vec2::<f32>().unwrap());
 }
 
 #[test]

@@ -1,9 +1,11 @@
-//! Attention of a single query position over the cache, for decode on the CPU.
+//! Attention of single query positions over the cache, on the CPU.
 //!
-//! A decode step attends one query per head to every cached key. As matmul + softmax + matmul this
-//! is three tensor ops and two small GEMM calls per head; here it is one pass per head that reads
-//! each key and value row once, for every sequence of a tick in one call. Other devices, dtypes and
-//! multi-token chunks use the tensor ops.
+//! Each query row attends one position per head to the cached keys it may see: in a decode tick
+//! one new position per sequence, in a prompt chunk each position over its causal prefix. As
+//! matmul + softmax + matmul this is three tensor ops per head and, for a prompt of n tokens, an
+//! `[heads, n, n]` score matrix; here it is one pass per row and head that reads each key and value
+//! row once, for every row of a call together, with one score per position as scratch. Other
+//! devices and dtypes use the tensor ops.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use rayon::prelude::*;

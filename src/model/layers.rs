@@ -34,7 +34,8 @@ pub struct BatchLayout {
     /// `[tokens, 1, head_dim / 2]` cos and sin of each row's position.
     cos: Tensor,
     sin: Tensor,
-    /// Additive mask `[len, start + len]` for chunks of more than one token.
+    /// Additive mask `[len, start + len]` for chunks of more than one token (not built for CPU
+    /// float32, whose attention kernel is causal by construction).
     masks: Vec<Option<Tensor>>,
 }
 
@@ -80,9 +81,11 @@ impl Rope {
             Ok(rows.contiguous()?.reshape((tokens, 1, rows.dim(1)?))?)
         };
         let device = self.cos.device();
+        // The CPU float32 attention applies causality itself; the tensor-op path needs masks.
+        let masked = !(device.is_cpu() && dtype == DType::F32);
         let masks = chunks
             .iter()
-            .map(|c| (c.len > 1).then(|| causal_mask(c.start, c.len, dtype, device)).transpose())
+            .map(|c| (masked && c.len > 1).then(|| causal_mask(c.start, c.len, dtype, device)).transpose())
             .collect::<Result<Vec<_>>>()?;
         Ok(BatchLayout { cos: gather(&self.cos)?, sin: gather(&self.sin)?, masks })
     }
@@ -185,39 +188,48 @@ impl Attention {
             Stage::Core => LayerSlot::Core { layer, step: chunk.step },
             Stage::Coda => LayerSlot::Coda(layer),
         };
-        if chunks.iter().all(|c| c.len == 1) {
-            // Decode: every sequence attends its one new position, all in one call.
-            let mut kv = Vec::with_capacity(chunks.len());
-            for (row, chunk) in chunks.iter_mut().enumerate() {
-                let slot = slot(chunk);
-                kv.push(chunk.cache.append(slot, chunk.start, &k.narrow(0, row, 1)?, &v.narrow(0, row, 1)?)?);
-            }
-            if let Some(attended) = attend_rows(&q, &kv)? {
-                return self.proj.forward(&attended);
-            }
-            let outputs = kv
-                .iter()
-                .enumerate()
-                .map(|(row, (keys, values))| {
-                    let q_row = q.narrow(0, row, 1)?.transpose(0, 1)?.contiguous()?; // [h, 1, hd]
-                    Ok(attend_one(&q_row, keys, values)?.transpose(0, 1)?.reshape((1, d))?)
-                })
-                .collect::<Result<Vec<_>>>()?;
-            return self.proj.forward(&Tensor::cat(&outputs, 0)?);
-        }
-        let mut outputs = Vec::with_capacity(chunks.len());
+        // The new positions' keys and values go into each sequence's cache; `cached[c]` holds
+        // chunk c's keys and values up to its last new position.
+        let mut cached = Vec::with_capacity(chunks.len());
         let mut row = 0;
-        for (index, chunk) in chunks.iter_mut().enumerate() {
+        for chunk in chunks.iter_mut() {
             let n = chunk.len;
             let slot = slot(chunk);
-            let (keys, values) = chunk.cache.append(slot, chunk.start, &k.narrow(0, row, n)?, &v.narrow(0, row, n)?)?;
+            cached.push(chunk.cache.append(slot, chunk.start, &k.narrow(0, row, n)?, &v.narrow(0, row, n)?)?);
+            row += n;
+        }
+        if q.device().is_cpu() && q.dtype() == DType::F32 {
+            // Every row attends over its sequence's positions up to its own (causal), the rows of
+            // all chunks in one call: scratch of one score per position per row (no [heads, n, n]
+            // score matrix for a long prompt), and a row's bits do not depend on its chunk or batch.
+            let mut rows = Vec::with_capacity(tokens);
+            for (chunk, (keys, values)) in chunks.iter().zip(&cached) {
+                for i in 0..chunk.len {
+                    let seen = chunk.start + i + 1;
+                    rows.push((keys.narrow(1, 0, seen)?, values.narrow(1, 0, seen)?));
+                }
+            }
+            if let Some(attended) = attend_rows(&q, &rows)? {
+                return self.proj.forward(&attended);
+            }
+        }
+        // Other devices and dtypes: tensor ops, chunk by chunk.
+        let mut outputs = Vec::with_capacity(chunks.len());
+        let mut row = 0;
+        for (index, (chunk, (keys, values))) in chunks.iter().zip(&cached).enumerate() {
+            let n = chunk.len;
             let q_chunk = q.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?; // [h, n, hd]
-            let out = match &layout.masks[index] {
-                None => attend_one(&q_chunk, &keys, &values)?,
+            let mask = match &layout.masks[index] {
+                Some(mask) => Some(mask.clone()),
+                None if n > 1 => Some(causal_mask(chunk.start, n, dtype, q.device())?),
+                None => None,
+            };
+            let out = match mask {
+                None => attend_one(&q_chunk, keys, values)?,
                 Some(mask) => {
-                    let scores = q_chunk.matmul(&keys.t()?)?.broadcast_add(mask)?; // [h, n, positions]
+                    let scores = q_chunk.matmul(&keys.t()?)?.broadcast_add(&mask)?; // [h, n, positions]
                     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-                    probs.matmul(&values)? // [h, n, hd]
+                    probs.matmul(values)? // [h, n, hd]
                 }
             };
             outputs.push(out.transpose(0, 1)?.reshape((n, d))?);
