@@ -76,12 +76,14 @@ impl CustomOp3 for AddRmsNorm {
             )
         }
         let mut out = vec![0.0f32; a.len()];
-        if width > 0 {
-            let rows = out.chunks_mut(width).zip(a.chunks(width)).zip(b.chunks(width));
-            if a.len() / width > PARALLEL_MIN_ROWS {
+        match a.len().checked_div(width) {
+            None => {}
+            Some(rows) if rows > PARALLEL_MIN_ROWS => {
                 let rows = out.par_chunks_mut(width).zip(a.par_chunks(width)).zip(b.par_chunks(width));
                 rows.for_each(|((o, a), b)| self.row(a, b, alpha, o));
-            } else {
+            }
+            Some(_) => {
+                let rows = out.chunks_mut(width).zip(a.chunks(width)).zip(b.chunks(width));
                 rows.for_each(|((o, a), b)| self.row(a, b, alpha, o));
             }
         }

@@ -267,7 +267,6 @@ impl KvCache {
     }
 }
 
-/// Grows a buffer to hold `needed` positions (amortised: at least half again, at most +512 rows).
 /// Writes `rows` (`[n, heads, head_dim]`) into `buffer` (`[heads, capacity, head_dim]`) at
 /// positions `start..start + n`: in place, straight from the rows' strides, for float32 CPU
 /// tensors; through a transposed copy otherwise.
@@ -322,6 +321,7 @@ impl candle_core::InplaceOp2 for WriteRows {
     }
 }
 
+/// Grows a buffer to hold `needed` positions (amortised: at least half again, at most +512 rows).
 fn ensure_capacity<'a>(
     buffer: &'a mut Option<KvBuffer>,
     needed: usize,

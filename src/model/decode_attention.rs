@@ -15,21 +15,7 @@ use super::error::Result;
 /// Below this many multiply-adds (all rows together) one thread is faster than the pool.
 const PARALLEL_MIN_WORK: usize = 1 << 15;
 
-/// `softmax(q · kᵀ) · v` for `q`: `[heads, 1, head_dim]` (already scaled) and `k`, `v`:
-/// `[heads, positions, head_dim]` (head-strided views of the cache are fine).
-pub fn attend_one(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (heads, positions, dim) = q.dims3()?;
-    if positions == 1
-        && let Some(out) = attend_rows(&q.transpose(0, 1)?, &[(k.clone(), v.clone())])?
-    {
-        return Ok(out.reshape((heads, 1, dim))?);
-    }
-    let scores = q.matmul(&k.t()?)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-    Ok(probs.matmul(v)?)
-}
-
-/// Decode attention of many sequences in one call: row `i` of `q` (`[rows, heads, head_dim]`,
+/// Attention of many query rows in one call: row `i` of `q` (`[rows, heads, head_dim]`,
 /// already scaled; any row and head strides) attends over `kv[i]` (`[heads, positions_i, head_dim]`
 /// views of its cache). Returns `[rows, heads * head_dim]`, or `None` when the tensors are not
 /// float32 CPU tensors of that layout (then the caller uses the tensor ops). Every row is computed
@@ -194,7 +180,8 @@ mod tests {
         // A cache buffer with spare capacity, viewed up to 7 positions.
         let k = Tensor::randn(0f32, 1.0, (4, 12, 16), &dev).unwrap().narrow(1, 0, 7).unwrap();
         let v = Tensor::randn(0f32, 1.0, (4, 12, 16), &dev).unwrap().narrow(1, 0, 7).unwrap();
-        let fast = attend_one(&q, &k, &v).unwrap();
+        let fast = attend_rows(&q.transpose(0, 1).unwrap(), &[(k.clone(), v.clone())]).unwrap().unwrap();
+        let fast = fast.reshape((4, 1, 16)).unwrap();
         let scores = q.matmul(&k.t().unwrap()).unwrap();
         let reference = candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v).unwrap();
         let diff = (fast - reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
@@ -220,8 +207,8 @@ mod tests {
         let together = attend_rows(&q, &kv).unwrap().expect("float32 CPU views are handled");
         assert_eq!(together.dims(), &[3, heads * dim]);
         for (row, (k, v)) in kv.iter().enumerate() {
-            let q_row = q.narrow(0, row, 1).unwrap().transpose(0, 1).unwrap().contiguous().unwrap();
-            let alone = attend_one(&q_row, k, v).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let alone = attend_rows(&q.narrow(0, row, 1).unwrap(), &[(k.clone(), v.clone())]).unwrap().unwrap();
+            let alone = alone.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(together.get(row).unwrap().to_vec1::<f32>().unwrap(), alone);
         }
         // Other layouts are left to the caller.

@@ -152,7 +152,7 @@ impl HuginnModel {
         for chunk in chunks.iter_mut() {
             chunk.cache.begin_tokens(chunk.start, chunk.len)?;
         }
-        let layout = self.rope.layout(chunks, self.dtype)?;
+        let layout = self.rope.layout(chunks)?;
         let ids = Tensor::new(ids, &self.device)?;
         let mut xs = (self.wte.embedding(&ids)? * self.embed_scale)?;
         for block in &self.prelude {
@@ -181,7 +181,7 @@ impl HuginnModel {
     /// `step` (which picks its cache slot).
     pub fn core_step(&self, state: &Tensor, injection: &Tensor, chunks: &mut [Chunk<'_>]) -> Result<Tensor> {
         self.check_rows(state.dim(0)?, chunks)?;
-        let layout = self.rope.layout(chunks, self.dtype)?;
+        let layout = self.rope.layout(chunks)?;
         let mut xs = (self.adapter_state.forward(state)? + injection)?;
         for block in &self.core {
             xs = block.forward(&xs, &layout, chunks)?;
@@ -192,7 +192,7 @@ impl HuginnModel {
     /// `ln_f`, the coda, `ln_f` again and the (tied) head; logits in float32.
     pub fn coda(&self, state: &Tensor, chunks: &mut [Chunk<'_>], rows: LogitRows) -> Result<Tensor> {
         self.check_rows(state.dim(0)?, chunks)?;
-        let layout = self.rope.layout(chunks, self.dtype)?;
+        let layout = self.rope.layout(chunks)?;
         let mut xs = self.ln_f.forward(state)?;
         for block in &self.coda {
             xs = block.forward(&xs, &layout, chunks)?;

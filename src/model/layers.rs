@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use super::add_norm::add_rms_norm;
 use super::cache::{KvCache, LayerSlot};
 use super::config::HuginnConfig;
-use super::decode_attention::{attend_one, attend_rows};
+use super::decode_attention::attend_rows;
 use super::error::Result;
 use super::linear::Linear;
 use super::weights::WeightFiles;
@@ -29,14 +29,11 @@ pub enum Stage {
     Coda,
 }
 
-/// Per-call data shared by every layer: rotary tables gathered for each row, causal masks per chunk.
+/// Per-call data shared by every layer: rotary tables gathered for each row.
 pub struct BatchLayout {
     /// `[tokens, 1, head_dim / 2]` cos and sin of each row's position.
     cos: Tensor,
     sin: Tensor,
-    /// Additive mask `[len, start + len]` for chunks of more than one token (not built for CPU
-    /// float32, whose attention kernel is causal by construction).
-    masks: Vec<Option<Tensor>>,
 }
 
 /// Rotary embedding tables (interleaved pairs), float32, `[block_size, head_dim / 2]`.
@@ -72,7 +69,7 @@ impl Rope {
         (&self.cos, &self.sin)
     }
 
-    pub fn layout(&self, chunks: &[Chunk<'_>], dtype: DType) -> Result<BatchLayout> {
+    pub fn layout(&self, chunks: &[Chunk<'_>]) -> Result<BatchLayout> {
         let gather = |table: &Tensor| -> Result<Tensor> {
             let parts =
                 chunks.iter().map(|c| table.narrow(0, c.start, c.len)).collect::<candle_core::Result<Vec<_>>>()?;
@@ -80,14 +77,7 @@ impl Rope {
             let tokens = rows.dim(0)?;
             Ok(rows.contiguous()?.reshape((tokens, 1, rows.dim(1)?))?)
         };
-        let device = self.cos.device();
-        // The CPU float32 attention applies causality itself; the tensor-op path needs masks.
-        let masked = !(device.is_cpu() && dtype == DType::F32);
-        let masks = chunks
-            .iter()
-            .map(|c| (masked && c.len > 1).then(|| causal_mask(c.start, c.len, dtype, device)).transpose())
-            .collect::<Result<Vec<_>>>()?;
-        Ok(BatchLayout { cos: gather(&self.cos)?, sin: gather(&self.sin)?, masks })
+        Ok(BatchLayout { cos: gather(&self.cos)?, sin: gather(&self.sin)? })
     }
 }
 
@@ -216,22 +206,14 @@ impl Attention {
         // Other devices and dtypes: tensor ops, chunk by chunk.
         let mut outputs = Vec::with_capacity(chunks.len());
         let mut row = 0;
-        for (index, (chunk, (keys, values))) in chunks.iter().zip(&cached).enumerate() {
+        for (chunk, (keys, values)) in chunks.iter().zip(&cached) {
             let n = chunk.len;
             let q_chunk = q.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?; // [h, n, hd]
-            let mask = match &layout.masks[index] {
-                Some(mask) => Some(mask.clone()),
-                None if n > 1 => Some(causal_mask(chunk.start, n, dtype, q.device())?),
-                None => None,
-            };
-            let out = match mask {
-                None => attend_one(&q_chunk, keys, values)?,
-                Some(mask) => {
-                    let scores = q_chunk.matmul(&keys.t()?)?.broadcast_add(&mask)?; // [h, n, positions]
-                    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-                    probs.matmul(values)? // [h, n, hd]
-                }
-            };
+            let scores = q_chunk.matmul(&keys.t()?)?; // [h, n, positions]
+            let scores =
+                if n > 1 { scores.broadcast_add(&causal_mask(chunk.start, n, dtype, q.device())?)? } else { scores };
+            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
+            let out = probs.matmul(values)?; // [h, n, hd]
             outputs.push(out.transpose(0, 1)?.reshape((n, d))?);
             row += n;
         }
