@@ -37,6 +37,8 @@ fn bf16_weights_stay_within_the_measured_tolerance() {
     let f32_model = load(&fixture_dir(), DType::F32);
     let bf16_model = load(&fixture_dir(), DType::BF16);
     assert_eq!(bf16_model.dtype(), DType::BF16);
+    // On the CPU only the weights are bfloat16; activations and the K/V cache stay float32.
+    assert_eq!(bf16_model.activation_dtype(), DType::F32);
     for steps in [1, 4, 8, 32] {
         let a = prompt_logits(&f32_model, &PROMPT, steps);
         let b = prompt_logits(&bf16_model, &PROMPT, steps);

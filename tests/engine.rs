@@ -53,7 +53,17 @@ fn collect(handle: &mut huginn::engine::JobHandle) -> (Vec<u32>, Vec<usize>, Fin
 
 #[test]
 fn concurrent_requests_get_the_same_tokens_as_alone() {
-    let model = Arc::new(load(&fixture_dir(), DType::F32));
+    concurrent_requests_match_alone(DType::F32);
+}
+
+/// bfloat16 weights on the CPU go through their own kernels (AMX tiles where the CPU has them).
+#[test]
+fn concurrent_requests_get_the_same_tokens_as_alone_with_bf16_weights() {
+    concurrent_requests_match_alone(DType::BF16);
+}
+
+fn concurrent_requests_match_alone(dtype: DType) {
+    let model = Arc::new(load(&fixture_dir(), dtype));
     let prompts: Vec<Vec<u32>> = vec![PROMPT.to_vec(), vec![313, 14, 316, 32], vec![40, 41, 42], vec![100; 9]];
     let rules = [
         ExitRule::default(),
@@ -76,7 +86,7 @@ fn concurrent_requests_get_the_same_tokens_as_alone() {
         cases.iter().map(|(prompt, p)| engine.submit(spec(prompt.clone(), p.clone())).unwrap()).collect();
     for (i, handle) in handles.iter_mut().enumerate() {
         let (ids, steps, reason) = collect(handle);
-        assert_eq!((ids, steps), expected[i], "request {i}");
+        assert_eq!((ids, steps), expected[i], "{dtype:?} request {i}");
         assert_eq!(reason, FinishReason::Length);
     }
 }

@@ -146,8 +146,17 @@ fn continuous_compute_starts_from_the_previous_state() {
 
 #[test]
 fn batched_entry_points_equal_separate_runs() {
+    batched_entry_points_match(DType::F32);
+}
+
+#[test]
+fn batched_entry_points_equal_separate_runs_with_bf16_weights() {
+    batched_entry_points_match(DType::BF16);
+}
+
+fn batched_entry_points_match(dtype: DType) {
     // Two sequences in one pass: different prompts, positions and recurrence steps.
-    let model = load(&fixture_dir(), DType::F32);
+    let model = load(&fixture_dir(), dtype);
     let (a_ids, b_ids) = (PROMPT.to_vec(), vec![313u32, 14, 316, 32]);
     let (a_steps, b_steps) = (3usize, 5usize);
     let separate = |ids: &[u32], steps| {

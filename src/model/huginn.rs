@@ -20,7 +20,10 @@ use super::weights::{WeightFiles, read_text};
 pub struct HuginnModel {
     cfg: HuginnConfig,
     device: Device,
+    /// The dtype the weights were loaded in.
     dtype: DType,
+    /// The dtype of the latent state, the activations and the K/V cache.
+    activation_dtype: DType,
     embed_scale: f64,
     wte: Tensor,
     lm_head: Linear,
@@ -85,8 +88,8 @@ impl HuginnModel {
 
     pub fn from_weights(cfg: HuginnConfig, w: &WeightFiles) -> Result<Self> {
         let (d, v) = (cfg.n_embd, cfg.vocab_size);
-        let wte = w.load("transformer.wte.weight", &[v, d])?;
-        let lm_head = Linear::new(if w.contains("lm_head.weight") || !cfg.tie_embeddings {
+        let wte = w.load_embedding("transformer.wte.weight", &[v, d])?;
+        let lm_head = w.linear(if w.contains("lm_head.weight") || !cfg.tie_embeddings {
             w.load("lm_head.weight", &[v, d])?
         } else {
             wte.clone()
@@ -102,12 +105,13 @@ impl HuginnModel {
             prelude: blocks(Stage::Prelude, "prelude", cfg.n_layers_in_prelude)?,
             core: blocks(Stage::Core, "core_block", cfg.n_layers_in_recurrent_block)?,
             coda: blocks(Stage::Coda, "coda", cfg.n_layers_in_coda)?,
-            adapter_state: Linear::new(adapter.narrow(1, 0, d)?.contiguous()?)?,
-            adapter_input: Linear::new(adapter.narrow(1, d, d)?.contiguous()?)?,
+            adapter_state: w.linear(adapter.narrow(1, 0, d)?.contiguous()?)?,
+            adapter_input: w.linear(adapter.narrow(1, d, d)?.contiguous()?)?,
             adapter_bias,
             ln_f: RmsNorm::load(w, "transformer.ln_f.weight", &cfg)?,
             rope: Rope::new(&cfg, &device)?,
-            dtype: wte.dtype(),
+            dtype: w.weights_dtype(),
+            activation_dtype: w.activation_dtype(),
             device,
             wte,
             lm_head,
@@ -123,13 +127,20 @@ impl HuginnModel {
         &self.device
     }
 
+    /// The dtype the weights were loaded in.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// The dtype of the latent state, the activations and the K/V cache: the weights' dtype,
+    /// except float32 for bfloat16 weights on the CPU.
+    pub fn activation_dtype(&self) -> DType {
+        self.activation_dtype
+    }
+
     /// An empty cache for one sequence.
     pub fn new_cache(&self, strategy: CacheStrategy) -> KvCache {
-        KvCache::new(&self.cfg, strategy, self.dtype, &self.device)
+        KvCache::new(&self.cfg, strategy, self.activation_dtype, &self.device)
     }
 
     /// Embeds `ids` (the tokens of all chunks, in chunk order), runs the prelude and returns each
@@ -154,7 +165,7 @@ impl HuginnModel {
         }
         let layout = self.rope.layout(chunks)?;
         let ids = Tensor::new(ids, &self.device)?;
-        let mut xs = (self.wte.embedding(&ids)? * self.embed_scale)?;
+        let mut xs = (self.wte.embedding(&ids)?.to_dtype(self.activation_dtype)? * self.embed_scale)?;
         for block in &self.prelude {
             xs = block.forward(&xs, &layout, chunks)?;
         }
@@ -171,10 +182,10 @@ impl HuginnModel {
         let d = self.cfg.n_embd;
         let std = (2.0 / (5.0 * d as f64)).sqrt() * init_scale;
         if std <= 0.0 {
-            return Ok(Tensor::zeros((rows, d), self.dtype, &self.device)?);
+            return Ok(Tensor::zeros((rows, d), self.activation_dtype, &self.device)?);
         }
         let values: Vec<f32> = (0..rows * d).map(|_| (truncated_normal(rng) * std * self.embed_scale) as f32).collect();
-        Ok(Tensor::from_vec(values, (rows, d), &self.device)?.to_dtype(self.dtype)?)
+        Ok(Tensor::from_vec(values, (rows, d), &self.device)?.to_dtype(self.activation_dtype)?)
     }
 
     /// One recurrence step for every row: `s = core(adapter([s, e]))`, each chunk at its own

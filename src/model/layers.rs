@@ -140,9 +140,9 @@ impl Attention {
             None
         };
         Ok(Self {
-            wqkv: Linear::new(wqkv)?,
+            wqkv: w.linear(wqkv)?,
             qk_bias,
-            proj: Linear::new(w.load(&format!("{prefix}.proj.weight"), &[d, d])?)?,
+            proj: w.linear(w.load(&format!("{prefix}.proj.weight"), &[d, d])?)?,
             heads: h,
             head_dim: hd,
         })
@@ -231,8 +231,8 @@ impl GatedMlp {
     fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig) -> Result<Self> {
         let (d, i) = (cfg.n_embd, cfg.intermediate_size);
         Ok(Self {
-            fc: Linear::new(w.load(&format!("{prefix}.fc.weight"), &[2 * i, d])?)?,
-            proj: Linear::new(w.load(&format!("{prefix}.proj.weight"), &[d, i])?)?,
+            fc: w.linear(w.load(&format!("{prefix}.fc.weight"), &[2 * i, d])?)?,
+            proj: w.linear(w.load(&format!("{prefix}.proj.weight"), &[d, i])?)?,
         })
     }
 

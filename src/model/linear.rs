@@ -13,6 +13,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::bf16_linear::{Bf16Matmul, Bf16Panels};
 use super::error::Result;
 use super::panel_kernel::{MAX_ROWS, PANEL, panels_per_tile, tile, tile_range};
 
@@ -34,6 +35,9 @@ const PARALLEL_MIN_WORK: usize = 1 << 16;
 pub enum Linear {
     /// Float32 CPU weights, repacked into panels (the original layout is dropped).
     Packed(Arc<Panels>),
+    /// CPU weights rounded to bfloat16 and packed for [`bf16_linear`](super::bf16_linear);
+    /// inputs and outputs stay float32.
+    PackedBf16(Arc<Bf16Panels>),
     /// Any other weight (other dtypes or devices, trainable variables), used through matmul.
     Plain(Tensor),
 }
@@ -56,18 +60,33 @@ impl Linear {
         Ok(Self::Packed(Arc::new(Panels::pack(&values, n, k))))
     }
 
+    /// Rounds a CPU weight of any float dtype to bfloat16 and packs it (float32 inputs and
+    /// outputs); weights on other devices, and trainable variables, go to [`Self::new`].
+    pub fn new_bf16(weight: Tensor) -> Result<Self> {
+        if !weight.device().is_cpu() || weight.rank() != 2 || weight.is_variable() || weight.track_op() {
+            return Self::new(weight);
+        }
+        let (n, k) = weight.dims2()?;
+        let values = weight.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self::PackedBf16(Arc::new(Bf16Panels::pack(&values, n, k))))
+    }
+
     /// `xs @ W^T` over the last dimension of `xs`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Packed(panels) => {
-                let (&k, leading) = xs.dims().split_last().unwrap_or((&0, &[]));
-                let rows = xs.contiguous()?.reshape((leading.iter().product::<usize>(), k))?;
-                let out = rows.apply_op1_no_bwd(&PanelMatmul(panels.clone()))?;
-                Ok(out.reshape([leading, &[panels.n]].concat())?)
-            }
+            Self::Packed(panels) => apply_rows(xs, &PanelMatmul(panels.clone()), panels.n),
+            Self::PackedBf16(panels) => apply_rows(&xs.to_dtype(DType::F32)?, &Bf16Matmul(panels.clone()), panels.n),
             Self::Plain(weight) => Ok(xs.broadcast_matmul(&weight.t()?)?),
         }
     }
+}
+
+/// Applies a rows-in, rows-out `op` with `n` outputs over the last dimension of `xs`.
+fn apply_rows(xs: &Tensor, op: &impl CustomOp1, n: usize) -> Result<Tensor> {
+    let (&k, leading) = xs.dims().split_last().unwrap_or((&0, &[]));
+    let rows = xs.contiguous()?.reshape((leading.iter().product::<usize>(), k))?;
+    let out = rows.apply_op1_no_bwd(op)?;
+    Ok(out.reshape([leading, &[n]].concat())?)
 }
 
 /// A `[n, k]` matrix stored as `ceil(n / PANEL)` panels of `[k][PANEL]`, zero-padded.
@@ -79,7 +98,7 @@ pub struct Panels {
 
 impl Panels {
     fn pack(w: &[f32], n: usize, k: usize) -> Self {
-        let mut data = weight_buffer(n.div_ceil(PANEL) * k * PANEL);
+        let mut data = weight_buffer(n.div_ceil(PANEL) * k * PANEL, 0.0f32);
         data.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
             for j in 0..PANEL.min(n - p * PANEL) {
                 let row = &w[(p * PANEL + j) * k..][..k];
@@ -146,21 +165,21 @@ impl Panels {
 /// A zeroed buffer of `len` floats for packed weights, which the kernel may back with transparent
 /// huge pages: every step streams all of a model's weights, and 2 MiB pages need 512 times fewer
 /// TLB entries than 4 KiB ones (measured: 5-10% faster products at 16 rows).
-fn weight_buffer(len: usize) -> Vec<f32> {
-    let mut data: Vec<f32> = Vec::with_capacity(len);
+pub(super) fn weight_buffer<T: Clone>(len: usize, zero: T) -> Vec<T> {
+    let mut data: Vec<T> = Vec::with_capacity(len);
     #[cfg(target_os = "linux")]
     {
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
         let start = (data.as_ptr() as usize).next_multiple_of(page);
-        let end = (data.as_ptr() as usize + len * size_of::<f32>()) / page * page;
+        let end = (data.as_ptr() as usize + len * size_of::<T>()) / page * page;
         if end > start {
             // SAFETY: only advice, on whole pages inside the allocation this Vec owns; a kernel
             // without huge pages ignores it (the result is not needed).
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
         }
     }
-    data.resize(len, 0.0);
+    data.resize(len, zero);
     data
 }
 
@@ -202,7 +221,7 @@ impl RowGroups {
 }
 
 /// The output buffer, shared by the tasks of one product (each writes its own columns).
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 
 // SAFETY: the tasks write disjoint elements (see `PanelMatmul::cpu_fwd`).
 unsafe impl Sync for OutPtr {}
@@ -212,7 +231,7 @@ impl OutPtr {
     ///
     /// # Safety
     /// `offset` must be inside the buffer.
-    unsafe fn at(&self, offset: usize) -> *mut f32 {
+    pub(super) unsafe fn at(&self, offset: usize) -> *mut f32 {
         // SAFETY: the caller's contract.
         unsafe { self.0.add(offset) }
     }

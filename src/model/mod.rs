@@ -1,6 +1,8 @@
 //! The model runtime: checkpoint loading, the three forward entry points, K/V caches and exits.
 
 pub mod add_norm;
+pub mod amx;
+pub mod bf16_linear;
 pub mod cache;
 pub mod config;
 pub mod decode_attention;

@@ -9,6 +9,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{ModelError, Result};
+use super::linear::Linear;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const SHARD_INDEX: &str = "model.safetensors.index.json";
@@ -17,12 +18,17 @@ pub const SHARD_INDEX: &str = "model.safetensors.index.json";
 pub struct WeightFiles {
     files: Vec<(String, MmapedSafetensors)>,
     location: HashMap<String, usize>,
+    /// The dtype asked for.
+    weights_dtype: DType,
+    /// The dtype tensors load in: the dtype asked for, except bfloat16 on the CPU, where only the
+    /// linear layers and the embedding table keep bfloat16 and everything else computes in float32.
     dtype: DType,
     device: Device,
 }
 
 impl WeightFiles {
-    /// Opens `model.safetensors` or, when absent, the shards named by the index file.
+    /// Opens `model.safetensors` or, when absent, the shards named by the index file, to load in
+    /// `dtype` on `device`.
     pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let names = weight_file_names(dir)?;
         let mut files = Vec::with_capacity(names.len());
@@ -40,7 +46,34 @@ impl WeightFiles {
             }
             files.push((name, mmap));
         }
-        Ok(Self { files, location, dtype, device: device.clone() })
+        let values = if Self::mixed(dtype, device) { DType::F32 } else { dtype };
+        Ok(Self { files, location, weights_dtype: dtype, dtype: values, device: device.clone() })
+    }
+
+    /// bfloat16 on the CPU: bfloat16 weights in the linear layers ([`Linear::new_bf16`]) and the
+    /// embedding table, float32 for the rest and for the activations.
+    fn mixed(dtype: DType, device: &Device) -> bool {
+        dtype == DType::BF16 && device.is_cpu()
+    }
+
+    /// The dtype the weights were asked in.
+    pub fn weights_dtype(&self) -> DType {
+        self.weights_dtype
+    }
+
+    /// The dtype of the activations, norms and K/V cache.
+    pub fn activation_dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// A linear layer over `weight`, packed for the CPU kernels that the dtype asks for.
+    pub fn linear(&self, weight: Tensor) -> Result<Linear> {
+        if Self::mixed(self.weights_dtype, &self.device) { Linear::new_bf16(weight) } else { Linear::new(weight) }
+    }
+
+    /// The embedding table `name`, in the dtype asked for.
+    pub fn load_embedding(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
+        self.load_as(name, expected, self.weights_dtype)
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -51,7 +84,7 @@ impl WeightFiles {
         self.files.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
     }
 
-    /// Loads `name`, checks its shape and converts it to the model dtype on the model device.
+    /// Loads `name`, checks its shape and converts it to the activation dtype on the model device.
     pub fn load(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
         self.load_as(name, expected, self.dtype)
     }

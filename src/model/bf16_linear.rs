@@ -1,0 +1,266 @@
+//! Linear layers with bfloat16 weights on the CPU: half the bytes of float32 to stream per step,
+//! and on CPUs with AMX ([`amx`](super::amx)) tile multiply-adds that make a 16-row product cost
+//! about what a 1-row product does.
+//!
+//! The weights are packed once, at load, in column groups of 64 outputs, `[group][step][tile]
+//! [16 feature pairs][16 columns][2]` (zero-padded), which is the layout the tiles load. The input
+//! rows are rounded to bfloat16 (to nearest, ties to even); the products are summed in float32
+//! and the result stays float32. Without AMX a portable kernel reads the same layout. Either
+//! kernel sums each output of each row in an order that does not depend on the other rows, so a
+//! sequence's outputs do not depend on which sequences share its batch.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use half::bf16;
+use rayon::prelude::*;
+
+use super::amx::{self, GROUP_COLUMNS, STEP_VALUES, TILE_FEATURES, TILE_ROWS};
+use super::linear::{OutPtr, weight_buffer};
+
+/// Below this many multiply-adds a single thread is faster than waking the pool.
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+
+/// 64 bytes: one tile row, and the alignment of packed weights and inputs.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([u16; 32]);
+
+const ZERO_LINE: Line = Line([0; 32]);
+
+/// Which kernel multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles.
+    Amx,
+    /// Plain Rust over the same layout, for CPUs without AMX.
+    Portable,
+}
+
+impl Kernel {
+    /// AMX where the CPU and the OS allow it (`HUGINN_DISABLE_AMX` turns it off), else portable.
+    pub fn best() -> Self {
+        if amx::available() { Self::Amx } else { Self::Portable }
+    }
+}
+
+/// A `[n, k]` weight in bfloat16, packed for [`amx::column_group`].
+pub struct Bf16Panels {
+    lines: Vec<Line>,
+    pub(super) n: usize,
+    k: usize,
+    /// Tile steps per column group: `k` rounded up to 32 features.
+    steps: usize,
+}
+
+impl Bf16Panels {
+    /// Rounds `w` (`[n, k]`, row-major) to bfloat16 and packs it.
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        let steps = k.div_ceil(TILE_FEATURES);
+        let groups = n.div_ceil(GROUP_COLUMNS);
+        let group_lines = steps * STEP_VALUES / 32;
+        let mut lines = weight_buffer(groups * group_lines, ZERO_LINE);
+        lines.par_chunks_mut(group_lines).enumerate().for_each(|(group, block)| {
+            for (i, line) in block.iter_mut().enumerate() {
+                // Line i of a group: step i / 64, tile (i / 16) % 4, feature pair i % 16; its 32
+                // values are 16 columns x 2 features.
+                let (step, tile, pair) = (i / 64, (i / 16) % 4, i % 16);
+                for (j, value) in line.0.iter_mut().enumerate() {
+                    let column = group * GROUP_COLUMNS + tile * 16 + j / 2;
+                    let feature = step * TILE_FEATURES + pair * 2 + j % 2;
+                    if column < n && feature < k {
+                        *value = bf16::from_f32(w[column * k + feature]).to_bits();
+                    }
+                }
+            }
+        });
+        Self { lines, n, k, steps }
+    }
+
+    fn values(&self) -> &[u16] {
+        // SAFETY: `Line` is 32 u16 with no padding (64 bytes, align 64).
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u16>(), self.lines.len() * 32) }
+    }
+
+    /// `xs @ W^T` for `m` rows of `k` float32 inputs: `[m, n]` float32.
+    pub fn multiply(&self, xs: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
+        let (n, width) = (self.n, self.steps * TILE_FEATURES);
+        let mut out = vec![0.0f32; m * n];
+        if m == 0 {
+            return out;
+        }
+        // The rows in bfloat16, each padded with zeros to whole tile steps.
+        let mut rows = vec![ZERO_LINE; m * width / 32];
+        // SAFETY: as in `values`.
+        let x: &mut [u16] = unsafe { std::slice::from_raw_parts_mut(rows.as_mut_ptr().cast::<u16>(), m * width) };
+        for (row, input) in x.chunks_exact_mut(width).zip(xs.chunks_exact(self.k)) {
+            for (value, input) in row.iter_mut().zip(input) {
+                *value = bf16::from_f32(*input).to_bits();
+            }
+        }
+        let x: &[u16] = x;
+        let groups = n.div_ceil(GROUP_COLUMNS);
+        let per_task = if m * n * self.k < PARALLEL_MIN_WORK {
+            groups
+        } else {
+            groups.div_ceil(rayon::current_num_threads().max(1) * 4)
+        };
+        let base = OutPtr(out.as_mut_ptr());
+        let base = &base;
+        let group_values = self.steps * STEP_VALUES;
+        self.values().par_chunks(per_task * group_values).enumerate().for_each(|(task, weights)| {
+            let mut tile = [[0.0f32; GROUP_COLUMNS]; TILE_ROWS];
+            for (g, weights) in weights.chunks_exact(group_values).enumerate() {
+                let first_column = (task * per_task + g) * GROUP_COLUMNS;
+                let columns = GROUP_COLUMNS.min(n - first_column);
+                for first_row in (0..m).step_by(TILE_ROWS) {
+                    let count = TILE_ROWS.min(m - first_row);
+                    let x = &x[first_row * width..][..count * width];
+                    match kernel {
+                        // SAFETY: `Kernel::Amx` is only chosen when AMX is available; `x` holds
+                        // `count` rows of `width` values, `weights` one group's steps and `tile`
+                        // 16 rows of 64 floats.
+                        Kernel::Amx => unsafe {
+                            amx::column_group(
+                                x.as_ptr(),
+                                width * 2,
+                                count,
+                                weights.as_ptr(),
+                                self.steps,
+                                tile.as_mut_ptr().cast::<f32>(),
+                                GROUP_COLUMNS * 4,
+                            )
+                        },
+                        Kernel::Portable => portable_column_group(x, width, weights, &mut tile[..count]),
+                    }
+                    for (r, sums) in tile[..count].iter().enumerate() {
+                        // SAFETY: this task alone writes columns first_column..+columns of every
+                        // row, inside the `m * n` output.
+                        unsafe {
+                            let out = base.at((first_row + r) * n + first_column);
+                            std::ptr::copy_nonoverlapping(sums.as_ptr(), out, columns);
+                        }
+                    }
+                }
+            }
+        });
+        out
+    }
+}
+
+/// The portable twin of [`amx::column_group`]: `out[r][j]` for the rows of `x` (each `width`
+/// bfloat16 values) and one column group's packed `weights`.
+fn portable_column_group(x: &[u16], width: usize, weights: &[u16], out: &mut [[f32; GROUP_COLUMNS]]) {
+    let float = |bits: u16| f32::from_bits(u32::from(bits) << 16);
+    for (row, sums) in x.chunks_exact(width).zip(out.iter_mut()) {
+        *sums = [0.0; GROUP_COLUMNS];
+        for (inputs, step) in row.chunks_exact(TILE_FEATURES).zip(weights.chunks_exact(STEP_VALUES)) {
+            for (tile, tile_sums) in step.chunks_exact(STEP_VALUES / 4).zip(sums.chunks_exact_mut(16)) {
+                for (pair, w) in inputs.chunks_exact(2).zip(tile.chunks_exact(32)) {
+                    let (x0, x1) = (float(pair[0]), float(pair[1]));
+                    for (sum, w) in tile_sums.iter_mut().zip(w.chunks_exact(2)) {
+                        *sum += x0 * float(w[0]);
+                        *sum += x1 * float(w[1]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The candle op: float32 rows in, float32 products out.
+pub(super) struct Bf16Matmul(pub(super) Arc<Bf16Panels>);
+
+impl CustomOp1 for Bf16Matmul {
+    fn name(&self) -> &'static str {
+        "bf16-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(xs) = storage else { candle_core::bail!("bf16-matmul expects float32 input") };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("bf16-matmul expects a contiguous input")
+        };
+        let w = &self.0;
+        let (m, k) = layout.shape().dims2()?;
+        if k != w.k {
+            candle_core::bail!("bf16-matmul: input has {k} features, the weight {}", w.k)
+        }
+        let out = w.multiply(&xs[start..end], m, Kernel::best());
+        Ok((CpuStorage::F32(out), Shape::from((m, w.n))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..len)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn rounded(v: &[f32]) -> Vec<f32> {
+        v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect()
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        if amx::available() { vec![Kernel::Amx, Kernel::Portable] } else { vec![Kernel::Portable] }
+    }
+
+    /// Products of bfloat16 values are exact in float32: only the order of the sums differs.
+    fn check(m: usize, n: usize, k: usize) {
+        let (w, x) = (random(n * k, 1 + n as u64), random(m * k, 7 + k as u64));
+        let panels = Bf16Panels::pack(&w, n, k);
+        let (w, x) = (rounded(&w), rounded(&x));
+        for kernel in kernels() {
+            let out = panels.multiply(&x, m, kernel);
+            for r in 0..m {
+                for j in 0..n {
+                    let exact: f64 = (0..k).map(|c| f64::from(x[r * k + c]) * f64::from(w[j * k + c])).sum();
+                    let diff = (out[r * n + j] as f64 - exact).abs();
+                    assert!(diff < 1e-5 * k as f64, "{kernel:?} m={m} n={n} k={k} [{r},{j}]: {diff}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_the_exact_product_of_the_rounded_values() {
+        check(1, 3, 5);
+        check(1, 192, 64);
+        check(3, 300, 257);
+        check(16, 128, 512);
+        check(17, 70, 45);
+        check(40, 64, 32);
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_or_in_a_batch() {
+        let (n, k) = (1000, 256);
+        let panels = Bf16Panels::pack(&random(n * k, 3), n, k);
+        let batch = random(40 * k, 5);
+        for kernel in kernels() {
+            let together = panels.multiply(&batch, 40, kernel);
+            for r in [0, 15, 16, 33, 39] {
+                let alone = panels.multiply(&batch[r * k..][..k], 1, kernel);
+                assert_eq!(alone, together[r * n..][..n], "{kernel:?} row {r}");
+            }
+            for rows in [2, 9, 16, 17] {
+                let part = panels.multiply(&batch[..rows * k], rows, kernel);
+                assert_eq!(part, together[..rows * n], "{kernel:?} {rows} rows");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_rows_give_an_empty_result() {
+        let panels = Bf16Panels::pack(&random(64 * 16, 1), 64, 16);
+        assert!(panels.multiply(&[], 0, Kernel::best()).is_empty());
+    }
+}
