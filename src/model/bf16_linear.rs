@@ -85,7 +85,7 @@ impl Bf16Panels {
     /// `xs @ W^T` for `m` rows of `k` float32 inputs: `[m, n]` float32.
     pub fn multiply(&self, xs: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
         let (n, width) = (self.n, self.steps * TILE_FEATURES);
-        let mut out = vec![0.0f32; m * n];
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
         if m == 0 {
             return out;
         }
@@ -95,7 +95,7 @@ impl Bf16Panels {
         let x: &mut [u16] = unsafe { std::slice::from_raw_parts_mut(rows.as_mut_ptr().cast::<u16>(), m * width) };
         for (row, input) in x.chunks_exact_mut(width).zip(xs.chunks_exact(self.k)) {
             for (value, input) in row.iter_mut().zip(input) {
-                *value = bf16::from_f32(*input).to_bits();
+                *value = to_bf16(*input);
             }
         }
         let x: &[u16] = x;
@@ -105,7 +105,7 @@ impl Bf16Panels {
         } else {
             groups.div_ceil(rayon::current_num_threads().max(1) * 4)
         };
-        let base = OutPtr(out.as_mut_ptr());
+        let base = OutPtr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
         let base = &base;
         let group_values = self.steps * STEP_VALUES;
         self.values().par_chunks(per_task * group_values).enumerate().for_each(|(task, weights)| {
@@ -116,10 +116,18 @@ impl Bf16Panels {
                 for first_row in (0..m).step_by(TILE_ROWS) {
                     let count = TILE_ROWS.min(m - first_row);
                     let x = &x[first_row * width..][..count * width];
+                    if kernel == Kernel::Amx && columns == GROUP_COLUMNS {
+                        // SAFETY: AMX is available (`Kernel::Amx` is chosen only then); `x` holds
+                        // `count` rows of `width` values and `weights` one group's steps; this
+                        // task alone writes these 64 columns of these rows of the `m * n` output.
+                        unsafe {
+                            let out = base.at(first_row * n + first_column);
+                            amx::column_group(x.as_ptr(), width * 2, count, weights.as_ptr(), self.steps, out, n * 4);
+                        }
+                        continue;
+                    }
                     match kernel {
-                        // SAFETY: `Kernel::Amx` is only chosen when AMX is available; `x` holds
-                        // `count` rows of `width` values, `weights` one group's steps and `tile`
-                        // 16 rows of 64 floats.
+                        // SAFETY: as above, into `tile` (16 rows of 64 floats).
                         Kernel::Amx => unsafe {
                             amx::column_group(
                                 x.as_ptr(),
@@ -144,8 +152,20 @@ impl Bf16Panels {
                 }
             }
         });
+        // SAFETY: the tasks together wrote every column of every row (each group's columns, each
+        // row group's rows).
+        unsafe { out.set_len(m * n) };
         out
     }
+}
+
+/// Rounds to the nearest bfloat16, ties to even; NaN stays NaN (quiet). The same results as
+/// `half::bf16::from_f32`, written without branches so that the loop over a row vectorizes.
+fn to_bf16(value: f32) -> u16 {
+    let bits = value.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let quiet_nan = ((bits >> 16) | 0x40) as u16;
+    if bits & 0x7fff_ffff > 0x7f80_0000 { quiet_nan } else { rounded }
 }
 
 /// The portable twin of [`amx::column_group`]: `out[r][j]` for the rows of `x` (each `width`
@@ -255,6 +275,21 @@ mod tests {
                 let part = panels.multiply(&batch[..rows * k], rows, kernel);
                 assert_eq!(part, together[..rows * n], "{kernel:?} {rows} rows");
             }
+        }
+    }
+
+    #[test]
+    fn rounding_matches_the_half_crate() {
+        let mut state = 12345u64;
+        let specials = [0.0f32, -0.0, 1.0, f32::MAX, f32::MIN_POSITIVE, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+        let patterns = (0..100_000).map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            f32::from_bits((state >> 32) as u32)
+        });
+        // Ties: the low 16 bits exactly half way, with even and odd bit 16.
+        let ties = [0x3f80_8000u32, 0x3f81_8000, 0xbf80_8000, 0x7f7f_8000].map(f32::from_bits);
+        for value in specials.into_iter().chain(ties).chain(patterns) {
+            assert_eq!(to_bf16(value), bf16::from_f32(value).to_bits(), "{:#010x}", value.to_bits());
         }
     }
 
