@@ -46,7 +46,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let tiny = HuginnModel::load(&args.fixture, DType::F32, &device).context("loading the fixture model")?;
     ensure_large_model(&args.large_model)?;
-    let load_large = |dtype| HuginnModel::load(&args.large_model, dtype, &device).context("loading the width-1024 model");
+    let load_large =
+        |dtype| HuginnModel::load(&args.large_model, dtype, &device).context("loading the width-1024 model");
     let large = vec![("width-1024", load_large(DType::F32)?), ("width-1024 bf16", load_large(DType::BF16)?)];
     let serving = serving::run(&args, tiny, large)?;
     if args.serving_only {

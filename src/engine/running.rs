@@ -89,8 +89,7 @@ impl Running {
         let seed = spec.params.seed.wrapping_add(choice as u64);
         // Replaced by the first chunk's prelude before any step reads them.
         let placeholder = Tensor::zeros((1, 1), model.activation_dtype(), model.device())?;
-        let reserved_kv =
-            kv_reservation(model.config(), model.activation_dtype().size_in_bytes(), &spec) / spec.n.max(1);
+        let reserved_kv = kv_reservation(model.config(), model.kv_dtype().size_in_bytes(), &spec) / spec.n.max(1);
         Ok(Self {
             choice,
             reserved_kv,

@@ -59,7 +59,7 @@ impl Scheduler {
         if self.running.is_empty() {
             return true;
         }
-        let kv = kv_reservation(self.model.config(), self.model.activation_dtype().size_in_bytes(), &job.spec);
+        let kv = kv_reservation(self.model.config(), self.model.kv_dtype().size_in_bytes(), &job.spec);
         let reserved: usize = self.running.iter().map(|r| r.reserved_kv).sum();
         self.running.len() + job.spec.n <= self.limits.max_active_sequences && reserved + kv <= self.limits.max_kv_bytes
     }

@@ -268,18 +268,19 @@ impl KvCache {
 }
 
 /// Writes `rows` (`[n, heads, head_dim]`) into `buffer` (`[heads, capacity, head_dim]`) at
-/// positions `start..start + n`: in place, straight from the rows' strides, for float32 CPU
-/// tensors; through a transposed copy otherwise.
+/// positions `start..start + n`: in place, straight from the rows' strides, for float32 CPU rows
+/// into a float32 or bfloat16 buffer (rounded to nearest, ties to even); through a transposed copy
+/// otherwise.
 fn write_rows(buffer: &Tensor, rows: &Tensor, start: usize) -> Result<()> {
     let direct = buffer.device().is_cpu()
-        && buffer.dtype() == DType::F32
+        && matches!(buffer.dtype(), DType::F32 | DType::BF16)
         && rows.dtype() == DType::F32
         && buffer.is_contiguous()
         && rows.stride().last() == Some(&1);
     if direct {
         buffer.inplace_op2(rows, &WriteRows { start })?;
     } else {
-        buffer.slice_set(&rows.transpose(0, 1)?.contiguous()?, 1, start)?;
+        buffer.slice_set(&rows.transpose(0, 1)?.to_dtype(buffer.dtype())?.contiguous()?, 1, start)?;
     }
     Ok(())
 }
@@ -301,9 +302,24 @@ impl candle_core::InplaceOp2 for WriteRows {
         rows: &candle_core::CpuStorage,
         rl: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        let (candle_core::CpuStorage::F32(buffer), candle_core::CpuStorage::F32(rows)) = (buffer, rows) else {
-            candle_core::bail!("kv-write-rows expects float32 tensors")
-        };
+        let candle_core::CpuStorage::F32(rows) = rows else { candle_core::bail!("kv-write-rows expects float32 rows") };
+        match buffer {
+            candle_core::CpuStorage::F32(buffer) => self.write(buffer, bl, rows, rl, |x| x),
+            candle_core::CpuStorage::BF16(buffer) => self.write(buffer, bl, rows, rl, half::bf16::from_f32),
+            _ => candle_core::bail!("kv-write-rows expects a float32 or bfloat16 buffer"),
+        }
+    }
+}
+
+impl WriteRows {
+    fn write<T>(
+        &self,
+        buffer: &mut [T],
+        bl: &candle_core::Layout,
+        rows: &[f32],
+        rl: &candle_core::Layout,
+        convert: impl Fn(f32) -> T,
+    ) -> candle_core::Result<()> {
         let (heads, capacity, dim) = bl.shape().dims3()?;
         let (n, row_heads, row_dim) = rl.shape().dims3()?;
         if (row_heads, row_dim) != (heads, dim) || self.start + n > capacity || !bl.is_contiguous() {
@@ -314,7 +330,9 @@ impl candle_core::InplaceOp2 for WriteRows {
             for h in 0..heads {
                 let from = rl.start_offset() + r * row_stride + h * head_stride;
                 let to = bl.start_offset() + (h * capacity + self.start + r) * dim;
-                buffer[to..to + dim].copy_from_slice(&rows[from..from + dim]);
+                for (to, from) in buffer[to..to + dim].iter_mut().zip(&rows[from..from + dim]) {
+                    *to = convert(*from);
+                }
             }
         }
         Ok(())

@@ -8,6 +8,7 @@
 //! devices and dtypes use the tensor ops.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
+use half::bf16;
 use rayon::prelude::*;
 
 use super::error::Result;
@@ -17,20 +18,68 @@ const PARALLEL_MIN_WORK: usize = 1 << 15;
 
 /// Attention of many query rows in one call: row `i` of `q` (`[rows, heads, head_dim]`,
 /// already scaled; any row and head strides) attends over `kv[i]` (`[heads, positions_i, head_dim]`
-/// views of its cache). Returns `[rows, heads * head_dim]`, or `None` when the tensors are not
-/// float32 CPU tensors of that layout (then the caller uses the tensor ops). Every row is computed
+/// views of its cache, float32 or bfloat16). Returns `[rows, heads * head_dim]` float32, or `None`
+/// when the tensors are not CPU tensors of that layout and those dtypes (then the caller uses the
+/// tensor ops). Every row is computed
 /// the same way whatever the other rows, so a sequence gets the same bits alone or in a batch.
 pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<Option<Tensor>> {
+    match kv.first().map(|(k, _)| k.dtype()) {
+        Some(DType::BF16) => attend_rows_of::<bf16>(q, kv),
+        _ => attend_rows_of::<f32>(q, kv),
+    }
+}
+
+/// A cache element: float32, or bfloat16 (read as float32 exactly).
+trait CacheValue: Copy + Send + Sync + 'static {
+    const DTYPE: DType;
+    fn slice(storage: &CpuStorage) -> Option<&[Self]>;
+    fn float(self) -> f32;
+}
+
+impl CacheValue for f32 {
+    const DTYPE: DType = DType::F32;
+    fn slice(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+    #[inline(always)]
+    fn float(self) -> f32 {
+        self
+    }
+}
+
+impl CacheValue for bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn slice(storage: &CpuStorage) -> Option<&[Self]> {
+        match storage {
+            CpuStorage::BF16(v) => Some(v),
+            _ => None,
+        }
+    }
+    #[inline(always)]
+    fn float(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
+fn attend_rows_of<T: CacheValue>(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<Option<Tensor>> {
     let (rows, heads, dim) = q.dims3()?;
-    let fits = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let on_cpu = |t: &Tensor, dtype: DType| t.device().is_cpu() && t.dtype() == dtype;
     if rows != kv.len()
-        || !fits(q)
+        || !on_cpu(q, DType::F32)
         || q.stride()[2] != 1
         || !kv.iter().all(|(k, v)| {
-            fits(k) && fits(v) && rows_contiguous(k) && rows_contiguous(v) && k.dims() == v.dims() && {
-                let d = k.dims();
-                d[0] == heads && d[2] == dim
-            }
+            on_cpu(k, T::DTYPE)
+                && on_cpu(v, T::DTYPE)
+                && rows_contiguous(k)
+                && rows_contiguous(v)
+                && k.dims() == v.dims()
+                && {
+                    let d = k.dims();
+                    d[0] == heads && d[2] == dim
+                }
         })
     {
         return Ok(None);
@@ -40,9 +89,8 @@ pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<Option<Tensor>
     let guards: Vec<_> = kv.iter().map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
     let mut views = Vec::with_capacity(rows);
     for ((ks, kl), (vs, vl)) in &guards {
-        let (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) = (&**ks, &**vs) else {
-            return Ok(None);
-        };
+        let (Storage::Cpu(k), Storage::Cpu(v)) = (&**ks, &**vs) else { return Ok(None) };
+        let (Some(k), Some(v)) = (T::slice(k), T::slice(v)) else { return Ok(None) };
         views.push(HeadViews {
             k,
             k_start: kl.start_offset(),
@@ -57,7 +105,7 @@ pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<Option<Tensor>
     let width = heads * dim;
     let mut out = vec![0.0f32; rows * width];
     let work: usize = views.iter().map(|v| v.positions * width * 2).sum();
-    let row_task = |(i, (out, view)): (usize, (&mut [f32], &HeadViews<'_>))| {
+    let row_task = |(i, (out, view)): (usize, (&mut [f32], &HeadViews<'_, T>))| {
         let mut scores = vec![0.0f32; view.positions];
         for h in 0..heads {
             let qh = &q_data[q_start + i * q_row + h * q_head..][..dim];
@@ -77,11 +125,11 @@ pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<Option<Tensor>
 }
 
 /// One sequence's cache, as slices of the buffers' storage.
-struct HeadViews<'a> {
-    k: &'a [f32],
+struct HeadViews<'a, T> {
+    k: &'a [T],
     k_start: usize,
     k_head: usize,
-    v: &'a [f32],
+    v: &'a [T],
     v_start: usize,
     v_head: usize,
     positions: usize,
@@ -90,7 +138,7 @@ struct HeadViews<'a> {
 /// `out = softmax(q · kᵀ) · v` for one head (`k`, `v`: `[positions][dim]`; `out` starts at zero),
 /// with the widest vector instructions the CPU has (the same operations in the same order on
 /// every path, so the same bits).
-fn attend_head(qh: &[f32], kh: &[f32], vh: &[f32], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
+fn attend_head<T: CacheValue>(qh: &[f32], kh: &[T], vh: &[T], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
@@ -107,18 +155,18 @@ fn attend_head(qh: &[f32], kh: &[f32], vh: &[f32], dim: usize, scores: &mut [f32
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn attend_head_avx512(qh: &[f32], kh: &[f32], vh: &[f32], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
+fn attend_head_avx512<T: CacheValue>(qh: &[f32], kh: &[T], vh: &[T], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
     attend_head_body(qh, kh, vh, dim, scores, oh)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn attend_head_avx2(qh: &[f32], kh: &[f32], vh: &[f32], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
+fn attend_head_avx2<T: CacheValue>(qh: &[f32], kh: &[T], vh: &[T], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
     attend_head_body(qh, kh, vh, dim, scores, oh)
 }
 
 #[inline(always)]
-fn attend_head_body(qh: &[f32], kh: &[f32], vh: &[f32], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
+fn attend_head_body<T: CacheValue>(qh: &[f32], kh: &[T], vh: &[T], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
     let mut max = f32::NEG_INFINITY;
     for (score, key) in scores.iter_mut().zip(kh.chunks_exact(dim)) {
         *score = dot(qh, key);
@@ -132,7 +180,7 @@ fn attend_head_body(qh: &[f32], kh: &[f32], vh: &[f32], dim: usize, scores: &mut
     for (weight, value) in scores.iter().zip(vh.chunks_exact(dim)) {
         let w = weight / total;
         for (o, x) in oh.iter_mut().zip(value) {
-            *o += w * x;
+            *o += w * x.float();
         }
     }
 }
@@ -140,13 +188,13 @@ fn attend_head_body(qh: &[f32], kh: &[f32], vh: &[f32], dim: usize, scores: &mut
 /// `a · b` in [`LANES`] independent partial sums (which the compiler keeps in one vector register)
 /// added pairwise at the end: a fixed order, whatever the caller.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: CacheValue>(a: &[f32], b: &[T]) -> f32 {
     let mut lanes = [0.0f32; LANES];
     let (a_body, a_tail) = a.split_at(a.len() - a.len() % LANES);
     let (b_body, b_tail) = b.split_at(a_body.len());
     for (x, y) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
         for i in 0..LANES {
-            lanes[i] += x[i] * y[i];
+            lanes[i] += x[i] * y[i].float();
         }
     }
     let mut width = LANES;
@@ -156,7 +204,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             lanes[i] += lanes[i + width];
         }
     }
-    lanes[0] + a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum::<f32>()
+    lanes[0] + a_tail.iter().zip(b_tail).map(|(x, y)| x * y.float()).sum::<f32>()
 }
 
 /// Partial sums of [`dot`].
@@ -214,5 +262,20 @@ mod tests {
         // Other layouts are left to the caller.
         let bf16 = q.to_dtype(DType::BF16).unwrap();
         assert!(attend_rows(&bf16, &kv).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_bf16_cache_gives_the_bits_of_its_values_in_float32() {
+        let dev = Device::Cpu;
+        let (heads, dim) = (4, 16);
+        let q = Tensor::randn(0f32, 1.0, (2, heads, dim), &dev).unwrap();
+        let buffer = || Tensor::randn(0f32, 1.0, (heads, 12, dim), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let kv_bf16: Vec<(Tensor, Tensor)> =
+            [3, 9].iter().map(|&n| (buffer().narrow(1, 0, n).unwrap(), buffer().narrow(1, 0, n).unwrap())).collect();
+        let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let kv_f32: Vec<(Tensor, Tensor)> = kv_bf16.iter().map(|(k, v)| (widen(k), widen(v))).collect();
+        let from_bf16 = attend_rows(&q, &kv_bf16).unwrap().expect("bfloat16 CPU caches are handled");
+        let from_f32 = attend_rows(&q, &kv_f32).unwrap().unwrap();
+        assert_eq!(from_bf16.to_vec2::<f32>().unwrap(), from_f32.to_vec2::<f32>().unwrap());
     }
 }

@@ -22,7 +22,7 @@ pub struct HuginnModel {
     device: Device,
     /// The dtype the weights were loaded in.
     dtype: DType,
-    /// The dtype of the latent state, the activations and the K/V cache.
+    /// The dtype of the latent state and the activations.
     activation_dtype: DType,
     embed_scale: f64,
     wte: Tensor,
@@ -132,15 +132,21 @@ impl HuginnModel {
         self.dtype
     }
 
-    /// The dtype of the latent state, the activations and the K/V cache: the weights' dtype,
-    /// except float32 for bfloat16 weights on the CPU.
+    /// The dtype of the latent state and the activations: the weights' dtype, except float32 for
+    /// bfloat16 weights on the CPU.
     pub fn activation_dtype(&self) -> DType {
         self.activation_dtype
     }
 
+    /// The dtype of the K/V cache: the weights' dtype (bfloat16 K/V on the CPU too, half the bytes
+    /// that attention reads each step).
+    pub fn kv_dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// An empty cache for one sequence.
     pub fn new_cache(&self, strategy: CacheStrategy) -> KvCache {
-        KvCache::new(&self.cfg, strategy, self.activation_dtype, &self.device)
+        KvCache::new(&self.cfg, strategy, self.kv_dtype(), &self.device)
     }
 
     /// Embeds `ids` (the tokens of all chunks, in chunk order), runs the prelude and returns each

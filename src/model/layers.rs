@@ -208,12 +208,13 @@ impl Attention {
         let mut row = 0;
         for (chunk, (keys, values)) in chunks.iter().zip(&cached) {
             let n = chunk.len;
+            let (keys, values) = (keys.to_dtype(dtype)?, values.to_dtype(dtype)?);
             let q_chunk = q.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?; // [h, n, hd]
             let scores = q_chunk.matmul(&keys.t()?)?; // [h, n, positions]
             let scores =
                 if n > 1 { scores.broadcast_add(&causal_mask(chunk.start, n, dtype, q.device())?)? } else { scores };
             let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-            let out = probs.matmul(values)?; // [h, n, hd]
+            let out = probs.matmul(&values)?; // [h, n, hd]
             outputs.push(out.transpose(0, 1)?.reshape((n, d))?);
             row += n;
         }
