@@ -86,7 +86,7 @@ pub fn run(args: &BenchArgs, tiny: HuginnModel, large: Vec<(&'static str, Huginn
     writeln!(md, "the previous one finishes. Each request generates {tiny_tokens} tokens on the fixture and")?;
     writeln!(md, "{large_tokens} on the width-1024 model (the prompt's prefill is part of the measured work).")?;
     writeln!(md, "`width-1024 bf16` is the same checkpoint loaded with `--dtype bf16`: bfloat16 weights in the")?;
-    writeln!(md, "linear layers and the embedding table ({}), float32 activations and K/V.", bf16_kernel())?;
+    writeln!(md, "linear layers, the embedding table ({}) and the K/V cache, float32 activations.", bf16_kernel())?;
     writeln!(md, "On the width-1024 model, concurrency 1 and 16 run as {RATIO_RUNS} side-by-side pairs and the table")?;
     writeln!(md, "lists the pair with the median ratio (the machine is shared: outside load slows whichever run it")?;
     writeln!(md, "hits, and the two runs of a pair see nearly the same machine).")?;
