@@ -82,8 +82,10 @@ impl Bf16Panels {
         unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u16>(), self.lines.len() * 32) }
     }
 
-    /// `xs @ W^T` for `m` rows of `k` float32 inputs: `[m, n]` float32.
+    /// `xs @ W^T` for `m` rows of `k` float32 inputs: `[m, n]` float32. `Kernel::Amx` on a CPU
+    /// without AMX falls back to the portable kernel.
     pub fn multiply(&self, xs: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
+        let kernel = if amx::available() { kernel } else { Kernel::Portable };
         let (n, width) = (self.n, self.steps * TILE_FEATURES);
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
         if m == 0 {
