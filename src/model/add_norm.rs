@@ -9,6 +9,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_support::contiguous_f32;
 use super::error::Result;
 
 /// candle's `rms_norm` splits the rows over the thread pool above this many rows; so does this.
@@ -43,14 +44,6 @@ impl AddRmsNorm {
     }
 }
 
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(values) = storage else { candle_core::bail!("add-rms-norm expects float32 {what}") };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("add-rms-norm expects a contiguous {what}")
-    };
-    Ok(&values[start..end])
-}
-
 impl CustomOp3 for AddRmsNorm {
     fn name(&self) -> &'static str {
         "add-rms-norm"
@@ -65,7 +58,8 @@ impl CustomOp3 for AddRmsNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b, alpha) = (contiguous(s1, l1, "input")?, contiguous(s2, l2, "input")?, contiguous(s3, l3, "weight")?);
+        let input = |s, l| contiguous_f32(s, l, self.name(), "input");
+        let (a, b, alpha) = (input(s1, l1)?, input(s2, l2)?, contiguous_f32(s3, l3, self.name(), "weight")?);
         let width = l1.shape().dims().last().copied().unwrap_or(0);
         if l1.shape() != l2.shape() || alpha.len() != width {
             candle_core::bail!(

@@ -104,7 +104,8 @@ pub unsafe fn column_group(
         for step in 0..steps {
             let a = (x as *const u8).add(step * TILE_FEATURES * 2);
             // The next step's weights, one cache line at a time (measured: ~10% faster at 1 row,
-            // no change at 16; past the group's end it only touches the next group's weights).
+            // no change at 16). After a group's last step this is the next group's start, and
+            // after the last group addresses never read: prefetches do not fault.
             let next = w.wrapping_add(STEP_VALUES * 2);
             for line in 0..STEP_VALUES * 2 / 64 {
                 _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line * 64).cast::<i8>());

@@ -16,7 +16,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::amx::{self, GROUP_COLUMNS, STEP_VALUES, TILE_FEATURES, TILE_ROWS};
-use super::linear::{OutPtr, weight_buffer};
+use super::cpu_support::{OutPtr, product_rows, weight_buffer};
 
 /// Below this many multiply-adds a single thread is faster than waking the pool.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
@@ -170,19 +170,23 @@ fn to_bf16(value: f32) -> u16 {
     if bits & 0x7fff_ffff > 0x7f80_0000 { quiet_nan } else { rounded }
 }
 
+/// A bfloat16 value (its bits) in float32: exact, and without branches (NaN stays NaN as it is).
+pub(super) fn widen(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
 /// The portable twin of [`amx::column_group`]: `out[r][j]` for the rows of `x` (each `width`
 /// bfloat16 values) and one column group's packed `weights`.
 fn portable_column_group(x: &[u16], width: usize, weights: &[u16], out: &mut [[f32; GROUP_COLUMNS]]) {
-    let float = |bits: u16| f32::from_bits(u32::from(bits) << 16);
     for (row, sums) in x.chunks_exact(width).zip(out.iter_mut()) {
         *sums = [0.0; GROUP_COLUMNS];
         for (inputs, step) in row.chunks_exact(TILE_FEATURES).zip(weights.chunks_exact(STEP_VALUES)) {
             for (tile, tile_sums) in step.chunks_exact(STEP_VALUES / 4).zip(sums.chunks_exact_mut(16)) {
                 for (pair, w) in inputs.chunks_exact(2).zip(tile.chunks_exact(32)) {
-                    let (x0, x1) = (float(pair[0]), float(pair[1]));
+                    let (x0, x1) = (widen(pair[0]), widen(pair[1]));
                     for (sum, w) in tile_sums.iter_mut().zip(w.chunks_exact(2)) {
-                        *sum += x0 * float(w[0]);
-                        *sum += x1 * float(w[1]);
+                        *sum += x0 * widen(w[0]);
+                        *sum += x1 * widen(w[1]);
                     }
                 }
             }
@@ -199,16 +203,9 @@ impl CustomOp1 for Bf16Matmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(xs) = storage else { candle_core::bail!("bf16-matmul expects float32 input") };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("bf16-matmul expects a contiguous input")
-        };
         let w = &self.0;
-        let (m, k) = layout.shape().dims2()?;
-        if k != w.k {
-            candle_core::bail!("bf16-matmul: input has {k} features, the weight {}", w.k)
-        }
-        let out = w.multiply(&xs[start..end], m, Kernel::best());
+        let (xs, m) = product_rows(storage, layout, self.name(), w.k)?;
+        let out = w.multiply(xs, m, Kernel::best());
         Ok((CpuStorage::F32(out), Shape::from((m, w.n))))
     }
 }

@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::bf16_linear::widen;
 use super::error::Result;
 
 /// Below this many multiply-adds (all rows together) one thread is faster than the pool.
@@ -60,7 +61,7 @@ impl CacheValue for bf16 {
     }
     #[inline(always)]
     fn float(self) -> f32 {
-        f32::from_bits(u32::from(self.to_bits()) << 16)
+        widen(self.to_bits())
     }
 }
 

@@ -5,6 +5,7 @@ pub mod amx;
 pub mod bf16_linear;
 pub mod cache;
 pub mod config;
+mod cpu_support;
 pub mod decode_attention;
 pub mod error;
 pub mod exit;

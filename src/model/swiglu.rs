@@ -9,6 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu_support::contiguous_f32;
 use super::error::Result;
 
 /// Below this many outputs one thread is faster than waking the pool.
@@ -39,10 +40,7 @@ impl CustomOp1 for SwiGlu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(xs) = storage else { candle_core::bail!("swiglu expects float32 input") };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("swiglu expects a contiguous input")
-        };
+        let xs = contiguous_f32(storage, layout, self.name(), "input")?;
         let dims = layout.shape().dims();
         let width = dims.last().copied().unwrap_or(0);
         if width % 2 != 0 {
@@ -53,7 +51,6 @@ impl CustomOp1 for SwiGlu {
         if let Some(last) = out_dims.last_mut() {
             *last = half;
         }
-        let xs = &xs[start..end];
         let mut out = vec![0.0f32; xs.len() / 2];
         if half > 0 {
             if out.len() >= PARALLEL_MIN_OUTPUTS {
