@@ -29,7 +29,7 @@ pub const CATALOG: [(&str, &str); 15] = [
         STEPS_PER_TOKEN,
         "Recurrence (core-block) steps spent per generated token, by exit_reason: converged, cap, budget.",
     ),
-    (CORE_STEPS, "Core-block steps computed, counted per sequence (prompt prefill included)."),
+    (CORE_STEPS, "Core-block steps computed, counted per sequence (prompt prefill included), by worker."),
     (PROMPT_TOKENS, "Prompt tokens processed."),
     (GENERATION_TOKENS, "Tokens generated."),
     (REQUESTS, "HTTP requests, by endpoint and status code."),
@@ -40,10 +40,10 @@ pub const CATALOG: [(&str, &str); 15] = [
     (TIME_TO_FIRST_TOKEN, "Time from submission to a choice's first token."),
     (INTER_TOKEN_LATENCY, "Time between consecutive tokens of a choice."),
     (QUEUE_WAIT, "Time a job waited before a worker admitted it."),
-    (REQUESTS_RUNNING, "Jobs admitted by a worker and not finished."),
+    (REQUESTS_RUNNING, "Jobs admitted by a worker and not finished, by worker."),
     (REQUESTS_WAITING, "Jobs accepted and waiting for a worker."),
     (BATCH_SEQUENCES, "Sequences advanced together in one core-step pass."),
-    (KV_CACHE_BYTES, "Bytes of key/value cache held by running sequences."),
+    (KV_CACHE_BYTES, "Bytes of key/value cache held by running sequences, by worker."),
     (EARLY_EXITS, "Tokens that stopped iterating because their exit criterion fired, by criterion."),
     (WORKER_RESTARTS, "Model workers restarted after a panic or model error (their in-flight requests failed)."),
 ];
@@ -87,9 +87,8 @@ pub fn install() -> PrometheusHandle {
             let _ = metrics::set_global_recorder(recorder);
             describe();
             // Series scraped (and autoscaled on) before the first request exist from the start.
-            for gauge in [REQUESTS_RUNNING, REQUESTS_WAITING, KV_CACHE_BYTES] {
-                metrics::gauge!(gauge).set(0.0);
-            }
+            // (The per-worker series start with their workers.)
+            metrics::gauge!(REQUESTS_WAITING).set(0.0);
             metrics::counter!(WORKER_RESTARTS).absolute(0);
             handle
         })

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::{BackendChoice, DTypeChoice, DeviceList, DeviceSpec};
+
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("{}: {message}", path.display())]
@@ -111,15 +113,33 @@ impl Default for LimitSettings {
 pub struct ModelSettings {
     /// Checkpoint folder.
     pub path: Option<PathBuf>,
-    /// Weights dtype in memory: f32, bf16 or f16.
-    pub dtype: String,
-    /// `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
+    /// Weights dtype in memory: auto (the checkpoint's `torch_dtype`), f32, bf16 or f16.
+    pub dtype: DTypeChoice,
+    /// `cpu`, `cuda` or `cuda:N`: the device when `devices` is empty.
+    pub device: DeviceSpec,
+    /// One model replica and worker per entry (`cpu`, `cuda:N`, `cuda:all`); empty: `[device]`.
+    pub devices: DeviceList,
+    /// `auto` (the CPU kernels on the CPU, tensor ops elsewhere) or `tensor` (tensor ops everywhere).
+    pub backend: BackendChoice,
 }
 
 impl Default for ModelSettings {
     fn default() -> Self {
-        Self { path: None, dtype: "f32".into(), device: "cpu".into() }
+        Self {
+            path: None,
+            dtype: DTypeChoice::Auto,
+            device: DeviceSpec::Cpu,
+            devices: DeviceList::default(),
+            backend: BackendChoice::Auto,
+        }
+    }
+}
+
+impl ModelSettings {
+    /// The devices to start workers on: `devices`, else `[device]`, with `cuda:all` expanded.
+    pub fn worker_devices(&self) -> crate::model::Result<Vec<DeviceSpec>> {
+        let listed = if self.devices.0.is_empty() { vec![self.device] } else { self.devices.0.clone() };
+        DeviceSpec::expand(&listed)
     }
 }
 
@@ -235,7 +255,7 @@ mod tests {
         assert_eq!(s.generation.num_steps, Some(16));
         assert_eq!(s.generation.kv_cache, "full");
         assert_eq!(s.generation.max_tokens, 32, "untouched keys keep their defaults");
-        assert_eq!(s.model.dtype, "bf16");
+        assert_eq!(s.model.dtype, DTypeChoice::Fixed(candle_core::DType::BF16));
         let vars = env(&[("HUGINN_GENERATION_NUM_STEPS", "8"), ("HUGINN_MODEL_PATH", "/models/x"), ("PATH", "/bin")]);
         let s = Settings::from_sources(file, Path::new("f.toml"), vars).unwrap();
         assert_eq!(s.generation.num_steps, Some(8));
@@ -247,6 +267,26 @@ mod tests {
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml")).unwrap();
         let s = Settings::from_sources(&text, Path::new(DEFAULT_FILE), env(&[])).unwrap();
         assert_eq!(s, Settings::default());
+    }
+
+    #[test]
+    fn devices_come_as_a_list_or_one_comma_separated_string() {
+        let s =
+            Settings::from_sources("[model]\ndevices = [\"cpu\", \"cpu\"]\n", Path::new("f.toml"), env(&[])).unwrap();
+        assert_eq!(s.model.worker_devices().unwrap(), vec![DeviceSpec::Cpu, DeviceSpec::Cpu]);
+        let vars = env(&[("HUGINN_MODEL_DEVICES", "cuda:0,cuda:1"), ("HUGINN_MODEL_BACKEND", "tensor")]);
+        let s = Settings::from_sources("", Path::new("f.toml"), vars).unwrap();
+        assert_eq!(s.model.devices.0, vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)]);
+        assert_eq!(s.model.backend, BackendChoice::Tensor);
+        assert_eq!(Settings::default().model.worker_devices().unwrap(), vec![DeviceSpec::Cpu]);
+        for (var, value) in
+            [("HUGINN_MODEL_DEVICES", "cpu,gpu"), ("HUGINN_MODEL_BACKEND", "fast"), ("HUGINN_MODEL_DTYPE", "int4")]
+        {
+            let err = Settings::from_sources("", Path::new("f.toml"), env(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().starts_with(&format!("environment variable {var}")), "{err}");
+        }
+        let err = Settings::from_sources("[model]\nbackend = \"gpu\"\n", Path::new("f.toml"), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("backend"), "{err}");
     }
 
     #[test]

@@ -5,14 +5,13 @@ mod common;
 
 use async_openai::types::completions::{CreateCompletionRequestArgs, CreateCompletionResponse};
 use common::server::start_with;
-use huginn::settings::Settings;
 use serde_json::{Value, json};
 
 async fn keyed_server(open_paths: &[&str]) -> (common::server::TestServer, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("api-keys");
     std::fs::write(&file, "# keys\nsk-first\nsk-second\n").unwrap();
-    let mut settings = Settings::default();
+    let mut settings = common::server::settings();
     settings.server.api_keys_file = Some(file);
     settings.server.auth_open_paths = open_paths.iter().map(|p| p.to_string()).collect();
     (start_with(settings).await, dir)

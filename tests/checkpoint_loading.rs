@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use huginn::checkpoint::{preset, write_random_checkpoint};
 use huginn::generate::{GenerationParams, generate};
-use huginn::model::HuginnModel;
+use huginn::model::{BackendChoice, HuginnModel};
 use huginn::text::TextTokenizer;
 
 fn load_err(dir: &Path) -> String {
@@ -35,17 +35,22 @@ const BF16_TOLERANCE: f32 = 0.06;
 
 #[test]
 fn bf16_weights_stay_within_the_measured_tolerance() {
-    let f32_model = load(&fixture_dir(), DType::F32);
-    let bf16_model = load(&fixture_dir(), DType::BF16);
-    assert_eq!(bf16_model.dtype(), DType::BF16);
-    // On the CPU only the weights are bfloat16; activations and the K/V cache stay float32.
-    assert_eq!(bf16_model.activation_dtype(), DType::F32);
-    for steps in [1, 4, 8, 32] {
-        let a = prompt_logits(&f32_model, &PROMPT, steps);
-        let b = prompt_logits(&bf16_model, &PROMPT, steps);
-        let diff = max_abs_diff(&a, &b);
-        assert!(diff > 0.0, "bf16 should differ from f32 at all");
-        assert!(diff < BF16_TOLERANCE, "steps {steps}: bf16 differs by {diff}");
+    let f32_model = HuginnModel::load(&fixture_dir(), DType::F32, &Device::Cpu).unwrap();
+    // The CPU kernels keep only weights and K/V in bfloat16, activations in float32; tensor ops
+    // (the device path) run everything in bfloat16.
+    for (backend, activations) in [(BackendChoice::Auto, DType::F32), (BackendChoice::Tensor, DType::BF16)] {
+        let bf16_model = HuginnModel::load_with(&fixture_dir(), &Device::Cpu, Some(DType::BF16), backend).unwrap();
+        assert_eq!(bf16_model.dtype(), DType::BF16);
+        assert_eq!(bf16_model.kv_dtype(), DType::BF16);
+        assert_eq!(bf16_model.activation_dtype(), activations, "{backend}");
+        for steps in [1, 4, 8, 32] {
+            let a = prompt_logits(&f32_model, &PROMPT, steps);
+            let b = prompt_logits(&bf16_model, &PROMPT, steps);
+            let diff = max_abs_diff(&a, &b);
+            assert!(diff > 0.0, "bf16 should differ from f32 at all");
+            assert!(diff < BF16_TOLERANCE, "{backend} steps {steps}: bf16 differs by {diff}");
+            eprintln!("{backend} steps {steps}: bf16 differs by {diff}");
+        }
     }
 }
 

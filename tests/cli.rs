@@ -176,7 +176,12 @@ fn bad_arguments_fail_with_a_message() {
         (vec!["generate", "--model", m, "--prompt", "x", "--kv-cache", "ring"], "kv cache strategy `ring`"),
         (vec!["generate", "--model", m, "--prompt", "x", "--exit-criterion", "soon"], "unknown exit criterion `soon`"),
         (vec!["generate", "--model", m, "--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
-        (vec!["generate", "--model", m, "--prompt", "x", "--dtype", "int8"], "unsupported dtype `int8`"),
+        (
+            vec!["generate", "--model", m, "--prompt", "x", "--dtype", "int8"],
+            "dtype `int8`: use auto, f32, bf16 or f16",
+        ),
+        (vec!["generate", "--model", m, "--prompt", "x", "--backend", "gpu"], "backend `gpu`: use `auto` or `tensor`"),
+        (vec!["generate", "--model", m, "--prompt", "x", "--device", "tpu"], "device `tpu`"),
         (vec!["generate", "--model", "/nonexistent", "--prompt", "x"], "config.json: file not found"),
         (vec!["generate", "--model", m], "--prompt"),
     ] {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use huginn::generate::Sequence;
 use huginn::model::exit::argmax;
-use huginn::model::{CacheStrategy, ExitCriterion, ExitRule, HuginnModel, LogitRows};
+use huginn::model::{BackendChoice, CacheStrategy, ExitCriterion, ExitRule, HuginnModel, LogitRows};
 use serde_json::Value;
 
 fn fixture_dir() -> PathBuf {
@@ -22,8 +22,12 @@ fn expected() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture_dir().join("expected.safetensors"), &Device::Cpu).unwrap()
 }
 
-fn model() -> HuginnModel {
-    HuginnModel::load(&fixture_dir(), DType::F32, &Device::Cpu).unwrap()
+/// The fixture on both kernel sets: the CPU kernels and tensor ops (the device path).
+fn models() -> Vec<HuginnModel> {
+    [BackendChoice::Auto, BackendChoice::Tensor]
+        .into_iter()
+        .map(|backend| HuginnModel::load_with(&fixture_dir(), &Device::Cpu, Some(DType::F32), backend).unwrap())
+        .collect()
 }
 
 fn ids(case: &Value, key: &str) -> Vec<u32> {
@@ -48,18 +52,24 @@ const TOLERANCE: f32 = 1e-4;
 
 #[test]
 fn prompt_logits_match_reference() {
-    let model = model();
+    for model in models() {
+        prompt_logits_match(&model);
+    }
+}
+
+fn prompt_logits_match(model: &HuginnModel) {
+    let backend = model.backend().name();
     let expected = expected();
     let cases = load_json("cases.json");
     let mut checked = 0;
     for case in cases["cases"].as_array().unwrap().iter().filter(|c| c["kind"] == "prompt_logits") {
         let steps = case["num_steps"].as_u64().unwrap() as usize;
-        let mut seq = Sequence::new(&model, CacheStrategy::Full, 0.0, false, 0);
+        let mut seq = Sequence::new(model, CacheStrategy::Full, 0.0, false, 0);
         let logits = seq.prefill(&ids(case, "ids"), steps, LogitRows::All).unwrap();
         let want = &expected[case["tensor"].as_str().unwrap()];
         let diff = max_abs_diff(&logits, want);
-        assert!(diff < TOLERANCE, "{}: max abs diff {diff}", case["tensor"]);
-        eprintln!("{}: max abs diff {diff:e}", case["tensor"]);
+        assert!(diff < TOLERANCE, "{backend} {}: max abs diff {diff}", case["tensor"]);
+        eprintln!("{backend} {}: max abs diff {diff:e}", case["tensor"]);
         checked += 1;
     }
     assert_eq!(checked, 9);
@@ -67,7 +77,13 @@ fn prompt_logits_match_reference() {
 
 #[test]
 fn greedy_decode_matches_reference_for_both_cache_strategies() {
-    let model = model();
+    for model in models() {
+        greedy_decode_matches(&model);
+    }
+}
+
+fn greedy_decode_matches(model: &HuginnModel) {
+    let backend = model.backend().name();
     let expected = expected();
     let cases = load_json("cases.json");
     let mut checked = 0;
@@ -75,7 +91,7 @@ fn greedy_decode_matches_reference_for_both_cache_strategies() {
         let steps = case["num_steps"].as_u64().unwrap() as usize;
         let generated = ids(case, "generated_ids");
         let want = &expected[case["tensor"].as_str().unwrap()];
-        let mut seq = Sequence::new(&model, strategy(case["cache_strategy"].as_str().unwrap()), 0.0, false, 0);
+        let mut seq = Sequence::new(model, strategy(case["cache_strategy"].as_str().unwrap()), 0.0, false, 0);
         let mut rows = vec![seq.prefill(&ids(case, "ids"), steps, LogitRows::Last).unwrap().flatten_all().unwrap()];
         let mut ours = Vec::new();
         for _ in 0..generated.len() {
@@ -86,11 +102,11 @@ fn greedy_decode_matches_reference_for_both_cache_strategies() {
             assert_eq!(step.steps, steps);
             rows.push(Tensor::new(step.logits, &Device::Cpu).unwrap());
         }
-        assert_eq!(ours, generated, "{}: greedy ids", case["tensor"]);
+        assert_eq!(ours, generated, "{backend} {}: greedy ids", case["tensor"]);
         let got = Tensor::stack(&rows, 0).unwrap();
         let diff = max_abs_diff(&got, want);
-        assert!(diff < TOLERANCE, "{}: max abs diff {diff}", case["tensor"]);
-        eprintln!("{}: max abs diff {diff:e}", case["tensor"]);
+        assert!(diff < TOLERANCE, "{backend} {}: max abs diff {diff}", case["tensor"]);
+        eprintln!("{backend} {}: max abs diff {diff:e}", case["tensor"]);
         checked += 1;
     }
     assert_eq!(checked, 18);
@@ -98,11 +114,16 @@ fn greedy_decode_matches_reference_for_both_cache_strategies() {
 
 #[test]
 fn adaptive_exit_matches_reference_ids_and_steps() {
-    let model = model();
+    for model in models() {
+        adaptive_exit_matches(&model);
+    }
+}
+
+fn adaptive_exit_matches(model: &HuginnModel) {
     let fixture = load_json("adaptive.json");
     let mut compared_tokens = 0;
     for case in fixture["cases"].as_array().unwrap() {
-        let name = format!("{} / {}", case["criterion"], case["prompt"]);
+        let name = format!("{} {} / {}", model.backend().name(), case["criterion"], case["prompt"]);
         let criterion: ExitCriterion = case["criterion"].as_str().unwrap().parse().unwrap();
         let threshold = case["threshold"].as_f64().unwrap();
         let rule = ExitRule::new(criterion, Some(threshold), 0).unwrap();
@@ -113,7 +134,7 @@ fn adaptive_exit_matches_reference_ids_and_steps() {
         let at_exit: Vec<f64> =
             case["criterion_value_at_exit"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
 
-        let mut seq = Sequence::new(&model, CacheStrategy::Shared(1), 0.0, false, 0);
+        let mut seq = Sequence::new(model, CacheStrategy::Shared(1), 0.0, false, 0);
         let logits = seq.prefill(&ids(case, "ids"), prefill_steps, LogitRows::Last).unwrap();
         let mut next = argmax(&logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()) as u32;
         assert_eq!(next, want_ids[0], "{name}: token from the prefill");

@@ -10,7 +10,7 @@ const COMPLETIONS: &str = "/v1/completions";
 const CHAT: &str = "/v1/chat/completions";
 
 fn settings(change: impl FnOnce(&mut Settings)) -> Settings {
-    let mut settings = Settings::default();
+    let mut settings = common::server::settings();
     change(&mut settings);
     settings
 }

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::server::{metric_value, start_with};
-use huginn::settings::Settings;
 use serde_json::{Value, json};
 
 const REQUESTS: usize = 400;
@@ -168,7 +167,7 @@ fn peak_rss_mib() -> f64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn four_hundred_mixed_requests_at_concurrency_32() {
-    let mut settings = Settings::default();
+    let mut settings = common::server::settings();
     settings.engine.queue_capacity = 8;
     settings.engine.max_active_sequences = 16;
     let server = start_with(settings).await;

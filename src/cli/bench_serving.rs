@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use huginn::bench::load::{LoadResult, closed_loop, engine_for, mean, percentile, short_versus_long};
 use huginn::model::HuginnModel;
-use huginn::model::bf16_linear::Kernel;
 use huginn::text::TextTokenizer;
 
 use super::bench::BenchArgs;
@@ -40,10 +39,7 @@ fn table(md: &mut String, name: &str, rows: &[LoadResult]) -> std::fmt::Result {
 
 /// Which kernel multiplies bfloat16 weights on this machine.
 fn bf16_kernel() -> &'static str {
-    match Kernel::best() {
-        Kernel::Amx => "AMX tiles on this CPU",
-        Kernel::Portable => "this CPU has no AMX: the portable kernel",
-    }
+    huginn::model::bf16_kernel_description()
 }
 
 fn tokenizer(dir: &Path, model: &HuginnModel) -> anyhow::Result<Arc<TextTokenizer>> {

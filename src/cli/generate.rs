@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use huginn::generate::{GenerationParams, SamplingParams, generate};
-use huginn::model::{CacheStrategy, ExitCriterion, ExitRule, HuginnModel, parse_device, parse_dtype};
+use huginn::model::{BackendChoice, CacheStrategy, DTypeChoice, DeviceSpec, ExitCriterion, ExitRule, HuginnModel};
 use huginn::settings::Settings;
 use huginn::text::{ChatMessage, TextStream, TextTokenizer};
 
@@ -78,26 +78,30 @@ pub struct GenerateArgs {
     /// `full` (one K/V slot per step) or `shared:K` (K slots reused round-robin).
     #[arg(long)]
     kv_cache: Option<String>,
-    /// f32, bf16 or f16.
+    /// auto (the checkpoint's torch_dtype), f32, bf16 or f16.
     #[arg(long)]
-    dtype: Option<String>,
+    dtype: Option<DTypeChoice>,
     /// cpu, cuda or cuda:N.
     #[arg(long)]
-    device: Option<String>,
+    device: Option<DeviceSpec>,
+    /// auto (CPU kernels on the CPU, tensor ops elsewhere) or tensor.
+    #[arg(long)]
+    backend: Option<BackendChoice>,
     #[arg(long, value_enum, default_value = "text")]
     format: OutputFormat,
 }
 
 pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
-    let device = parse_device(args.device.as_deref().unwrap_or(&settings.model.device))?;
+    let device = args.device.unwrap_or(settings.model.device).open()?;
     let defaults = settings.generation;
     let dir = args
         .model
         .or(settings.model.path)
         .or_else(huginn::settings::default_model_dir)
         .context("the default model is missing: give --model DIR (or set model.path in the settings)")?;
-    let dtype = parse_dtype(args.dtype.as_deref().unwrap_or(&settings.model.dtype))?;
-    let model = HuginnModel::load(&dir, dtype, &device).context("loading the model")?;
+    let dtype = args.dtype.unwrap_or(settings.model.dtype).fixed();
+    let backend = args.backend.unwrap_or(settings.model.backend);
+    let model = HuginnModel::load_with(&dir, &device, dtype, backend).context("loading the model")?;
     let tokenizer = TextTokenizer::load(&dir, model.config()).context("loading the tokenizer")?;
     let prompt_ids = match (&args.prompt, &args.prompt_ids) {
         (Some(text), _) if args.chat => {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use huginn::model::{BackendChoice, DeviceList};
 use huginn::server::{AppState, build_state, router};
 use huginn::settings::Settings;
 
@@ -19,6 +20,12 @@ pub struct ServeArgs {
     host: Option<String>,
     #[arg(long)]
     port: Option<u16>,
+    /// One worker per entry, comma-separated: cpu, cuda:N, cuda:all (default: `model.devices`).
+    #[arg(long, value_delimiter = ',')]
+    devices: Option<Vec<String>>,
+    /// auto (CPU kernels on the CPU, tensor ops elsewhere) or tensor (default: `model.backend`).
+    #[arg(long)]
+    backend: Option<BackendChoice>,
 }
 
 pub fn run(args: ServeArgs, mut settings: Settings) -> anyhow::Result<()> {
@@ -30,6 +37,12 @@ pub fn run(args: ServeArgs, mut settings: Settings) -> anyhow::Result<()> {
     }
     if args.model.is_some() {
         settings.model.path = args.model;
+    }
+    if let Some(devices) = args.devices {
+        settings.model.devices = DeviceList(devices.iter().map(|d| d.parse()).collect::<Result<_, _>>()?);
+    }
+    if let Some(backend) = args.backend {
+        settings.model.backend = backend;
     }
     if settings.model.path.is_none() {
         settings.model.path = huginn::settings::default_model_dir();

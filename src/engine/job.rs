@@ -72,6 +72,8 @@ pub struct JobSpec {
 /// A job on its way to a worker.
 pub struct Job {
     pub spec: JobSpec,
+    /// Worst-case K/V bytes of all its choices, counted against its worker's load while queued.
+    pub kv_reservation: usize,
     pub events: mpsc::Sender<Event>,
     pub cancelled: Arc<AtomicBool>,
     pub submitted: Instant,

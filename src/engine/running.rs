@@ -14,23 +14,26 @@ use crate::model::exit::log_softmax;
 use crate::model::{CacheStrategy, ExitTracker, HuginnConfig, HuginnModel, KvCache};
 use crate::text::TextStream;
 
-/// State shared by the choices of one job; counted in the running-requests gauge while it lives.
+/// State shared by the choices of one job; counted in its worker's running-requests gauge while
+/// it lives.
 pub struct JobShared {
     pub job: Job,
     pub spec: Arc<JobSpec>,
+    /// The worker's metric label.
+    worker: Arc<str>,
 }
 
 impl JobShared {
-    pub fn new(job: Job) -> Self {
-        metrics::gauge!(crate::metrics::REQUESTS_RUNNING).increment(1.0);
+    pub fn new(job: Job, worker: Arc<str>) -> Self {
+        metrics::gauge!(crate::metrics::REQUESTS_RUNNING, "worker" => worker.to_string()).increment(1.0);
         let spec = Arc::new(job.spec.clone());
-        Self { job, spec }
+        Self { job, spec, worker }
     }
 }
 
 impl Drop for JobShared {
     fn drop(&mut self) {
-        metrics::gauge!(crate::metrics::REQUESTS_RUNNING).decrement(1.0);
+        metrics::gauge!(crate::metrics::REQUESTS_RUNNING, "worker" => self.worker.to_string()).decrement(1.0);
     }
 }
 

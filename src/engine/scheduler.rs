@@ -34,11 +34,14 @@ pub struct Scheduler {
     tokenizer: Arc<TextTokenizer>,
     limits: SchedulerLimits,
     running: Vec<Running>,
+    /// The worker's metric label.
+    worker: Arc<str>,
 }
 
 impl Scheduler {
-    pub fn new(model: Arc<HuginnModel>, tokenizer: Arc<TextTokenizer>, limits: SchedulerLimits) -> Self {
-        Self { model, tokenizer, limits, running: Vec::new() }
+    /// A scheduler for the worker labelled `worker` in the metrics.
+    pub fn new(model: Arc<HuginnModel>, tokenizer: Arc<TextTokenizer>, limits: SchedulerLimits, worker: &str) -> Self {
+        Self { model, tokenizer, limits, running: Vec::new(), worker: worker.into() }
     }
 
     pub fn is_idle(&self) -> bool {
@@ -51,6 +54,11 @@ impl Scheduler {
 
     pub fn kv_bytes(&self) -> usize {
         self.running.iter().map(|r| r.cache.bytes()).sum()
+    }
+
+    /// K/V bytes reserved for the running sequences (their worst case).
+    pub fn reserved_kv_bytes(&self) -> usize {
+        self.running.iter().map(|r| r.reserved_kv).sum()
     }
 
     /// Whether `job` fits now (sequence slots and reserved K/V memory). An empty scheduler takes any
@@ -68,7 +76,7 @@ impl Scheduler {
     pub fn admit(&mut self, job: Job) {
         histogram!(m::QUEUE_WAIT).record(job.submitted.elapsed().as_secs_f64());
         counter!(m::PROMPT_TOKENS).increment((job.spec.prompt.len() * job.spec.n) as u64);
-        let shared = Arc::new(JobShared::new(job));
+        let shared = Arc::new(JobShared::new(job, self.worker.clone()));
         let spec = shared.spec.clone();
         if spec.params.max_tokens == 0 && !spec.prompt_logprobs {
             for choice in 0..spec.n {
@@ -124,7 +132,7 @@ impl Scheduler {
             r.steps_spent += 1;
             r.logits = None;
         }
-        counter!(m::CORE_STEPS).increment(count as u64);
+        counter!(m::CORE_STEPS, "worker" => self.worker.to_string()).increment(count as u64);
         histogram!(m::BATCH_SEQUENCES).record(count as f64);
 
         // Criteria that read the distribution need the coda at every checked step.

@@ -1,9 +1,11 @@
 //! Model workers and admission.
 //!
-//! Each worker owns a model replica on one device and runs the scheduler on its own OS thread (no
-//! async runtime inside). Jobs reach it through a bounded queue: when every queue is full,
-//! submission fails at once (the HTTP layer answers 429). Jobs are admitted in arrival order as
-//! sequence slots and K/V memory allow.
+//! Each worker owns a model replica on one device (workers on the same device share it) and runs
+//! the scheduler on its own OS thread (no async runtime inside), with its own share of the CPU's
+//! compute threads. A job goes to the least-loaded live worker (K/V bytes reserved by its running
+//! and queued jobs, then its sequences) through that worker's bounded queue: when every queue is
+//! full, submission fails at once (the HTTP layer answers 429). Jobs are admitted in arrival order
+//! as sequence slots and K/V memory allow. A worker's fault fails only its own requests.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -15,6 +17,7 @@ use metrics::{counter, gauge};
 use tokio::sync::mpsc as async_mpsc;
 
 use super::job::{Job, JobHandle, JobSpec};
+use super::running::kv_reservation;
 use super::scheduler::{Scheduler, SchedulerLimits};
 use crate::metrics as m;
 use crate::model::HuginnModel;
@@ -40,17 +43,24 @@ pub struct EngineConfig {
 struct Worker {
     queue: SyncSender<Job>,
     shared: Arc<WorkerShared>,
+    model: Arc<HuginnModel>,
     thread: Option<JoinHandle<()>>,
 }
 
 /// What a worker is doing and whether it is up; shared between its thread and the engine.
-/// Queued jobs plus running sequences is the dispatch key; `beat` is the time (ms since the engine
-/// started) the worker last went round its loop.
+/// K/V bytes reserved (queued and running jobs), then queued jobs plus running sequences, is the
+/// dispatch key; `beat` is the time (ms since the engine started) the worker last went round its
+/// loop.
 #[derive(Default)]
 struct WorkerShared {
+    /// The worker's metric label (its index).
+    label: String,
     queued: AtomicUsize,
     sequences: AtomicUsize,
     kv_bytes: AtomicUsize,
+    /// K/V reservations of the jobs in its queue, and of its running sequences.
+    queued_kv: AtomicUsize,
+    running_kv: AtomicUsize,
     beat: AtomicU64,
     /// Iterating (false while starting, restarting after a fault, or after the thread ended).
     up: AtomicBool,
@@ -66,10 +76,15 @@ impl WorkerShared {
         self.queued.load(Ordering::Relaxed) + self.sequences.load(Ordering::Relaxed)
     }
 
-    /// Publishes the worker's K/V bytes; the gauge holds the sum over workers.
+    /// The dispatch key: reserved K/V bytes, then jobs and sequences.
+    fn load(&self) -> (usize, usize) {
+        (self.queued_kv.load(Ordering::Relaxed) + self.running_kv.load(Ordering::Relaxed), self.total())
+    }
+
+    /// Publishes the worker's K/V bytes (the gauge's series of this worker).
     fn report_kv(&self, bytes: usize) {
-        let before = self.kv_bytes.swap(bytes, Ordering::Relaxed);
-        gauge!(m::KV_CACHE_BYTES).increment(bytes as f64 - before as f64);
+        self.kv_bytes.store(bytes, Ordering::Relaxed);
+        gauge!(m::KV_CACHE_BYTES, "worker" => self.label.clone()).set(bytes as f64);
     }
 }
 
@@ -99,27 +114,35 @@ impl Drop for AliveGuard {
 }
 
 impl Engine {
-    /// Starts one worker per model replica (one per device) and returns once each is up (or its
-    /// thread ended), so that the engine is ready when it is returned.
+    /// Starts one worker per model replica (one per device entry; entries may share a replica)
+    /// and returns once each is up (or its thread ended), so that the engine is ready when it is
+    /// returned. The CPU's compute threads are split evenly between the workers.
     pub fn start(models: Vec<Arc<HuginnModel>>, tokenizer: Arc<TextTokenizer>, config: EngineConfig) -> Self {
         let started = Instant::now();
         let (up_tx, up_rx) = mpsc::channel::<()>();
+        let threads = (crate::cpu_threads::configured() / models.len().max(1)).max(1);
         let workers: Vec<Worker> = models
             .into_iter()
             .enumerate()
             .map(|(index, model)| {
                 let (queue, jobs) = mpsc::sync_channel::<Job>(config.queue_capacity.max(1));
-                let shared = Arc::new(WorkerShared { alive: AtomicBool::new(true), ..Default::default() });
+                let label = index.to_string();
+                let shared = Arc::new(WorkerShared { alive: AtomicBool::new(true), label, ..Default::default() });
+                // This worker's series exist from the start, at zero.
+                shared.report_kv(0);
+                gauge!(m::REQUESTS_RUNNING, "worker" => shared.label.clone()).increment(0.0);
+                counter!(m::CORE_STEPS, "worker" => shared.label.clone()).increment(0);
                 let (tokenizer, guard, up) = (tokenizer.clone(), AliveGuard(shared.clone()), up_tx.clone());
+                let replica = model.clone();
                 let thread = std::thread::Builder::new()
                     .name(format!("huginn-worker-{index}"))
                     .spawn(move || {
                         let shared = guard.0.clone();
-                        supervise(&model, &tokenizer, config, jobs, &shared, started, up);
+                        supervise(&replica, &tokenizer, config, threads, jobs, &shared, started, up);
                         drop(guard);
                     })
                     .expect("spawning a worker thread");
-                Worker { queue, shared, thread: Some(thread) }
+                Worker { queue, shared, model, thread: Some(thread) }
             })
             .collect();
         drop(up_tx);
@@ -132,18 +155,19 @@ impl Engine {
         Self { workers, started, queue_capacity: config.queue_capacity.max(1) }
     }
 
-    /// Queues a job on the least-loaded worker; fails at once when every queue is full. A worker
+    /// Queues a job on the least-loaded live worker (workers that are up first, then by reserved
+    /// K/V bytes, then by jobs and sequences); fails at once when every queue is full. A worker
     /// restarting after a fault still takes jobs: they wait for it in its queue.
     pub fn submit(&self, spec: JobSpec) -> Result<JobHandle, EngineError> {
         let capacity = spec.n * (spec.params.max_tokens + 3) + 8;
         let (events, receiver) = async_mpsc::channel(capacity);
         let cancelled = Arc::new(AtomicBool::new(false));
-        let mut job = Job { spec, events, cancelled: cancelled.clone(), submitted: Instant::now() };
+        let mut job = Job { spec, kv_reservation: 0, events, cancelled: cancelled.clone(), submitted: Instant::now() };
         let mut order: Vec<&Worker> = self.workers.iter().filter(|w| w.shared.alive.load(Ordering::SeqCst)).collect();
         if order.is_empty() {
             return Err(EngineError::Unavailable);
         }
-        order.sort_by_key(|w| (!w.shared.up.load(Ordering::SeqCst), w.shared.total()));
+        order.sort_by_key(|w| (!w.shared.up.load(Ordering::SeqCst), w.shared.load()));
         for worker in order {
             // A place in the queue is reserved first: the job the worker holds while it waits for
             // room counts too, so at most `queue_capacity` jobs wait per worker.
@@ -151,6 +175,9 @@ impl Engine {
                 worker.shared.queued.fetch_sub(1, Ordering::SeqCst);
                 continue;
             }
+            let model = &worker.model;
+            job.kv_reservation = kv_reservation(model.config(), model.kv_dtype().size_in_bytes(), &job.spec);
+            worker.shared.queued_kv.fetch_add(job.kv_reservation, Ordering::SeqCst);
             match worker.queue.try_send(job) {
                 Ok(()) => {
                     gauge!(m::REQUESTS_WAITING).increment(1.0);
@@ -158,6 +185,7 @@ impl Engine {
                 }
                 Err(TrySendError::Full(back)) | Err(TrySendError::Disconnected(back)) => {
                     worker.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                    worker.shared.queued_kv.fetch_sub(back.kv_reservation, Ordering::SeqCst);
                     job = back;
                 }
             }
@@ -194,6 +222,14 @@ impl Engine {
         self.workers.iter().map(|w| w.shared.kv_bytes.load(Ordering::Relaxed)).sum()
     }
 
+    /// Per worker: (sequences running, K/V bytes held).
+    pub fn worker_loads(&self) -> Vec<(usize, usize)> {
+        self.workers
+            .iter()
+            .map(|w| (w.shared.sequences.load(Ordering::Relaxed), w.shared.kv_bytes.load(Ordering::Relaxed)))
+            .collect()
+    }
+
     /// Times the workers were restarted after a fault.
     pub fn restarts(&self) -> u64 {
         self.workers.iter().map(|w| w.shared.restarts.load(Ordering::Relaxed)).sum()
@@ -228,10 +264,12 @@ enum Stop {
 
 /// Runs a worker's loop, restarting it with a fresh scheduler (the model stays loaded) after each
 /// fault; `/ready` fails while it is down.
+#[allow(clippy::too_many_arguments)]
 fn supervise(
     model: &Arc<HuginnModel>,
     tokenizer: &Arc<TextTokenizer>,
     config: EngineConfig,
+    threads: usize,
     jobs: mpsc::Receiver<Job>,
     shared: &WorkerShared,
     started: Instant,
@@ -245,7 +283,7 @@ fn supervise(
     // the serial parts of a step and the parallel kernels share the same threads: no third thread
     // handing every kernel call to the pool and waiting for it.
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(crate::cpu_threads::configured())
+        .num_threads(threads)
         .thread_name({
             let name = name.clone();
             move |i| format!("{name}-compute-{i}")
@@ -254,7 +292,7 @@ fn supervise(
         .map_err(|e| tracing::warn!("no dedicated compute threads ({e}); using the global pool"))
         .ok();
     loop {
-        let scheduler = Scheduler::new(model.clone(), tokenizer.clone(), config.limits);
+        let scheduler = Scheduler::new(model.clone(), tokenizer.clone(), config.limits, &shared.label);
         let since = Instant::now();
         shared.up.store(true, Ordering::SeqCst);
         if let Some(up) = up.take() {
@@ -263,6 +301,7 @@ fn supervise(
         let stop = run_worker(scheduler, &jobs, shared, started, next.take(), pool.as_ref());
         shared.up.store(false, Ordering::SeqCst);
         shared.sequences.store(0, Ordering::Relaxed);
+        shared.running_kv.store(0, Ordering::Relaxed);
         shared.report_kv(0);
         match stop {
             Stop::Closed => return,
@@ -334,11 +373,22 @@ fn run_worker(
             match next.take() {
                 Some(job) if job.is_cancelled() || scheduler.has_room_for(&job) => {
                     gauge!(m::REQUESTS_WAITING).decrement(1.0);
-                    shared.queued.fetch_sub(1, Ordering::SeqCst);
-                    if !job.is_cancelled() {
+                    let reservation = job.kv_reservation;
+                    // The job leaves the queue's count only once it counts as running, so that
+                    // `in_flight` (what a drain waits for) never reads zero in between.
+                    let leave_queue = || {
+                        shared.queued.fetch_sub(1, Ordering::SeqCst);
+                        shared.queued_kv.fetch_sub(reservation, Ordering::SeqCst);
+                    };
+                    if job.is_cancelled() {
+                        leave_queue();
+                    } else {
                         let admitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             on_pool(pool, || scheduler.admit(job))
                         }));
+                        shared.sequences.store(scheduler.sequences(), Ordering::SeqCst);
+                        shared.running_kv.store(scheduler.reserved_kv_bytes(), Ordering::Relaxed);
+                        leave_queue();
                         if let Err(payload) = admitted {
                             let message = format!("internal error in the model worker: {}", panic_message(&*payload));
                             // Down before its clients hear of the fault, so that `/ready` agrees.
@@ -376,6 +426,7 @@ fn run_worker(
             return Stop::Fault { message, next: next.map(Box::new) };
         }
         shared.sequences.store(scheduler.sequences(), Ordering::Relaxed);
+        shared.running_kv.store(scheduler.reserved_kv_bytes(), Ordering::Relaxed);
         shared.report_kv(scheduler.kv_bytes());
     }
 }

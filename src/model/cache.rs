@@ -16,6 +16,7 @@ use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::backend::Backend;
 use super::config::HuginnConfig;
 use super::error::{ModelError, Result};
 
@@ -84,16 +85,19 @@ pub enum LayerSlot {
 /// Position has no core entry yet (the token has not iterated).
 const NO_SLOT: u32 = u32::MAX;
 
-/// K and V of one layer-slot: `[heads, capacity, head_dim]`, rows `0..len` valid.
+/// K and V of one layer-slot, positions `0..len` valid: `[heads, capacity, head_dim]` for the CPU
+/// kernels, `[capacity, heads, head_dim]` for tensor ops ([`Backend::kv_positions_dim`]).
 struct KvBuffer {
     k: Tensor,
     v: Tensor,
     len: usize,
+    /// The dimension of positions.
+    positions: usize,
 }
 
 impl KvBuffer {
     fn capacity(&self) -> usize {
-        self.k.dim(1).unwrap_or(0)
+        self.k.dim(self.positions).unwrap_or(0)
     }
 }
 
@@ -103,6 +107,7 @@ pub struct KvCache {
     head_dim: usize,
     max_len: usize,
     core_layers: usize,
+    backend: Backend,
     dtype: DType,
     device: Device,
     prelude: Vec<Option<KvBuffer>>,
@@ -114,14 +119,16 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(cfg: &HuginnConfig, strategy: CacheStrategy, dtype: DType, device: &Device) -> Self {
+    /// An empty cache, in the K/V dtype and layout of `backend`.
+    pub fn new(cfg: &HuginnConfig, strategy: CacheStrategy, backend: Backend, device: &Device) -> Self {
         Self {
             strategy,
             heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
             max_len: cfg.block_size,
             core_layers: cfg.n_layers_in_recurrent_block,
-            dtype,
+            backend,
+            dtype: backend.kv_dtype(),
             device: device.clone(),
             prelude: (0..cfg.n_layers_in_prelude).map(|_| None).collect(),
             core: Vec::new(),
@@ -176,7 +183,8 @@ impl KvCache {
     }
 
     /// Writes the K/V of positions `start..start + n` (`k`, `v`: `[n, heads, head_dim]`) into `slot`
-    /// and returns the keys and values of positions `0..start + n`, each `[heads, start + n, head_dim]`.
+    /// and returns the keys and values of positions `0..start + n`, views of the buffers in the
+    /// backend's layout (`[heads, start + n, head_dim]` on the CPU kernels).
     pub fn append(&mut self, slot: LayerSlot, start: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = k.dim(0)?;
         let end = start + n;
@@ -196,19 +204,30 @@ impl KvCache {
                 self.deepest_slot[pos] = rslot as u32;
             }
         }
-        let (heads, head_dim, dtype, device) = (self.heads, self.head_dim, self.dtype, self.device.clone());
+        let shape = self.shape();
+        let backend = self.backend;
         let buffer = self.buffer_mut(slot);
-        let buf = ensure_capacity(buffer, end, heads, head_dim, dtype, &device)?;
+        let buf = ensure_capacity(buffer, end, &shape)?;
         if start > buf.len {
             return Err(ModelError::InvalidArgument(format!(
                 "cache slot {slot:?} holds {} positions, cannot write at {start}",
                 buf.len
             )));
         }
-        write_rows(&buf.k, k, start)?;
-        write_rows(&buf.v, v, start)?;
+        backend.write_kv(&buf.k, k, start)?;
+        backend.write_kv(&buf.v, v, start)?;
         buf.len = buf.len.max(end);
-        Ok((buf.k.narrow(1, 0, end)?, buf.v.narrow(1, 0, end)?))
+        Ok((buf.k.narrow(shape.positions, 0, end)?, buf.v.narrow(shape.positions, 0, end)?))
+    }
+
+    fn shape(&self) -> BufferShape {
+        BufferShape {
+            heads: self.heads,
+            head_dim: self.head_dim,
+            positions: self.backend.kv_positions_dim(),
+            dtype: self.dtype,
+            device: self.device.clone(),
+        }
     }
 
     fn buffer_mut(&mut self, slot: LayerSlot) -> &mut Option<KvBuffer> {
@@ -245,124 +264,68 @@ impl KvCache {
                 .flatten();
             match src {
                 Some(buf) if buf.len > pos => {
-                    rows_k.push(buf.k.narrow(1, pos, 1)?);
-                    rows_v.push(buf.v.narrow(1, pos, 1)?);
+                    rows_k.push(buf.k.narrow(buf.positions, pos, 1)?);
+                    rows_v.push(buf.v.narrow(buf.positions, pos, 1)?);
                 }
                 _ => {
-                    let zeros = Tensor::zeros((self.heads, 1, self.head_dim), self.dtype, &self.device)?;
+                    let zeros = self.shape().zeros(1)?;
                     rows_k.push(zeros.clone());
                     rows_v.push(zeros);
                 }
             }
         }
-        let k = Tensor::cat(&rows_k, 1)?.contiguous()?;
-        let v = Tensor::cat(&rows_v, 1)?.contiguous()?;
-        let (heads, head_dim, dtype, device) = (self.heads, self.head_dim, self.dtype, self.device.clone());
+        let shape = self.shape();
+        let k = Tensor::cat(&rows_k, shape.positions)?.contiguous()?;
+        let v = Tensor::cat(&rows_v, shape.positions)?.contiguous()?;
         let buffer = self.buffer_mut(LayerSlot::Core { layer, step: rslot });
-        let buf = ensure_capacity(buffer, start, heads, head_dim, dtype, &device)?;
-        buf.k.slice_set(&k, 1, have)?;
-        buf.v.slice_set(&v, 1, have)?;
+        let buf = ensure_capacity(buffer, start, &shape)?;
+        buf.k.slice_set(&k, shape.positions, have)?;
+        buf.v.slice_set(&v, shape.positions, have)?;
         buf.len = start;
         Ok(())
     }
 }
 
-/// Writes `rows` (`[n, heads, head_dim]`) into `buffer` (`[heads, capacity, head_dim]`) at
-/// positions `start..start + n`: in place, straight from the rows' strides, for float32 CPU rows
-/// into a float32 or bfloat16 buffer (rounded to nearest, ties to even); through a transposed copy
-/// otherwise.
-fn write_rows(buffer: &Tensor, rows: &Tensor, start: usize) -> Result<()> {
-    let direct = buffer.device().is_cpu()
-        && matches!(buffer.dtype(), DType::F32 | DType::BF16)
-        && rows.dtype() == DType::F32
-        && buffer.is_contiguous()
-        && rows.stride().last() == Some(&1);
-    if direct {
-        buffer.inplace_op2(rows, &WriteRows { start })?;
-    } else {
-        buffer.slice_set(&rows.transpose(0, 1)?.to_dtype(buffer.dtype())?.contiguous()?, 1, start)?;
-    }
-    Ok(())
+/// The layout of a cache's buffers.
+struct BufferShape {
+    heads: usize,
+    head_dim: usize,
+    /// The dimension of positions: 1 (`[heads, positions, head_dim]`) or 0 (`[positions, heads,
+    /// head_dim]`).
+    positions: usize,
+    dtype: DType,
+    device: Device,
 }
 
-/// The in-place write of [`write_rows`].
-struct WriteRows {
-    start: usize,
-}
-
-impl candle_core::InplaceOp2 for WriteRows {
-    fn name(&self) -> &'static str {
-        "kv-write-rows"
-    }
-
-    fn cpu_fwd(
-        &self,
-        buffer: &mut candle_core::CpuStorage,
-        bl: &candle_core::Layout,
-        rows: &candle_core::CpuStorage,
-        rl: &candle_core::Layout,
-    ) -> candle_core::Result<()> {
-        let candle_core::CpuStorage::F32(rows) = rows else { candle_core::bail!("kv-write-rows expects float32 rows") };
-        match buffer {
-            candle_core::CpuStorage::F32(buffer) => self.write(buffer, bl, rows, rl, |x| x),
-            candle_core::CpuStorage::BF16(buffer) => self.write(buffer, bl, rows, rl, half::bf16::from_f32),
-            _ => candle_core::bail!("kv-write-rows expects a float32 or bfloat16 buffer"),
-        }
+impl BufferShape {
+    fn zeros(&self, positions: usize) -> Result<Tensor> {
+        let (h, d) = (self.heads, self.head_dim);
+        let dims = if self.positions == 0 { (positions, h, d) } else { (h, positions, d) };
+        Ok(Tensor::zeros(dims, self.dtype, &self.device)?)
     }
 }
 
-impl WriteRows {
-    fn write<T>(
-        &self,
-        buffer: &mut [T],
-        bl: &candle_core::Layout,
-        rows: &[f32],
-        rl: &candle_core::Layout,
-        convert: impl Fn(f32) -> T,
-    ) -> candle_core::Result<()> {
-        let (heads, capacity, dim) = bl.shape().dims3()?;
-        let (n, row_heads, row_dim) = rl.shape().dims3()?;
-        if (row_heads, row_dim) != (heads, dim) || self.start + n > capacity || !bl.is_contiguous() {
-            candle_core::bail!("kv-write-rows: {:?} rows at {} into {:?}", rl.shape(), self.start, bl.shape())
-        }
-        let (row_stride, head_stride) = (rl.stride()[0], rl.stride()[1]);
-        for r in 0..n {
-            for h in 0..heads {
-                let from = rl.start_offset() + r * row_stride + h * head_stride;
-                let to = bl.start_offset() + (h * capacity + self.start + r) * dim;
-                for (to, from) in buffer[to..to + dim].iter_mut().zip(&rows[from..from + dim]) {
-                    *to = convert(*from);
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Grows a buffer to hold `needed` positions (amortised: at least half again, at most +512 rows).
+/// Grows a buffer to hold `needed` positions (amortised: at least half again, at most +512 rows),
+/// copying what it held: a sequence's buffers are reallocated only when it outgrows them.
 fn ensure_capacity<'a>(
     buffer: &'a mut Option<KvBuffer>,
     needed: usize,
-    heads: usize,
-    head_dim: usize,
-    dtype: DType,
-    device: &Device,
+    shape: &BufferShape,
 ) -> Result<&'a mut KvBuffer> {
     let current = buffer.as_ref().map(|b| b.capacity()).unwrap_or(0);
     if needed > current {
         let grown = current + (current / 2).clamp(16, 512);
         let capacity = needed.max(grown);
-        let k = Tensor::zeros((heads, capacity, head_dim), dtype, device)?;
-        let v = Tensor::zeros((heads, capacity, head_dim), dtype, device)?;
+        let (k, v) = (shape.zeros(capacity)?, shape.zeros(capacity)?);
         let len = match buffer.take() {
             Some(old) => {
-                k.slice_set(&old.k, 1, 0)?;
-                v.slice_set(&old.v, 1, 0)?;
+                k.slice_set(&old.k, shape.positions, 0)?;
+                v.slice_set(&old.v, shape.positions, 0)?;
                 old.len
             }
             None => 0,
         };
-        *buffer = Some(KvBuffer { k, v, len });
+        *buffer = Some(KvBuffer { k, v, len, positions: shape.positions });
     }
     buffer.as_mut().ok_or_else(|| ModelError::InvalidArgument("cache buffer missing".into()))
 }
@@ -377,7 +340,7 @@ mod tests {
     }
 
     fn cache(strategy: CacheStrategy) -> KvCache {
-        KvCache::new(&preset("tiny").unwrap(), strategy, DType::F32, &Device::Cpu)
+        KvCache::new(&preset("tiny").unwrap(), strategy, Backend::Cpu { bf16: false }, &Device::Cpu)
     }
 
     /// Token 0 stops after two steps; token 1 runs three. At step 2 token 1 must see token 0's

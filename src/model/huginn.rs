@@ -10,20 +10,18 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, RngExt};
 
+use super::backend::{Backend, BackendChoice, Linear};
 use super::cache::{CacheStrategy, KvCache};
 use super::config::HuginnConfig;
 use super::error::{ModelError, Result};
 use super::layers::{Chunk, RmsNorm, Rope, SandwichBlock, Stage};
-use super::linear::Linear;
 use super::weights::{WeightFiles, read_text};
 
 pub struct HuginnModel {
     cfg: HuginnConfig,
     device: Device,
-    /// The dtype the weights were loaded in.
-    dtype: DType,
-    /// The dtype of the latent state and the activations.
-    activation_dtype: DType,
+    /// The kernels, and the dtypes of weights, activations and K/V.
+    backend: Backend,
     embed_scale: f64,
     wte: Tensor,
     lm_head: Linear,
@@ -57,18 +55,6 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
     }
 }
 
-/// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
-pub fn parse_device(spec: &str) -> Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::new_cuda(0)?),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
-            Some(ordinal) => Ok(Device::new_cuda(ordinal)?),
-            None => Err(ModelError::InvalidArgument(format!("device `{other}`: use cpu, cuda or cuda:N"))),
-        },
-    }
-}
-
 pub fn dtype_name(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => "float32",
@@ -79,10 +65,21 @@ pub fn dtype_name(dtype: DType) -> &'static str {
 }
 
 impl HuginnModel {
-    /// Loads `config.json` and the safetensors weights of `dir` onto `device` in `dtype`.
+    /// Loads `config.json` and the safetensors weights of `dir` onto `device` in `dtype`, with the
+    /// default kernels for them.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(dir, device, Some(dtype), BackendChoice::Auto)
+    }
+
+    /// Loads a checkpoint in `dtype` (`None`: the checkpoint's own `torch_dtype`, float32 when it
+    /// names none) onto `device`, with the kernels `backend` picks for them.
+    pub fn load_with(dir: &Path, device: &Device, dtype: Option<DType>, backend: BackendChoice) -> Result<Self> {
         let cfg = HuginnConfig::from_json_str(&read_text(&dir.join("config.json"))?, "config.json")?;
-        let weights = WeightFiles::open(dir, dtype, device)?;
+        let dtype = match dtype {
+            Some(dtype) => dtype,
+            None => cfg.torch_dtype.as_deref().map(parse_dtype).transpose()?.unwrap_or(DType::F32),
+        };
+        let weights = WeightFiles::open(dir, Backend::choose(backend, device, dtype), device)?;
         Self::from_weights(cfg, &weights)
     }
 
@@ -110,8 +107,7 @@ impl HuginnModel {
             adapter_bias,
             ln_f: RmsNorm::load(w, "transformer.ln_f.weight", &cfg)?,
             rope: Rope::new(&cfg, &device)?,
-            dtype: w.weights_dtype(),
-            activation_dtype: w.activation_dtype(),
+            backend: w.backend(),
             device,
             wte,
             lm_head,
@@ -127,26 +123,31 @@ impl HuginnModel {
         &self.device
     }
 
+    /// The kernels the model runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
     /// The dtype the weights were loaded in.
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.backend.weights_dtype()
     }
 
     /// The dtype of the latent state and the activations: the weights' dtype, except float32 for
-    /// bfloat16 weights on the CPU.
+    /// bfloat16 weights on the CPU kernels.
     pub fn activation_dtype(&self) -> DType {
-        self.activation_dtype
+        self.backend.activation_dtype()
     }
 
     /// The dtype of the K/V cache: the weights' dtype (bfloat16 K/V on the CPU too, half the bytes
     /// that attention reads each step).
     pub fn kv_dtype(&self) -> DType {
-        self.dtype
+        self.backend.kv_dtype()
     }
 
     /// An empty cache for one sequence.
     pub fn new_cache(&self, strategy: CacheStrategy) -> KvCache {
-        KvCache::new(&self.cfg, strategy, self.kv_dtype(), &self.device)
+        KvCache::new(&self.cfg, strategy, self.backend, &self.device)
     }
 
     /// Embeds `ids` (the tokens of all chunks, in chunk order), runs the prelude and returns each
@@ -169,9 +170,9 @@ impl HuginnModel {
         for chunk in chunks.iter_mut() {
             chunk.cache.begin_tokens(chunk.start, chunk.len)?;
         }
-        let layout = self.rope.layout(chunks)?;
+        let layout = self.rope.layout(chunks, self.backend)?;
         let ids = Tensor::new(ids, &self.device)?;
-        let mut xs = (self.wte.embedding(&ids)?.to_dtype(self.activation_dtype)? * self.embed_scale)?;
+        let mut xs = (self.wte.embedding(&ids)?.to_dtype(self.activation_dtype())? * self.embed_scale)?;
         for block in &self.prelude {
             xs = block.forward(&xs, &layout, chunks)?;
         }
@@ -188,17 +189,17 @@ impl HuginnModel {
         let d = self.cfg.n_embd;
         let std = (2.0 / (5.0 * d as f64)).sqrt() * init_scale;
         if std <= 0.0 {
-            return Ok(Tensor::zeros((rows, d), self.activation_dtype, &self.device)?);
+            return Ok(Tensor::zeros((rows, d), self.activation_dtype(), &self.device)?);
         }
         let values: Vec<f32> = (0..rows * d).map(|_| (truncated_normal(rng) * std * self.embed_scale) as f32).collect();
-        Ok(Tensor::from_vec(values, (rows, d), &self.device)?.to_dtype(self.activation_dtype)?)
+        Ok(Tensor::from_vec(values, (rows, d), &self.device)?.to_dtype(self.activation_dtype())?)
     }
 
     /// One recurrence step for every row: `s = core(adapter([s, e]))`, each chunk at its own
     /// `step` (which picks its cache slot).
     pub fn core_step(&self, state: &Tensor, injection: &Tensor, chunks: &mut [Chunk<'_>]) -> Result<Tensor> {
         self.check_rows(state.dim(0)?, chunks)?;
-        let layout = self.rope.layout(chunks)?;
+        let layout = self.rope.layout(chunks, self.backend)?;
         let mut xs = (self.adapter_state.forward(state)? + injection)?;
         for block in &self.core {
             xs = block.forward(&xs, &layout, chunks)?;
@@ -209,7 +210,7 @@ impl HuginnModel {
     /// `ln_f`, the coda, `ln_f` again and the (tied) head; logits in float32.
     pub fn coda(&self, state: &Tensor, chunks: &mut [Chunk<'_>], rows: LogitRows) -> Result<Tensor> {
         self.check_rows(state.dim(0)?, chunks)?;
-        let layout = self.rope.layout(chunks)?;
+        let layout = self.rope.layout(chunks, self.backend)?;
         let mut xs = self.ln_f.forward(state)?;
         for block in &self.coda {
             xs = block.forward(&xs, &layout, chunks)?;

@@ -1,15 +1,15 @@
 //! The layers of a Huginn "sandwich" block, run over a ragged batch: the rows of several sequences
 //! (each a chunk of consecutive positions, with its own cache) stacked into one `[tokens, d]` matrix.
-//! Linear layers see the whole matrix at once; attention splits it back per sequence.
+//! This is the model's math only: every kernel is the backend's ([`Backend`]). Linear layers see
+//! the whole matrix at once; attention writes each chunk's keys and values into its cache and
+//! attends over the ragged batch in one backend call.
 
 use candle_core::{DType, Device, Tensor};
 
-use super::add_norm::add_rms_norm;
+use super::backend::{AttentionPlan, Backend, Linear};
 use super::cache::{KvCache, LayerSlot};
 use super::config::HuginnConfig;
-use super::decode_attention::attend_rows;
 use super::error::Result;
-use super::linear::Linear;
 use super::weights::WeightFiles;
 
 /// One sequence's rows in a batched call: positions `start..start + len`, at recurrence step `step`
@@ -29,11 +29,13 @@ pub enum Stage {
     Coda,
 }
 
-/// Per-call data shared by every layer: rotary tables gathered for each row.
+/// Per-call data shared by every layer: rotary tables gathered for each row, and the backend's
+/// attention plan (for tensor ops: gather indices and masks, built once per call).
 pub struct BatchLayout {
     /// `[tokens, 1, head_dim / 2]` cos and sin of each row's position.
     cos: Tensor,
     sin: Tensor,
+    attention: AttentionPlan,
 }
 
 /// Rotary embedding tables (interleaved pairs), float32, `[block_size, head_dim / 2]`.
@@ -69,44 +71,43 @@ impl Rope {
         (&self.cos, &self.sin)
     }
 
-    pub fn layout(&self, chunks: &[Chunk<'_>]) -> Result<BatchLayout> {
+    /// The layout of a call over `chunks`: one gather of each table by the rows' positions.
+    pub fn layout(&self, chunks: &[Chunk<'_>], backend: Backend) -> Result<BatchLayout> {
+        let positions: Vec<u32> = chunks.iter().flat_map(|c| (c.start..c.start + c.len).map(|p| p as u32)).collect();
+        let device = self.cos.device();
+        let index = Tensor::new(positions.as_slice(), device)?;
         let gather = |table: &Tensor| -> Result<Tensor> {
-            let parts =
-                chunks.iter().map(|c| table.narrow(0, c.start, c.len)).collect::<candle_core::Result<Vec<_>>>()?;
-            let rows = if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 0)? };
-            let tokens = rows.dim(0)?;
-            Ok(rows.contiguous()?.reshape((tokens, 1, rows.dim(1)?))?)
+            let rows = table.index_select(&index, 0)?;
+            Ok(rows.reshape((positions.len(), 1, rows.dim(1)?))?)
         };
-        Ok(BatchLayout { cos: gather(&self.cos)?, sin: gather(&self.sin)? })
+        let spans = chunks.iter().map(|c| (c.start, c.len)).collect();
+        Ok(BatchLayout {
+            cos: gather(&self.cos)?,
+            sin: gather(&self.sin)?,
+            attention: backend.attention_plan(spans, device)?,
+        })
     }
 }
 
-/// Query i (at position start + i) sees keys 0..=start + i.
-fn causal_mask(start: usize, len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let total = start + len;
-    let data: Vec<f32> =
-        (0..len).flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    Ok(Tensor::from_vec(data, (len, total), device)?.to_dtype(dtype)?)
-}
-
-/// RMSNorm, computed in float32: `x * rsqrt(mean(x²) + eps) * weight`.
+/// RMSNorm: `x * rsqrt(mean(x²) + eps) * weight`.
 pub struct RmsNorm {
     weight: Tensor,
     eps: f32,
+    backend: Backend,
 }
 
 impl RmsNorm {
     pub fn load(w: &WeightFiles, name: &str, cfg: &HuginnConfig) -> Result<Self> {
-        Ok(Self { weight: w.load(name, &[cfg.n_embd])?, eps: cfg.norm_eps as f32 })
+        Ok(Self { weight: w.load(name, &[cfg.n_embd])?, eps: cfg.norm_eps as f32, backend: w.backend() })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps)?)
     }
 
-    /// `forward(a + b)`, in one pass.
+    /// `forward(a + b)` (in one pass on the CPU).
     pub fn forward_sum(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        add_rms_norm(a, b, &self.weight, self.eps)
+        self.backend.add_rms_norm(a, b, &self.weight, self.eps)
     }
 }
 
@@ -117,6 +118,7 @@ struct Attention {
     proj: Linear,
     heads: usize,
     head_dim: usize,
+    backend: Backend,
 }
 
 impl Attention {
@@ -145,6 +147,7 @@ impl Attention {
             proj: w.linear(w.load(&format!("{prefix}.proj.weight"), &[d, d])?)?,
             heads: h,
             head_dim: hd,
+            backend: w.backend(),
         })
     }
 
@@ -188,37 +191,7 @@ impl Attention {
             cached.push(chunk.cache.append(slot, chunk.start, &k.narrow(0, row, n)?, &v.narrow(0, row, n)?)?);
             row += n;
         }
-        if q.device().is_cpu() && q.dtype() == DType::F32 {
-            // Every row attends over its sequence's positions up to its own (causal), the rows of
-            // all chunks in one call: scratch of one score per position per row (no [heads, n, n]
-            // score matrix for a long prompt), and a row's bits do not depend on its chunk or batch.
-            let mut rows = Vec::with_capacity(tokens);
-            for (chunk, (keys, values)) in chunks.iter().zip(&cached) {
-                for i in 0..chunk.len {
-                    let seen = chunk.start + i + 1;
-                    rows.push((keys.narrow(1, 0, seen)?, values.narrow(1, 0, seen)?));
-                }
-            }
-            if let Some(attended) = attend_rows(&q, &rows)? {
-                return self.proj.forward(&attended);
-            }
-        }
-        // Other devices and dtypes: tensor ops, chunk by chunk.
-        let mut outputs = Vec::with_capacity(chunks.len());
-        let mut row = 0;
-        for (chunk, (keys, values)) in chunks.iter().zip(&cached) {
-            let n = chunk.len;
-            let (keys, values) = (keys.to_dtype(dtype)?, values.to_dtype(dtype)?);
-            let q_chunk = q.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?; // [h, n, hd]
-            let scores = q_chunk.matmul(&keys.t()?)?; // [h, n, positions]
-            let scores =
-                if n > 1 { scores.broadcast_add(&causal_mask(chunk.start, n, dtype, q.device())?)? } else { scores };
-            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-            let out = probs.matmul(&values)?; // [h, n, hd]
-            outputs.push(out.transpose(0, 1)?.reshape((n, d))?);
-            row += n;
-        }
-        let attended = if outputs.len() == 1 { outputs.swap_remove(0) } else { Tensor::cat(&outputs, 0)? };
+        let attended = self.backend.attend(&q, &cached, &layout.attention)?;
         self.proj.forward(&attended)
     }
 }
@@ -226,6 +199,7 @@ impl Attention {
 struct GatedMlp {
     fc: Linear,
     proj: Linear,
+    backend: Backend,
 }
 
 impl GatedMlp {
@@ -234,12 +208,13 @@ impl GatedMlp {
         Ok(Self {
             fc: w.linear(w.load(&format!("{prefix}.fc.weight"), &[2 * i, d])?)?,
             proj: w.linear(w.load(&format!("{prefix}.proj.weight"), &[d, i])?)?,
+            backend: w.backend(),
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         // fc rows: first half gate, second half up.
-        let gated = super::swiglu::swiglu(&self.fc.forward(xs)?)?;
+        let gated = self.backend.swiglu(&self.fc.forward(xs)?)?;
         self.proj.forward(&gated)
     }
 }

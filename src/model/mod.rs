@@ -1,24 +1,25 @@
 //! The model runtime: checkpoint loading, the three forward entry points, K/V caches and exits.
+//! The layers hold the model's math; the kernels under them are the backend's (`backend.rs`: the
+//! CPU kernels in `cpu/`, tensor ops in `tensor/`).
 
-pub mod add_norm;
-pub mod amx;
-pub mod bf16_linear;
+pub mod backend;
 pub mod cache;
 pub mod config;
-mod cpu_support;
-pub mod decode_attention;
+mod cpu;
 pub mod error;
 pub mod exit;
 pub mod huginn;
 pub mod layers;
-pub mod linear;
-pub mod panel_kernel;
-pub mod swiglu;
+pub mod placement;
+mod tensor;
 pub mod weights;
 
+pub use backend::{Backend, BackendChoice};
 pub use cache::{CacheStrategy, KvCache, LayerSlot};
 pub use config::HuginnConfig;
+pub use cpu::bf16_kernel_description;
 pub use error::{ModelError, Result};
 pub use exit::{ExitCheck, ExitCriterion, ExitRule, ExitTracker};
-pub use huginn::{HuginnModel, LogitRows, dtype_name, parse_device, parse_dtype};
+pub use huginn::{HuginnModel, LogitRows, dtype_name, parse_dtype};
 pub use layers::Chunk;
+pub use placement::{DTypeChoice, DeviceList, DeviceSpec, parse_device};

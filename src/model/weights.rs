@@ -8,8 +8,8 @@ use std::path::Path;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
+use super::backend::{Backend, Linear};
 use super::error::{ModelError, Result};
-use super::linear::Linear;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const SHARD_INDEX: &str = "model.safetensors.index.json";
@@ -18,18 +18,15 @@ pub const SHARD_INDEX: &str = "model.safetensors.index.json";
 pub struct WeightFiles {
     files: Vec<(String, MmapedSafetensors)>,
     location: HashMap<String, usize>,
-    /// The dtype asked for.
-    weights_dtype: DType,
-    /// The dtype tensors load in: the dtype asked for, except bfloat16 on the CPU, where only the
-    /// linear layers and the embedding table keep bfloat16 and everything else computes in float32.
-    dtype: DType,
+    /// The kernels the weights are prepared for (and the dtypes they are stored in).
+    backend: Backend,
     device: Device,
 }
 
 impl WeightFiles {
-    /// Opens `model.safetensors` or, when absent, the shards named by the index file, to load in
-    /// `dtype` on `device`.
-    pub fn open(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    /// Opens `model.safetensors` or, when absent, the shards named by the index file, to load on
+    /// `device` for `backend`.
+    pub fn open(dir: &Path, backend: Backend, device: &Device) -> Result<Self> {
         let names = weight_file_names(dir)?;
         let mut files = Vec::with_capacity(names.len());
         let mut location = HashMap::new();
@@ -46,34 +43,21 @@ impl WeightFiles {
             }
             files.push((name, mmap));
         }
-        let values = if Self::mixed(dtype, device) { DType::F32 } else { dtype };
-        Ok(Self { files, location, weights_dtype: dtype, dtype: values, device: device.clone() })
+        Ok(Self { files, location, backend, device: device.clone() })
     }
 
-    /// bfloat16 on the CPU: bfloat16 weights in the linear layers ([`Linear::new_bf16`]) and the
-    /// embedding table, float32 for the rest and for the activations.
-    fn mixed(dtype: DType, device: &Device) -> bool {
-        dtype == DType::BF16 && device.is_cpu()
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
-    /// The dtype the weights were asked in.
-    pub fn weights_dtype(&self) -> DType {
-        self.weights_dtype
-    }
-
-    /// The dtype of the activations, norms and K/V cache.
-    pub fn activation_dtype(&self) -> DType {
-        self.dtype
-    }
-
-    /// A linear layer over `weight`, packed for the CPU kernels that the dtype asks for.
+    /// A linear layer over `weight`, prepared for the backend's kernels.
     pub fn linear(&self, weight: Tensor) -> Result<Linear> {
-        if Self::mixed(self.weights_dtype, &self.device) { Linear::new_bf16(weight) } else { Linear::new(weight) }
+        self.backend.linear(weight)
     }
 
-    /// The embedding table `name`, in the dtype asked for.
+    /// The embedding table `name`, in the weights' dtype.
     pub fn load_embedding(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
-        self.load_as(name, expected, self.weights_dtype)
+        self.load_as(name, expected, self.backend.weights_dtype())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -86,10 +70,10 @@ impl WeightFiles {
 
     /// Loads `name`, checks its shape and converts it to the activation dtype on the model device.
     pub fn load(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
-        self.load_as(name, expected, self.dtype)
+        self.load_as(name, expected, self.backend.activation_dtype())
     }
 
-    /// Like [`Self::load`] but keeps float32 (used for norms' reference numerics if needed).
+    /// Like [`Self::load`], in `dtype`.
     pub fn load_as(&self, name: &str, expected: &[usize], dtype: DType) -> Result<Tensor> {
         let index = *self
             .location

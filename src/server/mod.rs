@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use crate::engine::{Engine, EngineConfig, JobHandle, JobSpec, SchedulerLimits};
 use crate::metrics as m;
-use crate::model::{HuginnModel, parse_device, parse_dtype};
+use crate::model::{DeviceSpec, HuginnModel, dtype_name};
 use crate::settings::Settings;
 use crate::text::TextTokenizer;
 pub(crate) use chat::parse_messages as chat_messages;
@@ -34,10 +34,35 @@ pub use error::ApiError;
 use params::Fields;
 pub use state::AppState;
 
+/// Loads one model replica per device (entries naming the same device share one), the tokenizer,
+/// and starts one engine worker per device entry.
+fn load_replicas(settings: &Settings, dir: &Path) -> anyhow::Result<Vec<Arc<HuginnModel>>> {
+    let specs = settings.model.worker_devices()?;
+    let mut replicas: Vec<(DeviceSpec, Arc<HuginnModel>)> = Vec::new();
+    let mut models = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let model = match replicas.iter().find(|(loaded, _)| *loaded == spec) {
+            Some((_, model)) => model.clone(),
+            None => {
+                let device = spec.open()?;
+                let (dtype, backend) = (settings.model.dtype.fixed(), settings.model.backend);
+                let model = Arc::new(HuginnModel::load_with(dir, &device, dtype, backend)?);
+                tracing::info!(
+                    "model loaded on {spec}: {} weights, {} backend",
+                    dtype_name(model.dtype()),
+                    model.backend().name()
+                );
+                replicas.push((spec, model.clone()));
+                model
+            }
+        };
+        models.push(model);
+    }
+    Ok(models)
+}
+
 /// Loads the model and tokenizer from `dir` and starts the engine's workers.
 pub fn build_state(settings: Settings, dir: &Path) -> anyhow::Result<AppState> {
-    let device = parse_device(&settings.model.device)?;
-    let dtype = parse_dtype(&settings.model.dtype)?;
     let api_keys = auth::ApiKeys::load(
         settings.server.api_keys_file.as_deref(),
         std::env::var(auth::API_KEYS_ENV).ok().as_deref(),
@@ -49,7 +74,8 @@ pub fn build_state(settings: Settings, dir: &Path) -> anyhow::Result<AppState> {
             settings.server.auth_open_paths
         );
     }
-    let model = Arc::new(HuginnModel::load(dir, dtype, &device)?);
+    let models = load_replicas(&settings, dir)?;
+    let model = models.first().cloned().ok_or_else(|| anyhow::anyhow!("no device to serve on"))?;
     let tokenizer = Arc::new(TextTokenizer::load(dir, model.config())?);
     let config = Arc::new(model.config().clone());
     let limits = SchedulerLimits {
@@ -57,7 +83,7 @@ pub fn build_state(settings: Settings, dir: &Path) -> anyhow::Result<AppState> {
         max_kv_bytes: settings.engine.max_kv_bytes,
     };
     let engine = Engine::start(
-        vec![model],
+        models,
         tokenizer.clone(),
         EngineConfig {
             queue_capacity: settings.engine.queue_capacity,

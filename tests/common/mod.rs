@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use huginn::generate::Sequence;
-use huginn::model::{CacheStrategy, HuginnModel, LogitRows};
+use huginn::model::{BackendChoice, CacheStrategy, HuginnModel, LogitRows};
 
 pub fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/huginn-tiny-ref")
@@ -23,8 +23,14 @@ pub fn fixture_copy() -> tempfile::TempDir {
     dir
 }
 
+/// The kernels the tests run on: `HUGINN_MODEL_BACKEND` when set (CI runs the engine and server
+/// suites again with `tensor`, the device path), else `auto`.
+pub fn backend() -> BackendChoice {
+    std::env::var("HUGINN_MODEL_BACKEND").map(|v| v.parse().expect("HUGINN_MODEL_BACKEND")).unwrap_or_default()
+}
+
 pub fn load(dir: &Path, dtype: DType) -> HuginnModel {
-    HuginnModel::load(dir, dtype, &Device::Cpu).unwrap()
+    HuginnModel::load_with(dir, &Device::Cpu, Some(dtype), backend()).unwrap()
 }
 
 /// Logits at every prompt position after `steps` recurrences from a zero state.

@@ -18,8 +18,14 @@ pub async fn start_with(settings: Settings) -> TestServer {
     TestServer { base, state }
 }
 
+/// The default settings with the process environment applied (so that `HUGINN_MODEL_BACKEND`
+/// reaches the servers of the tests).
+pub fn settings() -> Settings {
+    Settings::from_sources("", std::path::Path::new("<defaults>"), std::env::vars()).unwrap()
+}
+
 pub async fn start() -> TestServer {
-    start_with(Settings::default()).await
+    start_with(settings()).await
 }
 
 pub fn openai(server: &TestServer) -> async_openai::Client<async_openai::config::OpenAIConfig> {
@@ -70,7 +76,23 @@ pub async fn eventually(seconds: u64, mut condition: impl FnMut() -> bool) -> bo
     condition()
 }
 
-/// The value of the series `series` (name and labels as rendered) on a `/metrics` page.
+/// The value of the series `series` (name and labels as rendered) on a `/metrics` page; a bare
+/// name without labels sums every series of that name (e.g. over the `worker` label).
 pub fn metric_value(page: &str, series: &str) -> Option<f64> {
-    page.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    let value =
+        |line: &str, prefix: &str| -> Option<f64> { line.strip_prefix(prefix)?.strip_prefix(' ')?.trim().parse().ok() };
+    if series.contains('{') {
+        return page.lines().find_map(|line| value(line, series));
+    }
+    let values: Vec<f64> = page
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(series)?;
+            match rest.strip_prefix('{') {
+                Some(labels) => labels.split_once("} ").and_then(|(_, v)| v.trim().parse().ok()),
+                None => value(line, series),
+            }
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }

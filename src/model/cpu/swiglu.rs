@@ -3,25 +3,21 @@
 //! candle's version takes two strided halves through a unary and a binary op (two allocations,
 //! index arithmetic per element, one thread). This one reads each row once and splits the rows
 //! over the thread pool. Each element is computed with the same float32 operations as candle's
-//! (`x / (1 + exp(-x)) * up`), so the results are the same bits; weights that need gradients
-//! (training) keep candle's op.
+//! (`x / (1 + exp(-x)) * up`), so the results are the same bits (the tensor backend runs
+//! candle's op).
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_support::contiguous_f32;
-use super::error::Result;
+use super::support::contiguous_f32;
+use crate::model::error::Result;
 
 /// Below this many outputs one thread is faster than waking the pool.
 const PARALLEL_MIN_OUTPUTS: usize = 1 << 14;
 
-/// `silu(xs[.., :h]) * xs[.., h:]` with `h` half the last dimension.
+/// `silu(xs[.., :h]) * xs[.., h:]` with `h` half the last dimension, for a float32 CPU tensor.
 pub fn swiglu(xs: &Tensor) -> Result<Tensor> {
-    if xs.device().is_cpu() && xs.dtype() == DType::F32 && !xs.track_op() && xs.rank() >= 1 {
-        Ok(xs.contiguous()?.apply_op1_no_bwd(&SwiGlu)?)
-    } else {
-        Ok(candle_nn::ops::swiglu(xs)?)
-    }
+    Ok(xs.contiguous()?.apply_op1_no_bwd(&SwiGlu)?)
 }
 
 struct SwiGlu;
@@ -65,7 +61,7 @@ impl CustomOp1 for SwiGlu {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     use super::*;
 

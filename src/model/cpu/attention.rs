@@ -4,26 +4,24 @@
 //! one new position per sequence, in a prompt chunk each position over its causal prefix. As
 //! matmul + softmax + matmul this is three tensor ops per head and, for a prompt of n tokens, an
 //! `[heads, n, n]` score matrix; here it is one pass per row and head that reads each key and value
-//! row once, for every row of a call together, with one score per position as scratch. Other
-//! devices and dtypes use the tensor ops.
+//! row once, for every row of a call together, with one score per position as scratch.
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use super::bf16_linear::widen;
-use super::error::Result;
+use crate::model::error::{ModelError, Result};
 
 /// Below this many multiply-adds (all rows together) one thread is faster than the pool.
 const PARALLEL_MIN_WORK: usize = 1 << 15;
 
 /// Attention of many query rows in one call: row `i` of `q` (`[rows, heads, head_dim]`,
 /// already scaled; any row and head strides) attends over `kv[i]` (`[heads, positions_i, head_dim]`
-/// views of its cache, float32 or bfloat16). Returns `[rows, heads * head_dim]` float32, or `None`
-/// when the tensors are not CPU tensors of that layout and those dtypes (then the caller uses the
-/// tensor ops). Every row is computed
+/// views of its cache, float32 or bfloat16). Returns `[rows, heads * head_dim]` float32; tensors
+/// that are not CPU tensors of that layout and those dtypes are an error. Every row is computed
 /// the same way whatever the other rows, so a sequence gets the same bits alone or in a batch.
-pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<Option<Tensor>> {
+pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<Tensor> {
     match kv.first().map(|(k, _)| k.dtype()) {
         Some(DType::BF16) => attend_rows_of::<bf16>(q, kv),
         _ => attend_rows_of::<f32>(q, kv),
@@ -65,7 +63,14 @@ impl CacheValue for bf16 {
     }
 }
 
-fn attend_rows_of<T: CacheValue>(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<Option<Tensor>> {
+fn attend_rows_of<T: CacheValue>(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<Tensor> {
+    let unsupported = || {
+        ModelError::InvalidArgument(format!(
+            "CPU attention takes float32 queries {:?} and {} float32 or bfloat16 CPU caches of [heads, positions, head_dim]",
+            q.dims(),
+            kv.len()
+        ))
+    };
     let (rows, heads, dim) = q.dims3()?;
     let on_cpu = |t: &Tensor, dtype: DType| t.device().is_cpu() && t.dtype() == dtype;
     if rows != kv.len()
@@ -83,15 +88,15 @@ fn attend_rows_of<T: CacheValue>(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<
                 }
         })
     {
-        return Ok(None);
+        return Err(unsupported());
     }
     let (q_storage, q_layout) = q.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(q_data)) = &*q_storage else { return Ok(None) };
+    let Storage::Cpu(CpuStorage::F32(q_data)) = &*q_storage else { return Err(unsupported()) };
     let guards: Vec<_> = kv.iter().map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
     let mut views = Vec::with_capacity(rows);
     for ((ks, kl), (vs, vl)) in &guards {
-        let (Storage::Cpu(k), Storage::Cpu(v)) = (&**ks, &**vs) else { return Ok(None) };
-        let (Some(k), Some(v)) = (T::slice(k), T::slice(v)) else { return Ok(None) };
+        let (Storage::Cpu(k), Storage::Cpu(v)) = (&**ks, &**vs) else { return Err(unsupported()) };
+        let (Some(k), Some(v)) = (T::slice(k), T::slice(v)) else { return Err(unsupported()) };
         views.push(HeadViews {
             k,
             k_start: kl.start_offset(),
@@ -122,7 +127,7 @@ fn attend_rows_of<T: CacheValue>(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<
     }
     drop(guards);
     drop(q_storage);
-    Ok(Some(Tensor::from_vec(out, (rows, width), q.device())?))
+    Ok(Tensor::from_vec(out, (rows, width), q.device())?)
 }
 
 /// One sequence's cache, as slices of the buffers' storage.
@@ -229,7 +234,7 @@ mod tests {
         // A cache buffer with spare capacity, viewed up to 7 positions.
         let k = Tensor::randn(0f32, 1.0, (4, 12, 16), &dev).unwrap().narrow(1, 0, 7).unwrap();
         let v = Tensor::randn(0f32, 1.0, (4, 12, 16), &dev).unwrap().narrow(1, 0, 7).unwrap();
-        let fast = attend_rows(&q.transpose(0, 1).unwrap(), &[(k.clone(), v.clone())]).unwrap().unwrap();
+        let fast = attend_rows(&q.transpose(0, 1).unwrap(), &[(k.clone(), v.clone())]).unwrap();
         let fast = fast.reshape((4, 1, 16)).unwrap();
         let scores = q.matmul(&k.t().unwrap()).unwrap();
         let reference = candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v).unwrap();
@@ -253,16 +258,16 @@ mod tests {
                 )
             })
             .collect();
-        let together = attend_rows(&q, &kv).unwrap().expect("float32 CPU views are handled");
+        let together = attend_rows(&q, &kv).unwrap();
         assert_eq!(together.dims(), &[3, heads * dim]);
         for (row, (k, v)) in kv.iter().enumerate() {
-            let alone = attend_rows(&q.narrow(0, row, 1).unwrap(), &[(k.clone(), v.clone())]).unwrap().unwrap();
+            let alone = attend_rows(&q.narrow(0, row, 1).unwrap(), &[(k.clone(), v.clone())]).unwrap();
             let alone = alone.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(together.get(row).unwrap().to_vec1::<f32>().unwrap(), alone);
         }
-        // Other layouts are left to the caller.
+        // Other layouts are an error.
         let bf16 = q.to_dtype(DType::BF16).unwrap();
-        assert!(attend_rows(&bf16, &kv).unwrap().is_none());
+        assert!(attend_rows(&bf16, &kv).is_err());
     }
 
     #[test]
@@ -275,8 +280,8 @@ mod tests {
             [3, 9].iter().map(|&n| (buffer().narrow(1, 0, n).unwrap(), buffer().narrow(1, 0, n).unwrap())).collect();
         let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let kv_f32: Vec<(Tensor, Tensor)> = kv_bf16.iter().map(|(k, v)| (widen(k), widen(v))).collect();
-        let from_bf16 = attend_rows(&q, &kv_bf16).unwrap().expect("bfloat16 CPU caches are handled");
-        let from_f32 = attend_rows(&q, &kv_f32).unwrap().unwrap();
+        let from_bf16 = attend_rows(&q, &kv_bf16).unwrap();
+        let from_f32 = attend_rows(&q, &kv_f32).unwrap();
         assert_eq!(from_bf16.to_vec2::<f32>().unwrap(), from_f32.to_vec2::<f32>().unwrap());
     }
 }

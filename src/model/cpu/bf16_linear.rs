@@ -16,7 +16,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::amx::{self, GROUP_COLUMNS, STEP_VALUES, TILE_FEATURES, TILE_ROWS};
-use super::cpu_support::{OutPtr, product_rows, weight_buffer};
+use super::support::{OutPtr, product_rows, weight_buffer};
 
 /// Below this many multiply-adds a single thread is faster than waking the pool.
 const PARALLEL_MIN_WORK: usize = 1 << 16;

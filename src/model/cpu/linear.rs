@@ -1,12 +1,12 @@
-//! Linear layers: `xs @ W^T` for a `[out, in]` weight.
+//! Linear layers on the CPU: `xs @ W^T` for a `[out, in]` weight, float32 inputs and outputs.
 //!
-//! On the CPU in float32 the weight is repacked once, at load, into column panels
+//! A float32 weight is repacked once, at load, into column panels
 //! ([`panel_kernel`](super::panel_kernel)) and multiplied by register-tile kernels split across the
 //! thread pool by panels. At batch 1 this streams each weight once per call, bound by memory
 //! bandwidth; at larger batches every weight load feeds up to 8 rows of multiply-adds. Each output
 //! is summed in the same order whatever the number of rows in the call, so a sequence's results
-//! do not depend on which other sequences share its batch. Other dtypes, other devices and weights
-//! that need gradients (training) keep the plain matmul, so the model code stays device-agnostic.
+//! do not depend on which other sequences share its batch. A bfloat16 weight is packed for
+//! [`bf16_linear`](super::bf16_linear).
 
 use std::sync::Arc;
 
@@ -14,9 +14,9 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::bf16_linear::{Bf16Matmul, Bf16Panels};
-use super::cpu_support::{OutPtr, product_rows, weight_buffer};
-use super::error::Result;
 use super::panel_kernel::{MAX_ROWS, PANEL, panels_per_tile, tile, tile_range};
+use super::support::{OutPtr, product_rows, weight_buffer};
+use crate::model::error::{ModelError, Result};
 
 /// Input features per chunk when several row groups share a block of panels: a chunk of a
 /// block (at most 4 panels x 128 features x 128 bytes = 64 KiB, 32 KiB for the tiles of 5 or 6
@@ -31,53 +31,39 @@ const GROUPS_PER_PASS: usize = 11;
 /// Below this many multiply-adds a single thread is faster than waking the pool.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
 
-/// A linear layer without bias.
+/// A linear layer without bias, its weight packed for the CPU kernels.
 #[derive(Clone)]
 pub enum Linear {
-    /// Float32 CPU weights, repacked into panels (the original layout is dropped).
-    Packed(Arc<Panels>),
-    /// CPU weights rounded to bfloat16 and packed for [`bf16_linear`](super::bf16_linear);
-    /// inputs and outputs stay float32.
-    PackedBf16(Arc<Bf16Panels>),
-    /// Any other weight (other dtypes or devices, trainable variables), used through matmul.
-    Plain(Tensor),
+    /// Float32 weights in panels (the original layout is dropped).
+    F32(Arc<Panels>),
+    /// Weights rounded to bfloat16 and packed for [`bf16_linear`](super::bf16_linear).
+    Bf16(Arc<Bf16Panels>),
 }
 
 impl Linear {
-    /// Packs float32 CPU weights into panels; other weights, and trainable variables, are kept as
-    /// they are.
-    pub fn new(weight: Tensor) -> Result<Self> {
-        let packable = weight.device().is_cpu()
-            && weight.dtype() == DType::F32
-            && weight.rank() == 2
-            && !weight.is_variable()
-            && !weight.track_op()
-            && weight.dims().iter().all(|&d| d > 0);
-        if !packable {
-            return Ok(Self::Plain(weight));
-        }
+    /// Packs a `[out, in]` CPU weight: float32 panels, or bfloat16 tiles when `bf16`.
+    pub fn new(weight: &Tensor, bf16: bool) -> Result<Self> {
         let (n, k) = weight.dims2()?;
-        let values = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Self::Packed(Arc::new(Panels::pack(&values, n, k))))
-    }
-
-    /// Rounds a CPU weight of any float dtype to bfloat16 and packs it (float32 inputs and
-    /// outputs); weights on other devices, and trainable variables, go to [`Self::new`].
-    pub fn new_bf16(weight: Tensor) -> Result<Self> {
-        if !weight.device().is_cpu() || weight.rank() != 2 || weight.is_variable() || weight.track_op() {
-            return Self::new(weight);
+        if !weight.device().is_cpu() || n == 0 || k == 0 {
+            return Err(ModelError::InvalidArgument(format!(
+                "the CPU kernels take a non-empty CPU weight, got {:?} on {:?}",
+                weight.dims(),
+                weight.device().location()
+            )));
         }
-        let (n, k) = weight.dims2()?;
+        if bf16 {
+            let values = weight.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            return Ok(Self::Bf16(Arc::new(Bf16Panels::pack(&values, n, k))));
+        }
         let values = weight.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Self::PackedBf16(Arc::new(Bf16Panels::pack(&values, n, k))))
+        Ok(Self::F32(Arc::new(Panels::pack(&values, n, k))))
     }
 
-    /// `xs @ W^T` over the last dimension of `xs`.
+    /// `xs @ W^T` over the last dimension of `xs` (float32).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Packed(panels) => apply_rows(xs, &PanelMatmul(panels.clone()), panels.n),
-            Self::PackedBf16(panels) => apply_rows(&xs.to_dtype(DType::F32)?, &Bf16Matmul(panels.clone()), panels.n),
-            Self::Plain(weight) => Ok(xs.broadcast_matmul(&weight.t()?)?),
+            Self::F32(panels) => apply_rows(xs, &PanelMatmul(panels.clone()), panels.n),
+            Self::Bf16(panels) => apply_rows(&xs.to_dtype(DType::F32)?, &Bf16Matmul(panels.clone()), panels.n),
         }
     }
 }
@@ -253,7 +239,7 @@ mod tests {
         let dev = Device::Cpu;
         let xs = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
-        let fast = Linear::new(w.clone()).unwrap().forward(&xs).unwrap();
+        let fast = Linear::new(&w, false).unwrap().forward(&xs).unwrap();
         let reference = xs.matmul(&w.t().unwrap()).unwrap();
         let diff = max_diff(&fast, &reference);
         assert!(diff < 1e-3, "m={m} n={n} k={k}: {diff}");
@@ -270,7 +256,7 @@ mod tests {
 
     #[test]
     fn zero_rows_give_an_empty_result() {
-        let linear = Linear::new(Tensor::ones((64, 16), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let linear = Linear::new(&Tensor::ones((64, 16), DType::F32, &Device::Cpu).unwrap(), false).unwrap();
         let out = linear.forward(&Tensor::zeros((0, 16), DType::F32, &Device::Cpu).unwrap()).unwrap();
         assert_eq!(out.dims(), &[0, 64]);
     }
@@ -287,7 +273,7 @@ mod tests {
         let dev = Device::Cpu;
         let xs = Tensor::randn(0f32, 1.0, (2, 5, 48), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (70, 48), &dev).unwrap();
-        let fast = Linear::new(w.clone()).unwrap().forward(&xs).unwrap();
+        let fast = Linear::new(&w, false).unwrap().forward(&xs).unwrap();
         let reference = xs.broadcast_matmul(&w.t().unwrap()).unwrap();
         assert!(max_diff(&fast, &reference) < 1e-4);
     }
@@ -295,7 +281,7 @@ mod tests {
     #[test]
     fn a_row_gives_the_same_bits_alone_or_in_a_batch() {
         let dev = Device::Cpu;
-        let linear = Linear::new(Tensor::randn(0f32, 1.0, (1000, 256), &dev).unwrap()).unwrap();
+        let linear = Linear::new(&Tensor::randn(0f32, 1.0, (1000, 256), &dev).unwrap(), false).unwrap();
         let batch = Tensor::randn(0f32, 1.0, (70, 256), &dev).unwrap();
         let together = linear.forward(&batch).unwrap();
         for r in [0, 33, 69] {
@@ -308,7 +294,7 @@ mod tests {
             assert_eq!(part.to_vec2::<f32>().unwrap(), together.narrow(0, 0, rows).unwrap().to_vec2::<f32>().unwrap());
         }
         // Input features in chunks with a partial last one (300 = 2 x 128 + 44).
-        let linear = Linear::new(Tensor::randn(0f32, 1.0, (96, 300), &dev).unwrap()).unwrap();
+        let linear = Linear::new(&Tensor::randn(0f32, 1.0, (96, 300), &dev).unwrap(), false).unwrap();
         let batch = Tensor::randn(0f32, 1.0, (16, 300), &dev).unwrap();
         let together = linear.forward(&batch).unwrap().to_vec2::<f32>().unwrap();
         for r in [0, 7, 15] {

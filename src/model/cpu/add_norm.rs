@@ -3,28 +3,20 @@
 //! candle runs the sum and the norm as two ops (an allocation and a trip through memory each,
 //! the sum on the thread pool even for a few rows). This one sums and normalises a row at a time,
 //! with the same float32 operations in the same order as candle's add followed by its
-//! `rms_norm`, so the results are the same bits. Tensors that need gradients (training) and other
-//! dtypes or devices keep candle's ops.
+//! `rms_norm`, so the results are the same bits (the tensor backend runs candle's two ops).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu_support::contiguous_f32;
-use super::error::Result;
+use super::support::contiguous_f32;
+use crate::model::error::Result;
 
 /// candle's `rms_norm` splits the rows over the thread pool above this many rows; so does this.
 const PARALLEL_MIN_ROWS: usize = 32;
 
-/// `rms_norm(a + b, weight, eps)` over the last dimension.
+/// `rms_norm(a + b, weight, eps)` over the last dimension, for float32 CPU tensors.
 pub fn add_rms_norm(a: &Tensor, b: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    let fused = [a, b, weight].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op())
-        && a.shape() == b.shape()
-        && a.rank() >= 1;
-    if fused {
-        Ok(a.contiguous()?.apply_op3_no_bwd(&b.contiguous()?, &weight.contiguous()?, &AddRmsNorm { eps })?)
-    } else {
-        Ok(candle_nn::ops::rms_norm(&(a + b)?, weight, eps)?)
-    }
+    Ok(a.contiguous()?.apply_op3_no_bwd(&b.contiguous()?, &weight.contiguous()?, &AddRmsNorm { eps })?)
 }
 
 struct AddRmsNorm {
@@ -87,7 +79,7 @@ impl CustomOp3 for AddRmsNorm {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     use super::*;
 

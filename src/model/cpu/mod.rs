@@ -1,0 +1,46 @@
+//! The CPU kernels: float32 activations, float32 or bfloat16 weights, float32 or bfloat16 K/V.
+//! [`Backend::Cpu`](super::backend::Backend) runs the model's operations through them; nothing
+//! else in the crate reaches in. Every kernel computes a row the same way whatever the other rows
+//! of its call, so a sequence gets the same bits alone or in a batch.
+
+mod add_norm;
+mod amx;
+mod attention;
+mod bf16_linear;
+mod kv_write;
+mod linear;
+mod panel_kernel;
+mod support;
+mod swiglu;
+
+use candle_core::Tensor;
+
+use super::error::Result;
+pub use add_norm::add_rms_norm;
+pub use bf16_linear::Kernel;
+pub use kv_write::write_rows;
+pub use linear::Linear;
+pub use swiglu::swiglu;
+
+/// Every row of `q` (`[tokens, heads, head_dim]`, the chunks' rows in order) attends over its
+/// sequence's positions up to its own: chunk `c` covers positions `spans[c].0 ..+ spans[c].1` and
+/// `cached[c]` holds its keys and values up to its last position (`[heads, positions, head_dim]`).
+/// All rows in one call, with one score per position as scratch (no `[heads, n, n]` matrix).
+pub fn attend(q: &Tensor, spans: &[(usize, usize)], cached: &[(Tensor, Tensor)]) -> Result<Tensor> {
+    let mut rows = Vec::with_capacity(q.dim(0)?);
+    for (&(start, len), (keys, values)) in spans.iter().zip(cached) {
+        for i in 0..len {
+            let seen = start + i + 1;
+            rows.push((keys.narrow(1, 0, seen)?, values.narrow(1, 0, seen)?));
+        }
+    }
+    attention::attend_rows(q, &rows)
+}
+
+/// What multiplies bfloat16 weights on this CPU, in words.
+pub fn bf16_kernel_description() -> &'static str {
+    match Kernel::best() {
+        Kernel::Amx => "AMX tiles on this CPU",
+        Kernel::Portable => "this CPU has no AMX: the portable kernel",
+    }
+}
