@@ -1,6 +1,7 @@
 //! One running choice inside a worker: its cache, latent state, exit tracking, sampler and text.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -21,19 +22,37 @@ pub struct JobShared {
     pub spec: Arc<JobSpec>,
     /// The worker's metric label.
     worker: Arc<str>,
+    /// Choices that have not sent their last event.
+    open_choices: AtomicUsize,
 }
 
 impl JobShared {
     pub fn new(job: Job, worker: Arc<str>) -> Self {
         metrics::gauge!(crate::metrics::REQUESTS_RUNNING, "worker" => worker.to_string()).increment(1.0);
         let spec = Arc::new(job.spec.clone());
-        Self { job, spec, worker }
+        let open_choices = AtomicUsize::new(spec.n.max(1));
+        Self { job, spec, worker, open_choices }
+    }
+
+    /// A choice is about to send its last event: the job leaves the running gauge with its last
+    /// choice, before the client can hear of it.
+    pub fn choice_done(&self) {
+        if self.open_choices.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.leave_gauge();
+        }
+    }
+
+    fn leave_gauge(&self) {
+        metrics::gauge!(crate::metrics::REQUESTS_RUNNING, "worker" => self.worker.to_string()).decrement(1.0);
     }
 }
 
 impl Drop for JobShared {
+    /// A job dropped with choices still open (cancelled, failed) leaves the gauge now.
     fn drop(&mut self) {
-        metrics::gauge!(crate::metrics::REQUESTS_RUNNING, "worker" => self.worker.to_string()).decrement(1.0);
+        if self.open_choices.load(Ordering::SeqCst) > 0 {
+            self.leave_gauge();
+        }
     }
 }
 
@@ -149,7 +168,7 @@ impl Running {
     /// Sends an event; false when the receiver is gone or too far behind (the job is then cancelled).
     pub fn send(&self, event: Event) -> bool {
         if self.shared.job.events.try_send(event).is_err() {
-            self.shared.job.cancelled.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.shared.job.cancelled.store(true, Ordering::Relaxed);
             return false;
         }
         true

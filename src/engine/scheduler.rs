@@ -29,6 +29,18 @@ pub struct SchedulerLimits {
     pub max_kv_bytes: usize,
 }
 
+/// What a worker holds: running sequences, their K/V bytes and their K/V reservation (sequences
+/// that sent their last event no longer count).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub sequences: usize,
+    pub kv_bytes: usize,
+    pub reserved_kv: usize,
+}
+
+/// Called with the new totals whenever a sequence is released, before its last event is sent.
+pub type Reporter = Box<dyn Fn(Totals) + Send>;
+
 pub struct Scheduler {
     model: Arc<HuginnModel>,
     tokenizer: Arc<TextTokenizer>,
@@ -36,12 +48,42 @@ pub struct Scheduler {
     running: Vec<Running>,
     /// The worker's metric label.
     worker: Arc<str>,
+    reporter: Option<Reporter>,
 }
 
 impl Scheduler {
     /// A scheduler for the worker labelled `worker` in the metrics.
     pub fn new(model: Arc<HuginnModel>, tokenizer: Arc<TextTokenizer>, limits: SchedulerLimits, worker: &str) -> Self {
-        Self { model, tokenizer, limits, running: Vec::new(), worker: worker.into() }
+        Self { model, tokenizer, limits, running: Vec::new(), worker: worker.into(), reporter: None }
+    }
+
+    /// Publishes the totals through `reporter` each time a sequence ends, before its client hears
+    /// of it (so that `/metrics` read right after a response shows the sequence gone).
+    pub fn with_reporter(mut self, reporter: Reporter) -> Self {
+        self.reporter = Some(reporter);
+        self
+    }
+
+    /// Sequences, K/V bytes and reservations of the sequences still running.
+    pub fn totals(&self) -> Totals {
+        let live = self.running.iter().filter(|r| !r.finished);
+        live.fold(Totals::default(), |t, r| Totals {
+            sequences: t.sequences + 1,
+            kv_bytes: t.kv_bytes + r.cache.bytes(),
+            reserved_kv: t.reserved_kv + r.reserved_kv,
+        })
+    }
+
+    /// Sequence `i` is about to send its last event: its cache is freed, it leaves the totals and
+    /// (with its job's last choice) the running gauge, all before the event goes out.
+    fn release(&mut self, i: usize) {
+        let r = &mut self.running[i];
+        r.finished = true;
+        r.cache = self.model.new_cache(r.spec().params.cache);
+        r.shared.choice_done();
+        if let Some(report) = &self.reporter {
+            report(self.totals());
+        }
     }
 
     pub fn is_idle(&self) -> bool {
@@ -54,11 +96,6 @@ impl Scheduler {
 
     pub fn kv_bytes(&self) -> usize {
         self.running.iter().map(|r| r.cache.bytes()).sum()
-    }
-
-    /// K/V bytes reserved for the running sequences (their worst case).
-    pub fn reserved_kv_bytes(&self) -> usize {
-        self.running.iter().map(|r| r.reserved_kv).sum()
     }
 
     /// Whether `job` fits now (sequence slots and reserved K/V memory). An empty scheduler takes any
@@ -80,6 +117,7 @@ impl Scheduler {
         let spec = shared.spec.clone();
         if spec.params.max_tokens == 0 && !spec.prompt_logprobs {
             for choice in 0..spec.n {
+                shared.choice_done();
                 let event = Event::Finished { choice, reason: FinishReason::Length, text: String::new() };
                 let _ = shared.job.events.try_send(event);
             }
@@ -227,8 +265,9 @@ impl Scheduler {
         }
         if r.spec().params.max_tokens == 0 {
             // Prompt log-probabilities only.
-            r.send(Event::Finished { choice: r.choice, reason: FinishReason::Length, text: String::new() });
-            r.finished = true;
+            let event = Event::Finished { choice: r.choice, reason: FinishReason::Length, text: String::new() };
+            self.release(i);
+            self.running[i].send(event);
             return Ok(false);
         }
         let raw = r.logits.take().unwrap_or_default();
@@ -250,9 +289,9 @@ impl Scheduler {
         let reason = r.finish_reason_after(token, piece.stopped, limit);
         let sent = r.send(Event::Token { choice: r.choice, id: token, text: piece.text, steps, exit, logprobs });
         if let Some(reason) = reason {
-            let text = r.text.finish();
-            r.send(Event::Finished { choice: r.choice, reason, text });
-            r.finished = true;
+            let event = Event::Finished { choice: r.choice, reason, text: r.text.finish() };
+            self.release(i);
+            self.running[i].send(event);
             return Ok(false);
         }
         Ok(sent)

@@ -18,7 +18,7 @@ use tokio::sync::mpsc as async_mpsc;
 
 use super::job::{Job, JobHandle, JobSpec};
 use super::running::kv_reservation;
-use super::scheduler::{Scheduler, SchedulerLimits};
+use super::scheduler::{Scheduler, SchedulerLimits, Totals};
 use crate::metrics as m;
 use crate::model::HuginnModel;
 use crate::text::TextTokenizer;
@@ -83,8 +83,15 @@ impl WorkerShared {
 
     /// Publishes the worker's K/V bytes (the gauge's series of this worker).
     fn report_kv(&self, bytes: usize) {
-        self.kv_bytes.store(bytes, Ordering::Relaxed);
+        self.kv_bytes.store(bytes, Ordering::SeqCst);
         gauge!(m::KV_CACHE_BYTES, "worker" => self.label.clone()).set(bytes as f64);
+    }
+
+    /// Publishes what the worker's scheduler holds.
+    fn publish(&self, totals: Totals) {
+        self.sequences.store(totals.sequences, Ordering::SeqCst);
+        self.running_kv.store(totals.reserved_kv, Ordering::SeqCst);
+        self.report_kv(totals.kv_bytes);
     }
 }
 
@@ -271,7 +278,7 @@ fn supervise(
     config: EngineConfig,
     threads: usize,
     jobs: mpsc::Receiver<Job>,
-    shared: &WorkerShared,
+    shared: &Arc<WorkerShared>,
     started: Instant,
     up: mpsc::Sender<()>,
 ) {
@@ -292,7 +299,9 @@ fn supervise(
         .map_err(|e| tracing::warn!("no dedicated compute threads ({e}); using the global pool"))
         .ok();
     loop {
-        let scheduler = Scheduler::new(model.clone(), tokenizer.clone(), config.limits, &shared.label);
+        let reporter = shared.clone();
+        let scheduler = Scheduler::new(model.clone(), tokenizer.clone(), config.limits, &shared.label)
+            .with_reporter(Box::new(move |totals| reporter.publish(totals)));
         let since = Instant::now();
         shared.up.store(true, Ordering::SeqCst);
         if let Some(up) = up.take() {
@@ -300,9 +309,7 @@ fn supervise(
         }
         let stop = run_worker(scheduler, &jobs, shared, started, next.take(), pool.as_ref());
         shared.up.store(false, Ordering::SeqCst);
-        shared.sequences.store(0, Ordering::Relaxed);
-        shared.running_kv.store(0, Ordering::Relaxed);
-        shared.report_kv(0);
+        shared.publish(Totals::default());
         match stop {
             Stop::Closed => return,
             Stop::Fault { message, next: held } => {
@@ -386,8 +393,7 @@ fn run_worker(
                         let admitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             on_pool(pool, || scheduler.admit(job))
                         }));
-                        shared.sequences.store(scheduler.sequences(), Ordering::SeqCst);
-                        shared.running_kv.store(scheduler.reserved_kv_bytes(), Ordering::Relaxed);
+                        shared.publish(scheduler.totals());
                         leave_queue();
                         if let Err(payload) = admitted {
                             let message = format!("internal error in the model worker: {}", panic_message(&*payload));
@@ -425,8 +431,6 @@ fn run_worker(
             scheduler.fail_all(&message);
             return Stop::Fault { message, next: next.map(Box::new) };
         }
-        shared.sequences.store(scheduler.sequences(), Ordering::Relaxed);
-        shared.running_kv.store(scheduler.reserved_kv_bytes(), Ordering::Relaxed);
-        shared.report_kv(scheduler.kv_bytes());
+        shared.publish(scheduler.totals());
     }
 }

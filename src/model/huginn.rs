@@ -86,11 +86,11 @@ impl HuginnModel {
     pub fn from_weights(cfg: HuginnConfig, w: &WeightFiles) -> Result<Self> {
         let (d, v) = (cfg.n_embd, cfg.vocab_size);
         let wte = w.load_embedding("transformer.wte.weight", &[v, d])?;
-        let lm_head = w.linear(if w.contains("lm_head.weight") || !cfg.tie_embeddings {
-            w.load("lm_head.weight", &[v, d])?
+        let lm_head = if w.contains("lm_head.weight") || !cfg.tie_embeddings {
+            w.load_linear("lm_head.weight", &[v, d])?
         } else {
-            wte.clone()
-        })?;
+            w.linear(wte.clone())?
+        };
         let blocks = |stage: Stage, name: &str, count: usize| -> Result<Vec<SandwichBlock>> {
             (0..count).map(|i| SandwichBlock::load(w, &format!("transformer.{name}.{i}"), &cfg, stage, i)).collect()
         };

@@ -144,7 +144,7 @@ impl Attention {
         Ok(Self {
             wqkv: w.linear(wqkv)?,
             qk_bias,
-            proj: w.linear(w.load(&format!("{prefix}.proj.weight"), &[d, d])?)?,
+            proj: w.load_linear(&format!("{prefix}.proj.weight"), &[d, d])?,
             heads: h,
             head_dim: hd,
             backend: w.backend(),
@@ -206,8 +206,8 @@ impl GatedMlp {
     fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig) -> Result<Self> {
         let (d, i) = (cfg.n_embd, cfg.intermediate_size);
         Ok(Self {
-            fc: w.linear(w.load(&format!("{prefix}.fc.weight"), &[2 * i, d])?)?,
-            proj: w.linear(w.load(&format!("{prefix}.proj.weight"), &[d, i])?)?,
+            fc: w.load_linear(&format!("{prefix}.fc.weight"), &[2 * i, d])?,
+            proj: w.load_linear(&format!("{prefix}.proj.weight"), &[d, i])?,
             backend: w.backend(),
         })
     }

@@ -1,12 +1,18 @@
 //! Memory-mapped safetensors weights of a checkpoint folder: `model.safetensors`, or shards listed in
 //! `model.safetensors.index.json`. Every tensor is checked by name and shape against what the
 //! architecture expects, so a bad checkpoint fails with the file, tensor and both shapes.
+//!
+//! Tensors are read one at a time: each is copied (or converted, or packed) out of the mapping, and
+//! the mapping's pages of it are handed back to the kernel at once, so that loading never holds the
+//! checkpoint's bytes in memory beside the model's (peak: the weights in their serving dtype plus
+//! the largest tensor in transit).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Metadata, SafeTensors};
 
 use super::backend::{Backend, Linear};
 use super::error::{ModelError, Result};
@@ -14,9 +20,55 @@ use super::error::{ModelError, Result};
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const SHARD_INDEX: &str = "model.safetensors.index.json";
 
+/// One mapped safetensors file and its header.
+struct WeightFile {
+    name: String,
+    mmap: Mmap,
+    metadata: Metadata,
+    /// Where the tensor data starts (after the header).
+    data_start: usize,
+}
+
+impl WeightFile {
+    fn open(dir: &Path, name: &str) -> Result<Self> {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Err(ModelError::MissingFile { path });
+        }
+        let bad = |message: String| ModelError::Safetensors { file: name.to_string(), message };
+        let file =
+            std::fs::File::open(&path).map_err(|e| ModelError::Io { path: path.clone(), message: e.to_string() })?;
+        // SAFETY: the file is mapped read-only; the checkpoint must not be modified while served.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::Io { path, message: e.to_string() })?;
+        // The whole header is validated once (offsets inside the file, no overlaps).
+        SafeTensors::deserialize(&mmap).map_err(|e| bad(e.to_string()))?;
+        let (header, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
+        Ok(Self { name: name.to_string(), mmap, metadata, data_start: 8 + header })
+    }
+
+    /// Hands the whole pages of `bytes` (a range of this mapping) back to the kernel: they leave
+    /// the process's resident memory, and would be read from the file again if touched.
+    fn release(&self, bytes: &[u8]) {
+        #[cfg(unix)]
+        {
+            // SAFETY: sysconf has no preconditions.
+            let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+            let start = (bytes.as_ptr() as usize).next_multiple_of(page);
+            let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+            if end > start {
+                // SAFETY: whole pages inside this private read-only file mapping, which nothing
+                // reads again without faulting them back in from the file; only advice.
+                unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = bytes;
+    }
+}
+
 /// The weight files of a checkpoint, with the file each tensor lives in.
 pub struct WeightFiles {
-    files: Vec<(String, MmapedSafetensors)>,
+    files: Vec<WeightFile>,
     location: HashMap<String, usize>,
     /// The kernels the weights are prepared for (and the dtypes they are stored in).
     backend: Backend,
@@ -31,17 +83,11 @@ impl WeightFiles {
         let mut files = Vec::with_capacity(names.len());
         let mut location = HashMap::new();
         for (index, name) in names.into_iter().enumerate() {
-            let path = dir.join(&name);
-            if !path.is_file() {
-                return Err(ModelError::MissingFile { path });
-            }
-            // SAFETY: the file is mapped read-only; the checkpoint must not be modified while served.
-            let mmap = unsafe { MmapedSafetensors::new(&path) }
-                .map_err(|e| ModelError::Safetensors { file: name.clone(), message: root_cause(&e) })?;
-            for (tensor, _) in mmap.tensors() {
+            let file = WeightFile::open(dir, &name)?;
+            for tensor in file.metadata.tensors().into_keys() {
                 location.insert(tensor, index);
             }
-            files.push((name, mmap));
+            files.push(file);
         }
         Ok(Self { files, location, backend, device: device.clone() })
     }
@@ -55,6 +101,11 @@ impl WeightFiles {
         self.backend.linear(weight)
     }
 
+    /// The linear layer of tensor `name`, read in the weights' dtype and prepared at once.
+    pub fn load_linear(&self, name: &str, expected: &[usize]) -> Result<Linear> {
+        self.linear(self.load_as(name, expected, self.backend.weights_dtype())?)
+    }
+
     /// The embedding table `name`, in the weights' dtype.
     pub fn load_embedding(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
         self.load_as(name, expected, self.backend.weights_dtype())
@@ -65,7 +116,7 @@ impl WeightFiles {
     }
 
     fn file_list(&self) -> String {
-        self.files.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+        self.files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
     }
 
     /// Loads `name`, checks its shape and converts it to the activation dtype on the model device.
@@ -79,28 +130,41 @@ impl WeightFiles {
             .location
             .get(name)
             .ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), files: self.file_list() })?;
-        let (file, mmap) = &self.files[index];
-        let view =
-            mmap.get(name).map_err(|e| ModelError::Safetensors { file: file.clone(), message: root_cause(&e) })?;
-        if view.shape() != expected {
+        let file = &self.files[index];
+        let info = file
+            .metadata
+            .info(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), files: self.file_list() })?;
+        if info.shape != expected {
             return Err(ModelError::ShapeMismatch {
-                file: file.clone(),
+                file: file.name.clone(),
                 name: name.to_string(),
                 expected: expected.to_vec(),
-                found: view.shape().to_vec(),
+                found: info.shape.clone(),
             });
         }
         use safetensors::Dtype as S;
-        if !matches!(view.dtype(), S::F32 | S::F16 | S::BF16 | S::F64) {
-            return Err(ModelError::UnsupportedTensorDtype {
-                file: file.clone(),
-                name: name.to_string(),
-                found: format!("{:?}", view.dtype()),
-            });
-        }
-        let tensor = mmap
-            .load(name, &self.device)
-            .map_err(|e| ModelError::Safetensors { file: file.clone(), message: root_cause(&e) })?;
+        let stored = match info.dtype {
+            S::F32 => DType::F32,
+            S::F16 => DType::F16,
+            S::BF16 => DType::BF16,
+            S::F64 => DType::F64,
+            other => {
+                return Err(ModelError::UnsupportedTensorDtype {
+                    file: file.name.clone(),
+                    name: name.to_string(),
+                    found: format!("{other:?}"),
+                });
+            }
+        };
+        let (first, last) = info.data_offsets;
+        let bytes =
+            file.mmap.get(file.data_start + first..file.data_start + last).ok_or_else(|| ModelError::Safetensors {
+                file: file.name.clone(),
+                message: format!("tensor `{name}` lies outside the file"),
+            })?;
+        let tensor = Tensor::from_raw_buffer(bytes, stored, &info.shape, &self.device)?;
+        file.release(bytes);
         Ok(tensor.to_dtype(dtype)?)
     }
 }
@@ -142,10 +206,4 @@ pub fn read_text(path: &Path) -> Result<String> {
 
 pub fn file_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
-}
-
-fn root_cause(e: &candle_core::Error) -> String {
-    // candle wraps safetensors errors with backtraces; keep the message readable.
-    let text = e.to_string();
-    text.lines().next().unwrap_or(&text).to_string()
 }

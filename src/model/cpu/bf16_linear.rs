@@ -56,6 +56,11 @@ pub struct Bf16Panels {
 impl Bf16Panels {
     /// Rounds `w` (`[n, k]`, row-major) to bfloat16 and packs it.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        Self::pack_bits(n, k, |i| bf16::from_f32(w[i]).to_bits())
+    }
+
+    /// Packs a `[n, k]` weight whose element `i` (row-major) has the bfloat16 bits `bits(i)`.
+    pub fn pack_bits(n: usize, k: usize, bits: impl Fn(usize) -> u16 + Sync) -> Self {
         let steps = k.div_ceil(TILE_FEATURES);
         let groups = n.div_ceil(GROUP_COLUMNS);
         let group_lines = steps * STEP_VALUES / 32;
@@ -69,7 +74,7 @@ impl Bf16Panels {
                     let column = group * GROUP_COLUMNS + tile * 16 + j / 2;
                     let feature = step * TILE_FEATURES + pair * 2 + j % 2;
                     if column < n && feature < k {
-                        *value = bf16::from_f32(w[column * k + feature]).to_bits();
+                        *value = bits(column * k + feature);
                     }
                 }
             }

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::bf16_linear::{Bf16Matmul, Bf16Panels};
@@ -41,7 +41,9 @@ pub enum Linear {
 }
 
 impl Linear {
-    /// Packs a `[out, in]` CPU weight: float32 panels, or bfloat16 tiles when `bf16`.
+    /// Packs a `[out, in]` CPU weight: float32 panels, or bfloat16 tiles when `bf16`. Float32 and
+    /// bfloat16 weights are packed straight from their storage (no intermediate copy, which matters
+    /// for a 700 MB embedding table); other dtypes are converted to float32 first.
     pub fn new(weight: &Tensor, bf16: bool) -> Result<Self> {
         let (n, k) = weight.dims2()?;
         if !weight.device().is_cpu() || n == 0 || k == 0 {
@@ -51,12 +53,26 @@ impl Linear {
                 weight.device().location()
             )));
         }
-        if bf16 {
-            let values = weight.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            return Ok(Self::Bf16(Arc::new(Bf16Panels::pack(&values, n, k))));
+        let weight = weight.contiguous()?;
+        let packed = {
+            let (storage, layout) = weight.storage_and_layout();
+            let (Storage::Cpu(storage), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+                return Err(ModelError::InvalidArgument("the CPU kernels take a contiguous CPU weight".into()));
+            };
+            match (storage, bf16) {
+                (CpuStorage::F32(v), false) => Some(Self::F32(Arc::new(Panels::pack(&v[start..end], n, k)))),
+                (CpuStorage::F32(v), true) => Some(Self::Bf16(Arc::new(Bf16Panels::pack(&v[start..end], n, k)))),
+                (CpuStorage::BF16(v), true) => {
+                    let v = &v[start..end];
+                    Some(Self::Bf16(Arc::new(Bf16Panels::pack_bits(n, k, |i| v[i].to_bits()))))
+                }
+                _ => None,
+            }
+        };
+        match packed {
+            Some(linear) => Ok(linear),
+            None => Self::new(&weight.to_dtype(DType::F32)?, bf16),
         }
-        let values = weight.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Self::F32(Arc::new(Panels::pack(&values, n, k))))
     }
 
     /// `xs @ W^T` over the last dimension of `xs` (float32).
