@@ -12,7 +12,7 @@
 # default model (models/huginn-addition) baked in. Settings come from /app/config/default.toml
 # (mount a file or a ConfigMap there to replace it) and from HUGINN_<SECTION>_<KEY> variables,
 # which take precedence over the file (e.g. HUGINN_MODEL_PATH=/models/huginn-0125,
-# HUGINN_MODEL_DTYPE=bf16, HUGINN_SERVER_SHUTDOWN_GRACE_SECONDS=30).
+# HUGINN_MODEL_DEVICES=cuda:0,cuda:1, HUGINN_SERVER_SHUTDOWN_GRACE_SECONDS=30).
 # See deploy/README.md for Kubernetes.
 
 # ---------------------------------------------------------------------------------------------
@@ -32,44 +32,50 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/huginn /usr/local/bin/huginn
 
 # ---------------------------------------------------------------------------------------------
-# CUDA build: nvcc from the CUDA devel image, the Rust toolchain from the stage above.
-FROM nvidia/cuda:13.0.2-devel-ubuntu24.04 AS cuda-builder
+# CUDA build: the CUDA 13.0 compiler and libraries from the same pinned PyPI wheels as CI
+# (scripts/cuda-toolchain.sh), so the image runs exactly what CI builds.
+FROM rust AS cuda-builder
 # No GPU is visible during `docker build`, so the kernels' target architecture must be given.
 ARG CUDA_COMPUTE_CAP=90
-ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} \
-    RUSTUP_HOME=/usr/local/rustup \
-    CARGO_HOME=/usr/local/cargo \
-    PATH=/usr/local/cargo/bin:${PATH}
-# Ubuntu's package versions move with its security updates: pinning them would break the build
-# as soon as the pinned version leaves the archive, so the base image tag is the pin.
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Debian's package versions move with its security updates: the base image tag is the pin.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates gcc g++ libc6-dev \
+    && apt-get install -y --no-install-recommends python3 python3-venv gcc g++ libc6-dev \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=rust /usr/local/rustup /usr/local/rustup
-COPY --from=rust /usr/local/cargo /usr/local/cargo
 WORKDIR /src
+COPY scripts/cuda-toolchain.sh ./scripts/cuda-toolchain.sh
+RUN bash scripts/cuda-toolchain.sh /opt/cuda-wheels > /opt/cuda-env.sh \
+    && mkdir -p /opt/cuda-lib \
+    && cp -L /opt/cuda-wheels/venv/lib/python3*/site-packages/nvidia/cu13/lib/lib{cublas,cublasLt,curand,cudart,nvrtc}.so.* /opt/cuda-lib/
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target,id=huginn-target-cuda \
-    cargo build --release --locked --features cuda \
+    source /opt/cuda-env.sh \
+    && export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} \
+    && cargo build --release --locked --features cuda \
     && cp target/release/huginn /usr/local/bin/huginn
 
 # ---------------------------------------------------------------------------------------------
 # CUDA runtime: `docker build --target cuda`. Needs an NVIDIA driver for CUDA 13.0 (R580 or later)
 # and the NVIDIA container toolkit on the host (`docker run --gpus all ...`; on Kubernetes the
-# NVIDIA device plugin).
-FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04 AS cuda
+# NVIDIA device plugin), which provides libcuda; the CUDA libraries come from the builder's wheels.
+FROM debian:bookworm-slim AS cuda
 RUN groupadd --system --gid 10001 huginn \
     && useradd --system --no-log-init --uid 10001 --gid 10001 --home-dir /app --shell /usr/sbin/nologin huginn
 WORKDIR /app
 COPY --from=cuda-builder /usr/local/bin/huginn /usr/local/bin/huginn
+COPY --from=cuda-builder /opt/cuda-lib /opt/cuda/lib
 COPY config/default.toml /app/config/default.toml
 COPY models/huginn-addition /app/models/huginn-addition
+# One worker per visible GPU.
 ENV HUGINN_SERVER_HOST=0.0.0.0 \
     HUGINN_SERVER_PORT=8000 \
-    HUGINN_MODEL_DEVICE=cuda
+    HUGINN_MODEL_DEVICES=cuda:all \
+    LD_LIBRARY_PATH=/opt/cuda/lib \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 10001:10001
 EXPOSE 8000
 # The image has no HTTP client: bash's /dev/tcp sends the request (liveness: GET /health).

@@ -22,11 +22,16 @@ fn expected() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture_dir().join("expected.safetensors"), &Device::Cpu).unwrap()
 }
 
-/// The fixture on both kernel sets: the CPU kernels and tensor ops (the device path).
+/// The fixture on both kernel sets: the CPU kernels and tensor ops (the device path); on
+/// `HUGINN_TEST_DEVICE` when set (`scripts/gpu-check.sh`: `cuda:0`, where auto means tensor ops).
 fn models() -> Vec<HuginnModel> {
+    let device = match std::env::var("HUGINN_TEST_DEVICE") {
+        Ok(spec) => huginn::model::parse_device(&spec).expect("HUGINN_TEST_DEVICE"),
+        Err(_) => Device::Cpu,
+    };
     [BackendChoice::Auto, BackendChoice::Tensor]
         .into_iter()
-        .map(|backend| HuginnModel::load_with(&fixture_dir(), &Device::Cpu, Some(DType::F32), backend).unwrap())
+        .map(|backend| HuginnModel::load_with(&fixture_dir(), &device, Some(DType::F32), backend).unwrap())
         .collect()
 }
 
@@ -36,7 +41,8 @@ fn ids(case: &Value, key: &str) -> Vec<u32> {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    let a = a.to_device(&Device::Cpu).unwrap();
+    (&a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 fn strategy(name: &str) -> CacheStrategy {
@@ -92,7 +98,8 @@ fn greedy_decode_matches(model: &HuginnModel) {
         let generated = ids(case, "generated_ids");
         let want = &expected[case["tensor"].as_str().unwrap()];
         let mut seq = Sequence::new(model, strategy(case["cache_strategy"].as_str().unwrap()), 0.0, false, 0);
-        let mut rows = vec![seq.prefill(&ids(case, "ids"), steps, LogitRows::Last).unwrap().flatten_all().unwrap()];
+        let first = seq.prefill(&ids(case, "ids"), steps, LogitRows::Last).unwrap().flatten_all().unwrap();
+        let mut rows = vec![first.to_device(&Device::Cpu).unwrap()];
         let mut ours = Vec::new();
         for _ in 0..generated.len() {
             let last = rows.last().unwrap().to_vec1::<f32>().unwrap();

@@ -34,6 +34,13 @@ pub struct BenchArgs {
     /// Only the serving (load generator) part.
     #[arg(long)]
     serving_only: bool,
+    /// Only the full-size section: write (once) and load the published Huginn-0125 shape in
+    /// bfloat16 (about 7 GB) and rewrite that section of the report.
+    #[arg(long)]
+    full_size: bool,
+    /// Where the full-size checkpoint is written (reused when present).
+    #[arg(long, default_value = "target/bench-models/huginn-0125-bf16")]
+    full_size_model: PathBuf,
 }
 
 const PROMPT: [u32; 8] = [84, 104, 101, 32, 99, 111, 114, 101];
@@ -44,6 +51,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let scale = if args.quick { 1 } else { 4 };
     let repeats = if args.quick { 1 } else { 3 };
 
+    if args.full_size {
+        return super::bench_full_size::run(&args.full_size_model, &args.out);
+    }
     let tiny = HuginnModel::load(&args.fixture, DType::F32, &device).context("loading the fixture model")?;
     ensure_large_model(&args.large_model)?;
     let load_large =
@@ -82,7 +92,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let bandwidth = read_bandwidth(1 << 30, threads, 5);
     eprintln!("read bandwidth, 1 GiB buffer ({threads} threads): {:.2} GB/s", bandwidth / 1e9);
 
-    let report = render(&args, threads, &tiny_rows, &large, &large_rows, bandwidth)? + &serving;
+    let report = render(&args, threads, &tiny_rows, &large, &large_rows, bandwidth)?
+        + &serving
+        + &super::bench_full_size::kept_section(&args.out);
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }

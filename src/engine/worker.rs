@@ -106,6 +106,7 @@ const STABLE: Duration = Duration::from_secs(60);
 /// Handle to the pool of workers.
 pub struct Engine {
     workers: Vec<Worker>,
+    dispatch: std::sync::Mutex<()>,
     started: Instant,
     queue_capacity: usize,
 }
@@ -159,13 +160,16 @@ impl Engine {
                 break;
             }
         }
-        Self { workers, started, queue_capacity: config.queue_capacity.max(1) }
+        Self { workers, dispatch: std::sync::Mutex::new(()), started, queue_capacity: config.queue_capacity.max(1) }
     }
 
     /// Queues a job on the least-loaded live worker (workers that are up first, then by reserved
     /// K/V bytes, then by jobs and sequences); fails at once when every queue is full. A worker
     /// restarting after a fault still takes jobs: they wait for it in its queue.
     pub fn submit(&self, spec: JobSpec) -> Result<JobHandle, EngineError> {
+        // One dispatch at a time: the choice of worker and its reservation are one step, so that
+        // concurrent submissions see each other's load.
+        let _dispatch = self.dispatch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let capacity = spec.n * (spec.params.max_tokens + 3) + 8;
         let (events, receiver) = async_mpsc::channel(capacity);
         let cancelled = Arc::new(AtomicBool::new(false));

@@ -2,15 +2,16 @@
 //! `model.safetensors.index.json`. Every tensor is checked by name and shape against what the
 //! architecture expects, so a bad checkpoint fails with the file, tensor and both shapes.
 //!
-//! Tensors are read one at a time: each is copied (or converted, or packed) out of the mapping, and
-//! the mapping's pages of it are handed back to the kernel at once, so that loading never holds the
-//! checkpoint's bytes in memory beside the model's (peak: the weights in their serving dtype plus
-//! the largest tensor in transit).
+//! Tensors are read one at a time, with positioned reads straight into their buffers (no mapping of
+//! the data, whose pages would count as the process's memory beside the model's), then converted
+//! or packed, the source dropped at once: peak memory is the weights in their serving dtype plus
+//! the largest tensor in transit.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::tensor::{Metadata, SafeTensors};
 
@@ -20,10 +21,10 @@ use super::error::{ModelError, Result};
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const SHARD_INDEX: &str = "model.safetensors.index.json";
 
-/// One mapped safetensors file and its header.
+/// One safetensors file: its header, and the file, read tensor by tensor.
 struct WeightFile {
     name: String,
-    mmap: Mmap,
+    file: std::fs::File,
     metadata: Metadata,
     /// Where the tensor data starts (after the header).
     data_start: usize,
@@ -38,32 +39,50 @@ impl WeightFile {
         let bad = |message: String| ModelError::Safetensors { file: name.to_string(), message };
         let file =
             std::fs::File::open(&path).map_err(|e| ModelError::Io { path: path.clone(), message: e.to_string() })?;
-        // SAFETY: the file is mapped read-only; the checkpoint must not be modified while served.
+        // The header is read through a mapping (only its pages are touched) and validated once:
+        // offsets inside the file, no overlaps. The data is read later, tensor by tensor.
+        // SAFETY: the file is mapped read-only; the checkpoint must not be modified while loading.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::Io { path, message: e.to_string() })?;
-        // The whole header is validated once (offsets inside the file, no overlaps).
         SafeTensors::deserialize(&mmap).map_err(|e| bad(e.to_string()))?;
         let (header, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
-        Ok(Self { name: name.to_string(), mmap, metadata, data_start: 8 + header })
+        drop(mmap);
+        Ok(Self { name: name.to_string(), file, metadata, data_start: 8 + header })
     }
 
-    /// Hands the whole pages of `bytes` (a range of this mapping) back to the kernel: they leave
-    /// the process's resident memory, and would be read from the file again if touched.
-    fn release(&self, bytes: &[u8]) {
-        #[cfg(unix)]
-        {
-            // SAFETY: sysconf has no preconditions.
-            let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
-            let start = (bytes.as_ptr() as usize).next_multiple_of(page);
-            let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
-            if end > start {
-                // SAFETY: whole pages inside this private read-only file mapping, which nothing
-                // reads again without faulting them back in from the file; only advice.
-                unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    /// The `len` bytes at `offset` of the file, read into a buffer of `T` (positioned reads: no
+    /// page of the file is mapped into the process, so none stays resident), in parts of 8 MiB
+    /// on every thread.
+    fn read<T: Copy + Default + Send + Sync>(&self, offset: usize, len: usize) -> std::io::Result<Vec<T>> {
+        use rayon::prelude::*;
+        const PART: usize = 8 << 20;
+        let mut values: Vec<T> = Vec::with_capacity(len / size_of::<T>());
+        values.spare_capacity_mut().par_chunks_mut(PART / size_of::<T>().max(1)).for_each(|part| {
+            for slot in part {
+                slot.write(T::default());
             }
-        }
-        #[cfg(not(unix))]
-        let _ = bytes;
+        });
+        // SAFETY: every element of the capacity was just written.
+        unsafe { values.set_len(len / size_of::<T>()) };
+        // SAFETY: the buffer holds `len` initialized bytes (plain numbers: any bit pattern is valid).
+        let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), len) };
+        bytes
+            .par_chunks_mut(PART)
+            .enumerate()
+            .try_for_each(|(i, part)| read_exact_at(&self.file, part, (offset + i * PART) as u64))?;
+        Ok(values)
     }
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &std::fs::File, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buffer, offset)
+}
+
+#[cfg(not(unix))]
+fn read_exact_at(mut file: &std::fs::File, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(offset))?;
+    file.read_exact(buffer)
 }
 
 /// The weight files of a checkpoint, with the file each tensor lives in.
@@ -158,13 +177,18 @@ impl WeightFiles {
             }
         };
         let (first, last) = info.data_offsets;
-        let bytes =
-            file.mmap.get(file.data_start + first..file.data_start + last).ok_or_else(|| ModelError::Safetensors {
-                file: file.name.clone(),
-                message: format!("tensor `{name}` lies outside the file"),
-            })?;
-        let tensor = Tensor::from_raw_buffer(bytes, stored, &info.shape, &self.device)?;
-        file.release(bytes);
+        let (offset, len) = (file.data_start + first, last - first);
+        let io = |e: std::io::Error| ModelError::Safetensors {
+            file: file.name.clone(),
+            message: format!("reading tensor `{name}`: {e}"),
+        };
+        let shape = info.shape.as_slice();
+        let tensor = match stored {
+            DType::F32 => Tensor::from_vec(file.read::<f32>(offset, len).map_err(io)?, shape, &self.device)?,
+            DType::BF16 => Tensor::from_vec(file.read::<bf16>(offset, len).map_err(io)?, shape, &self.device)?,
+            DType::F16 => Tensor::from_vec(file.read::<f16>(offset, len).map_err(io)?, shape, &self.device)?,
+            _ => Tensor::from_vec(file.read::<f64>(offset, len).map_err(io)?, shape, &self.device)?,
+        };
         Ok(tensor.to_dtype(dtype)?)
     }
 }

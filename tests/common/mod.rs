@@ -29,8 +29,16 @@ pub fn backend() -> BackendChoice {
     std::env::var("HUGINN_MODEL_BACKEND").map(|v| v.parse().expect("HUGINN_MODEL_BACKEND")).unwrap_or_default()
 }
 
+/// The device the model tests run on: `HUGINN_TEST_DEVICE` (`scripts/gpu-check.sh` sets `cuda:0`),
+/// else the CPU.
+pub fn device() -> Device {
+    std::env::var("HUGINN_TEST_DEVICE")
+        .map(|d| huginn::model::parse_device(&d).expect("HUGINN_TEST_DEVICE"))
+        .unwrap_or(Device::Cpu)
+}
+
 pub fn load(dir: &Path, dtype: DType) -> HuginnModel {
-    HuginnModel::load_with(dir, &Device::Cpu, Some(dtype), backend()).unwrap()
+    HuginnModel::load_with(dir, &device(), Some(dtype), backend()).unwrap()
 }
 
 /// Logits at every prompt position after `steps` recurrences from a zero state.

@@ -66,15 +66,35 @@ impl Bf16Panels {
         let group_lines = steps * STEP_VALUES / 32;
         let mut lines = weight_buffer(groups * group_lines, ZERO_LINE);
         lines.par_chunks_mut(group_lines).enumerate().for_each(|(group, block)| {
-            for (i, line) in block.iter_mut().enumerate() {
-                // Line i of a group: step i / 64, tile (i / 16) % 4, feature pair i % 16; its 32
-                // values are 16 columns x 2 features.
-                let (step, tile, pair) = (i / 64, (i / 16) % 4, i % 16);
-                for (j, value) in line.0.iter_mut().enumerate() {
-                    let column = group * GROUP_COLUMNS + tile * 16 + j / 2;
-                    let feature = step * TILE_FEATURES + pair * 2 + j % 2;
-                    if column < n && feature < k {
-                        *value = bits(column * k + feature);
+            // SAFETY: `Line` is 32 u16 with no padding (64 bytes, align 64): 16 u32 pairs.
+            let pairs: &mut [u32] =
+                unsafe { std::slice::from_raw_parts_mut(block.as_mut_ptr().cast::<u32>(), block.len() * 16) };
+            // Line `step * 64 + tile * 16 + pair` of a group holds, for its 16 columns `tile * 16 + c`,
+            // the features `step * 32 + pair * 2` and `+ 1` as u32 `c` (low half first). One
+            // (step, tile) is 16 rows x 64 bytes in, 1 KiB out: a transpose in the L1 cache.
+            for step in 0..steps {
+                for tile in 0..4 {
+                    let out = &mut pairs[(step * 64 + tile * 16) * 16..][..256];
+                    for c in 0..16 {
+                        let column = group * GROUP_COLUMNS + tile * 16 + c;
+                        if column >= n {
+                            break;
+                        }
+                        let row = column * k;
+                        let first = step * TILE_FEATURES;
+                        if first + TILE_FEATURES <= k {
+                            for pair in 0..16 {
+                                let f = row + first + pair * 2;
+                                out[pair * 16 + c] = u32::from(bits(f)) | (u32::from(bits(f + 1)) << 16);
+                            }
+                        } else {
+                            for pair in 0..16 {
+                                let f = first + pair * 2;
+                                let lo = if f < k { u32::from(bits(row + f)) } else { 0 };
+                                let hi = if f + 1 < k { u32::from(bits(row + f + 1)) } else { 0 };
+                                out[pair * 16 + c] = lo | (hi << 16);
+                            }
+                        }
                     }
                 }
             }

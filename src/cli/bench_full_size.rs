@@ -1,0 +1,177 @@
+//! `huginn bench --full-size`: the published Huginn-0125 shape in bfloat16 (random weights, 4
+//! shards, about 7 GB, written once), loaded with the default settings as `huginn serve --model`
+//! would: load time against reading the files once, peak resident memory against the weights'
+//! bytes, and batch-1 core steps/s against the memory-bandwidth bound. The section replaces the
+//! one between its markers in the report (the rest of the report is kept).
+
+use std::fmt::Write as _;
+use std::io::Read;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+
+use huginn::bench::{core_step_weight_bytes, decode_speed, read_pattern_tokens_per_second};
+use huginn::checkpoint::{preset, write_random_checkpoint};
+use huginn::model::{BackendChoice, HuginnModel, dtype_name};
+
+const BEGIN: &str = "<!-- full-size: begin -->";
+const END: &str = "<!-- full-size: end -->";
+
+/// Measures the full-size model in `dir` and writes its section into `out`.
+pub fn run(dir: &Path, out: &Path) -> anyhow::Result<()> {
+    ensure_checkpoint(dir)?;
+    let files = weight_files(dir)?;
+    let file_bytes: u64 = files.iter().map(|f| f.metadata().map(|m| m.len()).unwrap_or(0)).sum();
+    // Reading the files once (into a small buffer), then loading, alternately, twice: both pairs
+    // are listed.
+    let mut reads = Vec::new();
+    let mut loads = Vec::new();
+    let mut model = None;
+    for _ in 0..2 {
+        reads.push(read_once(&files)?);
+        drop(model.take());
+        reset_peak_rss();
+        let before = rss_kb("VmRSS:");
+        let started = Instant::now();
+        let loaded = HuginnModel::load_with(dir, &Device::Cpu, None, BackendChoice::Auto)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let seconds = started.elapsed().as_secs_f64();
+        let peak = rss_kb("VmHWM:").saturating_sub(before) * 1024;
+        eprintln!("full-size load: {seconds:.1} s, peak {:.2} GB above the start", peak as f64 / 1e9);
+        loads.push((seconds, peak));
+        model = Some(loaded);
+    }
+    let model = model.context("no model loaded")?;
+    let weights = serving_weight_bytes(&model);
+    let threads = huginn::cpu_threads::configured();
+    let steps = 4;
+    let stats = decode_speed(&model, &[84, 104, 101, 32], steps, 2, 1)?;
+    let step_bytes = core_step_weight_bytes(&model);
+    // The bound of one core step: reading its weights once (measured the same way, right after).
+    let step_bound = read_pattern_tokens_per_second(0, step_bytes, 1, threads, 3);
+    eprintln!("full-size: {:.3} core steps/s, bound {step_bound:.3}", stats.core_steps_per_second());
+
+    let mut md = String::new();
+    writeln!(md, "{BEGIN}")?;
+    writeln!(md, "## Loading the full-size Huginn-0125 shape\n")?;
+    writeln!(md, "Produced by `cargo run --release -- bench --full-size` (only this section is rewritten).")?;
+    writeln!(
+        md,
+        "The published shape (`huginn init-random --preset huginn-0125 --dtype bf16 --shards 4`, random weights),"
+    )?;
+    writeln!(
+        md,
+        "loaded as `huginn serve --model` does with the default settings (`model.dtype = auto`: {}, {} kernels).",
+        dtype_name(model.dtype()),
+        model.backend().name()
+    )?;
+    writeln!(md, "Two loads, each after reading the files once; the files were in the page cache both times.\n")?;
+    writeln!(
+        md,
+        "| run | read the files once (s) | load (s) | load / read | peak RSS during load (GB) | peak / weights |"
+    )?;
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|")?;
+    for (i, (read, (load, peak))) in reads.iter().zip(&loads).enumerate() {
+        writeln!(
+            md,
+            "| {} | {read:.1} | {load:.1} | {:.2}x | {:.2} | {:.2}x |",
+            i + 1,
+            load / read,
+            *peak as f64 / 1e9,
+            *peak as f64 / weights as f64
+        )?;
+    }
+    writeln!(
+        md,
+        "\n- checkpoint files: {:.2} GB; weights in memory after loading: {:.2} GB",
+        file_bytes as f64 / 1e9,
+        weights as f64 / 1e9
+    )?;
+    writeln!(md, "  (the tied embedding table is held twice: as the embedding and packed as the output head)")?;
+    writeln!(
+        md,
+        "- batch 1, num_steps {steps}: {:.3} core steps/s ({:.2} s per core step); the measured read bound of a core step's",
+        stats.core_steps_per_second(),
+        1.0 / stats.core_steps_per_second()
+    )?;
+    writeln!(
+        md,
+        "  {:.2} GB of weights (summing them on {threads} threads) is {step_bound:.3} steps/s: {:.0}% of the bound",
+        step_bytes as f64 / 1e9,
+        100.0 * stats.core_steps_per_second() / step_bound
+    )?;
+    writeln!(md, "{END}")?;
+    let report = std::fs::read_to_string(out).unwrap_or_default();
+    let report = match (report.find(BEGIN), report.find(END)) {
+        (Some(a), Some(b)) if b > a => format!("{}{}{}", &report[..a], md.trim_end(), &report[b + END.len()..]),
+        _ => format!("{}\n{md}", report.trim_end()),
+    };
+    std::fs::write(out, report).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote the full-size section of {}", out.display());
+    Ok(())
+}
+
+/// The full-size section of the report at `out`, if it has one (a full run keeps it).
+pub fn kept_section(out: &Path) -> String {
+    let report = std::fs::read_to_string(out).unwrap_or_default();
+    match (report.find(BEGIN), report.find(END)) {
+        (Some(a), Some(b)) if b > a => format!("\n{}\n", &report[a..b + END.len()]),
+        _ => String::new(),
+    }
+}
+
+fn ensure_checkpoint(dir: &Path) -> anyhow::Result<()> {
+    if dir.join("model.safetensors.index.json").is_file() {
+        return Ok(());
+    }
+    eprintln!("writing the full-size random checkpoint to {} (about 7 GB)", dir.display());
+    write_random_checkpoint(dir, &preset("huginn-0125")?, 125, DType::BF16, 4)?;
+    Ok(())
+}
+
+fn weight_files(dir: &Path) -> anyhow::Result<Vec<std::fs::File>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            files.push(std::fs::File::open(&path)?);
+        }
+    }
+    Ok(files)
+}
+
+/// Seconds to read every file once, front to back, into an 8 MiB buffer.
+fn read_once(files: &[std::fs::File]) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut buffer = vec![0u8; 8 << 20];
+    for file in files {
+        let mut file = file.try_clone()?;
+        std::io::Seek::rewind(&mut file)?;
+        while file.read(&mut buffer)? > 0 {}
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Bytes of the model's weights as held for serving.
+fn serving_weight_bytes(model: &HuginnModel) -> usize {
+    let cfg = model.config();
+    let (d, v, i) = (cfg.n_embd, cfg.vocab_size, cfg.intermediate_size);
+    let layers = cfg.n_layers_in_prelude + cfg.n_layers_in_recurrent_block + cfg.n_layers_in_coda;
+    let block = 4 * d * d + 3 * d * i + 4 * d + 2 * d;
+    let head = if cfg.tie_embeddings { v * d } else { 0 };
+    (v * d + head + layers * block + 2 * d * d + d) * model.dtype().size_in_bytes()
+}
+
+/// Resets the peak resident set (`VmHWM`) to the current one (Linux).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn rss_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
