@@ -248,6 +248,6 @@ fn render(
     }
     writeln!(md, "\nTarget: at least 70% of the bound. The bound counts weight bytes only (the K/V cache of a short")?;
     writeln!(md, "context adds well under 1%). The linear layers read each weight once per call from panels")?;
-    writeln!(md, "packed at load, split across the threads (`src/model/linear.rs`).")?;
+    writeln!(md, "packed at load, split across the threads (`src/model/cpu/linear.rs`).")?;
     Ok(md)
 }
