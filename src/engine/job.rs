@@ -72,7 +72,8 @@ pub struct JobSpec {
 /// A job on its way to a worker.
 pub struct Job {
     pub spec: JobSpec,
-    /// Worst-case K/V bytes of all its choices, counted against its worker's load while queued.
+    /// Worst-case K/V bytes of all its choices on its worker (computed once, when submitted): its
+    /// worker's load while queued, its admission check, then its sequences' reservation.
     pub kv_reservation: usize,
     pub events: mpsc::Sender<Event>,
     pub cancelled: Arc<AtomicBool>,

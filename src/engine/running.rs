@@ -111,7 +111,8 @@ impl Running {
         let seed = spec.params.seed.wrapping_add(choice as u64);
         // Replaced by the first chunk's prelude before any step reads them.
         let placeholder = Tensor::zeros((1, 1), model.activation_dtype(), model.device())?;
-        let reserved_kv = kv_reservation(model.config(), model.kv_dtype().size_in_bytes(), &spec) / spec.n.max(1);
+        // This choice's share of the reservation computed when the job was submitted.
+        let reserved_kv = shared.job.kv_reservation / spec.n.max(1);
         Ok(Self {
             choice,
             reserved_kv,

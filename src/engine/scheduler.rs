@@ -15,7 +15,7 @@ use candle_core::Tensor;
 use metrics::{counter, histogram};
 
 use super::job::{Event, Job};
-use super::running::{JobShared, Running, kv_reservation, token_logprobs};
+use super::running::{JobShared, Running, token_logprobs};
 use crate::generate::FinishReason;
 use crate::generate::sequence::latent_vec;
 use crate::metrics as m;
@@ -90,23 +90,15 @@ impl Scheduler {
         self.running.is_empty()
     }
 
-    pub fn sequences(&self) -> usize {
-        self.running.len()
-    }
-
-    pub fn kv_bytes(&self) -> usize {
-        self.running.iter().map(|r| r.cache.bytes()).sum()
-    }
-
     /// Whether `job` fits now (sequence slots and reserved K/V memory). An empty scheduler takes any
     /// job, so one too large for the limits still runs alone rather than waiting forever.
     pub fn has_room_for(&self, job: &Job) -> bool {
         if self.running.is_empty() {
             return true;
         }
-        let kv = kv_reservation(self.model.config(), self.model.kv_dtype().size_in_bytes(), &job.spec);
         let reserved: usize = self.running.iter().map(|r| r.reserved_kv).sum();
-        self.running.len() + job.spec.n <= self.limits.max_active_sequences && reserved + kv <= self.limits.max_kv_bytes
+        self.running.len() + job.spec.n <= self.limits.max_active_sequences
+            && reserved + job.kv_reservation <= self.limits.max_kv_bytes
     }
 
     /// Starts a job: its choices' prompt preludes run now; they iterate from the next tick.
