@@ -47,19 +47,6 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
-impl TryFrom<String> for DeviceSpec {
-    type Error = ModelError;
-    fn try_from(s: String) -> Result<Self> {
-        s.parse()
-    }
-}
-
-impl From<DeviceSpec> for String {
-    fn from(d: DeviceSpec) -> String {
-        d.to_string()
-    }
-}
-
 impl DeviceSpec {
     /// Opens the device (CUDA needs a build with `--features cuda`).
     pub fn open(&self) -> Result<Device> {
@@ -174,19 +161,6 @@ impl fmt::Display for DTypeChoice {
     }
 }
 
-impl TryFrom<String> for DTypeChoice {
-    type Error = ModelError;
-    fn try_from(s: String) -> Result<Self> {
-        s.parse()
-    }
-}
-
-impl From<DTypeChoice> for String {
-    fn from(d: DTypeChoice) -> String {
-        d.to_string()
-    }
-}
-
 impl DTypeChoice {
     /// The fixed dtype, `None` for `auto`.
     pub fn fixed(&self) -> Option<DType> {
@@ -197,18 +171,25 @@ impl DTypeChoice {
     }
 }
 
-impl TryFrom<String> for BackendChoice {
-    type Error = ModelError;
-    fn try_from(s: String) -> Result<Self> {
-        s.parse()
-    }
+/// Settings written as strings: serde goes through `FromStr` and `Display`.
+macro_rules! string_setting {
+    ($($t:ty),*) => {$(
+        impl TryFrom<String> for $t {
+            type Error = ModelError;
+            fn try_from(s: String) -> Result<Self> {
+                s.parse()
+            }
+        }
+
+        impl From<$t> for String {
+            fn from(value: $t) -> String {
+                value.to_string()
+            }
+        }
+    )*};
 }
 
-impl From<BackendChoice> for String {
-    fn from(b: BackendChoice) -> String {
-        b.to_string()
-    }
-}
+string_setting!(DeviceSpec, DTypeChoice, BackendChoice);
 
 #[cfg(test)]
 mod tests {
