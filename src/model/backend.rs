@@ -123,6 +123,26 @@ impl Backend {
         }))
     }
 
+    /// Whether [`Self::linear_from_bf16_rows`] is available: the kernels pack a bfloat16 weight
+    /// as its rows are read, with no copy of the whole weight in memory.
+    pub fn packs_bf16_rows(&self) -> bool {
+        matches!(self, Self::Cpu { bf16: true })
+    }
+
+    /// A linear layer over a bfloat16 `[n, k]` weight that `read(first, rows)` supplies in blocks
+    /// of whole rows (`rows.len() / k` rows from row `first`), as bfloat16 bits.
+    pub fn linear_from_bf16_rows(
+        &self,
+        n: usize,
+        k: usize,
+        read: impl Fn(usize, &mut [u16]) -> Result<()> + Sync,
+    ) -> Result<Linear> {
+        match self {
+            Self::Cpu { bf16: true } => Ok(Linear(LinearWeight::Cpu(cpu::Linear::from_bf16_rows(n, k, read)?))),
+            _ => Err(ModelError::InvalidArgument(format!("the {self:?} backend does not pack bfloat16 rows"))),
+        }
+    }
+
     /// `rms_norm(a + b, weight, eps)` over the last dimension.
     pub fn add_rms_norm(&self, a: &Tensor, b: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
         match self {
@@ -192,6 +212,22 @@ impl Linear {
         match &self.0 {
             LinearWeight::Cpu(linear) => linear.forward(xs),
             LinearWeight::Tensor(weight) => tensor::linear(xs, weight),
+        }
+    }
+
+    /// Rows `ids` of the `[out, in]` weight, `[ids.len(), in]` in the weight's values (float32
+    /// on the CPU kernels): an embedding lookup in a table tied to an output head, so the table
+    /// is held once.
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        match &self.0 {
+            LinearWeight::Cpu(linear) => linear.rows(ids),
+            LinearWeight::Tensor(weight) => {
+                let n = weight.dim(0)?;
+                if let Some(id) = ids.iter().find(|&&id| id as usize >= n) {
+                    return Err(ModelError::InvalidArgument(format!("row {id} of a weight with {n} rows")));
+                }
+                Ok(weight.embedding(&Tensor::new(ids, weight.device())?)?)
+            }
         }
     }
 }

@@ -23,7 +23,9 @@ pub struct HuginnModel {
     /// The kernels, and the dtypes of weights, activations and K/V.
     backend: Backend,
     embed_scale: f64,
-    wte: Tensor,
+    /// The embedding table; `None` when it is tied to the output head, whose rows it then reads
+    /// (the table is held once, in the head's packed form).
+    wte: Option<Tensor>,
     lm_head: Linear,
     prelude: Vec<SandwichBlock>,
     /// Adapter columns that multiply the latent state.
@@ -85,25 +87,23 @@ impl HuginnModel {
 
     pub fn from_weights(cfg: HuginnConfig, w: &WeightFiles) -> Result<Self> {
         let (d, v) = (cfg.n_embd, cfg.vocab_size);
-        let wte = w.load_embedding("transformer.wte.weight", &[v, d])?;
-        let lm_head = if w.contains("lm_head.weight") || !cfg.tie_embeddings {
-            w.load_linear("lm_head.weight", &[v, d])?
+        let (wte, lm_head) = if w.contains("lm_head.weight") || !cfg.tie_embeddings {
+            (Some(w.load_embedding("transformer.wte.weight", &[v, d])?), w.load_linear("lm_head.weight", &[v, d])?)
         } else {
-            w.linear(wte.clone())?
+            (None, w.load_linear("transformer.wte.weight", &[v, d])?)
         };
         let blocks = |stage: Stage, name: &str, count: usize| -> Result<Vec<SandwichBlock>> {
             (0..count).map(|i| SandwichBlock::load(w, &format!("transformer.{name}.{i}"), &cfg, stage, i)).collect()
         };
-        let adapter = w.load("transformer.adapter.weight", &[d, 2 * d])?;
         let adapter_bias = if cfg.bias { Some(w.load("transformer.adapter.bias", &[d])?) } else { None };
-        let device = wte.device().clone();
+        let device = w.device().clone();
         Ok(Self {
             embed_scale: (d as f64).sqrt(),
             prelude: blocks(Stage::Prelude, "prelude", cfg.n_layers_in_prelude)?,
             core: blocks(Stage::Core, "core_block", cfg.n_layers_in_recurrent_block)?,
             coda: blocks(Stage::Coda, "coda", cfg.n_layers_in_coda)?,
-            adapter_state: w.linear(adapter.narrow(1, 0, d)?.contiguous()?)?,
-            adapter_input: w.linear(adapter.narrow(1, d, d)?.contiguous()?)?,
+            adapter_state: w.load_linear_part("transformer.adapter.weight", &[d, 2 * d], 0..d, 0, 1.0)?,
+            adapter_input: w.load_linear_part("transformer.adapter.weight", &[d, 2 * d], d..2 * d, 0, 1.0)?,
             adapter_bias,
             ln_f: RmsNorm::load(w, "transformer.ln_f.weight", &cfg)?,
             rope: Rope::new(&cfg, &device)?,
@@ -171,8 +171,11 @@ impl HuginnModel {
             chunk.cache.begin_tokens(chunk.start, chunk.len)?;
         }
         let layout = self.rope.layout(chunks, self.backend)?;
-        let ids = Tensor::new(ids, &self.device)?;
-        let mut xs = (self.wte.embedding(&ids)?.to_dtype(self.activation_dtype())? * self.embed_scale)?;
+        let embedded = match &self.wte {
+            Some(wte) => wte.embedding(&Tensor::new(ids, &self.device)?)?,
+            None => self.lm_head.rows(ids)?,
+        };
+        let mut xs = (embedded.to_dtype(self.activation_dtype())? * self.embed_scale)?;
         for block in &self.prelude {
             xs = block.forward(&xs, &layout, chunks)?;
         }

@@ -128,21 +128,17 @@ impl Attention {
         // The attention scale 1/sqrt(hd) is folded into the query rows of Wqkv and the query bias:
         // RoPE is linear, so scaling before it equals scaling the rotated queries.
         let scale = 1.0 / (hd as f64).sqrt();
-        let wqkv = w.load(&format!("{prefix}.Wqkv.weight"), &[3 * d, d])?;
-        let device = wqkv.device().clone();
-        let row_scale = |rows: usize| -> Result<Tensor> {
-            let factors: Vec<f32> = (0..rows).map(|i| if i < d { scale as f32 } else { 1.0 }).collect();
-            Ok(Tensor::from_vec(factors, rows, &device)?.to_dtype(wqkv.dtype())?)
-        };
-        let wqkv = wqkv.broadcast_mul(&row_scale(3 * d)?.unsqueeze(1)?)?;
+        let wqkv = w.load_linear_part(&format!("{prefix}.Wqkv.weight"), &[3 * d, d], 0..d, d, scale as f32)?;
         let qk_bias = if cfg.qk_bias {
             let bias = w.load(&format!("{prefix}.qk_bias"), &[2, 1, h, hd])?.reshape(2 * d)?;
-            Some((bias * row_scale(2 * d)?)?)
+            let factors: Vec<f32> = (0..2 * d).map(|i| if i < d { scale as f32 } else { 1.0 }).collect();
+            let factors = Tensor::from_vec(factors, 2 * d, bias.device())?.to_dtype(bias.dtype())?;
+            Some((bias * factors)?)
         } else {
             None
         };
         Ok(Self {
-            wqkv: w.linear(wqkv)?,
+            wqkv,
             qk_bias,
             proj: w.load_linear(&format!("{prefix}.proj.weight"), &[d, d])?,
             heads: h,

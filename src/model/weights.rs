@@ -71,6 +71,10 @@ impl WeightFile {
             .try_for_each(|(i, part)| read_exact_at(&self.file, part, (offset + i * PART) as u64))?;
         Ok(values)
     }
+
+    fn read_error(&self, tensor: &str, e: std::io::Error) -> ModelError {
+        ModelError::Safetensors { file: self.name.clone(), message: format!("reading tensor `{tensor}`: {e}") }
+    }
 }
 
 #[cfg(unix)]
@@ -111,6 +115,10 @@ impl WeightFiles {
         Ok(Self { files, location, backend, device: device.clone() })
     }
 
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }
@@ -120,9 +128,9 @@ impl WeightFiles {
         self.backend.linear(weight)
     }
 
-    /// The linear layer of tensor `name`, read in the weights' dtype and prepared at once.
+    /// The linear layer of the `[out, in]` tensor `name`, prepared for the backend as it is read.
     pub fn load_linear(&self, name: &str, expected: &[usize]) -> Result<Linear> {
-        self.linear(self.load_as(name, expected, self.backend.weights_dtype())?)
+        self.load_linear_part(name, expected, 0..expected.get(1).copied().unwrap_or(0), 0, 1.0)
     }
 
     /// The embedding table `name`, in the weights' dtype.
@@ -145,6 +153,95 @@ impl WeightFiles {
 
     /// Like [`Self::load`], in `dtype`.
     pub fn load_as(&self, name: &str, expected: &[usize], dtype: DType) -> Result<Tensor> {
+        let stored = self.locate(name, expected)?;
+        let (file, offset, len) = (stored.file, stored.offset, stored.len);
+        let io = |e: std::io::Error| file.read_error(name, e);
+        let shape = expected;
+        let tensor = match stored.dtype {
+            DType::F32 => Tensor::from_vec(file.read::<f32>(offset, len).map_err(io)?, shape, &self.device)?,
+            DType::BF16 => Tensor::from_vec(file.read::<bf16>(offset, len).map_err(io)?, shape, &self.device)?,
+            DType::F16 => Tensor::from_vec(file.read::<f16>(offset, len).map_err(io)?, shape, &self.device)?,
+            _ => Tensor::from_vec(file.read::<f64>(offset, len).map_err(io)?, shape, &self.device)?,
+        };
+        Ok(tensor.to_dtype(dtype)?)
+    }
+
+    /// The linear layer over columns `columns` of the `[n, k]` tensor `name` (`expected`: its
+    /// whole shape), its first `scaled_rows` rows multiplied by `scale` (in float32, before the
+    /// weights are rounded to their dtype).
+    ///
+    /// Where the backend packs bfloat16 rows as they come ([`Backend::packs_bf16_rows`]), the
+    /// rows are read from the file a column group at a time into a buffer per thread and packed
+    /// at once: the weight is never held whole in memory beside its packed form.
+    pub fn load_linear_part(
+        &self,
+        name: &str,
+        expected: &[usize],
+        columns: std::ops::Range<usize>,
+        scaled_rows: usize,
+        scale: f32,
+    ) -> Result<Linear> {
+        let stored = self.locate(name, expected)?;
+        let &[n, width] = expected else {
+            return Err(ModelError::InvalidArgument(format!("`{name}` is not a matrix: {expected:?}")));
+        };
+        if columns.start > columns.end || columns.end > width {
+            return Err(ModelError::InvalidArgument(format!("columns {columns:?} of `{name}` {expected:?}")));
+        }
+        let whole = columns == (0..width) && scaled_rows == 0;
+        if !self.backend.packs_bf16_rows() || stored.dtype == DType::F64 {
+            // Converted whole, as the tensor backend and float32 kernels take it.
+            let mut weight = if whole { self.load_embedding(name, expected)? } else { self.load(name, expected)? };
+            if scaled_rows > 0 {
+                let factors: Vec<f32> = (0..n).map(|i| if i < scaled_rows { scale } else { 1.0 }).collect();
+                let factors = Tensor::from_vec(factors, (n, 1), &self.device)?.to_dtype(weight.dtype())?;
+                weight = weight.broadcast_mul(&factors)?;
+            }
+            if columns != (0..width) {
+                weight = weight.narrow(1, columns.start, columns.len())?.contiguous()?;
+            }
+            return self.linear(weight);
+        }
+        let (file, element) = (stored.file, stored.dtype.size_in_bytes());
+        let k = columns.len();
+        let at = |first: usize| (stored.offset + first * width * element) as u64;
+        self.backend.linear_from_bf16_rows(n, k, |first, rows| {
+            if stored.dtype == DType::BF16 && k == width {
+                // Straight into the packer's buffer, then scaled in place.
+                // SAFETY: u16 has no invalid bit patterns; the byte view covers `rows` exactly.
+                let bytes = unsafe { std::slice::from_raw_parts_mut(rows.as_mut_ptr().cast::<u8>(), rows.len() * 2) };
+                read_exact_at(&file.file, bytes, at(first)).map_err(|e| file.read_error(name, e))?;
+                if cfg!(target_endian = "big") {
+                    rows.iter_mut().for_each(|bits| *bits = u16::from_le(*bits));
+                }
+                let scaled = scaled_rows.saturating_sub(first).min(rows.len() / k);
+                for bits in &mut rows[..scaled * k] {
+                    *bits = bf16::from_f32(bf16::from_bits(*bits).to_f32() * scale).to_bits();
+                }
+                return Ok(());
+            }
+            let count = rows.len() / k.max(1);
+            let mut bytes = vec![0u8; count * width * element];
+            read_exact_at(&file.file, &mut bytes, at(first)).map_err(|e| file.read_error(name, e))?;
+            for (r, row) in rows.chunks_exact_mut(k.max(1)).enumerate() {
+                let factor = if first + r < scaled_rows { scale } else { 1.0 };
+                let source = &bytes[(r * width + columns.start) * element..][..k * element];
+                for (bits, value) in row.iter_mut().zip(source.chunks_exact(element)) {
+                    let value = match stored.dtype {
+                        DType::BF16 => bf16::from_le_bytes([value[0], value[1]]).to_f32(),
+                        DType::F16 => f16::from_le_bytes([value[0], value[1]]).to_f32(),
+                        _ => f32::from_le_bytes([value[0], value[1], value[2], value[3]]),
+                    };
+                    *bits = bf16::from_f32(value * factor).to_bits();
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Where tensor `name` is stored, after checking that it exists with shape `expected` and a
+    /// float dtype.
+    fn locate(&self, name: &str, expected: &[usize]) -> Result<StoredTensor<'_>> {
         let index = *self
             .location
             .get(name)
@@ -163,7 +260,7 @@ impl WeightFiles {
             });
         }
         use safetensors::Dtype as S;
-        let stored = match info.dtype {
+        let dtype = match info.dtype {
             S::F32 => DType::F32,
             S::F16 => DType::F16,
             S::BF16 => DType::BF16,
@@ -177,20 +274,17 @@ impl WeightFiles {
             }
         };
         let (first, last) = info.data_offsets;
-        let (offset, len) = (file.data_start + first, last - first);
-        let io = |e: std::io::Error| ModelError::Safetensors {
-            file: file.name.clone(),
-            message: format!("reading tensor `{name}`: {e}"),
-        };
-        let shape = info.shape.as_slice();
-        let tensor = match stored {
-            DType::F32 => Tensor::from_vec(file.read::<f32>(offset, len).map_err(io)?, shape, &self.device)?,
-            DType::BF16 => Tensor::from_vec(file.read::<bf16>(offset, len).map_err(io)?, shape, &self.device)?,
-            DType::F16 => Tensor::from_vec(file.read::<f16>(offset, len).map_err(io)?, shape, &self.device)?,
-            _ => Tensor::from_vec(file.read::<f64>(offset, len).map_err(io)?, shape, &self.device)?,
-        };
-        Ok(tensor.to_dtype(dtype)?)
+        Ok(StoredTensor { file, dtype, offset: file.data_start + first, len: last - first })
     }
+}
+
+/// A tensor's place in its file.
+struct StoredTensor<'a> {
+    file: &'a WeightFile,
+    dtype: DType,
+    /// Bytes from the start of the file.
+    offset: usize,
+    len: usize,
 }
 
 /// `model.safetensors` if present, else the distinct files of the shard index's `weight_map`.
@@ -230,4 +324,91 @@ pub fn read_text(path: &Path) -> Result<String> {
 
 pub fn file_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `[n, k]` weight of distinct values, saved in `dtype` as tensor `w` of `model.safetensors`.
+    fn checkpoint(n: usize, k: usize, dtype: DType) -> (tempfile::TempDir, Tensor) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let values: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 97.0).collect();
+        let weight = Tensor::from_vec(values, (n, k), &Device::Cpu).and_then(|t| t.to_dtype(dtype)).expect("weight");
+        candle_core::safetensors::save(
+            &HashMap::from([("w".to_string(), weight.clone())]),
+            dir.path().join(SINGLE_FILE),
+        )
+        .expect("save");
+        (dir, weight)
+    }
+
+    fn outputs(linear: &Linear, k: usize) -> Vec<f32> {
+        let xs: Vec<f32> = (0..3 * k).map(|i| ((i * 31 % 17) as f32 - 8.0) / 5.0).collect();
+        let xs = Tensor::from_vec(xs, (3, k), &Device::Cpu).expect("input");
+        linear.forward(&xs).and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?)).expect("forward")
+    }
+
+    /// The layer as it would be built from the whole weight in memory: scaled in float32,
+    /// narrowed, then packed.
+    fn packed_in_memory(
+        weight: &Tensor,
+        backend: Backend,
+        columns: std::ops::Range<usize>,
+        scaled_rows: usize,
+        scale: f32,
+    ) -> Linear {
+        let n = weight.dim(0).expect("rows");
+        let factors: Vec<f32> = (0..n).map(|i| if i < scaled_rows { scale } else { 1.0 }).collect();
+        let factors = Tensor::from_vec(factors, (n, 1), &Device::Cpu).expect("factors");
+        let weight = weight.to_dtype(DType::F32).and_then(|w| w.broadcast_mul(&factors)).expect("scaled");
+        let weight = weight.narrow(1, columns.start, columns.len()).and_then(|w| w.contiguous()).expect("narrowed");
+        backend.linear(weight).expect("packed")
+    }
+
+    #[test]
+    fn streamed_packing_equals_packing_the_whole_weight() {
+        // 70 rows: one whole column group of 64 and a partial one; 45 features: a partial tile step.
+        let (n, k) = (70, 45);
+        for dtype in [DType::BF16, DType::F32, DType::F16] {
+            let (dir, weight) = checkpoint(n, k, dtype);
+            for backend in [Backend::Cpu { bf16: true }, Backend::Cpu { bf16: false }] {
+                let files = WeightFiles::open(dir.path(), backend, &Device::Cpu).expect("open");
+                for (columns, scaled_rows, scale) in
+                    [(0..k, 0, 1.0), (0..k, 65, 0.125), (5..38, 3, 0.3), (0..20, 70, 2.0)]
+                {
+                    let streamed =
+                        files.load_linear_part("w", &[n, k], columns.clone(), scaled_rows, scale).expect("streamed");
+                    let whole = packed_in_memory(&weight, backend, columns.clone(), scaled_rows, scale);
+                    let width = columns.len();
+                    assert_eq!(
+                        outputs(&streamed, width),
+                        outputs(&whole, width),
+                        "{dtype:?} {backend:?} columns {columns:?}, {scaled_rows} rows scaled by {scale}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_of_a_packed_weight_are_its_stored_values() {
+        let (n, k) = (70, 45);
+        for (dtype, backend) in [
+            (DType::BF16, Backend::Cpu { bf16: true }),
+            (DType::F32, Backend::Cpu { bf16: false }),
+            (DType::F32, Backend::Tensor { dtype: DType::F32 }),
+        ] {
+            let (dir, weight) = checkpoint(n, k, dtype);
+            let files = WeightFiles::open(dir.path(), backend, &Device::Cpu).expect("open");
+            let linear = files.load_linear("w", &[n, k]).expect("linear");
+            let ids = [0u32, 69, 63, 64, 5, 5];
+            let rows = linear.rows(&ids).and_then(|t| Ok(t.to_dtype(DType::F32)?.to_vec2::<f32>()?)).expect("rows");
+            let expected = weight.to_dtype(DType::F32).and_then(|w| w.to_vec2::<f32>()).expect("weight");
+            for (row, &id) in rows.iter().zip(&ids) {
+                assert_eq!(row, &expected[id as usize], "{backend:?}: row {id}");
+            }
+            assert!(linear.rows(&[70]).is_err(), "{backend:?}: a row past the end is an error");
+        }
+    }
 }

@@ -9,6 +9,7 @@
 //! kernel sums each output of each row in an order that does not depend on the other rows, so a
 //! sequence's outputs do not depend on which sequences share its batch.
 
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
@@ -48,7 +49,7 @@ impl Kernel {
 pub struct Bf16Panels {
     lines: Vec<Line>,
     pub(super) n: usize,
-    k: usize,
+    pub(super) k: usize,
     /// Tile steps per column group: `k` rounded up to 32 features.
     steps: usize,
 }
@@ -56,50 +57,51 @@ pub struct Bf16Panels {
 impl Bf16Panels {
     /// Rounds `w` (`[n, k]`, row-major) to bfloat16 and packs it.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
-        Self::pack_bits(n, k, |i| bf16::from_f32(w[i]).to_bits())
+        let packed = Self::pack_rows(n, k, |first, rows| {
+            for (bits, value) in rows.iter_mut().zip(&w[first * k..]) {
+                *bits = bf16::from_f32(*value).to_bits();
+            }
+            Ok::<(), std::convert::Infallible>(())
+        });
+        match packed {
+            Ok(panels) => panels,
+            Err(never) => match never {},
+        }
     }
 
-    /// Packs a `[n, k]` weight whose element `i` (row-major) has the bfloat16 bits `bits(i)`.
-    pub fn pack_bits(n: usize, k: usize, bits: impl Fn(usize) -> u16 + Sync) -> Self {
+    /// Packs a `[n, k]` bfloat16 weight that `read` supplies a column group at a time:
+    /// `read(first, rows)` fills `rows` (`rows.len() / k` whole rows, row-major) with the bits of
+    /// rows `first..`. Each task reads into one buffer of a group's rows, reused for all its
+    /// groups, so a weight can be packed straight from a file with no copy of it in memory.
+    pub fn pack_rows<E: Send>(
+        n: usize,
+        k: usize,
+        read: impl Fn(usize, &mut [u16]) -> Result<(), E> + Sync,
+    ) -> Result<Self, E> {
         let steps = k.div_ceil(TILE_FEATURES);
         let groups = n.div_ceil(GROUP_COLUMNS);
         let group_lines = steps * STEP_VALUES / 32;
-        let mut lines = weight_buffer(groups * group_lines, ZERO_LINE);
-        lines.par_chunks_mut(group_lines).enumerate().for_each(|(group, block)| {
-            // SAFETY: `Line` is 32 u16 with no padding (64 bytes, align 64): 16 u32 pairs.
-            let pairs: &mut [u32] =
-                unsafe { std::slice::from_raw_parts_mut(block.as_mut_ptr().cast::<u32>(), block.len() * 16) };
-            // Line `step * 64 + tile * 16 + pair` of a group holds, for its 16 columns `tile * 16 + c`,
-            // the features `step * 32 + pair * 2` and `+ 1` as u32 `c` (low half first). One
-            // (step, tile) is 16 rows x 64 bytes in, 1 KiB out: a transpose in the L1 cache.
-            for step in 0..steps {
-                for tile in 0..4 {
-                    let out = &mut pairs[(step * 64 + tile * 16) * 16..][..256];
-                    for c in 0..16 {
-                        let column = group * GROUP_COLUMNS + tile * 16 + c;
-                        if column >= n {
-                            break;
-                        }
-                        let row = column * k;
-                        let first = step * TILE_FEATURES;
-                        if first + TILE_FEATURES <= k {
-                            for pair in 0..16 {
-                                let f = row + first + pair * 2;
-                                out[pair * 16 + c] = u32::from(bits(f)) | (u32::from(bits(f + 1)) << 16);
-                            }
-                        } else {
-                            for pair in 0..16 {
-                                let f = first + pair * 2;
-                                let lo = if f < k { u32::from(bits(row + f)) } else { 0 };
-                                let hi = if f + 1 < k { u32::from(bits(row + f + 1)) } else { 0 };
-                                out[pair * 16 + c] = lo | (hi << 16);
-                            }
-                        }
-                    }
-                }
-            }
-        });
-        Self { lines, n, k, steps }
+        let fill = |rows: &mut Vec<u16>, group: usize, block: &mut [MaybeUninit<Line>]| {
+            let first = group * GROUP_COLUMNS;
+            let columns = GROUP_COLUMNS.min(n - first);
+            rows.resize(columns * k, 0u16);
+            read(first, rows)?;
+            pack_group(block, rows, k, steps);
+            Ok(())
+        };
+        // SAFETY: `pack_group` writes every line of its group (padding included).
+        let lines = unsafe { weight_buffer(groups * group_lines, group_lines, Vec::new, fill) }?;
+        Ok(Self { lines, n, k, steps })
+    }
+
+    /// Row `row` of the weight (`row < n`) into `out` (`k` values), widened to float32.
+    pub(super) fn row(&self, row: usize, out: &mut [f32]) {
+        let group = &self.values()[row / GROUP_COLUMNS * self.steps * STEP_VALUES..][..self.steps * STEP_VALUES];
+        let (tile, c) = (row % GROUP_COLUMNS / 16, row % 16);
+        for (f, value) in out.iter_mut().enumerate() {
+            let (step, pair, half) = (f / TILE_FEATURES, f % TILE_FEATURES / 2, f % 2);
+            *value = widen(group[((step * 64 + tile * 16 + pair) * 16 + c) * 2 + half]);
+        }
     }
 
     fn values(&self) -> &[u16] {
@@ -186,6 +188,59 @@ impl Bf16Panels {
     }
 }
 
+/// Packs one column group from its `rows` (row-major, `k` features each, at most
+/// [`GROUP_COLUMNS`] rows) into `block`, writing every value of it (padding as zeros).
+///
+/// Line `step * 64 + tile * 16 + pair` of a group holds, for its 16 columns `tile * 16 + c`, the
+/// features `step * 32 + pair * 2` and `+ 1` as u32 `c` (low half first). One (step, tile) is 16
+/// rows x 64 bytes in, 1 KiB out: a transpose in the L1 cache.
+fn pack_group(block: &mut [MaybeUninit<Line>], rows: &[u16], k: usize, steps: usize) {
+    // SAFETY: `Line` is 32 u16 with no padding (64 bytes, align 64): 16 u32 pairs, and
+    // `MaybeUninit` keeps its layout.
+    let pairs: &mut [MaybeUninit<u32>] =
+        unsafe { std::slice::from_raw_parts_mut(block.as_mut_ptr().cast::<MaybeUninit<u32>>(), block.len() * 16) };
+    let columns = rows.len() / k;
+    for step in 0..steps {
+        let first = step * TILE_FEATURES;
+        let whole_step = first + TILE_FEATURES <= k;
+        for tile in 0..4 {
+            let out = &mut pairs[(step * 64 + tile * 16) * 16..][..256];
+            // The tile's 16 rows (fewer at the end of the weight: the rest are zero columns).
+            let mut sources = [&[][..]; 16];
+            for (c, source) in sources.iter_mut().enumerate() {
+                if tile * 16 + c < columns {
+                    let row = &rows[(tile * 16 + c) * k..][..k];
+                    *source = &row[first..(first + TILE_FEATURES).min(k)];
+                }
+            }
+            // Each output line is written whole, in order.
+            if whole_step && tile * 16 + 16 <= columns {
+                // The common case, without bounds checks or branches: 16 full rows of 32 features.
+                let full: [&[u16; TILE_FEATURES]; 16] =
+                    std::array::from_fn(|c| sources[c].try_into().unwrap_or(&[0; TILE_FEATURES]));
+                for (pair, line) in out.chunks_exact_mut(16).enumerate() {
+                    for (slot, source) in line.iter_mut().zip(&full) {
+                        slot.write(u32::from(source[pair * 2]) | (u32::from(source[pair * 2 + 1]) << 16));
+                    }
+                }
+                continue;
+            }
+            for (pair, line) in out.chunks_exact_mut(16).enumerate() {
+                for (slot, source) in line.iter_mut().zip(&sources) {
+                    let value = if whole_step && !source.is_empty() {
+                        u32::from(source[pair * 2]) | (u32::from(source[pair * 2 + 1]) << 16)
+                    } else {
+                        let lo = source.get(pair * 2).map_or(0, |&b| u32::from(b));
+                        let hi = source.get(pair * 2 + 1).map_or(0, |&b| u32::from(b));
+                        lo | (hi << 16)
+                    };
+                    slot.write(value);
+                }
+            }
+        }
+    }
+}
+
 /// Rounds to the nearest bfloat16, ties to even; NaN stays NaN (quiet). The same results as
 /// `half::bf16::from_f32`, written without branches so that the loop over a row vectorizes.
 fn to_bf16(value: f32) -> u16 {
@@ -202,20 +257,48 @@ pub(super) fn widen(bits: u16) -> f32 {
 
 /// The portable twin of [`amx::column_group`]: `out[r][j]` for the rows of `x` (each `width`
 /// bfloat16 values) and one column group's packed `weights`.
+///
+/// Each output sums, step by step and pair by pair, `x0 * w0` then `x1 * w1` (a multiply and an
+/// add each, never fused), so the bits are the same whichever instruction set runs it; with AVX2
+/// the 16 columns of a tile are two vector registers.
 fn portable_column_group(x: &[u16], width: usize, weights: &[u16], out: &mut [[f32; GROUP_COLUMNS]]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is available.
+        return unsafe { column_group_avx2(x, width, weights, out) };
+    }
+    column_group(x, width, weights, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn column_group_avx2(x: &[u16], width: usize, weights: &[u16], out: &mut [[f32; GROUP_COLUMNS]]) {
+    column_group(x, width, weights, out)
+}
+
+#[inline(always)]
+fn column_group(x: &[u16], width: usize, weights: &[u16], out: &mut [[f32; GROUP_COLUMNS]]) {
+    // SAFETY: two u16 make one u32 (the slice is 2-aligned; `align_to` keeps only whole, aligned
+    // u32, and the packed lines are 64-aligned with an even length).
+    let (head, pairs, _) = unsafe { weights.align_to::<u32>() };
+    assert!(head.is_empty(), "packed bfloat16 weights are 64-byte aligned");
+    let steps = width / TILE_FEATURES;
     for (row, sums) in x.chunks_exact(width).zip(out.iter_mut()) {
-        *sums = [0.0; GROUP_COLUMNS];
-        for (inputs, step) in row.chunks_exact(TILE_FEATURES).zip(weights.chunks_exact(STEP_VALUES)) {
-            for (tile, tile_sums) in step.chunks_exact(STEP_VALUES / 4).zip(sums.chunks_exact_mut(16)) {
-                for (pair, w) in inputs.chunks_exact(2).zip(tile.chunks_exact(32)) {
-                    let (x0, x1) = (widen(pair[0]), widen(pair[1]));
-                    for (sum, w) in tile_sums.iter_mut().zip(w.chunks_exact(2)) {
-                        *sum += x0 * widen(w[0]);
-                        *sum += x1 * widen(w[1]);
+        // The 64 sums stay in registers (8 with AVX2) while the group's weights stream in order.
+        let mut acc = [0.0f32; GROUP_COLUMNS];
+        for (inputs, lines) in row.chunks_exact(TILE_FEATURES).zip(pairs.chunks_exact(STEP_VALUES / 2)).take(steps) {
+            for (pair, x) in inputs.chunks_exact(2).enumerate() {
+                let (x0, x1) = (widen(x[0]), widen(x[1]));
+                for (tile, tile_acc) in acc.chunks_exact_mut(16).enumerate() {
+                    let w = &lines[tile * 256 + pair * 16..][..16];
+                    for (sum, &w) in tile_acc.iter_mut().zip(w) {
+                        *sum += x0 * f32::from_bits(w << 16);
+                        *sum += x1 * f32::from_bits(w & 0xffff_0000);
                     }
                 }
             }
         }
+        *sums = acc;
     }
 }
 
@@ -269,6 +352,25 @@ mod tests {
                     let exact: f64 = (0..k).map(|c| f64::from(x[r * k + c]) * f64::from(w[j * k + c])).sum();
                     let diff = (out[r * n + j] as f64 - exact).abs();
                     assert!(diff < 1e-5 * k as f64, "{kernel:?} m={m} n={n} k={k} [{r},{j}]: {diff}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_portable_kernel_sums_features_in_order_with_unfused_multiply_adds() {
+        // The vectorized and the scalar builds must give the bits of this plain loop.
+        for (m, n, k) in [(1, 64, 32), (3, 70, 45), (17, 130, 200)] {
+            let (w, x) = (random(n * k, 5), random(m * k, 9));
+            let out = Bf16Panels::pack(&w, n, k).multiply(&x, m, Kernel::Portable);
+            let (w, x) = (rounded(&w), rounded(&x));
+            for r in 0..m {
+                for j in 0..n {
+                    let mut sum = 0.0f32;
+                    for c in 0..k {
+                        sum += x[r * k + c] * w[j * k + c];
+                    }
+                    assert_eq!(out[r * n + j].to_bits(), sum.to_bits(), "m={m} n={n} k={k} [{r},{j}]");
                 }
             }
         }

@@ -64,7 +64,12 @@ impl Linear {
                 (CpuStorage::F32(v), true) => Some(Self::Bf16(Arc::new(Bf16Panels::pack(&v[start..end], n, k)))),
                 (CpuStorage::BF16(v), true) => {
                     let v = &v[start..end];
-                    Some(Self::Bf16(Arc::new(Bf16Panels::pack_bits(n, k, |i| v[i].to_bits()))))
+                    Some(Self::from_bf16_rows(n, k, |first, rows| {
+                        for (bits, value) in rows.iter_mut().zip(&v[first * k..]) {
+                            *bits = value.to_bits();
+                        }
+                        Ok(())
+                    })?)
                 }
                 _ => None,
             }
@@ -73,6 +78,38 @@ impl Linear {
             Some(linear) => Ok(linear),
             None => Self::new(&weight.to_dtype(DType::F32)?, bf16),
         }
+    }
+
+    /// A bfloat16 `[n, k]` weight packed as `read` supplies its rows, a column group at a time
+    /// (see [`Bf16Panels::pack_rows`]): no copy of the whole weight is made.
+    pub fn from_bf16_rows(n: usize, k: usize, read: impl Fn(usize, &mut [u16]) -> Result<()> + Sync) -> Result<Self> {
+        if n == 0 || k == 0 {
+            return Err(ModelError::InvalidArgument(format!(
+                "the CPU kernels take a non-empty weight, got [{n}, {k}]"
+            )));
+        }
+        Ok(Self::Bf16(Arc::new(Bf16Panels::pack_rows(n, k, read)?)))
+    }
+
+    /// Rows `ids` of the weight, `[ids.len(), k]` float32, read back from the packed layout
+    /// (exactly the stored values: bfloat16 widens exactly).
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let (n, k) = match self {
+            Self::F32(panels) => (panels.n, panels.k),
+            Self::Bf16(panels) => (panels.n, panels.k),
+        };
+        let mut values = vec![0.0f32; ids.len() * k];
+        for (&id, out) in ids.iter().zip(values.chunks_exact_mut(k)) {
+            let id = id as usize;
+            if id >= n {
+                return Err(ModelError::InvalidArgument(format!("row {id} of a weight with {n} rows")));
+            }
+            match self {
+                Self::F32(panels) => panels.row(id, out),
+                Self::Bf16(panels) => panels.row(id, out),
+            }
+        }
+        Ok(Tensor::from_vec(values, (ids.len(), k), &candle_core::Device::Cpu)?)
     }
 
     /// `xs @ W^T` over the last dimension of `xs` (float32).
@@ -100,16 +137,35 @@ pub struct Panels {
 }
 
 impl Panels {
+    /// Row `row` of the weight (`row < n`) into `out` (`k` values).
+    fn row(&self, row: usize, out: &mut [f32]) {
+        let panel = &self.data[row / PANEL * self.k * PANEL..][..self.k * PANEL];
+        for (c, value) in out.iter_mut().enumerate() {
+            *value = panel[c * PANEL + row % PANEL];
+        }
+    }
+
     fn pack(w: &[f32], n: usize, k: usize) -> Self {
-        let mut data = weight_buffer(n.div_ceil(PANEL) * k * PANEL, 0.0f32);
-        data.par_chunks_mut(k * PANEL).enumerate().for_each(|(p, panel)| {
+        let fill = |_: &mut (), p: usize, panel: &mut [std::mem::MaybeUninit<f32>]| {
+            panel.iter_mut().for_each(|slot| {
+                slot.write(0.0);
+            });
+            // SAFETY: every element was just written.
+            let panel = unsafe { std::slice::from_raw_parts_mut(panel.as_mut_ptr().cast::<f32>(), panel.len()) };
             for j in 0..PANEL.min(n - p * PANEL) {
                 let row = &w[(p * PANEL + j) * k..][..k];
                 for (c, value) in row.iter().enumerate() {
                     panel[c * PANEL + j] = *value;
                 }
             }
-        });
+            Ok::<(), std::convert::Infallible>(())
+        };
+        // SAFETY: `fill` writes every element of its panel (zeros first).
+        let packed = unsafe { weight_buffer(n.div_ceil(PANEL) * k * PANEL, k * PANEL, || (), fill) };
+        let data = match packed {
+            Ok(data) => data,
+            Err(never) => match never {},
+        };
         Self { data, n, k }
     }
 
