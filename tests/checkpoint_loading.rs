@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use huginn::checkpoint::{preset, write_random_checkpoint};
-use huginn::generate::{GenerationParams, generate};
+use huginn::generate::GenerationParams;
 use huginn::model::{BackendChoice, HuginnModel};
 use huginn::text::TextTokenizer;
 
@@ -35,11 +35,13 @@ const BF16_TOLERANCE: f32 = 0.06;
 
 #[test]
 fn bf16_weights_stay_within_the_measured_tolerance() {
-    let f32_model = HuginnModel::load(&fixture_dir(), DType::F32, &Device::Cpu).unwrap();
+    let f32_model = std::sync::Arc::new(HuginnModel::load(&fixture_dir(), DType::F32, &Device::Cpu).unwrap());
     // The CPU kernels keep only weights and K/V in bfloat16, activations in float32; tensor ops
     // (the device path) run everything in bfloat16.
     for (backend, activations) in [(BackendChoice::Auto, DType::F32), (BackendChoice::Tensor, DType::BF16)] {
-        let bf16_model = HuginnModel::load_with(&fixture_dir(), &Device::Cpu, Some(DType::BF16), backend).unwrap();
+        let bf16_model = std::sync::Arc::new(
+            HuginnModel::load_with(&fixture_dir(), &Device::Cpu, Some(DType::BF16), backend).unwrap(),
+        );
         assert_eq!(bf16_model.dtype(), DType::BF16);
         assert_eq!(bf16_model.kv_dtype(), DType::BF16);
         assert_eq!(bf16_model.activation_dtype(), activations, "{backend}");
@@ -71,7 +73,7 @@ fn random_checkpoint_loads_back_tokenizes_and_generates() {
     let mut params = GenerationParams::new(4);
     params.max_tokens = 6;
     params.init_scale = 0.0;
-    let out = generate(&model, &ids, &params, |_| {}).unwrap();
+    let out = run_in(dir.path(), &model, huginn::engine::JobSpec::new(ids.clone(), params)).unwrap();
     assert_eq!(out.token_ids.len(), 6);
     assert!(out.token_ids.iter().all(|&t| (t as usize) < cfg.vocab_size));
     assert_eq!(out.steps_per_token, vec![4; 6]);
@@ -102,8 +104,8 @@ fn sharded_checkpoint_gives_identical_logits() {
         .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("model-"))
         .count();
     assert_eq!(shards, 3);
-    let a = prompt_logits(&load(single.path(), DType::F32), &PROMPT, 4);
-    let b = prompt_logits(&load(sharded.path(), DType::F32), &PROMPT, 4);
+    let a = prompt_logits_in(single.path(), &load(single.path(), DType::F32), &PROMPT, 4);
+    let b = prompt_logits_in(sharded.path(), &load(sharded.path(), DType::F32), &PROMPT, 4);
     assert_eq!(max_abs_diff(&a, &b), 0.0);
 }
 
@@ -113,7 +115,9 @@ fn bf16_checkpoint_on_disk_loads_in_any_dtype() {
     write_random_checkpoint(dir.path(), &preset("tiny").unwrap(), 3, DType::BF16, 1).unwrap();
     let as_f32 = load(dir.path(), DType::F32);
     let as_bf16 = load(dir.path(), DType::BF16);
-    let diff = max_abs_diff(&prompt_logits(&as_f32, &PROMPT, 2), &prompt_logits(&as_bf16, &PROMPT, 2));
+    let (a, b) =
+        (prompt_logits_in(dir.path(), &as_f32, &PROMPT, 2), prompt_logits_in(dir.path(), &as_bf16, &PROMPT, 2));
+    let diff = max_abs_diff(&a, &b);
     assert!(diff < BF16_TOLERANCE, "{diff}");
 }
 

@@ -1,5 +1,5 @@
-//! The engine without HTTP: continuous batching gives each request exactly what `generate` gives it
-//! alone, whatever else runs beside it.
+//! The engine without HTTP: continuous batching gives each request exactly what it gets alone
+//! (driven on the test's thread, as `huginn generate` runs it), whatever else runs beside it.
 
 mod common;
 
@@ -8,7 +8,7 @@ use std::sync::Arc;
 use candle_core::DType;
 use common::*;
 use huginn::engine::{Engine, EngineConfig, Event, ExitReason, JobSpec, SchedulerLimits};
-use huginn::generate::{FinishReason, GenerationParams, generate};
+use huginn::generate::{FinishReason, GenerationParams};
 use huginn::model::{CacheStrategy, ExitCriterion, ExitRule, HuginnModel};
 use huginn::text::TextTokenizer;
 
@@ -32,7 +32,7 @@ fn params(num_steps: usize, exit: ExitRule, max_tokens: usize) -> GenerationPara
 }
 
 fn spec(prompt: Vec<u32>, params: GenerationParams) -> JobSpec {
-    JobSpec { prompt, params, n: 1, max_total_steps: None, stop: vec![], logprobs: None, prompt_logprobs: false }
+    JobSpec::new(prompt, params)
 }
 
 /// (token ids, steps per token, finish reason) of choice 0.
@@ -46,7 +46,7 @@ fn collect(handle: &mut huginn::engine::JobHandle) -> (Vec<u32>, Vec<usize>, Fin
             }
             Event::Finished { reason, .. } => return (ids, steps, reason),
             Event::Error { message } => panic!("engine error: {message}"),
-            Event::PromptLogprobs { .. } => {}
+            Event::PromptLogprobs { .. } | Event::Logits { .. } => {}
         }
     }
 }
@@ -63,7 +63,7 @@ fn concurrent_requests_get_the_same_tokens_as_alone_with_bf16_weights() {
 }
 
 fn concurrent_requests_match_alone(dtype: DType) {
-    let model = Arc::new(load(&fixture_dir(), dtype));
+    let model = load(&fixture_dir(), dtype);
     let prompts: Vec<Vec<u32>> = vec![PROMPT.to_vec(), vec![313, 14, 316, 32], vec![40, 41, 42], vec![100; 9]];
     let rules = [
         ExitRule::default(),
@@ -77,7 +77,7 @@ fn concurrent_requests_match_alone(dtype: DType) {
     let expected: Vec<_> = cases
         .iter()
         .map(|(prompt, p)| {
-            let out = generate(&model, prompt, p, |_| {}).unwrap();
+            let out = generate(&model, prompt, p).unwrap();
             (out.token_ids, out.steps_per_token)
         })
         .collect();
@@ -93,7 +93,7 @@ fn concurrent_requests_match_alone(dtype: DType) {
 
 #[test]
 fn a_short_budget_finishes_while_long_ones_run() {
-    let model = Arc::new(load(&fixture_dir(), DType::F32));
+    let model = load(&fixture_dir(), DType::F32);
     let engine = engine(model, 64);
     let mut long: Vec<_> =
         (0..4).map(|_| engine.submit(spec(PROMPT.to_vec(), params(64, ExitRule::default(), 8))).unwrap()).collect();
@@ -113,7 +113,7 @@ fn a_short_budget_finishes_while_long_ones_run() {
 
 #[test]
 fn step_budget_ends_the_choice_with_length() {
-    let model = Arc::new(load(&fixture_dir(), DType::F32));
+    let model = load(&fixture_dir(), DType::F32);
     let engine = engine(model, 64);
     let mut job = spec(PROMPT.to_vec(), params(8, ExitRule::default(), 20));
     job.max_total_steps = Some(21);
@@ -137,7 +137,7 @@ fn step_budget_ends_the_choice_with_length() {
 
 #[test]
 fn n_choices_differ_by_seed_and_dropping_the_handle_cancels() {
-    let model = Arc::new(load(&fixture_dir(), DType::F32));
+    let model = load(&fixture_dir(), DType::F32);
     let engine = engine(model, 64);
     let mut p = params(4, ExitRule::default(), 5);
     p.init_scale = 1.0;

@@ -3,11 +3,13 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use huginn::generate::Sequence;
-use huginn::model::exit::argmax;
-use huginn::model::{BackendChoice, CacheStrategy, ExitCriterion, ExitRule, HuginnModel, LogitRows};
+use huginn::engine::{Completion, Driver, ExitReason, JobSpec};
+use huginn::generate::GenerationParams;
+use huginn::model::{BackendChoice, CacheStrategy, ExitCriterion, ExitRule, HuginnModel};
+use huginn::text::TextTokenizer;
 use serde_json::Value;
 
 fn fixture_dir() -> PathBuf {
@@ -24,15 +26,41 @@ fn expected() -> HashMap<String, Tensor> {
 
 /// The fixture on both kernel sets: the CPU kernels and tensor ops (the device path); on
 /// `HUGINN_TEST_DEVICE` when set (`scripts/gpu-check.sh`: `cuda:0`, where auto means tensor ops).
-fn models() -> Vec<HuginnModel> {
+fn models() -> Vec<Arc<HuginnModel>> {
     let device = match std::env::var("HUGINN_TEST_DEVICE") {
         Ok(spec) => huginn::model::parse_device(&spec).expect("HUGINN_TEST_DEVICE"),
         Err(_) => Device::Cpu,
     };
     [BackendChoice::Auto, BackendChoice::Tensor]
         .into_iter()
-        .map(|backend| HuginnModel::load_with(&fixture_dir(), &device, Some(DType::F32), backend).unwrap())
+        .map(|backend| Arc::new(HuginnModel::load_with(&fixture_dir(), &device, Some(DType::F32), backend).unwrap()))
         .collect()
+}
+
+/// Greedy decoding from a zero state through the scheduler (the one token loop), with raw logits:
+/// the prompt's pass at `prefill_steps`, then `tokens` more tokens at up to `num_steps` under `rule`.
+fn run(
+    model: &Arc<HuginnModel>,
+    prompt: &[u32],
+    cache: CacheStrategy,
+    (prefill_steps, num_steps): (usize, usize),
+    rule: ExitRule,
+    tokens: usize,
+) -> Completion {
+    assert_eq!(prefill_steps, num_steps, "the scheduler prefills at the request's num_steps");
+    let mut params = GenerationParams::new(num_steps);
+    params.max_tokens = tokens;
+    params.init_scale = 0.0;
+    params.cache = cache;
+    params.exit = rule;
+    let mut spec = JobSpec::new(prompt.to_vec(), params);
+    spec.report_logits = true;
+    let tokenizer = Arc::new(TextTokenizer::load(&fixture_dir(), model.config()).unwrap());
+    Driver::new(model.clone(), tokenizer, 1).run_one(spec).unwrap()
+}
+
+fn rows_tensor(rows: &[Vec<f32>]) -> Tensor {
+    Tensor::from_vec(rows.concat(), (rows.len(), rows.first().map_or(0, Vec::len)), &Device::Cpu).unwrap()
 }
 
 fn ids(case: &Value, key: &str) -> Vec<u32> {
@@ -63,15 +91,15 @@ fn prompt_logits_match_reference() {
     }
 }
 
-fn prompt_logits_match(model: &HuginnModel) {
+fn prompt_logits_match(model: &Arc<HuginnModel>) {
     let backend = model.backend().name();
     let expected = expected();
     let cases = load_json("cases.json");
     let mut checked = 0;
     for case in cases["cases"].as_array().unwrap().iter().filter(|c| c["kind"] == "prompt_logits") {
         let steps = case["num_steps"].as_u64().unwrap() as usize;
-        let mut seq = Sequence::new(model, CacheStrategy::Full, 0.0, false, 0);
-        let logits = seq.prefill(&ids(case, "ids"), steps, LogitRows::All).unwrap();
+        let out = run(model, &ids(case, "ids"), CacheStrategy::Full, (steps, steps), ExitRule::default(), 0);
+        let logits = rows_tensor(&out.prompt_logits);
         let want = &expected[case["tensor"].as_str().unwrap()];
         let diff = max_abs_diff(&logits, want);
         assert!(diff < TOLERANCE, "{backend} {}: max abs diff {diff}", case["tensor"]);
@@ -88,7 +116,7 @@ fn greedy_decode_matches_reference_for_both_cache_strategies() {
     }
 }
 
-fn greedy_decode_matches(model: &HuginnModel) {
+fn greedy_decode_matches(model: &Arc<HuginnModel>) {
     let backend = model.backend().name();
     let expected = expected();
     let cases = load_json("cases.json");
@@ -97,20 +125,12 @@ fn greedy_decode_matches(model: &HuginnModel) {
         let steps = case["num_steps"].as_u64().unwrap() as usize;
         let generated = ids(case, "generated_ids");
         let want = &expected[case["tensor"].as_str().unwrap()];
-        let mut seq = Sequence::new(model, strategy(case["cache_strategy"].as_str().unwrap()), 0.0, false, 0);
-        let first = seq.prefill(&ids(case, "ids"), steps, LogitRows::Last).unwrap().flatten_all().unwrap();
-        let mut rows = vec![first.to_device(&Device::Cpu).unwrap()];
-        let mut ours = Vec::new();
-        for _ in 0..generated.len() {
-            let last = rows.last().unwrap().to_vec1::<f32>().unwrap();
-            let next = argmax(&last) as u32;
-            ours.push(next);
-            let step = seq.step(next, steps, &ExitRule::default()).unwrap();
-            assert_eq!(step.steps, steps);
-            rows.push(Tensor::new(step.logits, &Device::Cpu).unwrap());
-        }
-        assert_eq!(ours, generated, "{backend} {}: greedy ids", case["tensor"]);
-        let got = Tensor::stack(&rows, 0).unwrap();
+        let cache = strategy(case["cache_strategy"].as_str().unwrap());
+        // The reference decodes `generated.len()` tokens and reports one more row of logits.
+        let out = run(model, &ids(case, "ids"), cache, (steps, steps), ExitRule::default(), generated.len() + 1);
+        assert_eq!(out.token_ids[..generated.len()], generated, "{backend} {}: greedy ids", case["tensor"]);
+        assert!(out.steps_per_token.iter().all(|&s| s == steps));
+        let got = rows_tensor(&out.token_logits);
         let diff = max_abs_diff(&got, want);
         assert!(diff < TOLERANCE, "{backend} {}: max abs diff {diff}", case["tensor"]);
         eprintln!("{backend} {}: max abs diff {diff:e}", case["tensor"]);
@@ -126,7 +146,7 @@ fn adaptive_exit_matches_reference_ids_and_steps() {
     }
 }
 
-fn adaptive_exit_matches(model: &HuginnModel) {
+fn adaptive_exit_matches(model: &Arc<HuginnModel>) {
     let fixture = load_json("adaptive.json");
     let mut compared_tokens = 0;
     for case in fixture["cases"].as_array().unwrap() {
@@ -141,21 +161,29 @@ fn adaptive_exit_matches(model: &HuginnModel) {
         let at_exit: Vec<f64> =
             case["criterion_value_at_exit"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
 
-        let mut seq = Sequence::new(model, CacheStrategy::Shared(1), 0.0, false, 0);
-        let logits = seq.prefill(&ids(case, "ids"), prefill_steps, LogitRows::Last).unwrap();
-        let mut next = argmax(&logits.flatten_all().unwrap().to_vec1::<f32>().unwrap()) as u32;
-        assert_eq!(next, want_ids[0], "{name}: token from the prefill");
+        let out = run(
+            model,
+            &ids(case, "ids"),
+            CacheStrategy::Shared(1),
+            (prefill_steps, max_steps),
+            rule,
+            want_steps.len() + 1,
+        );
+        assert_eq!(out.token_ids[0], want_ids[0], "{name}: token from the prefill");
         for i in 0..want_steps.len() {
-            let step = seq.step(next, max_steps, &rule).unwrap();
+            // Token i + 1 is what feeding token i produced.
+            let steps = out.steps_per_token[i + 1];
             let near_threshold = (at_exit[i] - threshold).abs() <= 1e-6 * threshold;
-            if step.steps as u32 != want_steps[i] {
-                assert!(near_threshold, "{name}: token {i}: {} steps, reference {}", step.steps, want_steps[i]);
+            if steps as u32 != want_steps[i] {
+                assert!(near_threshold, "{name}: token {i}: {steps} steps, reference {}", want_steps[i]);
                 eprintln!("{name}: token {i} sits within float noise of the threshold; stopping there");
                 break; // a legitimate float-noise divergence; the rest of the sequence may differ
             }
-            next = argmax(&step.logits) as u32;
+            if steps < max_steps {
+                assert_eq!(out.exits[i + 1], ExitReason::Converged, "{name}: token {i}: exit reason");
+            }
             if i + 1 < want_ids.len() {
-                assert_eq!(next, want_ids[i + 1], "{name}: token {}", i + 1);
+                assert_eq!(out.token_ids[i + 1], want_ids[i + 1], "{name}: token {}", i + 1);
             }
             compared_tokens += 1;
         }

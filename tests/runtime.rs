@@ -3,23 +3,29 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use candle_core::{DType, Tensor};
 use common::*;
-use huginn::generate::{GenerationParams, Sequence, generate};
-use huginn::model::exit::argmax;
+use huginn::engine::{Event, ExitReason};
+use huginn::generate::GenerationParams;
 use huginn::model::{CacheStrategy, Chunk, ExitCriterion, ExitRule, HuginnModel, LogitRows, ModelError};
 
-/// Runs the fixture prompt plus `decode` greedy tokens; returns the sequence's KV bytes and logits.
-fn run(model: &HuginnModel, strategy: CacheStrategy, steps: usize, decode: usize) -> (usize, Vec<Vec<f32>>) {
-    let mut seq = Sequence::new(model, strategy, 0.0, false, 0);
-    let first = seq.prefill(&PROMPT, steps, LogitRows::Last).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let mut rows = vec![first];
-    for _ in 0..decode {
-        let next = argmax(rows.last().unwrap()) as u32;
-        rows.push(seq.step(next, steps, &ExitRule::default()).unwrap().logits);
-    }
-    assert_eq!(seq.len(), PROMPT.len() + decode);
-    (seq.cache().bytes(), rows)
+/// Greedy parameters from a zero state.
+fn greedy(steps: usize, strategy: CacheStrategy, max_tokens: usize) -> GenerationParams {
+    let mut params = GenerationParams::new(steps);
+    params.max_tokens = max_tokens;
+    params.init_scale = 0.0;
+    params.cache = strategy;
+    params
+}
+
+/// Runs the fixture prompt plus `decode` greedy tokens (the last one fed, not decoded further);
+/// returns the sequence's KV bytes and the logits of each token.
+fn run(model: &Arc<HuginnModel>, strategy: CacheStrategy, steps: usize, decode: usize) -> (usize, Vec<Vec<f32>>) {
+    let out = generate_logits(model, &PROMPT, &greedy(steps, strategy, decode + 1));
+    assert_eq!(out.token_ids.len(), decode + 1);
+    (out.kv_bytes, out.token_logits)
 }
 
 #[test]
@@ -62,20 +68,20 @@ fn shared_k_at_least_num_steps_equals_full() {
 #[test]
 fn min_steps_delays_the_first_exit_check() {
     let model = load(&fixture_dir(), DType::F32);
+    // The second token is the first one fed back: its steps are the decode's.
+    let second = |rule: ExitRule| {
+        let mut params = greedy(16, CacheStrategy::Shared(1), 2);
+        params.exit = rule;
+        let out = generate(&model, &PROMPT, &params).unwrap();
+        (out.steps_per_token[1], out.exits[1])
+    };
     for min_steps in [0, 3, 7] {
         // A threshold every value is below: the first check fires.
         let rule = ExitRule::new(ExitCriterion::LatentDiff, Some(1e9), min_steps).unwrap();
-        let mut seq = Sequence::new(&model, CacheStrategy::Shared(1), 0.0, false, 0);
-        seq.prefill(&PROMPT, 8, LogitRows::Last).unwrap();
-        let step = seq.step(5, 16, &rule).unwrap();
-        assert_eq!(step.steps, min_steps + 1);
-        assert!(step.converged);
+        assert_eq!(second(rule), (min_steps + 1, ExitReason::Converged));
     }
     let never = ExitRule::new(ExitCriterion::LatentDiff, Some(0.0), 0).unwrap();
-    let mut seq = Sequence::new(&model, CacheStrategy::Shared(1), 0.0, false, 0);
-    seq.prefill(&PROMPT, 8, LogitRows::Last).unwrap();
-    let step = seq.step(5, 16, &never).unwrap();
-    assert_eq!((step.steps, step.converged), (16, false), "num_steps stays the cap");
+    assert_eq!(second(never), (16, ExitReason::Cap), "num_steps stays the cap");
 }
 
 #[test]
@@ -87,7 +93,7 @@ fn every_criterion_spends_at_most_the_cap_and_reports_steps() {
         params.init_scale = 0.0;
         params.exit = ExitRule::new(criterion, None, 0).unwrap();
         params.cache = CacheStrategy::Full; // exercises the deepest-available fallback
-        let out = generate(&model, &PROMPT, &params, |_| {}).unwrap();
+        let out = generate(&model, &PROMPT, &params).unwrap();
         assert_eq!(out.steps_per_token.len(), 6);
         assert_eq!(out.steps_per_token[0], 24, "the prefill runs the full depth");
         assert!(out.steps_per_token.iter().all(|&s| (1..=24).contains(&s)), "{criterion}: {:?}", out.steps_per_token);
@@ -107,13 +113,13 @@ fn every_criterion_spends_at_most_the_cap_and_reports_steps() {
 fn seeded_random_init_is_reproducible_and_seed_dependent() {
     let model = load(&fixture_dir(), DType::F32);
     let logits = |seed| {
-        let mut seq = Sequence::new(&model, CacheStrategy::Shared(1), 1.0, false, seed);
-        seq.prefill(&PROMPT, 4, LogitRows::Last).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        let mut params = greedy(4, CacheStrategy::Shared(1), 1);
+        params.init_scale = 1.0;
+        params.seed = seed;
+        generate_logits(&model, &PROMPT, &params).token_logits
     };
     assert_eq!(logits(11), logits(11));
     assert_ne!(logits(11), logits(12));
-    let zero = Sequence::new(&model, CacheStrategy::Shared(1), 0.0, false, 11);
-    drop(zero);
 }
 
 #[test]
@@ -125,7 +131,7 @@ fn sampling_with_a_seed_is_reproducible() {
         params.seed = seed;
         params.sampling.temperature = 1.0;
         params.sampling.top_k = 50;
-        generate(&model, &PROMPT, &params, |_| {}).unwrap().token_ids
+        generate(&model, &PROMPT, &params).unwrap().token_ids
     };
     assert_eq!(sample(3), sample(3));
     assert_ne!(sample(3), sample(4));
@@ -135,9 +141,9 @@ fn sampling_with_a_seed_is_reproducible() {
 fn continuous_compute_starts_from_the_previous_state() {
     let model = load(&fixture_dir(), DType::F32);
     let rows = |continuous| {
-        let mut seq = Sequence::new(&model, CacheStrategy::Shared(1), 0.0, continuous, 0);
-        seq.prefill(&PROMPT, 4, LogitRows::Last).unwrap();
-        seq.step(40, 4, &ExitRule::default()).unwrap().logits
+        let mut params = greedy(4, CacheStrategy::Shared(1), 2);
+        params.continuous_compute = continuous;
+        generate_logits(&model, &PROMPT, &params).token_logits[1].clone()
     };
     let (cold, warm) = (rows(false), rows(true));
     assert_ne!(cold, warm);
@@ -261,13 +267,13 @@ fn bad_inputs_are_errors_not_panics() {
     let model = load(&fixture_dir(), DType::F32);
     let params = GenerationParams::new(2);
     let too_long = vec![5u32; model.config().block_size];
-    assert!(matches!(generate(&model, &too_long, &params, |_| {}), Err(ModelError::ContextOverflow { .. })));
-    assert!(matches!(generate(&model, &[], &params, |_| {}), Err(ModelError::InvalidArgument(_))));
-    let err = generate(&model, &[1, 384], &params, |_| {}).unwrap_err().to_string();
+    assert!(matches!(generate(&model, &too_long, &params), Err(ModelError::ContextOverflow { .. })));
+    assert!(matches!(generate(&model, &[], &params), Err(ModelError::InvalidArgument(_))));
+    let err = generate(&model, &[1, 384], &params).unwrap_err().to_string();
     assert_eq!(err, "token id 384 is outside the vocabulary (size 384)");
     let mut zero_steps = params.clone();
     zero_steps.num_steps = 0;
-    assert!(generate(&model, &PROMPT, &zero_steps, |_| {}).is_err());
+    assert!(generate(&model, &PROMPT, &zero_steps).is_err());
 }
 
 #[test]
@@ -276,12 +282,22 @@ fn generation_stops_at_stop_tokens_and_max_tokens() {
     let mut params = GenerationParams::new(3);
     params.init_scale = 0.0;
     params.max_tokens = 8;
-    let free = generate(&model, &PROMPT, &params, |_| {}).unwrap();
+    let free = generate(&model, &PROMPT, &params).unwrap();
     assert_eq!(free.token_ids.len(), 8);
     assert_eq!(free.finish_reason, huginn::generate::FinishReason::Length);
     params.stop_token_ids = vec![free.token_ids[2]];
     let mut streamed = Vec::new();
-    let stopped = generate(&model, &PROMPT, &params, |t| streamed.push(t.id)).unwrap();
+    let tokenizer = Arc::new(huginn::text::TextTokenizer::load(&fixture_dir(), model.config()).unwrap());
+    let mut driver = huginn::engine::Driver::new(model.clone(), tokenizer, 1);
+    let spec = huginn::engine::JobSpec::new(PROMPT.to_vec(), params);
+    let mut outcomes = driver
+        .run(vec![spec], |_, event| {
+            if let Event::Token { id, .. } = event {
+                streamed.push(*id);
+            }
+        })
+        .unwrap();
+    let stopped = outcomes.remove(0).remove(0);
     assert_eq!(stopped.token_ids, free.token_ids[..3].to_vec());
     assert_eq!(streamed, stopped.token_ids);
     assert_eq!(stopped.finish_reason, huginn::generate::FinishReason::Stop);

@@ -8,7 +8,7 @@ use candle_core::DType;
 use common::server::{openai, start};
 use common::*;
 use futures::StreamExt;
-use huginn::generate::{GenerationParams, generate};
+use huginn::generate::GenerationParams;
 use huginn::model::{CacheStrategy, ExitCriterion, ExitRule};
 use serde_json::{Value, json};
 
@@ -23,7 +23,7 @@ fn reference(prompt: &[u32], num_steps: usize, exit: ExitRule, max_tokens: usize
     p.exit = exit;
     p.cache = CacheStrategy::Shared(1);
     p.stop_token_ids = vec![0, 1, 2];
-    let out = generate(&model, prompt, &p, |_| {}).unwrap();
+    let out = generate(&model, prompt, &p).unwrap();
     (out.token_ids, out.steps_per_token)
 }
 

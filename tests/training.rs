@@ -1,10 +1,13 @@
 //! The trainer: it learns, it matches the inference runtime, it resumes exactly; and the shipped
 //! default model shows that more recurrence gives more right answers.
 
+mod common;
+
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use huginn::checkpoint::{preset, write_metadata};
-use huginn::generate::Sequence;
-use huginn::model::{CacheStrategy, HuginnConfig, HuginnModel, LogitRows};
+use huginn::model::{HuginnConfig, HuginnModel};
 use huginn::text::TextTokenizer;
 use huginn::train::eval::{Budget, evaluate, held_out_problems};
 use huginn::train::model::TrainModel;
@@ -95,14 +98,13 @@ fn the_training_forward_matches_the_inference_runtime() {
     let cfg = write_metadata(dir.path(), &tiny_config(), DType::F32).unwrap();
     let trained = TrainModel::new(cfg.clone(), 11, &Device::Cpu).unwrap();
     trained.save_weights(&dir.path().join("model.safetensors")).unwrap();
-    let served = HuginnModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let served = Arc::new(HuginnModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap());
     let ids: Vec<u32> = "472+389=861".bytes().map(u32::from).collect();
     for steps in [1, 3, 6] {
         let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let state = Tensor::zeros((1, ids.len(), cfg.n_embd), DType::F32, &Device::Cpu).unwrap();
         let train_logits = trained.forward(&input, &state, steps, 2).unwrap().squeeze(0).unwrap();
-        let mut seq = Sequence::new(&served, CacheStrategy::Full, 0.0, false, 0);
-        let served_logits = seq.prefill(&ids, steps, LogitRows::All).unwrap();
+        let served_logits = common::prompt_logits_in(dir.path(), &served, &ids, steps);
         let diff = (train_logits - served_logits)
             .unwrap()
             .abs()
@@ -120,8 +122,8 @@ fn the_training_forward_matches_the_inference_runtime() {
 #[test]
 fn the_default_model_answers_more_problems_with_more_recurrence() {
     let dir = huginn::settings::default_model_dir().expect("the default model ships in models/");
-    let model = HuginnModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
-    let tokenizer = TextTokenizer::load(&dir, model.config()).unwrap();
+    let model = Arc::new(HuginnModel::load(&dir, DType::F32, &Device::Cpu).unwrap());
+    let tokenizer = Arc::new(TextTokenizer::load(&dir, model.config()).unwrap());
     let problems = held_out_problems(100, 3, 2024);
     let default_steps = model.config().mean_recurrence;
     let at = |num_steps: usize| {

@@ -53,15 +53,7 @@ fn spec(prompt: &[u32], num_steps: usize, tokens: usize) -> JobSpec {
     params.max_tokens = tokens;
     params.init_scale = 0.0;
     params.cache = CacheStrategy::Shared(1);
-    JobSpec {
-        prompt: prompt.to_vec(),
-        params,
-        n: 1,
-        max_total_steps: None,
-        stop: vec![],
-        logprobs: None,
-        prompt_logprobs: false,
-    }
+    JobSpec::new(prompt.to_vec(), params)
 }
 
 /// Timings of one request: (time to first token, gaps between tokens, tokens).
@@ -81,7 +73,7 @@ fn run_one(engine: &Engine, spec: JobSpec) -> (f64, Vec<f64>, usize) {
                 tokens += 1;
             }
             Event::Finished { .. } | Event::Error { .. } => break,
-            Event::PromptLogprobs { .. } => {}
+            Event::PromptLogprobs { .. } | Event::Logits { .. } => {}
         }
     }
     (first.unwrap_or(Duration::ZERO).as_secs_f64(), gaps, tokens)

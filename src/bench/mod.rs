@@ -7,10 +7,13 @@
 
 pub mod load;
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use crate::generate::Sequence;
-use crate::model::{CacheStrategy, ExitRule, HuginnModel, LogitRows, Result};
+use crate::engine::{Driver, Event, JobSpec};
+use crate::generate::GenerationParams;
+use crate::model::{CacheStrategy, HuginnModel, Result};
+use crate::text::TextTokenizer;
 
 /// Decode speed of one configuration.
 #[derive(Debug, Clone)]
@@ -30,28 +33,36 @@ impl DecodeStats {
     }
 }
 
-/// Prefills `prompt`, then times `tokens` decode steps at `num_steps` (greedy, no exit, init 0).
-/// The best of `repeats` runs is kept (the least disturbed by other load).
+/// Prefills `prompt`, then times `tokens` decode steps at `num_steps` (greedy, no exit, init 0),
+/// through the scheduler as the server runs them. One more token than timed is generated (its
+/// first decode step warms caches and allocations). The best of `repeats` runs is kept (the least
+/// disturbed by other load).
 pub fn decode_speed(
-    model: &HuginnModel,
+    model: &Arc<HuginnModel>,
+    tokenizer: &Arc<TextTokenizer>,
     prompt: &[u32],
     num_steps: usize,
     tokens: usize,
     repeats: usize,
 ) -> Result<DecodeStats> {
+    let mut params = GenerationParams::new(num_steps);
+    params.max_tokens = tokens + 2;
+    params.init_scale = 0.0;
+    params.cache = CacheStrategy::Shared(1);
     let mut best = f64::INFINITY;
+    let mut driver = Driver::new(model.clone(), tokenizer.clone(), 1);
     for _ in 0..repeats.max(1) {
-        let mut seq = Sequence::new(model, CacheStrategy::Shared(1), 0.0, false, 0);
-        seq.prefill(prompt, num_steps, LogitRows::Last)?;
-        // One untimed token warms caches and allocations.
-        let mut next = prompt[prompt.len() - 1];
-        next = crate::model::exit::argmax(&seq.step(next, num_steps, &ExitRule::default())?.logits) as u32;
+        // Token 0 comes from the prefill, token 1 warms up; tokens 2.. are timed.
+        let mut times = Vec::with_capacity(tokens + 2);
         let started = Instant::now();
-        for _ in 0..tokens {
-            let step = seq.step(next, num_steps, &ExitRule::default())?;
-            next = crate::model::exit::argmax(&step.logits) as u32;
+        driver.run(vec![JobSpec::new(prompt.to_vec(), params.clone())], |_, event| {
+            if matches!(event, Event::Token { .. }) {
+                times.push(started.elapsed().as_secs_f64());
+            }
+        })?;
+        if times.len() == tokens + 2 {
+            best = best.min(times[tokens + 1] - times[1]);
         }
-        best = best.min(started.elapsed().as_secs_f64());
     }
     Ok(DecodeStats { num_steps, tokens, seconds: best })
 }

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use candle_core::{DType, Device};
@@ -14,6 +15,7 @@ use huginn::bench::{
 };
 use huginn::checkpoint::{preset, write_random_checkpoint};
 use huginn::model::HuginnModel;
+use huginn::text::TextTokenizer;
 
 use super::bench_serving as serving;
 
@@ -64,12 +66,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         eprintln!("{serving}");
         return Ok(());
     }
-    let tiny = HuginnModel::load(&args.fixture, DType::F32, &device)?;
-    let large = HuginnModel::load(&args.large_model, DType::F32, &device)?;
+    let tiny = Arc::new(HuginnModel::load(&args.fixture, DType::F32, &device)?);
+    let tiny_tokenizer = Arc::new(TextTokenizer::load(&args.fixture, tiny.config())?);
+    let large = Arc::new(HuginnModel::load(&args.large_model, DType::F32, &device)?);
+    let large_tokenizer = Arc::new(TextTokenizer::load(&args.large_model, large.config())?);
     let mut tiny_rows = Vec::new();
     for steps in [8, 32] {
         let tokens = if args.quick { 32 } else { 6400 / steps.max(1) }.min(200);
-        let stats = decode_speed(&tiny, &PROMPT, steps, tokens, repeats)?;
+        let stats = decode_speed(&tiny, &tiny_tokenizer, &PROMPT, steps, tokens, repeats)?;
         eprintln!("fixture r={steps}: {:.0} core steps/s", stats.core_steps_per_second());
         tiny_rows.push(stats);
     }
@@ -78,7 +82,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut large_rows = Vec::new();
     for steps in [8, 32] {
         let tokens = (4 * scale * 8 / steps).max(2);
-        let stats = decode_speed(&large, &PROMPT, steps, tokens, repeats)?;
+        let stats = decode_speed(&large, &large_tokenizer, &PROMPT, steps, tokens, repeats)?;
         // The bound is measured right after the model, under the same machine conditions.
         let bound = read_pattern_tokens_per_second(token_bytes, step_bytes, steps, threads, repeats.max(5));
         eprintln!(

@@ -54,7 +54,9 @@ pub fn run(dir: &Path, out: &Path) -> anyhow::Result<()> {
     let model = HuginnModel::load_with(dir, &Device::Cpu, None, BackendChoice::Auto)?;
     let threads = huginn::cpu_threads::configured();
     let steps = 4;
-    let stats = decode_speed(&model, &[84, 104, 101, 32], steps, 2, 1)?;
+    let tokenizer = std::sync::Arc::new(huginn::text::TextTokenizer::load(dir, model.config())?);
+    let model = std::sync::Arc::new(model);
+    let stats = decode_speed(&model, &tokenizer, &[84, 104, 101, 32], steps, 2, 1)?;
     let (token_bytes, step_bytes) = (per_token_weight_bytes(&model), core_step_weight_bytes(&model));
     // The bound of a token: its weights read once (prelude, coda, head) and the core block's once
     // per step, measured the same way right after the model.

@@ -58,7 +58,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     let model =
         HuginnModel::load(&dir, DType::F32, &Device::Cpu).with_context(|| format!("loading {}", dir.display()))?;
-    let tokenizer = TextTokenizer::load(&dir, model.config())?;
+    let tokenizer = std::sync::Arc::new(TextTokenizer::load(&dir, model.config())?);
+    let model = std::sync::Arc::new(model);
     let problems = held_out_problems(args.problems, args.digits, args.seed);
     let mut settings: Vec<(String, Budget)> = args
         .num_steps

@@ -7,10 +7,11 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
-use huginn::generate::{GenerationParams, SamplingParams, generate};
+use huginn::engine::{Driver, Event, JobSpec};
+use huginn::generate::{GenerationParams, SamplingParams};
 use huginn::model::{BackendChoice, CacheStrategy, DTypeChoice, DeviceSpec, ExitCriterion, ExitRule, HuginnModel};
 use huginn::settings::Settings;
-use huginn::text::{ChatMessage, TextStream, TextTokenizer};
+use huginn::text::{ChatMessage, TextTokenizer};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum OutputFormat {
@@ -142,34 +143,40 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
     };
 
     let mut stdout = std::io::stdout().lock();
-    let mut decoder = TextStream::new(Vec::new());
     let streaming = matches!(args.format, OutputFormat::Text);
     let mut stream_error = None;
-    let output = generate(&model, &prompt_ids, &params, |token| {
-        if streaming && stream_error.is_none() {
-            let piece = decoder.push(&tokenizer, token.id).map(|p| p.text).unwrap_or_default();
-            if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
-                stream_error = Some(e);
-            }
+    let model = std::sync::Arc::new(model);
+    let mut driver = Driver::new(model, std::sync::Arc::new(tokenizer), 1);
+    let mut outcomes = driver.run(vec![JobSpec::new(prompt_ids.clone(), params)], |_, event| {
+        let text = match event {
+            Event::Token { text, .. } | Event::Finished { text, .. } => text,
+            _ => return,
+        };
+        if streaming
+            && stream_error.is_none()
+            && let Err(e) = stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush())
+        {
+            stream_error = Some(e);
         }
     })?;
     if let Some(e) = stream_error {
         return Err(e).context("writing to stdout");
     }
-    let text = tokenizer.decode(&output.token_ids)?;
+    let output = outcomes.pop().and_then(|mut c| c.pop()).context("the job ended without a choice")?;
     let generated = output.token_ids.len();
     let total_steps: usize = output.steps_per_token.iter().sum();
     let decode_tokens = generated.saturating_sub(1);
-    let decode_steps: usize = output.steps_per_token.iter().skip(1).sum();
+    let decode_steps = output.decode_steps();
+    let decode_seconds = output.seconds - output.first_token_seconds;
     let timing = json!({
-        "prefill_seconds": output.prefill_seconds,
-        "decode_seconds": output.decode_seconds,
-        "decode_tokens_per_second": if output.decode_seconds > 0.0 { decode_tokens as f64 / output.decode_seconds } else { 0.0 },
-        "core_steps_per_second": if output.decode_seconds > 0.0 { decode_steps as f64 / output.decode_seconds } else { 0.0 },
+        "prefill_seconds": output.first_token_seconds,
+        "decode_seconds": decode_seconds,
+        "decode_tokens_per_second": if decode_seconds > 0.0 { decode_tokens as f64 / decode_seconds } else { 0.0 },
+        "core_steps_per_second": if decode_seconds > 0.0 { decode_steps as f64 / decode_seconds } else { 0.0 },
     });
     match args.format {
         OutputFormat::Text => {
-            writeln!(stdout, "{}", decoder.finish())?;
+            writeln!(stdout)?;
             eprintln!(
                 "[{generated} tokens, finish_reason {:?}, mean {:.2} steps/token, {:.1} tokens/s, kv {} bytes]",
                 output.finish_reason,
@@ -182,7 +189,7 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
             let body = json!({
                 "prompt_ids": prompt_ids,
                 "token_ids": output.token_ids,
-                "text": text,
+                "text": output.text,
                 "steps_per_token": output.steps_per_token,
                 "mean_steps_per_token": total_steps as f64 / generated.max(1) as f64,
                 "finish_reason": output.finish_reason,

@@ -46,11 +46,24 @@ pub enum Event {
     /// One generated token; `text` is the new text it completes (held back while it may still turn
     /// into a stop string or an incomplete character).
     Token { choice: usize, id: u32, text: String, steps: usize, exit: ExitReason, logprobs: Option<TokenLogprobs> },
-    /// The choice ended; `text` is any text released at the end.
-    Finished { choice: usize, reason: FinishReason, text: String },
+    /// The choice ended; `text` is any text released at the end, `kv_bytes` what its K/V cache
+    /// held (freed before this event is sent).
+    Finished { choice: usize, reason: FinishReason, text: String, kv_bytes: usize },
+    /// Raw next-token logits (only for a job with `report_logits`): every prompt position after
+    /// the prompt's pass, then, before each later token's `Token` event, the row that produced it.
+    Logits { choice: usize, rows: Vec<Vec<f32>> },
     /// The job failed inside the engine.
     Error { message: String },
 }
+
+/// Room of a job's event channel per choice. A tick sends a choice at most
+/// [`EVENTS_PER_TICK`] events; a sequence whose job's channel has less room than that for every
+/// open choice waits (holds its state, skips ticks) until its reader catches up, so the channel
+/// never overflows and its size does not depend on the output's length.
+pub const EVENTS_PER_CHOICE: usize = 16;
+
+/// The most events one tick sends one choice (prompt log-probabilities, logits, token, end).
+pub const EVENTS_PER_TICK: usize = 4;
 
 /// Everything the engine needs to run one prompt.
 #[derive(Debug, Clone)]
@@ -67,6 +80,44 @@ pub struct JobSpec {
     pub logprobs: Option<usize>,
     /// Report prompt log-probabilities (echo with logprobs).
     pub prompt_logprobs: bool,
+    /// Send raw logits ([`Event::Logits`]): for tests and tools, never set by the HTTP layer.
+    pub report_logits: bool,
+}
+
+impl JobSpec {
+    /// A job of one choice for `prompt` with `params` and nothing else requested.
+    pub fn new(prompt: Vec<u32>, params: GenerationParams) -> Self {
+        Self {
+            prompt,
+            params,
+            n: 1,
+            max_total_steps: None,
+            stop: Vec::new(),
+            logprobs: None,
+            prompt_logprobs: false,
+            report_logits: false,
+        }
+    }
+
+    /// What the engine itself requires of a job on a model with `cfg` (the HTTP layer checks
+    /// more, naming fields): valid parameters, a prompt inside the context and the vocabulary.
+    pub fn validate(&self, cfg: &crate::model::HuginnConfig) -> crate::model::Result<()> {
+        use crate::model::ModelError;
+        self.params.validate()?;
+        if self.prompt.is_empty() {
+            return Err(ModelError::InvalidArgument("the prompt is empty".into()));
+        }
+        if self.n == 0 {
+            return Err(ModelError::InvalidArgument("a job needs at least one choice".into()));
+        }
+        if self.prompt.len() >= cfg.block_size {
+            return Err(ModelError::ContextOverflow { needed: self.prompt.len() + 1, limit: cfg.block_size });
+        }
+        if let Some(&id) = self.prompt.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            return Err(ModelError::TokenOutOfRange { id, vocab: cfg.vocab_size });
+        }
+        Ok(())
+    }
 }
 
 /// A job on its way to a worker.
@@ -81,6 +132,20 @@ pub struct Job {
 }
 
 impl Job {
+    /// A job for `spec` reserving `kv_reservation` bytes, and its caller's handle (events on a
+    /// channel of [`EVENTS_PER_CHOICE`] per choice).
+    pub fn new(spec: JobSpec, kv_reservation: usize) -> (Self, JobHandle) {
+        let (events, receiver) = mpsc::channel(EVENTS_PER_CHOICE * spec.n.max(1));
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let job = Self { spec, kv_reservation, events, cancelled: cancelled.clone(), submitted: Instant::now() };
+        (job, JobHandle::new(receiver, cancelled))
+    }
+
+    /// Whether the channel has room for every open choice's events of one tick.
+    pub fn can_take_a_tick(&self) -> bool {
+        self.events.capacity() >= EVENTS_PER_TICK * self.spec.n.max(1)
+    }
+
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Relaxed) || self.events.is_closed()
     }

@@ -1,10 +1,13 @@
-//! The serving engine: jobs, the depth-level continuous-batching scheduler, workers and admission.
+//! The engine: jobs, the depth-level continuous-batching scheduler (the one token loop), the
+//! workers and admission that serve it, and the driver that runs it on the caller's thread.
 
+pub mod driver;
 pub mod job;
 pub mod running;
 pub mod scheduler;
 pub mod worker;
 
+pub use driver::{Completion, Driver};
 pub use job::{Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs};
 pub use scheduler::{Scheduler, SchedulerLimits};
 pub use worker::{Engine, EngineConfig, EngineError};

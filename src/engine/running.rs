@@ -197,6 +197,11 @@ impl Running {
     }
 }
 
+/// A one-row latent state as float32 values (what the exit criteria compare).
+pub(crate) fn latent_vec(state: &Tensor) -> crate::model::Result<Vec<f32>> {
+    Ok(state.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
 /// The chosen token's log-probability and the `top` most likely tokens, from raw logits.
 pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
     let log_probs = log_softmax(logits);

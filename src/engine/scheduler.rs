@@ -15,9 +15,8 @@ use candle_core::Tensor;
 use metrics::{counter, histogram};
 
 use super::job::{Event, Job};
-use super::running::{JobShared, Running, token_logprobs};
+use super::running::{JobShared, Running, latent_vec, token_logprobs};
 use crate::generate::FinishReason;
-use crate::generate::sequence::latent_vec;
 use crate::metrics as m;
 use crate::model::{Chunk, ExitTracker, HuginnModel, LogitRows, Result};
 use crate::text::TextTokenizer;
@@ -75,15 +74,26 @@ impl Scheduler {
     }
 
     /// Sequence `i` is about to send its last event: its cache is freed, it leaves the totals and
-    /// (with its job's last choice) the running gauge, all before the event goes out.
-    fn release(&mut self, i: usize) {
+    /// (with its job's last choice) the running gauge, all before the event goes out. Returns the
+    /// bytes its cache held.
+    fn release(&mut self, i: usize) -> usize {
         let r = &mut self.running[i];
+        let bytes = r.cache.bytes();
         r.finished = true;
         r.cache = self.model.new_cache(r.spec().params.cache);
         r.shared.choice_done();
         if let Some(report) = &self.reporter {
             report(self.totals());
         }
+        bytes
+    }
+
+    /// Sends sequence `i`'s last event, after releasing it.
+    fn finish(&mut self, i: usize, reason: FinishReason) {
+        let text = self.running[i].text.finish();
+        let kv_bytes = self.release(i);
+        let r = &self.running[i];
+        r.send(Event::Finished { choice: r.choice, reason, text, kv_bytes });
     }
 
     pub fn is_idle(&self) -> bool {
@@ -98,22 +108,23 @@ impl Scheduler {
         }
         let reserved: usize = self.running.iter().map(|r| r.reserved_kv).sum();
         self.running.len() + job.spec.n <= self.limits.max_active_sequences
-            && reserved + job.kv_reservation <= self.limits.max_kv_bytes
+            && reserved.saturating_add(job.kv_reservation) <= self.limits.max_kv_bytes
     }
 
-    /// Starts a job: its choices' prompt preludes run now; they iterate from the next tick.
-    pub fn admit(&mut self, job: Job) {
+    /// Starts a job: its choices' prompt preludes run now; they iterate from the next tick. A job
+    /// that fails to start gets an error event, and the error is returned.
+    pub fn admit(&mut self, job: Job) -> Result<()> {
         histogram!(m::QUEUE_WAIT).record(job.submitted.elapsed().as_secs_f64());
         counter!(m::PROMPT_TOKENS).increment((job.spec.prompt.len() * job.spec.n) as u64);
         let shared = Arc::new(JobShared::new(job, self.worker.clone()));
         let spec = shared.spec.clone();
-        if spec.params.max_tokens == 0 && !spec.prompt_logprobs {
+        if spec.params.max_tokens == 0 && !spec.prompt_logprobs && !spec.report_logits {
             for choice in 0..spec.n {
                 shared.choice_done();
-                let event = Event::Finished { choice, reason: FinishReason::Length, text: String::new() };
+                let event = Event::Finished { choice, reason: FinishReason::Length, text: String::new(), kv_bytes: 0 };
                 let _ = shared.job.events.try_send(event);
             }
-            return;
+            return Ok(());
         }
         let started = (0..spec.n)
             .map(|c| Running::new(shared.clone(), c, &self.model))
@@ -124,38 +135,53 @@ impl Scheduler {
                 Ok(fresh)
             });
         match started {
-            Ok(fresh) => self.running.extend(fresh),
+            Ok(fresh) => {
+                self.running.extend(fresh);
+                Ok(())
+            }
             Err(e) => {
                 let _ = shared.job.events.try_send(Event::Error { message: e.to_string() });
+                Err(e)
             }
         }
     }
 
     /// One core step for every running sequence, then exits, sampling and the next preludes. On
     /// an error the running sequences are left as they were: the caller fails them.
-    pub fn tick(&mut self) -> Result<()> {
+    /// Returns whether any sequence advanced (none does while every reader is behind).
+    pub fn tick(&mut self) -> Result<bool> {
         self.drop_cancelled();
         if self.running.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
-        self.step_all()?;
+        let advanced = self.step_all()?;
         self.drop_finished();
-        Ok(())
+        Ok(advanced)
     }
 
-    fn step_all(&mut self) -> Result<()> {
-        let count = self.running.len();
-        let state = cat(self.running.iter().map(|r| &r.state))?;
-        let injection = cat(self.running.iter().map(|r| &r.injection))?;
+    /// Advances the sequences whose readers have room for this tick's events (the others wait,
+    /// holding their state, so that no channel overflows).
+    fn step_all(&mut self) -> Result<bool> {
+        let active: Vec<usize> =
+            (0..self.running.len()).filter(|&i| self.running[i].shared.job.can_take_a_tick()).collect();
+        if active.is_empty() {
+            return Ok(false);
+        }
+        let count = active.len();
+        let state = cat(active.iter().map(|&i| &self.running[i].state))?;
+        let injection = cat(active.iter().map(|&i| &self.running[i].injection))?;
         let mut chunks: Vec<Chunk<'_>> = self
             .running
             .iter_mut()
-            .map(|r| Chunk { cache: &mut r.cache, start: r.start, len: r.len, step: r.step })
+            .enumerate()
+            .filter(|(i, _)| active.contains(i))
+            .map(|(_, r)| Chunk { cache: &mut r.cache, start: r.start, len: r.len, step: r.step })
             .collect();
         let next = self.model.core_step(&state, &injection, &mut chunks)?;
         drop(chunks);
         let mut row = 0;
-        for r in self.running.iter_mut() {
+        for &i in &active {
+            let r = &mut self.running[i];
             r.state = next.narrow(0, row, r.len)?;
             row += r.len;
             r.step += 1;
@@ -166,7 +192,9 @@ impl Scheduler {
         histogram!(m::BATCH_SEQUENCES).record(count as f64);
 
         // Criteria that read the distribution need the coda at every checked step.
-        let checking: Vec<usize> = (0..count)
+        let checking: Vec<usize> = active
+            .iter()
+            .copied()
             .filter(|&i| {
                 let r = &self.running[i];
                 !r.prefill && r.tracker.checks_at(r.step - 1)
@@ -177,7 +205,7 @@ impl Scheduler {
         self.decode(&wants_logits)?;
 
         let mut done: Vec<(usize, bool)> = Vec::new();
-        for i in 0..count {
+        for &i in &active {
             let r = &mut self.running[i];
             let mut converged = false;
             if checking.contains(&i) {
@@ -200,7 +228,8 @@ impl Scheduler {
         }
         let mut refs: Vec<&mut Running> =
             self.running.iter_mut().enumerate().filter(|(i, _)| continuing.contains(i)).map(|(_, r)| r).collect();
-        start_chunks(&self.model, &mut refs)
+        start_chunks(&self.model, &mut refs)?;
+        Ok(true)
     }
 
     /// Coda + head for the sequences at `indices` (their current state), stored in `logits`.
@@ -209,20 +238,27 @@ impl Scheduler {
         if indices.is_empty() {
             return Ok(());
         }
-        let (all_rows, last_rows): (Vec<usize>, Vec<usize>) =
-            indices.iter().partition(|&&i| self.running[i].prefill && self.running[i].spec().prompt_logprobs);
+        let (all_rows, last_rows): (Vec<usize>, Vec<usize>) = indices.iter().partition(|&&i| {
+            let r = &self.running[i];
+            r.prefill && (r.spec().prompt_logprobs || r.spec().report_logits)
+        });
         for i in all_rows {
             let r = &mut self.running[i];
             let chunk = Chunk { cache: &mut r.cache, start: r.start, len: r.len, step: 0 };
             let logits = self.model.coda(&r.state, &mut [chunk], LogitRows::All)?;
             let rows = logits.to_vec2::<f32>()?;
-            let logprobs = rows
-                .iter()
-                .zip(r.context.iter().skip(1))
-                .map(|(row, &next)| token_logprobs(row, next, r.spec().logprobs.unwrap_or(0)))
-                .collect();
-            r.send(Event::PromptLogprobs { choice: r.choice, logprobs });
+            if r.spec().prompt_logprobs {
+                let logprobs = rows
+                    .iter()
+                    .zip(r.context.iter().skip(1))
+                    .map(|(row, &next)| token_logprobs(row, next, r.spec().logprobs.unwrap_or(0)))
+                    .collect();
+                r.send(Event::PromptLogprobs { choice: r.choice, logprobs });
+            }
             r.logits = rows.last().cloned();
+            if r.spec().report_logits {
+                r.send(Event::Logits { choice: r.choice, rows });
+            }
         }
         if last_rows.is_empty() {
             return Ok(());
@@ -256,13 +292,14 @@ impl Scheduler {
             r.state = r.state.narrow(0, r.len - 1, 1)?;
         }
         if r.spec().params.max_tokens == 0 {
-            // Prompt log-probabilities only.
-            let event = Event::Finished { choice: r.choice, reason: FinishReason::Length, text: String::new() };
-            self.release(i);
-            self.running[i].send(event);
+            // Prompt log-probabilities (or logits) only.
+            self.finish(i, FinishReason::Length);
             return Ok(false);
         }
         let raw = r.logits.take().unwrap_or_default();
+        if r.spec().report_logits && !r.prefill {
+            r.send(Event::Logits { choice: r.choice, rows: vec![raw.clone()] });
+        }
         let mut logits = raw.clone();
         let token = r.sampler.sample(&mut logits, &r.context);
         r.sampler.record(token);
@@ -281,9 +318,7 @@ impl Scheduler {
         let reason = r.finish_reason_after(token, piece.stopped, limit);
         let sent = r.send(Event::Token { choice: r.choice, id: token, text: piece.text, steps, exit, logprobs });
         if let Some(reason) = reason {
-            let event = Event::Finished { choice: r.choice, reason, text: r.text.finish() };
-            self.release(i);
-            self.running[i].send(event);
+            self.finish(i, reason);
             return Ok(false);
         }
         Ok(sent)

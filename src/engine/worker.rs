@@ -14,7 +14,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge};
-use tokio::sync::mpsc as async_mpsc;
 
 use super::job::{Job, JobHandle, JobSpec};
 use super::running::kv_reservation;
@@ -170,10 +169,7 @@ impl Engine {
         // One dispatch at a time: the choice of worker and its reservation are one step, so that
         // concurrent submissions see each other's load.
         let _dispatch = self.dispatch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let capacity = spec.n * (spec.params.max_tokens + 3) + 8;
-        let (events, receiver) = async_mpsc::channel(capacity);
-        let cancelled = Arc::new(AtomicBool::new(false));
-        let mut job = Job { spec, kv_reservation: 0, events, cancelled: cancelled.clone(), submitted: Instant::now() };
+        let (mut job, handle) = Job::new(spec, 0);
         let mut order: Vec<&Worker> = self.workers.iter().filter(|w| w.shared.alive.load(Ordering::SeqCst)).collect();
         if order.is_empty() {
             return Err(EngineError::Unavailable);
@@ -192,7 +188,7 @@ impl Engine {
             match worker.queue.try_send(job) {
                 Ok(()) => {
                     gauge!(m::REQUESTS_WAITING).increment(1.0);
-                    return Ok(JobHandle::new(receiver, cancelled));
+                    return Ok(handle);
                 }
                 Err(TrySendError::Full(back)) | Err(TrySendError::Disconnected(back)) => {
                     worker.shared.queued.fetch_sub(1, Ordering::SeqCst);
@@ -399,6 +395,9 @@ fn run_worker(
                         }));
                         shared.publish(scheduler.totals());
                         leave_queue();
+                        if let Ok(Err(e)) = &admitted {
+                            tracing::warn!("a job failed to start: {e}");
+                        }
                         if let Err(payload) = admitted {
                             let message = format!("internal error in the model worker: {}", panic_message(&*payload));
                             // Down before its clients hear of the fault, so that `/ready` agrees.
@@ -425,7 +424,14 @@ fn run_worker(
             on_pool(pool, || scheduler.tick())
         }));
         let failure = match outcome {
-            Ok(Ok(())) => None,
+            Ok(Ok(true)) => None,
+            Ok(Ok(false)) => {
+                // Every running sequence waits for its reader: no busy loop meanwhile.
+                if !scheduler.is_idle() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                None
+            }
             Ok(Err(e)) => Some(format!("model error in the worker: {e}")),
             Err(payload) => Some(format!("internal error in the model worker: {}", panic_message(&*payload))),
         };

@@ -299,5 +299,6 @@ pub fn job_spec(
         stop: common.stop.clone(),
         logprobs,
         prompt_logprobs,
+        report_logits: false,
     })
 }

@@ -103,11 +103,12 @@ async fn collect_events(jobs: Vec<(JobHandle, usize)>, choices: usize) -> Result
                 c.steps.push(steps);
                 c.logprobs.extend(logprobs);
             }
-            Event::Finished { choice, reason, text } => {
+            Event::Finished { choice, reason, text, .. } => {
                 let c = &mut out[base + choice];
                 c.text.push_str(&text);
                 c.finish = Some(reason);
             }
+            Event::Logits { .. } => {}
             Event::Error { message } => return Err(ApiError::Internal(message)),
         }
     }
@@ -188,10 +189,11 @@ pub fn stream(
                     usage.recurrence_steps += steps;
                     Some(writer.token(base + choice, &text, steps, logprobs.as_ref()))
                 }
-                Event::Finished { choice, reason, text } => {
+                Event::Finished { choice, reason, text, .. } => {
                     finished += 1;
                     Some(writer.finish(base + choice, &text, reason))
                 }
+                Event::Logits { .. } => None,
                 Event::Error { message } => {
                     failed = true;
                     Some(ApiError::Internal(message).body())

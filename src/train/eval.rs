@@ -1,11 +1,13 @@
 //! Exact-match accuracy on fresh, held-out addition problems, at a given compute budget.
 
+use std::sync::Arc;
+
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rayon::prelude::*;
 
 use super::addition::{Formatter, Problem, Split};
-use crate::generate::{FinishReason, GenerationParams, generate};
+use crate::engine::{Driver, JobSpec};
+use crate::generate::{FinishReason, GenerationParams};
 use crate::model::{ExitRule, HuginnModel, Result};
 use crate::text::TextTokenizer;
 
@@ -38,34 +40,36 @@ impl EvalResult {
 
 /// Greedy answers (initial state drawn with a per-problem seed, as a server request with `seed`
 /// would) compared with the true sums: right only if the completion is exactly the sum followed by
-/// an end token.
+/// an end token. The problems run batched through the scheduler, as concurrent requests would.
 pub fn evaluate(
-    model: &HuginnModel,
-    tokenizer: &TextTokenizer,
+    model: &Arc<HuginnModel>,
+    tokenizer: &Arc<TextTokenizer>,
     problems: &[Problem],
     chat: bool,
     budget: Budget,
 ) -> Result<EvalResult> {
     let formatter = Formatter::new(tokenizer)?;
-    let outcomes = problems
-        .par_iter()
-        .enumerate()
-        .map(|(i, problem)| -> Result<(bool, usize, usize)> {
-            let prompt = formatter.prompt_ids(problem, chat)?;
-            let answer = problem.answer();
-            let mut params = GenerationParams::new(budget.num_steps);
-            params.exit = budget.exit;
-            params.max_tokens = answer.len() + 2;
-            params.stop_token_ids = tokenizer.special().stop.clone();
-            params.seed = i as u64;
-            let out = generate(model, &prompt, &params, |_| {})?;
+    let mut specs = Vec::with_capacity(problems.len());
+    for (i, problem) in problems.iter().enumerate() {
+        let mut params = GenerationParams::new(budget.num_steps);
+        params.exit = budget.exit;
+        params.max_tokens = problem.answer().len() + 2;
+        params.stop_token_ids = tokenizer.special().stop.clone();
+        params.seed = i as u64;
+        specs.push(JobSpec::new(formatter.prompt_ids(problem, chat)?, params));
+    }
+    let outcomes = Driver::new(model.clone(), tokenizer.clone(), EVAL_BATCH).run(specs, |_, _| {})?;
+    let (mut correct, mut steps, mut tokens) = (0, 0, 0);
+    for (problem, choices) in problems.iter().zip(outcomes) {
+        for out in choices {
             let text = tokenizer.decode(&out.token_ids)?;
-            let right = out.finish_reason == FinishReason::Stop && text == answer;
-            Ok((right, out.steps_per_token.iter().sum(), out.steps_per_token.len()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let correct = outcomes.iter().filter(|o| o.0).count();
-    let steps: usize = outcomes.iter().map(|o| o.1).sum();
-    let tokens: usize = outcomes.iter().map(|o| o.2).sum();
+            correct += usize::from(out.finish_reason == FinishReason::Stop && text == problem.answer());
+            steps += out.steps_per_token.iter().sum::<usize>();
+            tokens += out.steps_per_token.len();
+        }
+    }
     Ok(EvalResult { problems: problems.len(), correct, mean_steps_per_token: steps as f64 / tokens.max(1) as f64 })
 }
+
+/// Problems that share a tick in an evaluation.
+const EVAL_BATCH: usize = 64;

@@ -4,10 +4,13 @@
 pub mod server;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use huginn::generate::Sequence;
-use huginn::model::{BackendChoice, CacheStrategy, HuginnModel, LogitRows};
+use huginn::engine::{Completion, Driver, JobSpec};
+use huginn::generate::GenerationParams;
+use huginn::model::{BackendChoice, CacheStrategy, HuginnModel};
+use huginn::text::TextTokenizer;
 
 pub fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/huginn-tiny-ref")
@@ -37,14 +40,49 @@ pub fn device() -> Device {
         .unwrap_or(Device::Cpu)
 }
 
-pub fn load(dir: &Path, dtype: DType) -> HuginnModel {
-    HuginnModel::load_with(dir, &device(), Some(dtype), backend()).unwrap()
+pub fn load(dir: &Path, dtype: DType) -> Arc<HuginnModel> {
+    Arc::new(HuginnModel::load_with(dir, &device(), Some(dtype), backend()).unwrap())
+}
+
+/// Runs `spec` alone through the scheduler on this thread (what `huginn generate` does), with
+/// the tokenizer of the checkpoint in `dir`.
+pub fn run_in(dir: &Path, model: &Arc<HuginnModel>, spec: JobSpec) -> huginn::model::Result<Completion> {
+    let tokenizer = Arc::new(TextTokenizer::load(dir, model.config()).unwrap());
+    Driver::new(model.clone(), tokenizer, 1).run_one(spec)
+}
+
+/// [`run_in`] for `prompt` and `params` on a model with the fixture's tokenizer.
+pub fn generate(
+    model: &Arc<HuginnModel>,
+    prompt: &[u32],
+    params: &GenerationParams,
+) -> huginn::model::Result<Completion> {
+    run_in(&fixture_dir(), model, JobSpec::new(prompt.to_vec(), params.clone()))
+}
+
+/// Like [`generate`], reporting raw logits.
+pub fn generate_logits(model: &Arc<HuginnModel>, prompt: &[u32], params: &GenerationParams) -> Completion {
+    let mut spec = JobSpec::new(prompt.to_vec(), params.clone());
+    spec.report_logits = true;
+    run_in(&fixture_dir(), model, spec).unwrap()
 }
 
 /// Logits at every prompt position after `steps` recurrences from a zero state.
-pub fn prompt_logits(model: &HuginnModel, ids: &[u32], steps: usize) -> Tensor {
-    let mut seq = Sequence::new(model, CacheStrategy::Full, 0.0, false, 0);
-    seq.prefill(ids, steps, LogitRows::All).unwrap()
+pub fn prompt_logits(model: &Arc<HuginnModel>, ids: &[u32], steps: usize) -> Tensor {
+    prompt_logits_in(&fixture_dir(), model, ids, steps)
+}
+
+/// [`prompt_logits`] with the tokenizer of `dir`.
+pub fn prompt_logits_in(dir: &Path, model: &Arc<HuginnModel>, ids: &[u32], steps: usize) -> Tensor {
+    let mut params = GenerationParams::new(steps);
+    params.max_tokens = 0;
+    params.init_scale = 0.0;
+    params.cache = CacheStrategy::Full;
+    let mut spec = JobSpec::new(ids.to_vec(), params);
+    spec.report_logits = true;
+    let rows = run_in(dir, model, spec).unwrap().prompt_logits;
+    let width = rows.first().map_or(0, Vec::len);
+    Tensor::from_vec(rows.concat(), (ids.len(), width), &Device::Cpu).unwrap()
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
