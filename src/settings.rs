@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{BackendChoice, DTypeChoice, DeviceList, DeviceSpec};
+use crate::model::{BackendChoice, CacheStrategy, DTypeChoice, DeviceList, DeviceSpec, ExitCriterion, ExitRule};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -13,6 +13,8 @@ pub enum SettingsError {
     File { path: PathBuf, message: String },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
+    #[error("setting `{key}`: {message}")]
+    Value { key: String, message: String },
 }
 
 pub const DEFAULT_FILE: &str = "config/default.toml";
@@ -150,14 +152,14 @@ pub struct GenerationSettings {
     pub max_tokens: usize,
     /// Recurrence steps per token; unset means the model's `mean_recurrence`.
     pub num_steps: Option<usize>,
-    pub exit_criterion: String,
+    pub exit_criterion: ExitCriterion,
     /// Unset means the criterion's reference default.
     pub exit_threshold: Option<f64>,
     pub min_steps: usize,
     pub init_scale: f64,
     pub continuous_compute: bool,
     /// `shared:K` or `full`.
-    pub kv_cache: String,
+    pub kv_cache: CacheStrategy,
     pub temperature: f32,
     pub top_p: f32,
     pub top_k: usize,
@@ -169,12 +171,12 @@ impl Default for GenerationSettings {
         Self {
             max_tokens: 32,
             num_steps: None,
-            exit_criterion: "none".into(),
+            exit_criterion: ExitCriterion::None,
             exit_threshold: None,
             min_steps: 0,
             init_scale: 1.0,
             continuous_compute: false,
-            kv_cache: "shared:1".into(),
+            kv_cache: CacheStrategy::Shared(1),
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
@@ -207,6 +209,7 @@ impl Settings {
     ) -> Result<Self, SettingsError> {
         let file_error = |message: String| SettingsError::File { path: origin.to_path_buf(), message };
         let from_file: Settings = toml::from_str(toml_text).map_err(|e| file_error(e.to_string()))?;
+        from_file.generation.validate().map_err(|(key, message)| SettingsError::Value { key, message })?;
         let mut tree = toml::Value::try_from(&from_file).map_err(|e| file_error(e.to_string()))?;
         let sections: Vec<String> = tree.as_table().map(|t| t.keys().cloned().collect()).unwrap_or_default();
         for (var, raw) in env {
@@ -222,10 +225,50 @@ impl Settings {
             if let Some(table) = tree.get_mut(section.as_str()).and_then(|s| s.as_table_mut()) {
                 table.insert(key.to_string(), value);
             }
-            Settings::deserialize(tree.clone())
-                .map_err(|e| SettingsError::Env { var: var.clone(), message: e.to_string() })?;
+            // The file was valid: what fails now is this variable's doing.
+            let env_error = |message: String| SettingsError::Env { var: var.clone(), message };
+            let settings = Settings::deserialize(tree.clone()).map_err(|e| env_error(e.to_string()))?;
+            settings
+                .generation
+                .validate()
+                .map_err(|(key, message)| env_error(format!("setting `{key}`: {message}")))?;
         }
         Settings::deserialize(tree).map_err(|e| file_error(e.to_string()))
+    }
+}
+
+impl GenerationSettings {
+    /// The ranges a request's own values must meet (`generate::ranges`), for these defaults:
+    /// `Err((key, message))` for the first bad one.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        use crate::generate::ranges;
+        let key = |name: &str| format!("generation.{name}");
+        let fail = |name: &str, message: String| Err((key(name), message));
+        if !ranges::temperature(self.temperature as f64) {
+            return fail(
+                "temperature",
+                format!("must be between 0 and {}, got {}", ranges::MAX_TEMPERATURE, self.temperature),
+            );
+        }
+        if !ranges::top_p(self.top_p as f64) {
+            return fail("top_p", format!("must be in (0, 1], got {}", self.top_p));
+        }
+        if !ranges::init_scale(self.init_scale) {
+            return fail(
+                "init_scale",
+                format!("must be between 0 and {}, got {}", ranges::MAX_INIT_SCALE, self.init_scale),
+            );
+        }
+        if self.num_steps == Some(0) {
+            return fail("num_steps", "must be at least 1".into());
+        }
+        if let Some(steps) = self.num_steps.filter(|&steps| self.min_steps > steps) {
+            return fail("min_steps", format!("{} exceeds generation.num_steps ({steps})", self.min_steps));
+        }
+        if let Err(e) = ExitRule::new(self.exit_criterion, self.exit_threshold, self.min_steps) {
+            return fail("exit_threshold", e.to_string());
+        }
+        Ok(())
     }
 }
 
@@ -253,7 +296,7 @@ mod tests {
         let file = "[generation]\nnum_steps = 16\nkv_cache = \"full\"\n[model]\ndtype = \"bf16\"\n";
         let s = Settings::from_sources(file, Path::new("f.toml"), env(&[])).unwrap();
         assert_eq!(s.generation.num_steps, Some(16));
-        assert_eq!(s.generation.kv_cache, "full");
+        assert_eq!(s.generation.kv_cache, CacheStrategy::Full);
         assert_eq!(s.generation.max_tokens, 32, "untouched keys keep their defaults");
         assert_eq!(s.model.dtype, DTypeChoice::Fixed(candle_core::DType::BF16));
         let vars = env(&[("HUGINN_GENERATION_NUM_STEPS", "8"), ("HUGINN_MODEL_PATH", "/models/x"), ("PATH", "/bin")]);
@@ -287,6 +330,31 @@ mod tests {
         }
         let err = Settings::from_sources("[model]\nbackend = \"gpu\"\n", Path::new("f.toml"), env(&[])).unwrap_err();
         assert!(err.to_string().contains("backend"), "{err}");
+    }
+
+    #[test]
+    fn generation_defaults_are_typed_and_checked_at_load() {
+        let s = Settings::from_sources(
+            "[generation]\nexit_criterion = \"kl\"\nkv_cache = \"shared:2\"\n",
+            Path::new("f.toml"),
+            env(&[]),
+        )
+        .unwrap();
+        assert_eq!((s.generation.exit_criterion, s.generation.kv_cache), (ExitCriterion::Kl, CacheStrategy::Shared(2)));
+        let err = Settings::from_sources("", Path::new("f.toml"), env(&[("HUGINN_GENERATION_KV_CACHE", "bogus")]))
+            .unwrap_err();
+        assert!(err.to_string().starts_with("environment variable HUGINN_GENERATION_KV_CACHE"), "{err}");
+        for (file, key) in [
+            ("[generation]\ntemperature = 2.5\n", "generation.temperature"),
+            ("[generation]\ntop_p = 0\n", "generation.top_p"),
+            ("[generation]\ninit_scale = -1\n", "generation.init_scale"),
+            ("[generation]\nnum_steps = 0\n", "generation.num_steps"),
+            ("[generation]\nnum_steps = 4\nmin_steps = 5\n", "generation.min_steps"),
+            ("[generation]\nexit_criterion = \"kl\"\nexit_threshold = -1\n", "generation.exit_threshold"),
+        ] {
+            let err = Settings::from_sources(file, Path::new("f.toml"), env(&[])).unwrap_err();
+            assert!(err.to_string().starts_with(&format!("setting `{key}`")), "{file}: {err}");
+        }
     }
 
     #[test]

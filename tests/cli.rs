@@ -193,6 +193,40 @@ fn bad_arguments_fail_with_a_message() {
 }
 
 #[test]
+fn bad_settings_stop_serve_at_once_naming_the_key() {
+    for (var, value) in [
+        ("HUGINN_GENERATION_KV_CACHE", "bogus"),
+        ("HUGINN_GENERATION_EXIT_CRITERION", "soon"),
+        ("HUGINN_GENERATION_TEMPERATURE", "9"),
+        ("HUGINN_MODEL_DTYPE", "int8"),
+        ("HUGINN_MODEL_DEVICE", "tpu"),
+    ] {
+        let started = std::time::Instant::now();
+        // Port 0: were the settings accepted, the server would start and this test would hang.
+        let out = Command::new(env!("CARGO_BIN_EXE_huginn"))
+            .args(["serve", "--port", "0"])
+            .env(var, value)
+            .output()
+            .expect("run huginn");
+        assert!(!out.status.success(), "{var}={value} should stop start-up");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(var), "{var}={value}: {err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "{var}: exits at once");
+    }
+    // In a settings file, the message names the key.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.toml");
+    std::fs::write(&file, "[generation]\ntop_p = 0\n").unwrap();
+    let out = huginn(&["--settings", file.to_str().unwrap(), "serve", "--port", "0"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("generation.top_p"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn settings_file_then_environment_then_flags() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("s.toml");

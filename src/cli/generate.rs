@@ -112,7 +112,8 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
-    let criterion: ExitCriterion = args.exit_criterion.as_deref().unwrap_or(&defaults.exit_criterion).parse()?;
+    let criterion: ExitCriterion =
+        args.exit_criterion.as_deref().map(str::parse).transpose()?.unwrap_or(defaults.exit_criterion);
     let mut stop_token_ids = args.stop_token_ids.clone();
     if !args.ignore_eos {
         stop_token_ids.extend(&tokenizer.special().stop);
@@ -127,7 +128,7 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
         )?,
         init_scale: args.init_scale.unwrap_or(defaults.init_scale),
         continuous_compute: args.continuous_compute || defaults.continuous_compute,
-        cache: args.kv_cache.as_deref().unwrap_or(&defaults.kv_cache).parse::<CacheStrategy>()?,
+        cache: args.kv_cache.as_deref().map(str::parse::<CacheStrategy>).transpose()?.unwrap_or(defaults.kv_cache),
         sampling: SamplingParams {
             temperature: args.temperature.unwrap_or(defaults.temperature),
             top_k: args.top_k.unwrap_or(defaults.top_k),

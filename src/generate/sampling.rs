@@ -47,10 +47,14 @@ impl Default for SamplingParams {
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ModelError::InvalidArgument(m));
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+        if !super::ranges::temperature(f64::from(self.temperature)) {
+            return bad(format!(
+                "temperature must be between 0 and {}, got {}",
+                super::ranges::MAX_TEMPERATURE,
+                self.temperature
+            ));
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+        if !super::ranges::top_p(f64::from(self.top_p)) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if !(0.0..=1.0).contains(&self.min_p) {

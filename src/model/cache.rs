@@ -21,7 +21,8 @@ use super::config::HuginnConfig;
 use super::error::{ModelError, Result};
 
 /// How many recurrence slots of K/V a token keeps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum CacheStrategy {
     /// One slot per recurrence step.
     Full,
@@ -44,6 +45,8 @@ impl CacheStrategy {
         }
     }
 }
+
+string_setting!(CacheStrategy);
 
 impl fmt::Display for CacheStrategy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -7,7 +7,8 @@ use std::str::FromStr;
 
 use super::error::{ModelError, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum ExitCriterion {
     /// Always run `num_steps`.
     None,
@@ -74,6 +75,8 @@ impl ExitCriterion {
         matches!(self, ExitCriterion::LatentDiff | ExitCriterion::Cosine)
     }
 }
+
+string_setting!(ExitCriterion);
 
 impl fmt::Display for ExitCriterion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -2,6 +2,25 @@
 //! The layers hold the model's math; the kernels under them are the backend's (`backend.rs`: the
 //! CPU kernels in `cpu/`, tensor ops in `tensor/`).
 
+/// Settings written as strings: serde goes through `FromStr` and `Display` (the types name
+/// `TryFrom<String>` and `Into<String>` in their serde attributes).
+macro_rules! string_setting {
+    ($($t:ty),*) => {$(
+        impl TryFrom<String> for $t {
+            type Error = crate::model::ModelError;
+            fn try_from(s: String) -> crate::model::Result<Self> {
+                s.parse()
+            }
+        }
+
+        impl From<$t> for String {
+            fn from(value: $t) -> String {
+                value.to_string()
+            }
+        }
+    )*};
+}
+
 pub mod backend;
 pub mod cache;
 pub mod config;

@@ -171,24 +171,6 @@ impl DTypeChoice {
     }
 }
 
-/// Settings written as strings: serde goes through `FromStr` and `Display`.
-macro_rules! string_setting {
-    ($($t:ty),*) => {$(
-        impl TryFrom<String> for $t {
-            type Error = ModelError;
-            fn try_from(s: String) -> Result<Self> {
-                s.parse()
-            }
-        }
-
-        impl From<$t> for String {
-            fn from(value: $t) -> String {
-                value.to_string()
-            }
-        }
-    )*};
-}
-
 string_setting!(DeviceSpec, DTypeChoice, BackendChoice);
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use super::error::ApiError;
 use super::state::AppState;
 use crate::engine::JobSpec;
-use crate::generate::{GenerationParams, SamplingParams};
+use crate::generate::{GenerationParams, SamplingParams, ranges};
 use crate::model::{CacheStrategy, ExitCriterion, ExitRule};
 
 /// Typed access to the fields of a JSON object.
@@ -85,13 +85,11 @@ pub fn common(f: &Fields, state: &AppState, max_tokens_keys: &[&str]) -> Result<
         }
     }
     let temperature = f.get::<f64>("temperature", "a number")?.unwrap_or(defaults.temperature as f64);
-    check(finite_in(temperature, 0.0, 2.0), "temperature", || {
-        format!("`temperature` must be between 0 and 2, got {temperature}")
+    check(ranges::temperature(temperature), "temperature", || {
+        format!("`temperature` must be between 0 and {}, got {temperature}", ranges::MAX_TEMPERATURE)
     })?;
     let top_p = f.get::<f64>("top_p", "a number")?.unwrap_or(defaults.top_p as f64);
-    check(top_p.is_finite() && top_p > 0.0 && top_p <= 1.0, "top_p", || {
-        format!("`top_p` must be > 0 and <= 1, got {top_p}")
-    })?;
+    check(ranges::top_p(top_p), "top_p", || format!("`top_p` must be > 0 and <= 1, got {top_p}"))?;
     let top_k = f.get::<i64>("top_k", "an integer")?.unwrap_or(defaults.top_k as i64);
     check(top_k >= -1, "top_k", || format!("`top_k` must be -1 (disabled), 0 (disabled) or positive, got {top_k}"))?;
     let min_p = f.get::<f64>("min_p", "a number")?.unwrap_or(0.0);
@@ -120,7 +118,7 @@ pub fn common(f: &Fields, state: &AppState, max_tokens_keys: &[&str]) -> Result<
     };
     let criterion = match f.get::<String>("exit_criterion", "a string")? {
         Some(name) => name.parse::<ExitCriterion>().map_err(|e| ApiError::param("exit_criterion", e.to_string()))?,
-        None => defaults.exit_criterion.parse::<ExitCriterion>().map_err(|e| ApiError::Internal(e.to_string()))?,
+        None => defaults.exit_criterion,
     };
     let threshold = f.get::<f64>("exit_threshold", "a number")?.or(defaults.exit_threshold);
     if let Some(t) = threshold {
@@ -141,8 +139,8 @@ pub fn common(f: &Fields, state: &AppState, max_tokens_keys: &[&str]) -> Result<
         })?;
     }
     let init_scale = f.get::<f64>("init_scale", "a number")?.unwrap_or(defaults.init_scale);
-    check(finite_in(init_scale, 0.0, 10.0), "init_scale", || {
-        format!("`init_scale` must be between 0 and 10, got {init_scale}")
+    check(ranges::init_scale(init_scale), "init_scale", || {
+        format!("`init_scale` must be between 0 and {}, got {init_scale}", ranges::MAX_INIT_SCALE)
     })?;
     let continuous_compute = f.get::<bool>("continuous_compute", "a boolean")?.unwrap_or(defaults.continuous_compute);
     let seed = f.get::<i64>("seed", "an integer")?.map(|s| s as u64).unwrap_or(defaults.seed);
@@ -212,8 +210,7 @@ pub fn common(f: &Fields, state: &AppState, max_tokens_keys: &[&str]) -> Result<
                 .unwrap_or(false)
         }
     };
-    let cache: CacheStrategy =
-        defaults.kv_cache.parse().map_err(|e: crate::model::ModelError| ApiError::Internal(e.to_string()))?;
+    let cache: CacheStrategy = defaults.kv_cache;
 
     let params = GenerationParams {
         max_tokens: max_tokens.unwrap_or(defaults.max_tokens.min(limits.max_tokens)),
