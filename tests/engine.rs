@@ -168,3 +168,22 @@ fn n_choices_differ_by_seed_and_dropping_the_handle_cancels() {
     let mut after = engine.submit(spec(PROMPT.to_vec(), params(2, ExitRule::default(), 2))).unwrap();
     assert_eq!(collect(&mut after).0.len(), 2);
 }
+
+#[test]
+fn a_reader_that_falls_behind_pauses_its_sequence_and_loses_nothing() {
+    let model = load(&fixture_dir(), DType::F32);
+    let engine = engine(model.clone(), 64);
+    let slow_params = params(1, ExitRule::default(), 120);
+    let expected = generate(&model, &PROMPT, &slow_params).unwrap();
+    let mut slow = engine.submit(spec(PROMPT.to_vec(), slow_params)).unwrap();
+    // Another request runs to its end while the slow one's reader does not read.
+    let mut other = engine.submit(spec(vec![40, 41, 42], params(2, ExitRule::default(), 40))).unwrap();
+    let (ids, _, reason) = collect(&mut other);
+    assert_eq!((ids.len(), reason), (40, FinishReason::Length));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // The channel holds a bounded number of events, whatever the output's length.
+    assert!(slow.events.len() <= huginn::engine::job::EVENTS_PER_CHOICE, "{} events queued", slow.events.len());
+    assert!(slow.events.len() < 120);
+    let (ids, steps, reason) = collect(&mut slow);
+    assert_eq!((ids, steps, reason), (expected.token_ids, expected.steps_per_token, expected.finish_reason));
+}

@@ -371,3 +371,53 @@ async fn models_health_ready_tokenize() {
     server.state.draining.store(true, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(reqwest::get(format!("{}/ready", server.base)).await.unwrap().status(), 503);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_and_http_give_the_same_completion() {
+    let server = start().await;
+    let fixture = fixture_dir();
+    let cases = [
+        (json!({"num_steps": 4, "init_scale": 0}), vec!["--num-steps", "4", "--init-scale", "0"]),
+        (
+            json!({"num_steps": 12, "exit_criterion": "latent-diff", "exit_threshold": 0.05, "init_scale": 0}),
+            vec![
+                "--num-steps",
+                "12",
+                "--exit-criterion",
+                "latent-diff",
+                "--exit-threshold",
+                "0.05",
+                "--init-scale",
+                "0",
+            ],
+        ),
+        (
+            json!({"num_steps": 3, "temperature": 0.8, "top_k": 20, "seed": 5}),
+            vec!["--num-steps", "3", "--temperature", "0.8", "--top-k", "20", "--seed", "5"],
+        ),
+    ];
+    for (extra, flags) in cases {
+        let mut body = json!({"model": MODEL, "prompt": "The recurrent block iterates", "max_tokens": 10});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (status, http) = post(&server.base, "/v1/completions", body.clone()).await;
+        assert_eq!(status, 200, "{http}");
+        let mut args: Vec<String> = ["generate", "--model", fixture.to_str().unwrap(), "--format", "json"]
+            .into_iter()
+            .chain(["--prompt", "The recurrent block iterates", "--max-tokens", "10"])
+            .chain(flags)
+            .map(String::from)
+            .collect();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_huginn")).args(&args).output().unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(http["choices"][0]["text"], cli["text"], "{body}");
+        let steps: u64 = cli["steps_per_token"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).sum();
+        assert_eq!(http["usage"]["completion_tokens"], cli["token_ids"].as_array().unwrap().len(), "{body}");
+        assert_eq!(http["usage"]["recurrence_steps"], steps, "{body}");
+        assert_eq!(http["choices"][0]["finish_reason"], cli["finish_reason"], "{body}");
+    }
+}
