@@ -401,7 +401,7 @@ async fn the_cli_and_http_give_the_same_completion() {
         body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         let (status, http) = post(&server.base, "/v1/completions", body.clone()).await;
         assert_eq!(status, 200, "{http}");
-        let mut args: Vec<String> = ["generate", "--model", fixture.to_str().unwrap(), "--format", "json"]
+        let args: Vec<String> = ["generate", "--model", fixture.to_str().unwrap(), "--format", "json"]
             .into_iter()
             .chain(["--prompt", "The recurrent block iterates", "--max-tokens", "10"])
             .chain(flags)
