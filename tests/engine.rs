@@ -45,7 +45,7 @@ fn collect(handle: &mut huginn::engine::JobHandle) -> (Vec<u32>, Vec<usize>, Fin
                 steps.push(s);
             }
             Event::Finished { reason, .. } => return (ids, steps, reason),
-            Event::Error { message } => panic!("engine error: {message}"),
+            Event::Error { failure } => panic!("engine error: {failure}"),
             Event::PromptLogprobs { .. } | Event::Logits { .. } => {}
         }
     }

@@ -298,16 +298,22 @@ async fn a_worker_fault_fails_its_requests_and_the_worker_restarts() {
     assert!(eventually(10, || engine.sequences() == 2).await, "both requests should be running");
     assert!(engine.inject_fault(0));
 
-    // Both in-flight requests fail with a message: an error event on the stream, a 500 otherwise.
+    // Both in-flight requests fail with a generic message and a request id (the fault's details
+    // go to the server's log only): an error event on the stream, a 500 otherwise.
     let mut rest = Vec::new();
     while let Some(chunk) = streamed.chunk().await.unwrap() {
         rest.extend_from_slice(&chunk);
     }
     let rest = String::from_utf8(rest).unwrap();
-    assert!(rest.contains("injected fault") && rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    assert!(rest.contains("\"internal_error\"") && rest.contains("req-"), "{rest}");
+    assert!(!rest.contains("injected fault") && rest.ends_with("data: [DONE]\n\n"), "{rest}");
     let (status, answer) = plain.await.unwrap();
     assert_eq!(status, 500, "{answer}");
-    assert!(answer["error"]["message"].as_str().unwrap().contains("injected fault"), "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    let request_id = answer["error"]["request_id"].as_str().unwrap();
+    assert!(request_id.starts_with("req-") && message.contains(request_id), "{answer}");
+    assert!(!message.contains("injected fault"), "internal details reach the client: {answer}");
+    assert_eq!(answer["error"]["code"], "internal_error", "{answer}");
 
     // While the worker restarts, readiness fails; requests sent meanwhile wait for it.
     assert_eq!(get_status(&server.base, "/ready").await, 503);

@@ -180,8 +180,8 @@ fn drain(index: usize, job: &mut Tracked, started: Instant, on_event: &mut impl 
                 c.seconds = seconds;
                 job.open -= 1;
             }
-            Event::Error { message } => {
-                return Err(ModelError::InvalidArgument(format!("job {index} failed: {message}")));
+            Event::Error { failure } => {
+                return Err(ModelError::InvalidArgument(format!("job {index} failed: {failure}")));
             }
         }
     }

@@ -53,7 +53,18 @@ pub enum Event {
     /// the prompt's pass, then, before each later token's `Token` event, the row that produced it.
     Logits { choice: usize, rows: Vec<Vec<f32>> },
     /// The job failed inside the engine.
-    Error { message: String },
+    Error { failure: EngineFailure },
+}
+
+/// Why the engine could not finish a job (the details are for the server's log, not its client).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineFailure {
+    /// The job's first pass (its prompt's prelude) failed.
+    #[error("the job could not start: {0}")]
+    Start(String),
+    /// The worker running the job failed (a model error or a fault); its other jobs failed too.
+    #[error("the model worker failed: {0}")]
+    Worker(String),
 }
 
 /// Room of a job's event channel per choice. A tick sends a choice at most

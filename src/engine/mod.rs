@@ -8,6 +8,6 @@ pub mod scheduler;
 pub mod worker;
 
 pub use driver::{Completion, Driver};
-pub use job::{Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs};
+pub use job::{EngineFailure, Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs};
 pub use scheduler::{Scheduler, SchedulerLimits};
 pub use worker::{Engine, EngineConfig, EngineError};

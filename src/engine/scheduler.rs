@@ -14,7 +14,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use metrics::{counter, histogram};
 
-use super::job::{Event, Job};
+use super::job::{EngineFailure, Event, Job};
 use super::running::{JobShared, Running, latent_vec, token_logprobs};
 use crate::generate::FinishReason;
 use crate::metrics as m;
@@ -140,7 +140,7 @@ impl Scheduler {
                 Ok(())
             }
             Err(e) => {
-                let _ = shared.job.events.try_send(Event::Error { message: e.to_string() });
+                let _ = shared.job.events.try_send(Event::Error { failure: EngineFailure::Start(e.to_string()) });
                 Err(e)
             }
         }
@@ -336,7 +336,7 @@ impl Scheduler {
     /// Ends every running job with an error event (the caller logs the failure).
     pub fn fail_all(&mut self, message: &str) {
         for r in &self.running {
-            r.send(Event::Error { message: message.to_string() });
+            r.send(Event::Error { failure: EngineFailure::Worker(message.to_string()) });
         }
         self.running.clear();
     }

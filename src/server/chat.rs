@@ -8,11 +8,10 @@ use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::completions::uuid_like;
 use super::error::ApiError;
 use super::params::{Fields, common, job_spec};
 use super::respond::{self, Choice, ChunkWriter, Usage, finish_name};
-use super::state::{AppState, unix_time};
+use super::state::{AppState, unique_id, unix_time};
 use super::{check_model, parse_body, submit_all, tokenize_blocking};
 use crate::engine::TokenLogprobs;
 use crate::generate::FinishReason;
@@ -107,7 +106,7 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let usage = Usage { prompt_tokens: ids[0].len() * common.n, ..Default::default() };
     let jobs = submit_all(&state, vec![spec])?;
     let writer = ChatWriter {
-        id: format!("chatcmpl-{}", uuid_like()),
+        id: format!("chatcmpl-{}", unique_id()),
         created: unix_time(),
         model: state.model_name.to_string(),
         tokenizer: state.tokenizer.clone(),

@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 use super::error::ApiError;
 use super::params::{CommonParams, Fields, common, job_spec};
 use super::respond::{self, Choice, ChunkWriter, Usage, finish_name};
-use super::state::{AppState, unix_time};
+use super::state::{AppState, unique_id, unix_time};
 use super::{check_model, parse_body, submit_all, tokenize_blocking};
 use crate::engine::TokenLogprobs;
 use crate::generate::FinishReason;
@@ -103,7 +103,7 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let jobs = submit_all(&state, specs)?;
     let choices = jobs.len() * n;
     let writer = CompletionWriter {
-        id: format!("cmpl-{}", uuid_like()),
+        id: format!("cmpl-{}", unique_id()),
         created: unix_time(),
         model: state.model_name.to_string(),
         echo: echo.then(|| (0..choices).map(|c| prompt_texts[c / n].clone()).collect()),
@@ -235,12 +235,4 @@ impl ChunkWriter for CompletionWriter {
         chunk["usage"] = usage.json();
         chunk
     }
-}
-
-/// A unique-enough id for responses: time and a process-wide counter.
-pub fn uuid_like() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{:x}{:06x}", nanos, COUNTER.fetch_add(1, Ordering::Relaxed) & 0xff_ffff)
 }

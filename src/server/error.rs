@@ -5,7 +5,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::engine::EngineError;
+use crate::engine::{EngineError, EngineFailure};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -35,6 +35,8 @@ pub enum ApiError {
     /// A missing or wrong API key.
     #[error("{0}")]
     Unauthorized(String),
+    /// A failure inside the server: its details are logged with a request id, and the client
+    /// gets a generic message and the id.
     #[error("{0}")]
     Internal(String),
 }
@@ -67,8 +69,17 @@ impl ApiError {
         }
     }
 
-    /// The OpenAI error object.
+    /// The OpenAI error object. An internal error is logged here, under a new request id that
+    /// the client gets instead of the details.
     pub fn body(&self) -> serde_json::Value {
+        if let ApiError::Internal(detail) = self {
+            let request_id = format!("req-{}", super::state::unique_id());
+            tracing::error!(%request_id, %detail, "request failed");
+            let message =
+                format!("internal server error (request id {request_id}); the details are in the server's log");
+            return json!({"error": {"message": message, "type": "server_error", "param": null,
+                "code": "internal_error", "request_id": request_id}});
+        }
         let (kind, param, code) = match self {
             ApiError::InvalidParam { param, .. } => ("invalid_request_error", param.clone(), None),
             ApiError::Unsupported { param, .. } => {
@@ -83,7 +94,7 @@ impl ApiError {
             ApiError::Unavailable(_) => ("server_error", None, Some("unavailable")),
             ApiError::Timeout(_) => ("server_error", None, Some("timeout")),
             ApiError::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
-            ApiError::Internal(_) => ("server_error", None, None),
+            ApiError::Internal(_) => ("server_error", None, Some("internal_error")),
         };
         json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
     }
@@ -98,11 +109,14 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<EngineFailure> for ApiError {
+    fn from(failure: EngineFailure) -> Self {
+        ApiError::Internal(failure.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let ApiError::Internal(message) = &self {
-            tracing::error!(%message, "request failed");
-        }
         let mut response = (self.status(), axum::Json(self.body())).into_response();
         if matches!(self, ApiError::Overloaded) {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

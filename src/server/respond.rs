@@ -109,7 +109,7 @@ async fn collect_events(jobs: Vec<(JobHandle, usize)>, choices: usize) -> Result
                 c.finish = Some(reason);
             }
             Event::Logits { .. } => {}
-            Event::Error { message } => return Err(ApiError::Internal(message)),
+            Event::Error { failure } => return Err(failure.into()),
         }
     }
     if out.iter().any(|c| c.finish.is_none()) {
@@ -194,9 +194,9 @@ pub fn stream(
                     Some(writer.finish(base + choice, &text, reason))
                 }
                 Event::Logits { .. } => None,
-                Event::Error { message } => {
+                Event::Error { failure } => {
                     failed = true;
-                    Some(ApiError::Internal(message).body())
+                    Some(ApiError::from(failure).body())
                 }
             };
             if let Some(chunk) = chunk

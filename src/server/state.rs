@@ -81,3 +81,11 @@ impl AppState {
 pub fn unix_time() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
+
+/// A unique-enough id for responses and request ids: time and a process-wide counter.
+pub fn unique_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{:x}{:06x}", nanos, COUNTER.fetch_add(1, Ordering::Relaxed) & 0xff_ffff)
+}
