@@ -187,3 +187,24 @@ fn a_reader_that_falls_behind_pauses_its_sequence_and_loses_nothing() {
     let (ids, steps, reason) = collect(&mut slow);
     assert_eq!((ids, steps, reason), (expected.token_ids, expected.steps_per_token, expected.finish_reason));
 }
+
+#[test]
+fn wait_idle_returns_once_the_last_job_has_left_the_engine() {
+    let model = load(&fixture_dir(), DType::F32);
+    let engine = Arc::new(engine(model, 64));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    // Idle already: returns at once.
+    runtime.block_on(engine.wait_idle());
+    let mut handle = engine.submit(spec(PROMPT.to_vec(), params(16, ExitRule::default(), 30))).unwrap();
+    let waiter = {
+        let engine = engine.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(engine.wait_idle());
+            engine.in_flight()
+        })
+    };
+    let (ids, _, _) = collect(&mut handle);
+    assert_eq!(ids.len(), 30);
+    assert_eq!(waiter.join().unwrap(), 0, "woken with nothing in flight");
+}

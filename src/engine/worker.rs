@@ -68,6 +68,8 @@ struct WorkerShared {
     restarts: AtomicU64,
     /// Fault drill: the worker panics at its next tick.
     inject_fault: AtomicBool,
+    /// Woken whenever the work in flight may have dropped (shared by all workers of an engine).
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl WorkerShared {
@@ -91,6 +93,7 @@ impl WorkerShared {
         self.sequences.store(totals.sequences, Ordering::SeqCst);
         self.running_kv.store(totals.reserved_kv, Ordering::SeqCst);
         self.report_kv(totals.kv_bytes);
+        self.changed.notify_waiters();
     }
 }
 
@@ -108,6 +111,7 @@ pub struct Engine {
     dispatch: std::sync::Mutex<()>,
     started: Instant,
     queue_capacity: usize,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 /// Marks the worker down and dead when its thread ends, however it ends.
@@ -117,6 +121,7 @@ impl Drop for AliveGuard {
     fn drop(&mut self) {
         self.0.up.store(false, Ordering::SeqCst);
         self.0.alive.store(false, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
     }
 }
 
@@ -127,6 +132,7 @@ impl Engine {
     pub fn start(models: Vec<Arc<HuginnModel>>, tokenizer: Arc<TextTokenizer>, config: EngineConfig) -> Self {
         let started = Instant::now();
         let (up_tx, up_rx) = mpsc::channel::<()>();
+        let changed = Arc::new(tokio::sync::Notify::new());
         let threads = (crate::cpu_threads::configured() / models.len().max(1)).max(1);
         let workers: Vec<Worker> = models
             .into_iter()
@@ -134,7 +140,12 @@ impl Engine {
             .map(|(index, model)| {
                 let (queue, jobs) = mpsc::sync_channel::<Job>(config.queue_capacity.max(1));
                 let label = index.to_string();
-                let shared = Arc::new(WorkerShared { alive: AtomicBool::new(true), label, ..Default::default() });
+                let shared = Arc::new(WorkerShared {
+                    alive: AtomicBool::new(true),
+                    label,
+                    changed: changed.clone(),
+                    ..Default::default()
+                });
                 // This worker's series exist from the start, at zero.
                 shared.report_kv(0);
                 gauge!(m::REQUESTS_RUNNING, "worker" => shared.label.clone()).increment(0.0);
@@ -159,7 +170,13 @@ impl Engine {
                 break;
             }
         }
-        Self { workers, dispatch: std::sync::Mutex::new(()), started, queue_capacity: config.queue_capacity.max(1) }
+        Self {
+            workers,
+            dispatch: std::sync::Mutex::new(()),
+            started,
+            queue_capacity: config.queue_capacity.max(1),
+            changed,
+        }
     }
 
     /// Queues a job on the least-loaded live worker (workers that are up first, then by reserved
@@ -217,6 +234,21 @@ impl Engine {
     /// Jobs queued plus sequences running, over all workers (0 when the engine is idle).
     pub fn in_flight(&self) -> usize {
         self.workers.iter().map(|w| w.shared.total()).sum()
+    }
+
+    /// Waits until no job is queued or running on any worker (woken by the workers as work
+    /// leaves them; no polling).
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so that a change right after it still wakes us.
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Sequences running (admitted, not finished), over all workers.
@@ -386,6 +418,7 @@ fn run_worker(
                     let leave_queue = || {
                         shared.queued.fetch_sub(1, Ordering::SeqCst);
                         shared.queued_kv.fetch_sub(reservation, Ordering::SeqCst);
+                        shared.changed.notify_waiters();
                     };
                     if job.is_cancelled() {
                         leave_queue();

@@ -7,6 +7,7 @@ pub mod error;
 mod misc;
 mod params;
 mod respond;
+pub mod shutdown;
 pub mod state;
 
 use std::path::Path;
@@ -32,6 +33,7 @@ use crate::text::TextTokenizer;
 pub(crate) use chat::parse_messages as chat_messages;
 pub use error::ApiError;
 use params::Fields;
+pub use shutdown::{serve_until, shutdown_signal};
 pub use state::AppState;
 
 /// Loads one model replica per device (entries naming the same device share one), the tokenizer,
