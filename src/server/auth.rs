@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
+use super::error::StartError;
 use super::state::AppState;
 
 /// Environment variable with comma-separated API keys.
@@ -27,13 +28,15 @@ impl std::fmt::Debug for ApiKeys {
 
 impl ApiKeys {
     /// Keys from `file` (if given) and from `env` (the variable's value, if set).
-    pub fn load(file: Option<&Path>, env: Option<&str>) -> anyhow::Result<Self> {
+    pub fn load(file: Option<&Path>, env: Option<&str>) -> Result<Self, StartError> {
         let mut keys = Vec::new();
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("reading the API keys file {}: {e}", path.display()))?;
+            let bad = |message: String| StartError::ApiKeys { path: path.display().to_string(), message };
+            let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot be read: {e}")))?;
             keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
-            anyhow::ensure!(!keys.is_empty(), "the API keys file {} holds no key", path.display());
+            if keys.is_empty() {
+                return Err(bad("holds no key".into()));
+            }
         }
         if let Some(value) = env {
             keys.extend(value.split(',').map(str::trim).filter(|k| !k.is_empty()).map(String::from));

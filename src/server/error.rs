@@ -6,6 +6,18 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::engine::{EngineError, EngineFailure};
+use crate::model::ModelError;
+
+/// Why the server could not start (before it takes any request).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("the API keys file {path}: {message}")]
+    ApiKeys { path: String, message: String },
+    #[error("no device to serve on")]
+    NoDevice,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

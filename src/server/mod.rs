@@ -31,14 +31,14 @@ use crate::model::{DeviceSpec, HuginnModel, dtype_name};
 use crate::settings::Settings;
 use crate::text::TextTokenizer;
 pub(crate) use chat::parse_messages as chat_messages;
-pub use error::ApiError;
+pub use error::{ApiError, StartError};
 use params::Fields;
 pub use shutdown::{serve_until, shutdown_signal};
 pub use state::AppState;
 
 /// Loads one model replica per device (entries naming the same device share one), the tokenizer,
 /// and starts one engine worker per device entry.
-fn load_replicas(settings: &Settings, dir: &Path) -> anyhow::Result<Vec<Arc<HuginnModel>>> {
+fn load_replicas(settings: &Settings, dir: &Path) -> Result<Vec<Arc<HuginnModel>>, StartError> {
     let specs = settings.model.worker_devices()?;
     let mut replicas: Vec<(DeviceSpec, Arc<HuginnModel>)> = Vec::new();
     let mut models = Vec::with_capacity(specs.len());
@@ -64,7 +64,7 @@ fn load_replicas(settings: &Settings, dir: &Path) -> anyhow::Result<Vec<Arc<Hugi
 }
 
 /// Loads the model and tokenizer from `dir` and starts the engine's workers.
-pub fn build_state(settings: Settings, dir: &Path) -> anyhow::Result<AppState> {
+pub fn build_state(settings: Settings, dir: &Path) -> Result<AppState, StartError> {
     let api_keys = auth::ApiKeys::load(
         settings.server.api_keys_file.as_deref(),
         std::env::var(auth::API_KEYS_ENV).ok().as_deref(),
@@ -77,7 +77,7 @@ pub fn build_state(settings: Settings, dir: &Path) -> anyhow::Result<AppState> {
         );
     }
     let models = load_replicas(&settings, dir)?;
-    let model = models.first().cloned().ok_or_else(|| anyhow::anyhow!("no device to serve on"))?;
+    let model = models.first().cloned().ok_or(StartError::NoDevice)?;
     let tokenizer = Arc::new(TextTokenizer::load(dir, model.config())?);
     let config = Arc::new(model.config().clone());
     let limits = SchedulerLimits {
