@@ -5,14 +5,14 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
+use super::handler;
 use super::params::{Fields, common, job_spec};
-use super::respond::{self, Choice, ChunkWriter, Usage, finish_name};
+use super::respond::{Choice, ChunkWriter, Usage, finish_name};
 use super::state::{AppState, unique_id, unix_time};
-use super::{check_model, parse_body, submit_all, tokenize_blocking};
 use crate::engine::TokenLogprobs;
 use crate::generate::FinishReason;
 use crate::text::{ChatMessage, TextTokenizer};
@@ -75,10 +75,8 @@ pub(crate) fn parse_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
 }
 
 pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let lease = state.lease()?;
-    let body = parse_body(&state, &body)?;
+    let (lease, body) = handler::begin(&state, &body)?;
     let f = Fields::parse(&body)?;
-    check_model(&f, &state)?;
     f.reject_unsupported(&["tools", "tool_choice", "functions", "function_call", "audio", "prediction"])?;
     if let Some(format) = f.raw("response_format")
         && format.get("type").and_then(Value::as_str) != Some("text")
@@ -101,21 +99,19 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let messages = parse_messages(&f)?;
     let text =
         state.tokenizer.apply_chat_template(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
-    let ids = tokenize_blocking(&state, vec![Err(text)]).await?;
+    let ids = handler::tokenize_blocking(&state, vec![Err(text)]).await?;
     let spec = job_spec(&state, ids[0].clone(), &common, logprobs, false)?;
     let usage = Usage { prompt_tokens: ids[0].len() * common.n, ..Default::default() };
-    let jobs = submit_all(&state, vec![spec])?;
     let writer = ChatWriter {
         id: format!("chatcmpl-{}", unique_id()),
         created: unix_time(),
         model: state.model_name.to_string(),
         tokenizer: state.tokenizer.clone(),
     };
-    if common.stream {
-        return Ok(respond::stream(jobs, common.n, writer, usage, common.include_usage, lease).into_response());
-    }
-    let done = respond::collect(jobs, common.n, lease).await?;
-    Ok(axum::Json(writer.body(&done, with_logprobs, usage)).into_response())
+    handler::deliver(&state, lease, vec![spec], &common, writer, usage, |writer, done, usage| {
+        writer.body(done, with_logprobs, usage)
+    })
+    .await
 }
 
 pub struct ChatWriter {

@@ -3,14 +3,14 @@
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
+use super::handler;
 use super::params::{CommonParams, Fields, common, job_spec};
-use super::respond::{self, Choice, ChunkWriter, Usage, finish_name};
+use super::respond::{Choice, ChunkWriter, Usage, finish_name};
 use super::state::{AppState, unique_id, unix_time};
-use super::{check_model, parse_body, submit_all, tokenize_blocking};
 use crate::engine::TokenLogprobs;
 use crate::generate::FinishReason;
 
@@ -50,10 +50,8 @@ fn parse_prompts(f: &Fields) -> Result<Vec<Prompt>, ApiError> {
 }
 
 pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let lease = state.lease()?;
-    let body = parse_body(&state, &body)?;
+    let (lease, body) = handler::begin(&state, &body)?;
     let f = Fields::parse(&body)?;
-    check_model(&f, &state)?;
     f.reject_unsupported(&["suffix", "tools", "tool_choice", "functions", "function_call"])?;
     if f.get::<i64>("best_of", "an integer")?.is_some_and(|b| b != 1) {
         return Err(ApiError::Unsupported {
@@ -78,7 +76,7 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
             Prompt::Ids(_) => None,
         })
         .collect();
-    let ids = tokenize_blocking(
+    let ids = handler::tokenize_blocking(
         &state,
         prompts
             .into_iter()
@@ -100,8 +98,7 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
         .collect();
     let usage = Usage { prompt_tokens: ids.iter().map(|p| p.len() * common.n).sum(), ..Default::default() };
     let n = common.n;
-    let jobs = submit_all(&state, specs)?;
-    let choices = jobs.len() * n;
+    let choices = ids.len() * n;
     let writer = CompletionWriter {
         id: format!("cmpl-{}", unique_id()),
         created: unix_time(),
@@ -109,11 +106,10 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
         echo: echo.then(|| (0..choices).map(|c| prompt_texts[c / n].clone()).collect()),
         tokenizer: state.tokenizer.clone(),
     };
-    if common.stream {
-        return Ok(respond::stream(jobs, choices, writer, usage, common.include_usage, lease).into_response());
-    }
-    let done = respond::collect(jobs, choices, lease).await?;
-    Ok(axum::Json(writer.body(&done, &prompt_texts, &ids, n, logprobs.is_some(), usage)).into_response())
+    handler::deliver(&state, lease, specs, &common, writer, usage, |writer, done, usage| {
+        writer.body(done, &prompt_texts, &ids, n, logprobs.is_some(), usage)
+    })
+    .await
 }
 
 pub struct CompletionWriter {

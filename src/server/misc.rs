@@ -9,9 +9,9 @@ use serde_json::json;
 
 use super::chat_messages;
 use super::error::ApiError;
+use super::handler::{parse_body, tokenize_blocking};
 use super::params::Fields;
 use super::state::AppState;
-use super::{parse_body, tokenize_blocking};
 
 pub async fn models(State(state): State<AppState>) -> Response {
     axum::Json(json!({

@@ -4,6 +4,7 @@ pub mod auth;
 mod chat;
 mod completions;
 pub mod error;
+mod handler;
 mod misc;
 mod params;
 mod respond;
@@ -16,23 +17,19 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics::{counter, histogram};
-use serde_json::Value;
 
-use crate::engine::{Engine, EngineConfig, JobHandle, JobSpec, SchedulerLimits};
+use crate::engine::{Engine, EngineConfig, SchedulerLimits};
 use crate::metrics as m;
 use crate::model::{DeviceSpec, HuginnModel, dtype_name};
 use crate::settings::Settings;
 use crate::text::TextTokenizer;
 pub(crate) use chat::parse_messages as chat_messages;
 pub use error::{ApiError, StartError};
-use params::Fields;
 pub use shutdown::{serve_until, shutdown_signal};
 pub use state::AppState;
 
@@ -162,56 +159,4 @@ async fn require_json(request: Request, next: Next) -> Response {
         }
     }
     next.run(request).await
-}
-
-pub(crate) fn parse_body(state: &AppState, body: &Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
-            return Err(ApiError::PayloadTooLarge(state.settings.server.max_body_bytes));
-        }
-        Err(rejection) => return Err(ApiError::invalid(rejection.body_text())),
-    };
-    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))
-}
-
-pub(crate) fn check_model(f: &Fields, state: &AppState) -> Result<(), ApiError> {
-    match f.get::<String>("model", "a string")? {
-        Some(name) if name != *state.model_name => Err(ApiError::ModelNotFound(name)),
-        _ => Ok(()),
-    }
-}
-
-/// Tokenizes text prompts off the async runtime; `Ok` entries are already token ids.
-pub(crate) async fn tokenize_blocking(
-    state: &AppState,
-    prompts: Vec<Result<Vec<u32>, String>>,
-) -> Result<Vec<Vec<u32>>, ApiError> {
-    let tokenizer = state.tokenizer.clone();
-    tokio::task::spawn_blocking(move || {
-        prompts
-            .into_iter()
-            .map(|p| match p {
-                Ok(ids) => Ok(ids),
-                Err(text) => tokenizer.encode(&text).map_err(|e| ApiError::param("prompt", e.to_string())),
-            })
-            .collect()
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
-}
-
-/// Submits every job (one per prompt); the first refusal fails the request and cancels the rest.
-pub(crate) fn submit_all(state: &AppState, specs: Vec<JobSpec>) -> Result<Vec<(JobHandle, usize)>, ApiError> {
-    if state.is_draining() {
-        return Err(ApiError::shutting_down());
-    }
-    let mut jobs = Vec::with_capacity(specs.len());
-    let mut base = 0;
-    for spec in specs {
-        let n = spec.n;
-        jobs.push((state.engine.submit(spec)?, base));
-        base += n;
-    }
-    Ok(jobs)
 }

@@ -1,0 +1,96 @@
+//! The steps every generation endpoint takes, in this order: take a lease (a request slot and
+//! its deadline), parse the JSON body and check the model name ([`begin`]), validate the fields
+//! (`params.rs` and the endpoint's own), tokenize off the runtime ([`tokenize_blocking`]), build
+//! the jobs (`params::job_spec`), then submit them and stream or collect the answer
+//! ([`deliver`]). `completions.rs` and `chat.rs` add only their OpenAI shapes.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::params::{CommonParams, Fields};
+use super::respond::{self, Choice, ChunkWriter, Usage};
+use super::state::{AppState, Lease};
+use crate::engine::{JobHandle, JobSpec};
+
+/// The lease and the parsed body of a request (whose `model`, if given, must be the served one).
+pub(crate) fn begin(state: &AppState, body: &Result<Bytes, BytesRejection>) -> Result<(Lease, Value), ApiError> {
+    let lease = state.lease()?;
+    let body = parse_body(state, body)?;
+    check_model(&Fields::parse(&body)?, state)?;
+    Ok((lease, body))
+}
+
+/// Submits `specs` (one job per prompt, `common.n` choices each) and answers: an SSE stream
+/// through `writer`, or the JSON body `body` makes of the finished choices.
+pub(crate) async fn deliver<W: ChunkWriter>(
+    state: &AppState,
+    lease: Lease,
+    specs: Vec<JobSpec>,
+    common: &CommonParams,
+    writer: W,
+    usage: Usage,
+    body: impl FnOnce(&W, &[Choice], Usage) -> Value,
+) -> Result<Response, ApiError> {
+    let jobs = submit_all(state, specs)?;
+    let choices = jobs.len() * common.n;
+    if common.stream {
+        return Ok(respond::stream(jobs, choices, writer, usage, common.include_usage, lease).into_response());
+    }
+    let done = respond::collect(jobs, choices, lease).await?;
+    Ok(axum::Json(body(&writer, &done, usage)).into_response())
+}
+
+pub(crate) fn parse_body(state: &AppState, body: &Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ApiError::PayloadTooLarge(state.settings.server.max_body_bytes));
+        }
+        Err(rejection) => return Err(ApiError::invalid(rejection.body_text())),
+    };
+    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))
+}
+
+fn check_model(f: &Fields, state: &AppState) -> Result<(), ApiError> {
+    match f.get::<String>("model", "a string")? {
+        Some(name) if name != *state.model_name => Err(ApiError::ModelNotFound(name)),
+        _ => Ok(()),
+    }
+}
+
+/// Tokenizes text prompts off the async runtime; `Ok` entries are already token ids.
+pub(crate) async fn tokenize_blocking(
+    state: &AppState,
+    prompts: Vec<Result<Vec<u32>, String>>,
+) -> Result<Vec<Vec<u32>>, ApiError> {
+    let tokenizer = state.tokenizer.clone();
+    tokio::task::spawn_blocking(move || {
+        prompts
+            .into_iter()
+            .map(|p| match p {
+                Ok(ids) => Ok(ids),
+                Err(text) => tokenizer.encode(&text).map_err(|e| ApiError::param("prompt", e.to_string())),
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
+}
+
+/// Submits every job (one per prompt); the first refusal fails the request and cancels the rest.
+fn submit_all(state: &AppState, specs: Vec<JobSpec>) -> Result<Vec<(JobHandle, usize)>, ApiError> {
+    if state.is_draining() {
+        return Err(ApiError::shutting_down());
+    }
+    let mut jobs = Vec::with_capacity(specs.len());
+    let mut base = 0;
+    for spec in specs {
+        let n = spec.n;
+        jobs.push((state.engine.submit(spec)?, base));
+        base += n;
+    }
+    Ok(jobs)
+}
