@@ -386,3 +386,7 @@ fn cat<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> Result<Tensor> {
     let parts: Vec<&Tensor> = tensors.collect();
     Ok(if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 0)? })
 }
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

@@ -1,0 +1,110 @@
+//! The scheduler's state transitions, one tick at a time, on the fixture model.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+
+use super::*;
+use crate::engine::job::{EVENTS_PER_CHOICE, ExitReason, JobHandle, JobSpec};
+use crate::engine::running::kv_reservation;
+use crate::generate::GenerationParams;
+use crate::model::CacheStrategy;
+
+const PROMPT: [u32; 7] = [322, 295, 326, 373, 310, 383, 86];
+
+fn scheduler() -> Scheduler {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/huginn-tiny-ref");
+    let model = Arc::new(HuginnModel::load(&dir, DType::F32, &Device::Cpu).expect("fixture"));
+    let tokenizer = Arc::new(TextTokenizer::load(&dir, model.config()).expect("tokenizer"));
+    let limits = SchedulerLimits { max_active_sequences: 8, max_kv_bytes: 1 << 30 };
+    Scheduler::new(model, tokenizer, limits, "test")
+}
+
+fn job(scheduler: &Scheduler, num_steps: usize, max_tokens: usize) -> (Job, JobHandle) {
+    let mut params = GenerationParams::new(num_steps);
+    params.max_tokens = max_tokens;
+    params.init_scale = 0.0;
+    params.cache = CacheStrategy::Shared(1);
+    let spec = JobSpec::new(PROMPT.to_vec(), params);
+    let reservation = kv_reservation(scheduler.model.config(), 4, &spec);
+    Job::new(spec, reservation)
+}
+
+fn events(handle: &mut JobHandle) -> Vec<Event> {
+    std::iter::from_fn(|| handle.events.try_recv().ok()).collect()
+}
+
+#[test]
+fn a_prompt_is_one_chunk_then_each_token_one_row() {
+    let mut s = scheduler();
+    let (job, mut handle) = job(&s, 2, 3);
+    s.admit(job).expect("admitted");
+    let r = &s.running[0];
+    assert!(r.prefill);
+    assert_eq!((r.start, r.len, r.step, r.cap), (0, PROMPT.len(), 0, 2));
+    assert!(s.tick().expect("tick"));
+    assert_eq!(s.running[0].step, 1);
+    assert!(events(&mut handle).is_empty(), "no token before the prompt's last step");
+    s.tick().expect("tick");
+    let sent = events(&mut handle);
+    assert!(matches!(sent.as_slice(), [Event::Token { steps: 2, exit: ExitReason::Cap, .. }]), "{sent:?}");
+    let r = &s.running[0];
+    assert!(!r.prefill);
+    assert_eq!((r.start, r.len, r.step, r.generated), (PROMPT.len(), 1, 0, 1), "the token is the next chunk");
+    for _ in 0..4 {
+        s.tick().expect("tick");
+    }
+    let sent = events(&mut handle);
+    assert_eq!(sent.iter().filter(|e| matches!(e, Event::Token { .. })).count(), 2);
+    assert!(
+        matches!(sent.last(), Some(Event::Finished { reason: FinishReason::Length, kv_bytes, .. }) if *kv_bytes > 0)
+    );
+    assert!(s.is_idle(), "a finished sequence leaves at the end of its tick");
+    assert_eq!(s.totals(), Totals::default());
+}
+
+#[test]
+fn a_sequence_whose_reader_is_behind_sits_ticks_out() {
+    let mut s = scheduler();
+    let (job, mut handle) = job(&s, 1, 100);
+    s.admit(job).expect("admitted");
+    let mut advanced = 0;
+    while s.tick().expect("tick") {
+        advanced += 1;
+        assert!(advanced < 100, "the channel never filled");
+    }
+    // Paused: the channel is as full as a tick may leave it, and the sequence holds its state.
+    assert!(handle.events.len() <= EVENTS_PER_CHOICE);
+    assert!(!s.is_idle());
+    let generated = s.running[0].generated;
+    assert!(!s.tick().expect("tick"), "still paused");
+    assert_eq!(s.running[0].generated, generated);
+    let read = events(&mut handle).len();
+    assert!(s.tick().expect("tick"), "reading resumes it");
+    assert_eq!(read, generated, "one event per token so far, none lost");
+}
+
+#[test]
+fn a_cancelled_job_leaves_at_the_next_tick() {
+    let mut s = scheduler();
+    let (job, handle) = job(&s, 4, 10);
+    s.admit(job).expect("admitted");
+    assert_eq!(s.totals().sequences, 1);
+    handle.cancel();
+    assert!(!s.tick().expect("tick"));
+    assert!(s.is_idle());
+    assert_eq!(s.totals(), Totals::default());
+}
+
+#[test]
+fn room_counts_slots_and_reserved_bytes_but_an_empty_scheduler_takes_anything() {
+    let mut s = scheduler();
+    let (mut big, _big_handle) = job(&s, 4, 10);
+    big.kv_reservation = usize::MAX;
+    assert!(s.has_room_for(&big), "alone, even a job past the limits runs");
+    let (first, _first_handle) = job(&s, 4, 10);
+    s.admit(first).expect("admitted");
+    assert!(!s.has_room_for(&big), "beside others it waits");
+    let (small, _small_handle) = job(&s, 4, 10);
+    assert!(s.has_room_for(&small));
+}
