@@ -170,12 +170,15 @@ impl Scheduler {
         let count = active.len();
         let state = cat(active.iter().map(|&i| &self.running[i].state))?;
         let injection = cat(active.iter().map(|&i| &self.running[i].injection))?;
+        // Decided once above: a reader draining meanwhile must not change who is in this tick.
+        let mut taking = vec![false; self.running.len()];
+        active.iter().for_each(|&i| taking[i] = true);
         let mut chunks: Vec<Chunk<'_>> = self
             .running
             .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| active.contains(i))
-            .map(|(_, r)| Chunk { cache: &mut r.cache, start: r.start, len: r.len, step: r.step })
+            .zip(&taking)
+            .filter(|(_, taking)| **taking)
+            .map(|(r, _)| Chunk { cache: &mut r.cache, start: r.start, len: r.len, step: r.step })
             .collect();
         let next = self.model.core_step(&state, &injection, &mut chunks)?;
         drop(chunks);

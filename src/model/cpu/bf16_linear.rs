@@ -214,17 +214,6 @@ fn pack_group(block: &mut [MaybeUninit<Line>], rows: &[u16], k: usize, steps: us
                 }
             }
             // Each output line is written whole, in order.
-            if whole_step && tile * 16 + 16 <= columns {
-                // The common case, without bounds checks or branches: 16 full rows of 32 features.
-                let full: [&[u16; TILE_FEATURES]; 16] =
-                    std::array::from_fn(|c| sources[c].try_into().unwrap_or(&[0; TILE_FEATURES]));
-                for (pair, line) in out.chunks_exact_mut(16).enumerate() {
-                    for (slot, source) in line.iter_mut().zip(&full) {
-                        slot.write(u32::from(source[pair * 2]) | (u32::from(source[pair * 2 + 1]) << 16));
-                    }
-                }
-                continue;
-            }
             for (pair, line) in out.chunks_exact_mut(16).enumerate() {
                 for (slot, source) in line.iter_mut().zip(&sources) {
                     let value = if whole_step && !source.is_empty() {
@@ -282,11 +271,10 @@ fn column_group(x: &[u16], width: usize, weights: &[u16], out: &mut [[f32; GROUP
     // u32, and the packed lines are 64-aligned with an even length).
     let (head, pairs, _) = unsafe { weights.align_to::<u32>() };
     assert!(head.is_empty(), "packed bfloat16 weights are 64-byte aligned");
-    let steps = width / TILE_FEATURES;
     for (row, sums) in x.chunks_exact(width).zip(out.iter_mut()) {
         // The 64 sums stay in registers (8 with AVX2) while the group's weights stream in order.
         let mut acc = [0.0f32; GROUP_COLUMNS];
-        for (inputs, lines) in row.chunks_exact(TILE_FEATURES).zip(pairs.chunks_exact(STEP_VALUES / 2)).take(steps) {
+        for (inputs, lines) in row.chunks_exact(TILE_FEATURES).zip(pairs.chunks_exact(STEP_VALUES / 2)) {
             for (pair, x) in inputs.chunks_exact(2).enumerate() {
                 let (x0, x1) = (widen(x[0]), widen(x[1]));
                 for (tile, tile_acc) in acc.chunks_exact_mut(16).enumerate() {
