@@ -20,14 +20,14 @@ const BEGIN: &str = "<!-- full-size: begin -->";
 const END: &str = "<!-- full-size: end -->";
 
 /// Loads measured, each after a read of the files.
-const LOADS: usize = 3;
+const LOADS: usize = 5;
 
 /// Measures the full-size model in `dir` and writes its section into `out`.
 pub fn run(dir: &Path, out: &Path) -> anyhow::Result<()> {
     ensure_checkpoint(dir)?;
     let files = weight_files(dir)?;
     let file_bytes: u64 = files.iter().map(|f| f.metadata().map(|m| m.len()).unwrap_or(0)).sum();
-    // Reading the files once (into a small buffer), then loading, alternately, three times (the
+    // Reading the files once (into a small buffer), then loading, alternately, LOADS times (the
     // previous model dropped first): every pair is listed, the median ratio is the figure.
     let mut reads = Vec::new();
     let mut loads = Vec::new();

@@ -22,6 +22,7 @@ macro_rules! string_setting {
 }
 
 pub mod backend;
+mod bf16_bits;
 pub mod cache;
 pub mod config;
 mod cpu;

@@ -16,6 +16,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Metadata, SafeTensors};
 
 use super::backend::{Backend, Linear};
+use super::bf16_bits::{to_bf16, widen};
 use super::error::{ModelError, Result};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -216,7 +217,7 @@ impl WeightFiles {
                 }
                 let scaled = scaled_rows.saturating_sub(first).min(rows.len() / k);
                 for bits in &mut rows[..scaled * k] {
-                    *bits = bf16::from_f32(bf16::from_bits(*bits).to_f32() * scale).to_bits();
+                    *bits = to_bf16(widen(*bits) * scale);
                 }
                 return Ok(());
             }

@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::bf16_linear::widen;
+use crate::model::bf16_bits::widen;
 use crate::model::error::{ModelError, Result};
 
 /// Below this many multiply-adds (all rows together) one thread is faster than the pool.

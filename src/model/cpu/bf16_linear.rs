@@ -17,7 +17,9 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::amx::{self, GROUP_COLUMNS, STEP_VALUES, TILE_FEATURES, TILE_ROWS};
+use super::bf16_pack::pack_group;
 use super::support::{OutPtr, product_rows, weight_buffer};
+use crate::model::bf16_bits::{to_bf16, widen};
 
 /// Below this many multiply-adds a single thread is faster than waking the pool.
 const PARALLEL_MIN_WORK: usize = 1 << 16;
@@ -86,7 +88,12 @@ impl Bf16Panels {
             let columns = GROUP_COLUMNS.min(n - first);
             rows.resize(columns * k, 0u16);
             read(first, rows)?;
-            pack_group(block, rows, k, steps);
+            // SAFETY: `Line` is 32 u16 with no padding (64 bytes, align 64): 16 u32 pairs, and
+            // `MaybeUninit` keeps its layout.
+            let pairs = unsafe {
+                std::slice::from_raw_parts_mut(block.as_mut_ptr().cast::<MaybeUninit<u32>>(), block.len() * 16)
+            };
+            pack_group(pairs, rows, k, steps);
             Ok(())
         };
         // SAFETY: `pack_group` writes every line of its group (padding included).
@@ -186,62 +193,6 @@ impl Bf16Panels {
         unsafe { out.set_len(m * n) };
         out
     }
-}
-
-/// Packs one column group from its `rows` (row-major, `k` features each, at most
-/// [`GROUP_COLUMNS`] rows) into `block`, writing every value of it (padding as zeros).
-///
-/// Line `step * 64 + tile * 16 + pair` of a group holds, for its 16 columns `tile * 16 + c`, the
-/// features `step * 32 + pair * 2` and `+ 1` as u32 `c` (low half first). One (step, tile) is 16
-/// rows x 64 bytes in, 1 KiB out: a transpose in the L1 cache.
-fn pack_group(block: &mut [MaybeUninit<Line>], rows: &[u16], k: usize, steps: usize) {
-    // SAFETY: `Line` is 32 u16 with no padding (64 bytes, align 64): 16 u32 pairs, and
-    // `MaybeUninit` keeps its layout.
-    let pairs: &mut [MaybeUninit<u32>] =
-        unsafe { std::slice::from_raw_parts_mut(block.as_mut_ptr().cast::<MaybeUninit<u32>>(), block.len() * 16) };
-    let columns = rows.len() / k;
-    for step in 0..steps {
-        let first = step * TILE_FEATURES;
-        let whole_step = first + TILE_FEATURES <= k;
-        for tile in 0..4 {
-            let out = &mut pairs[(step * 64 + tile * 16) * 16..][..256];
-            // The tile's 16 rows (fewer at the end of the weight: the rest are zero columns).
-            let mut sources = [&[][..]; 16];
-            for (c, source) in sources.iter_mut().enumerate() {
-                if tile * 16 + c < columns {
-                    let row = &rows[(tile * 16 + c) * k..][..k];
-                    *source = &row[first..(first + TILE_FEATURES).min(k)];
-                }
-            }
-            // Each output line is written whole, in order.
-            for (pair, line) in out.chunks_exact_mut(16).enumerate() {
-                for (slot, source) in line.iter_mut().zip(&sources) {
-                    let value = if whole_step && !source.is_empty() {
-                        u32::from(source[pair * 2]) | (u32::from(source[pair * 2 + 1]) << 16)
-                    } else {
-                        let lo = source.get(pair * 2).map_or(0, |&b| u32::from(b));
-                        let hi = source.get(pair * 2 + 1).map_or(0, |&b| u32::from(b));
-                        lo | (hi << 16)
-                    };
-                    slot.write(value);
-                }
-            }
-        }
-    }
-}
-
-/// Rounds to the nearest bfloat16, ties to even; NaN stays NaN (quiet). The same results as
-/// `half::bf16::from_f32`, written without branches so that the loop over a row vectorizes.
-fn to_bf16(value: f32) -> u16 {
-    let bits = value.to_bits();
-    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
-    let quiet_nan = ((bits >> 16) | 0x40) as u16;
-    if bits & 0x7fff_ffff > 0x7f80_0000 { quiet_nan } else { rounded }
-}
-
-/// A bfloat16 value (its bits) in float32: exact, and without branches (NaN stays NaN as it is).
-pub(super) fn widen(bits: u16) -> f32 {
-    f32::from_bits(u32::from(bits) << 16)
 }
 
 /// The portable twin of [`amx::column_group`]: `out[r][j]` for the rows of `x` (each `width`
@@ -389,21 +340,6 @@ mod tests {
                 let part = panels.multiply(&batch[..rows * k], rows, kernel);
                 assert_eq!(part, together[..rows * n], "{kernel:?} {rows} rows");
             }
-        }
-    }
-
-    #[test]
-    fn rounding_matches_the_half_crate() {
-        let mut state = 12345u64;
-        let specials = [0.0f32, -0.0, 1.0, f32::MAX, f32::MIN_POSITIVE, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
-        let patterns = (0..100_000).map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            f32::from_bits((state >> 32) as u32)
-        });
-        // Ties: the low 16 bits exactly half way, with even and odd bit 16.
-        let ties = [0x3f80_8000u32, 0x3f81_8000, 0xbf80_8000, 0x7f7f_8000].map(f32::from_bits);
-        for value in specials.into_iter().chain(ties).chain(patterns) {
-            assert_eq!(to_bf16(value), bf16::from_f32(value).to_bits(), "{:#010x}", value.to_bits());
         }
     }
 

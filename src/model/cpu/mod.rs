@@ -7,6 +7,7 @@ mod add_norm;
 mod amx;
 mod attention;
 mod bf16_linear;
+mod bf16_pack;
 mod kv_write;
 mod linear;
 mod panel_kernel;
