@@ -244,20 +244,13 @@ impl GenerationSettings {
         use crate::generate::ranges;
         let key = |name: &str| format!("generation.{name}");
         let fail = |name: &str, message: String| Err((key(name), message));
-        if !ranges::temperature(self.temperature as f64) {
-            return fail(
-                "temperature",
-                format!("must be between 0 and {}, got {}", ranges::MAX_TEMPERATURE, self.temperature),
-            );
-        }
-        if !ranges::top_p(self.top_p as f64) {
-            return fail("top_p", format!("must be in (0, 1], got {}", self.top_p));
-        }
-        if !ranges::init_scale(self.init_scale) {
-            return fail(
-                "init_scale",
-                format!("must be between 0 and {}, got {}", ranges::MAX_INIT_SCALE, self.init_scale),
-            );
+        let checks = [
+            ("temperature", ranges::temperature(f64::from(self.temperature))),
+            ("top_p", ranges::top_p(f64::from(self.top_p))),
+            ("init_scale", ranges::init_scale(self.init_scale)),
+        ];
+        if let Some((name, Err(message))) = checks.into_iter().find(|(_, check)| check.is_err()) {
+            return fail(name, message);
         }
         if self.num_steps == Some(0) {
             return fail("num_steps", "must be at least 1".into());

@@ -175,7 +175,17 @@ fn bad_arguments_fail_with_a_message() {
     for (args, needle) in [
         (vec!["generate", "--model", m, "--prompt", "x", "--kv-cache", "ring"], "kv cache strategy `ring`"),
         (vec!["generate", "--model", m, "--prompt", "x", "--exit-criterion", "soon"], "unknown exit criterion `soon`"),
-        (vec!["generate", "--model", m, "--prompt", "x", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (vec!["generate", "--model", m, "--prompt", "x", "--top-p", "0"], "`top_p` must be in (0, 1]"),
+        // The server's ranges and limits, from the same resolution.
+        (
+            vec!["generate", "--model", m, "--prompt", "x", "--temperature", "2.5"],
+            "`temperature` must be between 0 and 2",
+        ),
+        (
+            vec!["generate", "--model", m, "--prompt", "x", "--num-steps", "257"],
+            "`num_steps` must be between 1 and 256",
+        ),
+        (vec!["generate", "--model", m, "--prompt", "x", "--num-steps", "4", "--min-steps", "5"], "`min_steps`"),
         (
             vec!["generate", "--model", m, "--prompt", "x", "--dtype", "int8"],
             "dtype `int8`: use auto, f32, bf16 or f16",

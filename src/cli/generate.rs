@@ -8,8 +8,8 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use huginn::engine::{Driver, Event, JobSpec};
-use huginn::generate::{GenerationParams, SamplingParams};
-use huginn::model::{BackendChoice, CacheStrategy, DTypeChoice, DeviceSpec, ExitCriterion, ExitRule, HuginnModel};
+use huginn::generate::{GenerationRequest, RequestContext};
+use huginn::model::{BackendChoice, CacheStrategy, DTypeChoice, DeviceSpec, ExitCriterion, HuginnModel};
 use huginn::settings::Settings;
 use huginn::text::{ChatMessage, TextTokenizer};
 
@@ -40,7 +40,7 @@ pub struct GenerateArgs {
     num_steps: Option<usize>,
     /// none, latent-diff, cosine, kl, minp-kl, entropy-diff, argmax-stability.
     #[arg(long)]
-    exit_criterion: Option<String>,
+    exit_criterion: Option<ExitCriterion>,
     /// Threshold of the exit criterion (default: the reference's for that criterion).
     #[arg(long)]
     exit_threshold: Option<f64>,
@@ -55,19 +55,21 @@ pub struct GenerateArgs {
     continuous_compute: bool,
     /// 0 is greedy.
     #[arg(long)]
-    temperature: Option<f32>,
+    temperature: Option<f64>,
     #[arg(long)]
-    top_p: Option<f32>,
+    top_p: Option<f64>,
     #[arg(long)]
     top_k: Option<usize>,
-    #[arg(long, default_value_t = 0.0)]
-    min_p: f32,
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
-    #[arg(long, default_value_t = 0.0)]
-    presence_penalty: f32,
-    #[arg(long, default_value_t = 0.0)]
-    frequency_penalty: f32,
+    /// 0 disables.
+    #[arg(long)]
+    min_p: Option<f64>,
+    /// 1 disables.
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    #[arg(long)]
+    presence_penalty: Option<f64>,
+    #[arg(long)]
+    frequency_penalty: Option<f64>,
     /// Extra stop token ids (comma-separated), in addition to the checkpoint's.
     #[arg(long, value_delimiter = ',')]
     stop_token_ids: Vec<u32>,
@@ -78,7 +80,7 @@ pub struct GenerateArgs {
     seed: Option<u64>,
     /// `full` (one K/V slot per step) or `shared:K` (K slots reused round-robin).
     #[arg(long)]
-    kv_cache: Option<String>,
+    kv_cache: Option<CacheStrategy>,
     /// auto (the checkpoint's torch_dtype), f32, bf16 or f16.
     #[arg(long)]
     dtype: Option<DTypeChoice>,
@@ -92,9 +94,13 @@ pub struct GenerateArgs {
     format: OutputFormat,
 }
 
+/// A count from a flag as a request field (a count past `i64::MAX` is out of every range anyway).
+fn count(value: usize) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
 pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
     let device = args.device.unwrap_or(settings.model.device).open()?;
-    let defaults = settings.generation;
     let dir = args
         .model
         .or(settings.model.path)
@@ -112,36 +118,39 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
         (None, Some(ids)) => ids.clone(),
         (None, None) => bail!("give --prompt or --prompt-ids"),
     };
-    let criterion: ExitCriterion =
-        args.exit_criterion.as_deref().map(str::parse).transpose()?.unwrap_or(defaults.exit_criterion);
-    let mut stop_token_ids = args.stop_token_ids.clone();
-    if !args.ignore_eos {
-        stop_token_ids.extend(&tokenizer.special().stop);
-    }
-    let params = GenerationParams {
-        max_tokens: args.max_tokens.unwrap_or(defaults.max_tokens),
-        num_steps: args.num_steps.or(defaults.num_steps).unwrap_or(model.config().mean_recurrence),
-        exit: ExitRule::new(
-            criterion,
-            args.exit_threshold.or(defaults.exit_threshold),
-            args.min_steps.unwrap_or(defaults.min_steps),
-        )?,
-        init_scale: args.init_scale.unwrap_or(defaults.init_scale),
-        continuous_compute: args.continuous_compute || defaults.continuous_compute,
-        cache: args.kv_cache.as_deref().map(str::parse::<CacheStrategy>).transpose()?.unwrap_or(defaults.kv_cache),
-        sampling: SamplingParams {
-            temperature: args.temperature.unwrap_or(defaults.temperature),
-            top_k: args.top_k.unwrap_or(defaults.top_k),
-            top_p: args.top_p.unwrap_or(defaults.top_p),
-            min_p: args.min_p,
-            repetition_penalty: args.repetition_penalty,
-            presence_penalty: args.presence_penalty,
-            frequency_penalty: args.frequency_penalty,
-            logit_bias: Vec::new(),
-        },
-        stop_token_ids,
-        seed: args.seed.unwrap_or(defaults.seed),
+    // The same resolution and ranges as a request to the server (request, settings, model).
+    let request = GenerationRequest {
+        max_tokens: args.max_tokens.map(count),
+        num_steps: args.num_steps.map(count),
+        exit_criterion: args.exit_criterion,
+        exit_threshold: args.exit_threshold,
+        min_steps: args.min_steps.map(count),
+        max_total_steps: None,
+        init_scale: args.init_scale,
+        continuous_compute: args.continuous_compute.then_some(true),
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k.map(count),
+        min_p: args.min_p,
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
+        repetition_penalty: args.repetition_penalty,
+        // Taken back as the same 64 bits.
+        seed: args.seed.map(|s| s as i64),
+        stop_token_ids: (!args.stop_token_ids.is_empty())
+            .then(|| args.stop_token_ids.iter().map(|&id| i64::from(id)).collect()),
+        ignore_eos: args.ignore_eos.then_some(true),
+        logit_bias: None,
+        kv_cache: args.kv_cache,
     };
+    let context = RequestContext {
+        defaults: &settings.generation,
+        limits: &settings.limits,
+        mean_recurrence: model.config().mean_recurrence,
+        vocab_size: model.config().vocab_size,
+        stop_token_ids: &tokenizer.special().stop,
+    };
+    let params = request.resolve(&context)?.params;
 
     let mut stdout = std::io::stdout().lock();
     let streaming = matches!(args.format, OutputFormat::Text);

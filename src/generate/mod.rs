@@ -3,28 +3,13 @@
 
 pub mod sampling;
 
-/// The one set of ranges for generation values, whoever sets them: a request (the server names
-/// the field), the settings (start-up names the key), `huginn generate` or the library.
-pub mod ranges {
-    pub const MAX_TEMPERATURE: f64 = 2.0;
-    pub const MAX_INIT_SCALE: f64 = 10.0;
-
-    pub fn temperature(value: f64) -> bool {
-        (0.0..=MAX_TEMPERATURE).contains(&value)
-    }
-
-    pub fn top_p(value: f64) -> bool {
-        value > 0.0 && value <= 1.0
-    }
-
-    pub fn init_scale(value: f64) -> bool {
-        (0.0..=MAX_INIT_SCALE).contains(&value)
-    }
-}
+pub mod ranges;
+pub mod request;
 
 use serde::Serialize;
 
 use crate::model::{CacheStrategy, ExitRule, ModelError, Result};
+pub use request::{FieldError, GenerationRequest, RequestContext, ResolvedGeneration};
 pub use sampling::{Sampler, SamplingParams};
 
 /// Everything that shapes one generation.
@@ -70,13 +55,7 @@ impl GenerationParams {
                 self.exit.min_steps, self.num_steps
             )));
         }
-        if !ranges::init_scale(self.init_scale) {
-            return Err(ModelError::InvalidArgument(format!(
-                "init_scale must be between 0 and {}, got {}",
-                ranges::MAX_INIT_SCALE,
-                self.init_scale
-            )));
-        }
+        ranges::init_scale(self.init_scale).map_err(|e| ModelError::InvalidArgument(format!("init_scale {e}")))?;
         self.sampling.validate()
     }
 }

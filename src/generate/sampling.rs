@@ -46,27 +46,21 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(ModelError::InvalidArgument(m));
-        if !super::ranges::temperature(f64::from(self.temperature)) {
-            return bad(format!(
-                "temperature must be between 0 and {}, got {}",
-                super::ranges::MAX_TEMPERATURE,
-                self.temperature
-            ));
+        use super::ranges;
+        let checks = [
+            ("temperature", ranges::temperature(f64::from(self.temperature))),
+            ("top_p", ranges::top_p(f64::from(self.top_p))),
+            ("min_p", ranges::min_p(f64::from(self.min_p))),
+            ("repetition_penalty", ranges::repetition_penalty(f64::from(self.repetition_penalty))),
+            ("presence_penalty", ranges::penalty(f64::from(self.presence_penalty))),
+            ("frequency_penalty", ranges::penalty(f64::from(self.frequency_penalty))),
+        ];
+        for (name, check) in checks {
+            check.map_err(|e| ModelError::InvalidArgument(format!("{name} {e}")))?;
         }
-        if !super::ranges::top_p(f64::from(self.top_p)) {
-            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
-        }
-        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
-        }
-        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
-            if !(-2.0..=2.0).contains(&v) {
-                return bad(format!("{name} must be in [-2, 2], got {v}"));
-            }
+        for &(id, bias) in &self.logit_bias {
+            ranges::logit_bias(f64::from(bias))
+                .map_err(|e| ModelError::InvalidArgument(format!("logit_bias of token {id} {e}")))?;
         }
         Ok(())
     }

@@ -8,9 +8,10 @@ use axum::extract::rejection::BytesRejection;
 use axum::response::Response;
 use serde_json::{Value, json};
 
+use super::completions::MAX_LOGPROBS;
 use super::error::ApiError;
 use super::handler;
-use super::params::{Fields, common, job_spec};
+use super::request::{self, ChatRequest, Content, Message, Request};
 use super::respond::{Choice, ChunkWriter, Usage, finish_name};
 use super::state::{AppState, unique_id, unix_time};
 use crate::engine::TokenLogprobs;
@@ -19,88 +20,92 @@ use crate::text::{ChatMessage, TextTokenizer};
 
 const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
 
-pub(crate) fn parse_messages(f: &Fields) -> Result<Vec<ChatMessage>, ApiError> {
-    let items = f
-        .get::<Vec<Value>>("messages", "a list of messages")?
-        .ok_or_else(|| ApiError::param("messages", "`messages` is required"))?;
+/// The messages as the chat template takes them: known roles (`developer` is `system`), text
+/// content only.
+pub(crate) fn messages(items: Option<Vec<Message>>) -> Result<Vec<ChatMessage>, ApiError> {
+    let items = items.ok_or_else(|| ApiError::param("messages", "`messages` is required"))?;
     if items.is_empty() {
         return Err(ApiError::param("messages", "`messages` must not be empty"));
     }
     items
-        .iter()
+        .into_iter()
         .enumerate()
-        .map(|(i, item)| {
+        .map(|(i, message)| {
             let param = format!("messages[{i}]");
-            let m = item.as_object().ok_or_else(|| ApiError::param(&param, format!("`{param}` must be an object")))?;
-            let role = m
-                .get("role")
-                .and_then(Value::as_str)
+            let role = message
+                .role
                 .ok_or_else(|| ApiError::param(&format!("{param}.role"), "each message needs a string `role`"))?;
-            if !ROLES.contains(&role) {
+            if !ROLES.contains(&role.as_str()) {
                 return Err(ApiError::param(
                     &format!("{param}.role"),
                     format!("role `{role}` is not supported (use system, user or assistant)"),
                 ));
             }
-            let content = match m.get("content") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .map(|part| {
-                        match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
-                            (Some("text"), Some(text)) => Ok(text.to_string()),
-                            (kind, _) => Err(ApiError::Unsupported {
-                                param: format!("{param}.content"),
-                                message: format!(
-                                    "content part of type `{}` is not supported: only text",
-                                    kind.unwrap_or("?")
-                                ),
-                            }),
-                        }
+            let content = match message.content {
+                None => String::new(),
+                Some(Content::Text(text)) => text,
+                Some(Content::Parts(parts)) => parts
+                    .into_iter()
+                    .map(|part| match (part.kind.as_deref(), part.text) {
+                        (Some("text"), Some(text)) => Ok(text),
+                        (kind, _) => Err(ApiError::Unsupported {
+                            param: format!("{param}.content"),
+                            message: format!(
+                                "content part of type `{}` is not supported: only text",
+                                kind.unwrap_or("?")
+                            ),
+                        }),
                     })
                     .collect::<Result<Vec<_>, _>>()?
                     .join(""),
-                None | Some(Value::Null) => String::new(),
-                Some(_) => {
-                    return Err(ApiError::param(
-                        &format!("{param}.content"),
-                        "`content` must be a string or a list of text parts",
-                    ));
-                }
             };
-            let role = if role == "developer" { "system" } else { role };
+            let role = if role == "developer" { "system" } else { role.as_str() };
             Ok(ChatMessage::new(role, &content))
         })
         .collect()
 }
 
 pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let (lease, body) = handler::begin(&state, &body)?;
-    let f = Fields::parse(&body)?;
-    f.reject_unsupported(&["tools", "tool_choice", "functions", "function_call", "audio", "prediction"])?;
-    if let Some(format) = f.raw("response_format")
-        && format.get("type").and_then(Value::as_str) != Some("text")
+    let (lease, parsed) = handler::begin::<ChatRequest>(&state, &body)?;
+    let Request { common, mut generation, tools, endpoint: chat } = parsed;
+    let refused = [("audio", chat.audio.is_some()), ("prediction", chat.prediction.is_some())];
+    if let Some(name) = tools.given().or(refused.into_iter().find_map(|(name, given)| given.then_some(name))) {
+        let message = format!("`{name}` is not supported by this server");
+        return Err(ApiError::Unsupported { param: name.into(), message });
+    }
+    if let Some(format) = &chat.response_format
+        && format.kind.as_deref() != Some("text")
     {
         let message = "only `response_format` of type `text` is supported".into();
         return Err(ApiError::Unsupported { param: "response_format".into(), message });
     }
-    let with_logprobs = f.get::<bool>("logprobs", "a boolean")?.unwrap_or(false);
-    let top = f.get::<i64>("top_logprobs", "an integer")?;
-    if let Some(k) = top {
-        if !(0..=20).contains(&k) {
-            return Err(ApiError::param("top_logprobs", format!("`top_logprobs` must be between 0 and 20, got {k}")));
-        }
-        if !with_logprobs {
-            return Err(ApiError::param("top_logprobs", "`top_logprobs` requires `logprobs` to be true"));
-        }
+    let with_logprobs = chat.logprobs.unwrap_or(false);
+    let top = chat
+        .top_logprobs
+        .map(|k| {
+            let message = format!("`top_logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}");
+            usize::try_from(k)
+                .ok()
+                .filter(|k| *k <= MAX_LOGPROBS)
+                .ok_or_else(|| ApiError::param("top_logprobs", message))
+        })
+        .transpose()?;
+    if top.is_some() && !with_logprobs {
+        return Err(ApiError::param("top_logprobs", "`top_logprobs` requires `logprobs` to be true"));
     }
-    let logprobs = with_logprobs.then(|| top.unwrap_or(0) as usize);
-    let common = common(&f, &state, &["max_tokens", "max_completion_tokens"])?;
-    let messages = parse_messages(&f)?;
+    let logprobs = with_logprobs.then(|| top.unwrap_or(0));
+    let max_tokens_field = if chat.max_completion_tokens.is_some() {
+        generation.max_tokens = chat.max_completion_tokens;
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    let common = request::common(&common, &generation, &state, max_tokens_field)?;
+    let messages = messages(chat.messages)?;
     let text =
         state.tokenizer.apply_chat_template(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
     let ids = handler::tokenize_blocking(&state, vec![Err(text)]).await?;
-    let spec = job_spec(&state, ids[0].clone(), &common, logprobs, false)?;
+    let spec = request::job_spec(&state, ids[0].clone(), &common, logprobs, false)?;
     let usage = Usage { prompt_tokens: ids[0].len() * common.n, ..Default::default() };
     let writer = ChatWriter {
         id: format!("chatcmpl-{}", unique_id()),

@@ -8,88 +8,58 @@ use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
 use super::handler;
-use super::params::{CommonParams, Fields, common, job_spec};
+use super::request::{self, CommonParams, CompletionRequest, Prompt, Request};
 use super::respond::{Choice, ChunkWriter, Usage, finish_name};
 use super::state::{AppState, unique_id, unix_time};
 use crate::engine::TokenLogprobs;
 use crate::generate::FinishReason;
 
-/// The prompt forms OpenAI accepts: a string, strings, token ids, lists of token ids.
-enum Prompt {
-    Text(String),
-    Ids(Vec<u32>),
-}
+/// Most `logprobs` alternatives a completion may ask for (OpenAI's limit).
+pub const MAX_LOGPROBS: usize = 20;
 
-fn parse_prompts(f: &Fields) -> Result<Vec<Prompt>, ApiError> {
-    let bad = || {
-        ApiError::param(
-            "prompt",
-            "`prompt` must be a string, a list of strings, a list of token ids or a list of lists of token ids",
-        )
+/// The prompts as text (to tokenize) or token ids.
+fn prompts(prompt: Option<Prompt>) -> Result<Vec<Result<Vec<u32>, String>>, ApiError> {
+    let prompts = match prompt.ok_or_else(|| ApiError::param("prompt", "`prompt` is required"))? {
+        Prompt::Text(text) => vec![Err(text)],
+        Prompt::Texts(texts) => texts.into_iter().map(Err).collect(),
+        Prompt::Ids(ids) => vec![Ok(ids)],
+        Prompt::IdLists(lists) => lists.into_iter().map(Ok).collect(),
     };
-    let ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
-        items
-            .iter()
-            .map(|v| v.as_u64().filter(|id| *id <= u32::MAX as u64).map(|id| id as u32).ok_or_else(bad))
-            .collect()
-    };
-    let prompts = match f.raw("prompt").ok_or_else(|| ApiError::param("prompt", "`prompt` is required"))? {
-        Value::String(s) => vec![Prompt::Text(s.clone())],
-        Value::Array(items) if items.is_empty() => return Err(ApiError::param("prompt", "`prompt` is empty")),
-        Value::Array(items) if items.iter().all(Value::is_string) => {
-            items.iter().map(|v| Prompt::Text(v.as_str().unwrap_or_default().to_string())).collect()
-        }
-        Value::Array(items) if items.iter().all(Value::is_number) => vec![Prompt::Ids(ids(items)?)],
-        Value::Array(items) if items.iter().all(Value::is_array) => items
-            .iter()
-            .map(|v| Ok(Prompt::Ids(ids(v.as_array().map(Vec::as_slice).unwrap_or_default())?)))
-            .collect::<Result<_, ApiError>>()?,
-        _ => return Err(bad()),
-    };
+    if prompts.is_empty() {
+        return Err(ApiError::param("prompt", "`prompt` is empty"));
+    }
     Ok(prompts)
 }
 
 pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let (lease, body) = handler::begin(&state, &body)?;
-    let f = Fields::parse(&body)?;
-    f.reject_unsupported(&["suffix", "tools", "tool_choice", "functions", "function_call"])?;
-    if f.get::<i64>("best_of", "an integer")?.is_some_and(|b| b != 1) {
+    let (lease, parsed) = handler::begin::<CompletionRequest>(&state, &body)?;
+    let Request { common, generation, tools, endpoint: completion } = parsed;
+    if let Some(name) = completion.suffix.is_some().then_some("suffix").or(tools.given()) {
+        let message = format!("`{name}` is not supported by this server");
+        return Err(ApiError::Unsupported { param: name.into(), message });
+    }
+    if completion.best_of.is_some_and(|b| b != 1) {
         return Err(ApiError::Unsupported {
             param: "best_of".into(),
             message: "`best_of` other than 1 is not supported".into(),
         });
     }
-    let logprobs = f.get::<i64>("logprobs", "an integer")?;
-    if let Some(k) = logprobs
-        && !(0..=20).contains(&k)
-    {
-        return Err(ApiError::param("logprobs", format!("`logprobs` must be between 0 and 20, got {k}")));
-    }
-    let logprobs = logprobs.map(|k| k as usize);
-    let echo = f.get::<bool>("echo", "a boolean")?.unwrap_or(false);
-    let common: CommonParams = common(&f, &state, &["max_tokens"])?;
-    let prompts = parse_prompts(&f)?;
-    let texts: Vec<Option<String>> = prompts
-        .iter()
-        .map(|p| match p {
-            Prompt::Text(t) => Some(t.clone()),
-            Prompt::Ids(_) => None,
-        })
-        .collect();
-    let ids = handler::tokenize_blocking(
-        &state,
-        prompts
-            .into_iter()
-            .map(|p| match p {
-                Prompt::Text(t) => Err(t),
-                Prompt::Ids(ids) => Ok(ids),
+    let logprobs = completion
+        .logprobs
+        .map(|k| {
+            usize::try_from(k).ok().filter(|k| *k <= MAX_LOGPROBS).ok_or_else(|| {
+                ApiError::param("logprobs", format!("`logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}"))
             })
-            .collect(),
-    )
-    .await?;
+        })
+        .transpose()?;
+    let echo = completion.echo.unwrap_or(false);
+    let common: CommonParams = request::common(&common, &generation, &state, "max_tokens")?;
+    let prompts = prompts(completion.prompt)?;
+    let texts: Vec<Option<String>> = prompts.iter().map(|p| p.as_ref().err().cloned()).collect();
+    let ids = handler::tokenize_blocking(&state, prompts).await?;
     let specs = ids
         .iter()
-        .map(|prompt| job_spec(&state, prompt.clone(), &common, logprobs, echo && logprobs.is_some()))
+        .map(|prompt| request::job_spec(&state, prompt.clone(), &common, logprobs, echo && logprobs.is_some()))
         .collect::<Result<Vec<_>, _>>()?;
     let prompt_texts: Vec<String> = texts
         .into_iter()

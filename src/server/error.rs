@@ -53,6 +53,12 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl From<crate::generate::FieldError> for ApiError {
+    fn from(e: crate::generate::FieldError) -> Self {
+        ApiError::InvalidParam { param: Some(e.field), message: e.message }
+    }
+}
+
 impl ApiError {
     pub fn param(param: &str, message: impl Into<String>) -> Self {
         ApiError::InvalidParam { param: Some(param.to_string()), message: message.into() }

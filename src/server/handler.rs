@@ -1,26 +1,32 @@
 //! The steps every generation endpoint takes, in this order: take a lease (a request slot and
-//! its deadline), parse the JSON body and check the model name ([`begin`]), validate the fields
-//! (`params.rs` and the endpoint's own), tokenize off the runtime ([`tokenize_blocking`]), build
-//! the jobs (`params::job_spec`), then submit them and stream or collect the answer
-//! ([`deliver`]). `completions.rs` and `chat.rs` add only their OpenAI shapes.
+//! its deadline), parse the JSON body into its types (`request.rs`) and check the model name
+//! ([`begin`]), validate the values (`request.rs` and the endpoint's own), tokenize off the runtime
+//! ([`tokenize_blocking`]), build the jobs (`request::job_spec`), then submit them and stream or
+//! collect the answer ([`deliver`]). `completions.rs` and `chat.rs` add only their OpenAI shapes.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::params::{CommonParams, Fields};
+use super::request::{CommonParams, Request};
 use super::respond::{self, Choice, ChunkWriter, Usage};
 use super::state::{AppState, Lease};
 use crate::engine::{JobHandle, JobSpec};
 
-/// The lease and the parsed body of a request (whose `model`, if given, must be the served one).
-pub(crate) fn begin(state: &AppState, body: &Result<Bytes, BytesRejection>) -> Result<(Lease, Value), ApiError> {
+/// The lease and the typed body of a request (whose `model`, if given, must be the served one).
+pub(crate) fn begin<E: DeserializeOwned>(
+    state: &AppState,
+    body: &Result<Bytes, BytesRejection>,
+) -> Result<(Lease, Request<E>), ApiError> {
     let lease = state.lease()?;
-    let body = parse_body(state, body)?;
-    check_model(&Fields::parse(&body)?, state)?;
-    Ok((lease, body))
+    let request = Request::<E>::parse(&parse_body(state, body)?)?;
+    match &request.common.model {
+        Some(name) if name != &*state.model_name => Err(ApiError::ModelNotFound(name.clone())),
+        _ => Ok((lease, request)),
+    }
 }
 
 /// Submits `specs` (one job per prompt, `common.n` choices each) and answers: an SSE stream
@@ -52,13 +58,6 @@ pub(crate) fn parse_body(state: &AppState, body: &Result<Bytes, BytesRejection>)
         Err(rejection) => return Err(ApiError::invalid(rejection.body_text())),
     };
     serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))
-}
-
-fn check_model(f: &Fields, state: &AppState) -> Result<(), ApiError> {
-    match f.get::<String>("model", "a string")? {
-        Some(name) if name != *state.model_name => Err(ApiError::ModelNotFound(name)),
-        _ => Ok(()),
-    }
 }
 
 /// Tokenizes text prompts off the async runtime; `Ok` entries are already token ids.

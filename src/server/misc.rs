@@ -10,7 +10,7 @@ use serde_json::json;
 use super::chat_messages;
 use super::error::ApiError;
 use super::handler::{parse_body, tokenize_blocking};
-use super::params::Fields;
+use super::request::{DetokenizeRequest, TokenizeRequest, parse};
 use super::state::AppState;
 
 pub async fn models(State(state): State<AppState>) -> Response {
@@ -51,14 +51,12 @@ pub async fn tokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let _slot = state.lease()?;
-    let body = parse_body(&state, &body)?;
-    let f = Fields::parse(&body)?;
-    let text = if f.raw("messages").is_some() {
-        let messages = chat_messages(&f)?;
+    let request: TokenizeRequest = parse(&parse_body(&state, &body)?)?;
+    let text = if request.messages.is_some() {
+        let messages = chat_messages(request.messages)?;
         state.tokenizer.apply_chat_template(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?
     } else {
-        f.get::<String>("prompt", "a string")?
-            .ok_or_else(|| ApiError::param("prompt", "give `prompt` or `messages`"))?
+        request.prompt.ok_or_else(|| ApiError::param("prompt", "give `prompt` or `messages`"))?
     };
     let ids = tokenize_blocking(&state, vec![Err(text)]).await?.remove(0);
     Ok(axum::Json(json!({"count": ids.len(), "tokens": ids, "max_model_len": state.config.block_size})).into_response())
@@ -70,11 +68,8 @@ pub async fn detokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let _slot = state.lease()?;
-    let body = parse_body(&state, &body)?;
-    let f = Fields::parse(&body)?;
-    let ids = f
-        .get::<Vec<u32>>("tokens", "a list of token ids")?
-        .ok_or_else(|| ApiError::param("tokens", "`tokens` is required"))?;
+    let request: DetokenizeRequest = parse(&parse_body(&state, &body)?)?;
+    let ids = request.tokens.ok_or_else(|| ApiError::param("tokens", "`tokens` is required"))?;
     let vocab = state.config.vocab_size;
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(ApiError::param("tokens", format!("token id {bad} is outside the vocabulary (size {vocab})")));

@@ -1,0 +1,62 @@
+//! The one set of ranges for generation values, whoever sets them: a request (the server names
+//! the field), the settings (start-up names the key), `huginn generate` or the library (exit thresholds are
+//! checked where the rule is made, `model::ExitRule::new`). Each check
+//! returns what is wrong without the value's name, which the caller adds in its own terms.
+
+pub const MAX_TEMPERATURE: f64 = 2.0;
+pub const MAX_INIT_SCALE: f64 = 10.0;
+/// Largest magnitude of a `logit_bias` entry.
+pub const MAX_LOGIT_BIAS: f64 = 100.0;
+
+fn within(value: f64, low: f64, high: f64) -> Result<(), String> {
+    if value.is_finite() && value >= low && value <= high {
+        Ok(())
+    } else {
+        Err(format!("must be between {low} and {high}, got {value}"))
+    }
+}
+
+pub fn temperature(value: f64) -> Result<(), String> {
+    within(value, 0.0, MAX_TEMPERATURE)
+}
+
+pub fn top_p(value: f64) -> Result<(), String> {
+    if value > 0.0 && value <= 1.0 { Ok(()) } else { Err(format!("must be in (0, 1], got {value}")) }
+}
+
+pub fn min_p(value: f64) -> Result<(), String> {
+    within(value, 0.0, 1.0)
+}
+
+/// `presence_penalty` and `frequency_penalty` (OpenAI's range).
+pub fn penalty(value: f64) -> Result<(), String> {
+    within(value, -2.0, 2.0)
+}
+
+pub fn repetition_penalty(value: f64) -> Result<(), String> {
+    within(value, 0.01, 10.0)
+}
+
+pub fn init_scale(value: f64) -> Result<(), String> {
+    within(value, 0.0, MAX_INIT_SCALE)
+}
+
+pub fn logit_bias(value: f64) -> Result<(), String> {
+    within(value, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_are_inclusive_and_non_finite_values_fail() {
+        assert!(temperature(0.0).is_ok() && temperature(MAX_TEMPERATURE).is_ok());
+        assert!(temperature(-0.1).is_err() && temperature(f64::NAN).is_err());
+        assert!(top_p(1.0).is_ok() && top_p(0.0).is_err());
+        assert!(penalty(-2.0).is_ok() && penalty(2.5).is_err());
+        assert!(repetition_penalty(0.0).is_err() && repetition_penalty(1.0).is_ok());
+        assert!(logit_bias(-100.0).is_ok() && logit_bias(101.0).is_err());
+        assert_eq!(temperature(9.0).unwrap_err(), "must be between 0 and 2, got 9");
+    }
+}
