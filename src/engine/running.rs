@@ -8,12 +8,15 @@ use candle_core::Tensor;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use super::job::{Event, ExitReason, Job, JobSpec, TokenLogprobs};
+use metrics::{counter, histogram};
+
+use super::job::{EngineFailure, Event, ExitReason, Job, JobSpec, TokenLogprobs};
 use crate::generate::sampling::sampler_seed;
 use crate::generate::{FinishReason, Sampler};
+use crate::metrics as m;
 use crate::model::exit::log_softmax;
-use crate::model::{CacheStrategy, ExitTracker, HuginnConfig, HuginnModel, KvCache};
-use crate::text::TextStream;
+use crate::model::{CacheStrategy, Chunk, ExitTracker, HuginnConfig, HuginnModel, KvCache};
+use crate::text::{TextStream, TextTokenizer};
 
 /// State shared by the choices of one job; counted in its worker's running-requests gauge while
 /// it lives.
@@ -72,37 +75,51 @@ pub fn kv_reservation(cfg: &HuginnConfig, dtype_bytes: usize, spec: &JobSpec) ->
     spec.n * tokens * entries * 2 * cfg.n_embd * dtype_bytes
 }
 
+/// One choice of a job while it runs. Its fields change only through the methods below, one per
+/// transition the scheduler drives: a chunk begins (`next_chunk_ids`, `begin_chunk`), steps
+/// (`stepped`), checks its exit, gets logits, emits its token (`emit_token`) and is released.
 pub struct Running {
-    pub shared: Arc<JobShared>,
-    pub choice: usize,
+    shared: Arc<JobShared>,
+    choice: usize,
     /// This choice's share of the job's K/V reservation.
-    pub reserved_kv: usize,
+    reserved_kv: usize,
     /// The last event was sent; the sequence leaves at the end of the tick.
-    pub finished: bool,
-    pub cache: KvCache,
+    finished: bool,
+    cache: KvCache,
     rng: StdRng,
-    pub sampler: Sampler,
-    pub text: TextStream,
+    sampler: Sampler,
+    text: TextStream,
     /// Prompt and generated ids.
-    pub context: Vec<u32>,
-    pub generated: usize,
+    context: Vec<u32>,
+    generated: usize,
     /// Positions of the chunk being iterated (the prompt, then one token at a time).
-    pub start: usize,
-    pub len: usize,
+    start: usize,
+    len: usize,
     /// Steps done on the current chunk and the cap for it.
-    pub step: usize,
-    pub cap: usize,
+    step: usize,
+    cap: usize,
     /// The cap is the remaining step budget rather than `num_steps`.
-    pub cap_is_budget: bool,
-    pub prefill: bool,
-    pub state: Tensor,
-    pub injection: Tensor,
-    pub tracker: ExitTracker,
+    cap_is_budget: bool,
+    prefill: bool,
+    state: Tensor,
+    injection: Tensor,
+    tracker: ExitTracker,
     /// Logits of the current state, when already computed this tick.
-    pub logits: Option<Vec<f32>>,
+    logits: Option<Vec<f32>>,
     /// Core steps spent so far (prompt prefill included).
-    pub steps_spent: usize,
-    pub last_token_at: Option<Instant>,
+    steps_spent: usize,
+    last_token_at: Option<Instant>,
+}
+
+/// What became of a sequence after its token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterToken {
+    /// It goes on to its next token.
+    Continues,
+    /// It is done: its last event is still to be sent (after its release).
+    Finishes(FinishReason),
+    /// Its reader is gone or too far behind (the job is cancelled).
+    Dropped,
 }
 
 impl Running {
@@ -143,12 +160,223 @@ impl Running {
         &self.shared.spec
     }
 
-    pub fn rng(&mut self) -> &mut StdRng {
-        &mut self.rng
+    pub fn job(&self) -> &Job {
+        &self.shared.job
+    }
+
+    pub fn reserved_kv(&self) -> usize {
+        self.reserved_kv
+    }
+
+    pub fn kv_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Still prefilling its prompt (the prompt is its chunk).
+    pub fn is_prefill(&self) -> bool {
+        self.prefill
+    }
+
+    /// Positions of the chunk being iterated: first and count.
+    pub fn positions(&self) -> (usize, usize) {
+        (self.start, self.len)
+    }
+
+    /// Steps done on the current chunk, and its cap.
+    pub fn steps(&self) -> (usize, usize) {
+        (self.step, self.cap)
+    }
+
+    pub fn generated(&self) -> usize {
+        self.generated
+    }
+
+    pub fn state(&self) -> &Tensor {
+        &self.state
+    }
+
+    pub fn injection(&self) -> &Tensor {
+        &self.injection
+    }
+
+    /// The chunk's rows at its current step, for a core step.
+    pub fn core_chunk(&mut self) -> Chunk<'_> {
+        Chunk { cache: &mut self.cache, start: self.start, len: self.len, step: self.step }
+    }
+
+    /// The chunk's rows for the prelude and the coda (their layers have one cache entry).
+    pub fn outer_chunk(&mut self) -> Chunk<'_> {
+        Chunk { cache: &mut self.cache, start: self.start, len: self.len, step: 0 }
+    }
+
+    /// One core step done: `state` is the chunk's new latent state.
+    pub fn stepped(&mut self, state: Tensor) {
+        self.state = state;
+        self.step += 1;
+        self.steps_spent += 1;
+        self.logits = None;
+    }
+
+    /// The exit rule is checked after the step just done (never while prefilling).
+    pub fn checks_exit(&self) -> bool {
+        !self.prefill && self.tracker.checks_at(self.step - 1)
+    }
+
+    /// Whether the exit check needs this step's logits.
+    pub fn exit_needs_logits(&self) -> bool {
+        self.spec().params.exit.criterion.needs_logits()
+    }
+
+    /// Checks the exit rule on the current state (and logits, where the criterion reads them):
+    /// true when the token has converged.
+    pub fn check_exit(&mut self) -> crate::model::Result<bool> {
+        let latent =
+            if self.spec().params.exit.criterion.needs_latent() { latent_vec(&self.state)? } else { Vec::new() };
+        Ok(self.tracker.check(&latent, self.logits.as_deref())?.exit)
+    }
+
+    /// The chunk stops iterating: it converged, or reached its cap.
+    pub fn chunk_done(&self, converged: bool) -> bool {
+        converged || self.step >= self.cap
+    }
+
+    pub fn has_logits(&self) -> bool {
+        self.logits.is_some()
+    }
+
+    /// The logits of the chunk's last row.
+    pub fn set_logits(&mut self, row: Vec<f32>) {
+        self.logits = Some(row);
+    }
+
+    /// A prompt chunk whose every row's logits are reported (prompt log-probabilities or logits).
+    pub fn reports_prompt_rows(&self) -> bool {
+        self.prefill && (self.spec().prompt_logprobs || self.spec().report_logits)
+    }
+
+    /// Every row's logits of the prompt chunk: reported, the last one kept for sampling.
+    pub fn take_prompt_rows(&mut self, rows: Vec<Vec<f32>>) {
+        let spec = self.shared.spec.clone();
+        if spec.prompt_logprobs {
+            let logprobs = rows
+                .iter()
+                .zip(self.context.iter().skip(1))
+                .map(|(row, &next)| token_logprobs(row, next, spec.logprobs.unwrap_or(0)))
+                .collect();
+            self.send(Event::PromptLogprobs { choice: self.choice, logprobs });
+        }
+        self.logits = rows.last().cloned();
+        if spec.report_logits {
+            self.send(Event::Logits { choice: self.choice, rows });
+        }
+    }
+
+    /// Appends the ids of the next chunk to `ids` (the prompt while prefilling, else the last
+    /// sampled token) and makes them the chunk's positions.
+    pub fn next_chunk_ids(&mut self, ids: &mut Vec<u32>) {
+        if self.prefill {
+            ids.extend_from_slice(&self.context);
+            (self.start, self.len) = (0, self.context.len());
+        } else {
+            ids.push(*self.context.last().unwrap_or(&0));
+            (self.start, self.len) = (self.context.len() - 1, 1);
+        }
+    }
+
+    /// The next chunk begins with its prelude output `injection`: a fresh initial state (unless
+    /// continuous compute carries the last one), a fresh exit tracker, step 0 and its cap.
+    pub fn begin_chunk(&mut self, injection: Tensor, model: &HuginnModel) -> crate::model::Result<()> {
+        self.injection = injection;
+        let params = &self.shared.spec.params;
+        if self.prefill || !params.continuous_compute {
+            self.state = model.init_state(self.len, params.init_scale, &mut self.rng)?;
+        }
+        let rule = params.exit;
+        let initial =
+            if rule.criterion.needs_latent() && !self.prefill { latent_vec(&self.state)? } else { Vec::new() };
+        self.tracker = ExitTracker::new(rule, initial);
+        self.step = 0;
+        self.logits = None;
+        self.set_cap();
+        Ok(())
+    }
+
+    /// Samples the chunk's token from its logits, records it and sends it (with its metrics);
+    /// `limit` is the context length.
+    pub fn emit_token(
+        &mut self,
+        converged: bool,
+        tokenizer: &TextTokenizer,
+        limit: usize,
+    ) -> crate::model::Result<AfterToken> {
+        let exit = self.exit_reason(converged);
+        let steps = self.step;
+        histogram!(m::STEPS_PER_TOKEN, "exit_reason" => exit.label()).record(steps as f64);
+        if converged {
+            counter!(m::EARLY_EXITS, "criterion" => self.spec().params.exit.criterion.name()).increment(1);
+        }
+        if self.prefill && self.spec().params.continuous_compute {
+            self.state = self.state.narrow(0, self.len - 1, 1)?;
+        }
+        if self.spec().params.max_tokens == 0 {
+            // Prompt log-probabilities (or logits) only.
+            return Ok(AfterToken::Finishes(FinishReason::Length));
+        }
+        let raw = self.logits.take().unwrap_or_default();
+        if self.spec().report_logits && !self.prefill {
+            self.send(Event::Logits { choice: self.choice, rows: vec![raw.clone()] });
+        }
+        let mut logits = raw.clone();
+        let token = self.sampler.sample(&mut logits, &self.context);
+        self.sampler.record(token);
+        self.context.push(token);
+        self.generated += 1;
+        self.prefill = false;
+        counter!(m::GENERATION_TOKENS).increment(1);
+        let now = Instant::now();
+        match self.last_token_at {
+            None => histogram!(m::TIME_TO_FIRST_TOKEN).record(self.shared.job.submitted.elapsed().as_secs_f64()),
+            Some(last) => histogram!(m::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64()),
+        }
+        self.last_token_at = Some(now);
+        let piece = self.text.push(tokenizer, token)?;
+        let logprobs = self.spec().logprobs.map(|top| token_logprobs(&raw, token, top));
+        let reason = self.finish_reason_after(token, piece.stopped, limit);
+        let event = Event::Token { choice: self.choice, id: token, text: piece.text, steps, exit, logprobs };
+        Ok(match (self.send(event), reason) {
+            (_, Some(reason)) => AfterToken::Finishes(reason),
+            (true, None) => AfterToken::Continues,
+            (false, None) => AfterToken::Dropped,
+        })
+    }
+
+    /// Frees the cache and leaves the running gauge (with the job's last choice) before the last
+    /// event; returns the bytes the cache held.
+    pub fn release(&mut self, model: &HuginnModel) -> usize {
+        let bytes = self.cache.bytes();
+        self.finished = true;
+        self.cache = model.new_cache(self.spec().params.cache);
+        self.shared.choice_done();
+        bytes
+    }
+
+    /// The last event, after [`Self::release`]: the rest of the text and how the choice ended.
+    pub fn send_finished(&mut self, reason: FinishReason, kv_bytes: usize) {
+        let text = self.text.finish();
+        self.send(Event::Finished { choice: self.choice, reason, text, kv_bytes });
+    }
+
+    /// Ends the choice with an error event.
+    pub fn fail(&self, message: &str) {
+        self.send(Event::Error { failure: EngineFailure::Worker(message.to_string()) });
     }
 
     /// Sets the cap of the chunk about to iterate from `num_steps` and the remaining budget.
-    pub fn set_cap(&mut self) {
+    fn set_cap(&mut self) {
         let num_steps = self.spec().params.num_steps;
         match self.spec().max_total_steps {
             Some(budget) if budget.saturating_sub(self.steps_spent) < num_steps => {
@@ -162,12 +390,12 @@ impl Running {
         }
     }
 
-    pub fn budget_exhausted(&self) -> bool {
+    fn budget_exhausted(&self) -> bool {
         self.spec().max_total_steps.is_some_and(|budget| self.steps_spent >= budget)
     }
 
     /// Sends an event; false when the receiver is gone or too far behind (the job is then cancelled).
-    pub fn send(&self, event: Event) -> bool {
+    fn send(&self, event: Event) -> bool {
         if self.shared.job.events.try_send(event).is_err() {
             self.shared.job.cancelled.store(true, Ordering::Relaxed);
             return false;
@@ -175,7 +403,7 @@ impl Running {
         true
     }
 
-    pub fn exit_reason(&self, converged: bool) -> ExitReason {
+    fn exit_reason(&self, converged: bool) -> ExitReason {
         if converged {
             ExitReason::Converged
         } else if self.cap_is_budget {
@@ -185,7 +413,7 @@ impl Running {
         }
     }
 
-    pub fn finish_reason_after(&self, token: u32, stopped_by_text: bool, limit: usize) -> Option<FinishReason> {
+    fn finish_reason_after(&self, token: u32, stopped_by_text: bool, limit: usize) -> Option<FinishReason> {
         let spec = self.spec();
         if stopped_by_text || spec.params.stop_token_ids.contains(&token) {
             Some(FinishReason::Stop)
@@ -198,7 +426,7 @@ impl Running {
 }
 
 /// A one-row latent state as float32 values (what the exit criteria compare).
-pub(crate) fn latent_vec(state: &Tensor) -> crate::model::Result<Vec<f32>> {
+fn latent_vec(state: &Tensor) -> crate::model::Result<Vec<f32>> {
     Ok(state.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 

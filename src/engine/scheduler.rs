@@ -9,16 +9,15 @@
 //! the same alone or beside others.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use candle_core::Tensor;
 use metrics::{counter, histogram};
 
 use super::job::{EngineFailure, Event, Job};
-use super::running::{JobShared, Running, latent_vec, token_logprobs};
+use super::running::{AfterToken, JobShared, Running};
 use crate::generate::FinishReason;
 use crate::metrics as m;
-use crate::model::{Chunk, ExitTracker, HuginnModel, LogitRows, Result};
+use crate::model::{Chunk, HuginnModel, LogitRows, Result};
 use crate::text::TextTokenizer;
 
 /// Limits of one worker.
@@ -65,11 +64,11 @@ impl Scheduler {
 
     /// Sequences, K/V bytes and reservations of the sequences still running.
     pub fn totals(&self) -> Totals {
-        let live = self.running.iter().filter(|r| !r.finished);
+        let live = self.running.iter().filter(|r| !r.is_finished());
         live.fold(Totals::default(), |t, r| Totals {
             sequences: t.sequences + 1,
-            kv_bytes: t.kv_bytes + r.cache.bytes(),
-            reserved_kv: t.reserved_kv + r.reserved_kv,
+            kv_bytes: t.kv_bytes + r.kv_bytes(),
+            reserved_kv: t.reserved_kv + r.reserved_kv(),
         })
     }
 
@@ -77,11 +76,7 @@ impl Scheduler {
     /// (with its job's last choice) the running gauge, all before the event goes out. Returns the
     /// bytes its cache held.
     fn release(&mut self, i: usize) -> usize {
-        let r = &mut self.running[i];
-        let bytes = r.cache.bytes();
-        r.finished = true;
-        r.cache = self.model.new_cache(r.spec().params.cache);
-        r.shared.choice_done();
+        let bytes = self.running[i].release(&self.model);
         if let Some(report) = &self.reporter {
             report(self.totals());
         }
@@ -90,10 +85,8 @@ impl Scheduler {
 
     /// Sends sequence `i`'s last event, after releasing it.
     fn finish(&mut self, i: usize, reason: FinishReason) {
-        let text = self.running[i].text.finish();
         let kv_bytes = self.release(i);
-        let r = &self.running[i];
-        r.send(Event::Finished { choice: r.choice, reason, text, kv_bytes });
+        self.running[i].send_finished(reason, kv_bytes);
     }
 
     pub fn is_idle(&self) -> bool {
@@ -106,7 +99,7 @@ impl Scheduler {
         if self.running.is_empty() {
             return true;
         }
-        let reserved: usize = self.running.iter().map(|r| r.reserved_kv).sum();
+        let reserved: usize = self.running.iter().map(Running::reserved_kv).sum();
         self.running.len() + job.spec.n <= self.limits.max_active_sequences
             && reserved.saturating_add(job.kv_reservation) <= self.limits.max_kv_bytes
     }
@@ -162,65 +155,45 @@ impl Scheduler {
     /// Advances the sequences whose readers have room for this tick's events (the others wait,
     /// holding their state, so that no channel overflows).
     fn step_all(&mut self) -> Result<bool> {
-        let active: Vec<usize> =
-            (0..self.running.len()).filter(|&i| self.running[i].shared.job.can_take_a_tick()).collect();
+        let active: Vec<usize> = (0..self.running.len()).filter(|&i| self.running[i].job().can_take_a_tick()).collect();
         if active.is_empty() {
             return Ok(false);
         }
         let count = active.len();
-        let state = cat(active.iter().map(|&i| &self.running[i].state))?;
-        let injection = cat(active.iter().map(|&i| &self.running[i].injection))?;
+        let state = cat(active.iter().map(|&i| self.running[i].state()))?;
+        let injection = cat(active.iter().map(|&i| self.running[i].injection()))?;
         // Decided once above: a reader draining meanwhile must not change who is in this tick.
         let mut taking = vec![false; self.running.len()];
         active.iter().for_each(|&i| taking[i] = true);
-        let mut chunks: Vec<Chunk<'_>> = self
-            .running
-            .iter_mut()
-            .zip(&taking)
-            .filter(|(_, taking)| **taking)
-            .map(|(r, _)| Chunk { cache: &mut r.cache, start: r.start, len: r.len, step: r.step })
-            .collect();
+        let mut chunks: Vec<Chunk<'_>> =
+            self.running.iter_mut().zip(&taking).filter(|(_, taking)| **taking).map(|(r, _)| r.core_chunk()).collect();
         let next = self.model.core_step(&state, &injection, &mut chunks)?;
         drop(chunks);
         let mut row = 0;
         for &i in &active {
             let r = &mut self.running[i];
-            r.state = next.narrow(0, row, r.len)?;
-            row += r.len;
-            r.step += 1;
-            r.steps_spent += 1;
-            r.logits = None;
+            let len = r.positions().1;
+            r.stepped(next.narrow(0, row, len)?);
+            row += len;
         }
         counter!(m::CORE_STEPS, "worker" => self.worker.to_string()).increment(count as u64);
         histogram!(m::BATCH_SEQUENCES).record(count as f64);
 
         // Criteria that read the distribution need the coda at every checked step.
-        let checking: Vec<usize> = active
-            .iter()
-            .copied()
-            .filter(|&i| {
-                let r = &self.running[i];
-                !r.prefill && r.tracker.checks_at(r.step - 1)
-            })
-            .collect();
+        let checking: Vec<usize> = active.iter().copied().filter(|&i| self.running[i].checks_exit()).collect();
         let wants_logits: Vec<usize> =
-            checking.iter().copied().filter(|&i| self.running[i].spec().params.exit.criterion.needs_logits()).collect();
+            checking.iter().copied().filter(|&i| self.running[i].exit_needs_logits()).collect();
         self.decode(&wants_logits)?;
 
         let mut done: Vec<(usize, bool)> = Vec::new();
         for &i in &active {
             let r = &mut self.running[i];
-            let mut converged = false;
-            if checking.contains(&i) {
-                let latent =
-                    if r.spec().params.exit.criterion.needs_latent() { latent_vec(&r.state)? } else { Vec::new() };
-                converged = r.tracker.check(&latent, r.logits.as_deref())?.exit;
-            }
-            if converged || r.step >= r.cap {
+            let converged = checking.contains(&i) && r.check_exit()?;
+            if r.chunk_done(converged) {
                 done.push((i, converged));
             }
         }
-        let need: Vec<usize> = done.iter().map(|(i, _)| *i).filter(|&i| self.running[i].logits.is_none()).collect();
+        let need: Vec<usize> = done.iter().map(|(i, _)| *i).filter(|&i| !self.running[i].has_logits()).collect();
         self.decode(&need)?;
 
         let mut continuing = Vec::new();
@@ -241,42 +214,27 @@ impl Scheduler {
         if indices.is_empty() {
             return Ok(());
         }
-        let (all_rows, last_rows): (Vec<usize>, Vec<usize>) = indices.iter().partition(|&&i| {
-            let r = &self.running[i];
-            r.prefill && (r.spec().prompt_logprobs || r.spec().report_logits)
-        });
+        let (all_rows, last_rows): (Vec<usize>, Vec<usize>) =
+            indices.iter().partition(|&&i| self.running[i].reports_prompt_rows());
         for i in all_rows {
             let r = &mut self.running[i];
-            let chunk = Chunk { cache: &mut r.cache, start: r.start, len: r.len, step: 0 };
-            let logits = self.model.coda(&r.state, &mut [chunk], LogitRows::All)?;
-            let rows = logits.to_vec2::<f32>()?;
-            if r.spec().prompt_logprobs {
-                let logprobs = rows
-                    .iter()
-                    .zip(r.context.iter().skip(1))
-                    .map(|(row, &next)| token_logprobs(row, next, r.spec().logprobs.unwrap_or(0)))
-                    .collect();
-                r.send(Event::PromptLogprobs { choice: r.choice, logprobs });
-            }
-            r.logits = rows.last().cloned();
-            if r.spec().report_logits {
-                r.send(Event::Logits { choice: r.choice, rows });
-            }
+            let logits = self.model.coda(&r.state().clone(), &mut [r.outer_chunk()], LogitRows::All)?;
+            r.take_prompt_rows(logits.to_vec2::<f32>()?);
         }
         if last_rows.is_empty() {
             return Ok(());
         }
-        let state = cat(last_rows.iter().map(|&i| &self.running[i].state))?;
+        let state = cat(last_rows.iter().map(|&i| self.running[i].state()))?;
         let mut chunks = Vec::with_capacity(last_rows.len());
         for (i, r) in self.running.iter_mut().enumerate() {
             if last_rows.contains(&i) {
-                chunks.push(Chunk { cache: &mut r.cache, start: r.start, len: r.len, step: 0 });
+                chunks.push(r.outer_chunk());
             }
         }
         let logits = self.model.coda(&state, &mut chunks, LogitRows::Last)?.to_vec2::<f32>()?;
         drop(chunks);
         for (&i, row) in last_rows.iter().zip(logits) {
-            self.running[i].logits = Some(row);
+            self.running[i].set_logits(row);
         }
         Ok(())
     }
@@ -284,62 +242,29 @@ impl Scheduler {
     /// Samples and emits the token of sequence `i`; true when the sequence goes on.
     fn finish_token(&mut self, i: usize, converged: bool) -> Result<bool> {
         let limit = self.model.config().block_size;
-        let r = &mut self.running[i];
-        let exit = r.exit_reason(converged);
-        let steps = r.step;
-        histogram!(m::STEPS_PER_TOKEN, "exit_reason" => exit.label()).record(steps as f64);
-        if converged {
-            counter!(m::EARLY_EXITS, "criterion" => r.spec().params.exit.criterion.name()).increment(1);
+        match self.running[i].emit_token(converged, &self.tokenizer, limit)? {
+            AfterToken::Continues => Ok(true),
+            AfterToken::Dropped => Ok(false),
+            AfterToken::Finishes(reason) => {
+                self.finish(i, reason);
+                Ok(false)
+            }
         }
-        if r.prefill && r.spec().params.continuous_compute {
-            r.state = r.state.narrow(0, r.len - 1, 1)?;
-        }
-        if r.spec().params.max_tokens == 0 {
-            // Prompt log-probabilities (or logits) only.
-            self.finish(i, FinishReason::Length);
-            return Ok(false);
-        }
-        let raw = r.logits.take().unwrap_or_default();
-        if r.spec().report_logits && !r.prefill {
-            r.send(Event::Logits { choice: r.choice, rows: vec![raw.clone()] });
-        }
-        let mut logits = raw.clone();
-        let token = r.sampler.sample(&mut logits, &r.context);
-        r.sampler.record(token);
-        r.context.push(token);
-        r.generated += 1;
-        r.prefill = false;
-        counter!(m::GENERATION_TOKENS).increment(1);
-        let now = Instant::now();
-        match r.last_token_at {
-            None => histogram!(m::TIME_TO_FIRST_TOKEN).record(r.shared.job.submitted.elapsed().as_secs_f64()),
-            Some(last) => histogram!(m::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64()),
-        }
-        r.last_token_at = Some(now);
-        let piece = r.text.push(&self.tokenizer, token)?;
-        let logprobs = r.spec().logprobs.map(|top| token_logprobs(&raw, token, top));
-        let reason = r.finish_reason_after(token, piece.stopped, limit);
-        let sent = r.send(Event::Token { choice: r.choice, id: token, text: piece.text, steps, exit, logprobs });
-        if let Some(reason) = reason {
-            self.finish(i, reason);
-            return Ok(false);
-        }
-        Ok(sent)
     }
 
     fn drop_cancelled(&mut self) {
-        self.running.retain(|r| !r.shared.job.is_cancelled());
+        self.running.retain(|r| !r.job().is_cancelled());
     }
 
     /// Removes sequences that sent their last event (or whose client went away).
     fn drop_finished(&mut self) {
-        self.running.retain(|r| !r.finished && !r.shared.job.is_cancelled());
+        self.running.retain(|r| !r.is_finished() && !r.job().is_cancelled());
     }
 
     /// Ends every running job with an error event (the caller logs the failure).
     pub fn fail_all(&mut self, message: &str) {
         for r in &self.running {
-            r.send(Event::Error { failure: EngineFailure::Worker(message.to_string()) });
+            r.fail(message);
         }
         self.running.clear();
     }
@@ -353,34 +278,16 @@ fn start_chunks(model: &HuginnModel, seqs: &mut [&mut Running]) -> Result<()> {
     }
     let mut ids = Vec::new();
     for r in seqs.iter_mut() {
-        if r.prefill {
-            ids.extend_from_slice(&r.context);
-            r.start = 0;
-            r.len = r.context.len();
-        } else {
-            ids.push(*r.context.last().unwrap_or(&0));
-            r.start = r.context.len() - 1;
-            r.len = 1;
-        }
+        r.next_chunk_ids(&mut ids);
     }
-    let mut chunks: Vec<Chunk<'_>> =
-        seqs.iter_mut().map(|r| Chunk { cache: &mut r.cache, start: r.start, len: r.len, step: 0 }).collect();
+    let mut chunks: Vec<Chunk<'_>> = seqs.iter_mut().map(|r| r.outer_chunk()).collect();
     let injection = model.prelude(&ids, &mut chunks)?;
     drop(chunks);
     let mut row = 0;
     for r in seqs.iter_mut() {
-        r.injection = injection.narrow(0, row, r.len)?;
-        row += r.len;
-        if r.prefill || !r.spec().params.continuous_compute {
-            let (len, scale) = (r.len, r.spec().params.init_scale);
-            r.state = model.init_state(len, scale, r.rng())?;
-        }
-        let rule = r.spec().params.exit;
-        let initial = if rule.criterion.needs_latent() && !r.prefill { latent_vec(&r.state)? } else { Vec::new() };
-        r.tracker = ExitTracker::new(rule, initial);
-        r.step = 0;
-        r.logits = None;
-        r.set_cap();
+        let len = r.positions().1;
+        r.begin_chunk(injection.narrow(0, row, len)?, model)?;
+        row += len;
     }
     Ok(())
 }

@@ -40,17 +40,17 @@ fn a_prompt_is_one_chunk_then_each_token_one_row() {
     let (job, mut handle) = job(&s, 2, 3);
     s.admit(job).expect("admitted");
     let r = &s.running[0];
-    assert!(r.prefill);
-    assert_eq!((r.start, r.len, r.step, r.cap), (0, PROMPT.len(), 0, 2));
+    assert!(r.is_prefill());
+    assert_eq!((r.positions(), r.steps()), ((0, PROMPT.len()), (0, 2)));
     assert!(s.tick().expect("tick"));
-    assert_eq!(s.running[0].step, 1);
+    assert_eq!(s.running[0].steps().0, 1);
     assert!(events(&mut handle).is_empty(), "no token before the prompt's last step");
     s.tick().expect("tick");
     let sent = events(&mut handle);
     assert!(matches!(sent.as_slice(), [Event::Token { steps: 2, exit: ExitReason::Cap, .. }]), "{sent:?}");
     let r = &s.running[0];
-    assert!(!r.prefill);
-    assert_eq!((r.start, r.len, r.step, r.generated), (PROMPT.len(), 1, 0, 1), "the token is the next chunk");
+    assert!(!r.is_prefill());
+    assert_eq!((r.positions(), r.steps().0, r.generated()), ((PROMPT.len(), 1), 0, 1), "the token is the next chunk");
     for _ in 0..4 {
         s.tick().expect("tick");
     }
@@ -76,9 +76,9 @@ fn a_sequence_whose_reader_is_behind_sits_ticks_out() {
     // Paused: the channel is as full as a tick may leave it, and the sequence holds its state.
     assert!(handle.events.len() <= EVENTS_PER_CHOICE);
     assert!(!s.is_idle());
-    let generated = s.running[0].generated;
+    let generated = s.running[0].generated();
     assert!(!s.tick().expect("tick"), "still paused");
-    assert_eq!(s.running[0].generated, generated);
+    assert_eq!(s.running[0].generated(), generated);
     let read = events(&mut handle).len();
     assert!(s.tick().expect("tick"), "reading resumes it");
     assert_eq!(read, generated, "one event per token so far, none lost");
