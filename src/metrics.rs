@@ -22,9 +22,12 @@ pub const BATCH_SEQUENCES: &str = "huginn_batch_sequences";
 pub const KV_CACHE_BYTES: &str = "huginn_kv_cache_bytes";
 pub const EARLY_EXITS: &str = "huginn_early_exits_total";
 pub const WORKER_RESTARTS: &str = "huginn_worker_restarts_total";
+pub const TICK_ROWS: &str = "huginn_tick_rows";
+pub const TICK_DURATION: &str = "huginn_tick_duration_seconds";
+pub const PROMPT_ROWS_WAITING: &str = "huginn_prompt_rows_waiting";
 
 /// (name, help) of every metric, for the README table and the exporter's descriptions.
-pub const CATALOG: [(&str, &str); 15] = [
+pub const CATALOG: [(&str, &str); 18] = [
     (
         STEPS_PER_TOKEN,
         "Recurrence (core-block) steps spent per generated token, by exit_reason: converged, cap, budget.",
@@ -46,6 +49,9 @@ pub const CATALOG: [(&str, &str); 15] = [
     (KV_CACHE_BYTES, "Bytes of key/value cache held by running sequences, by worker."),
     (EARLY_EXITS, "Tokens that stopped iterating because their exit criterion fired, by criterion."),
     (WORKER_RESTARTS, "Model workers restarted after a panic or model error (their in-flight requests failed)."),
+    (TICK_ROWS, "Rows (token positions) in one core-step pass: decoding tokens and prompt pieces."),
+    (TICK_DURATION, "Time of one scheduler tick (prelude, core-step and coda passes)."),
+    (PROMPT_ROWS_WAITING, "Prompt positions not yet through the current prefill stage of their sequence, by worker."),
 ];
 
 fn describe() {
@@ -64,10 +70,14 @@ fn describe() {
     describe_gauge!(KV_CACHE_BYTES, Unit::Bytes, CATALOG[12].1);
     describe_counter!(EARLY_EXITS, Unit::Count, CATALOG[13].1);
     describe_counter!(WORKER_RESTARTS, Unit::Count, CATALOG[14].1);
+    describe_histogram!(TICK_ROWS, Unit::Count, CATALOG[15].1);
+    describe_histogram!(TICK_DURATION, Unit::Seconds, CATALOG[16].1);
+    describe_gauge!(PROMPT_ROWS_WAITING, Unit::Count, CATALOG[17].1);
 }
 
 const STEP_BUCKETS: [f64; 13] = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0];
 const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+const ROW_BUCKETS: [f64; 12] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
 const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// Installs the process-wide recorder once and returns the handle that renders `/metrics`.
@@ -78,6 +88,7 @@ pub fn install() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(STEPS_PER_TOKEN.into()), &STEP_BUCKETS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SEQUENCES.into()), &BATCH_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(TICK_ROWS.into()), &ROW_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS))
                 .expect("static bucket layouts are valid");
             let recorder = builder.build_recorder();

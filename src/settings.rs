@@ -83,11 +83,40 @@ pub struct EngineSettings {
     pub max_kv_bytes: usize,
     /// Delay before a failed worker restarts; doubles while it keeps failing (at most 30 s).
     pub restart_backoff_ms: u64,
+    /// Rows (token positions) one prelude, core-step or coda pass of a worker may hold; 0 is
+    /// unlimited. Decoding rows go first; prompts fill the rest and are prefilled in pieces.
+    pub max_tick_rows: usize,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        Self { queue_capacity: 64, max_active_sequences: 64, max_kv_bytes: 4 << 30, restart_backoff_ms: 1000 }
+        Self {
+            queue_capacity: 64,
+            max_active_sequences: 64,
+            max_kv_bytes: 4 << 30,
+            restart_backoff_ms: 1000,
+            max_tick_rows: DEFAULT_MAX_TICK_ROWS,
+        }
+    }
+}
+
+/// The default row budget of a tick (docs/BENCHMARKS.md, long-prompt interference).
+pub const DEFAULT_MAX_TICK_ROWS: usize = 256;
+
+impl EngineSettings {
+    /// `Err((key, message))` for a value that cannot work.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.max_tick_rows != 0 && self.max_tick_rows < self.max_active_sequences {
+            return Err((
+                "engine.max_tick_rows".into(),
+                format!(
+                    "must be 0 (unlimited) or at least engine.max_active_sequences ({}) so that every decoding \
+                     row fits beside a prompt's, got {}",
+                    self.max_active_sequences, self.max_tick_rows
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -209,7 +238,7 @@ impl Settings {
     ) -> Result<Self, SettingsError> {
         let file_error = |message: String| SettingsError::File { path: origin.to_path_buf(), message };
         let from_file: Settings = toml::from_str(toml_text).map_err(|e| file_error(e.to_string()))?;
-        from_file.generation.validate().map_err(|(key, message)| SettingsError::Value { key, message })?;
+        from_file.validate().map_err(|(key, message)| SettingsError::Value { key, message })?;
         let mut tree = toml::Value::try_from(&from_file).map_err(|e| file_error(e.to_string()))?;
         let sections: Vec<String> = tree.as_table().map(|t| t.keys().cloned().collect()).unwrap_or_default();
         for (var, raw) in env {
@@ -228,12 +257,17 @@ impl Settings {
             // The file was valid: what fails now is this variable's doing.
             let env_error = |message: String| SettingsError::Env { var: var.clone(), message };
             let settings = Settings::deserialize(tree.clone()).map_err(|e| env_error(e.to_string()))?;
-            settings
-                .generation
-                .validate()
-                .map_err(|(key, message)| env_error(format!("setting `{key}`: {message}")))?;
+            settings.validate().map_err(|(key, message)| env_error(format!("setting `{key}`: {message}")))?;
         }
         Settings::deserialize(tree).map_err(|e| file_error(e.to_string()))
+    }
+}
+
+impl Settings {
+    /// The checks no single value's type makes: ranges and combinations.
+    fn validate(&self) -> Result<(), (String, String)> {
+        self.generation.validate()?;
+        self.engine.validate()
     }
 }
 

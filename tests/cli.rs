@@ -210,6 +210,7 @@ fn bad_settings_stop_serve_at_once_naming_the_key() {
         ("HUGINN_GENERATION_TEMPERATURE", "9"),
         ("HUGINN_MODEL_DTYPE", "int8"),
         ("HUGINN_MODEL_DEVICE", "tpu"),
+        ("HUGINN_ENGINE_MAX_TICK_ROWS", "8"),
     ] {
         let started = std::time::Instant::now();
         // Port 0: were the settings accepted, the server would start and this test would hang.

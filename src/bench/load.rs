@@ -40,7 +40,7 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
 }
 
 pub fn engine_for(model: Arc<HuginnModel>, tokenizer: Arc<TextTokenizer>, max_active: usize) -> Engine {
-    let limits = SchedulerLimits { max_active_sequences: max_active, max_kv_bytes: usize::MAX };
+    let limits = SchedulerLimits { max_active_sequences: max_active, max_kv_bytes: usize::MAX, max_tick_rows: 0 };
     Engine::start(
         vec![model],
         tokenizer,

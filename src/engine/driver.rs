@@ -81,7 +81,21 @@ impl Driver {
     /// A driver for `model`; `max_active_sequences` bounds how many sequences share a tick (jobs
     /// beyond it wait their turn, in order).
     pub fn new(model: Arc<HuginnModel>, tokenizer: Arc<TextTokenizer>, max_active_sequences: usize) -> Self {
-        let limits = SchedulerLimits { max_active_sequences: max_active_sequences.max(1), max_kv_bytes: usize::MAX };
+        Self::with_tick_rows(model, tokenizer, max_active_sequences, 0)
+    }
+
+    /// Like [`Self::new`], each pass of a tick holding at most `max_tick_rows` rows (0: unlimited).
+    pub fn with_tick_rows(
+        model: Arc<HuginnModel>,
+        tokenizer: Arc<TextTokenizer>,
+        max_active_sequences: usize,
+        max_tick_rows: usize,
+    ) -> Self {
+        let limits = SchedulerLimits {
+            max_active_sequences: max_active_sequences.max(1),
+            max_kv_bytes: usize::MAX,
+            max_tick_rows,
+        };
         Self { scheduler: Scheduler::new(model.clone(), tokenizer, limits, "driver"), model }
     }
 

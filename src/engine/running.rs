@@ -75,9 +75,20 @@ pub fn kv_reservation(cfg: &HuginnConfig, dtype_bytes: usize, spec: &JobSpec) ->
     spec.n * tokens * entries * 2 * cfg.n_embd * dtype_bytes
 }
 
+/// Where a chunk (a prompt, or one new token) is: the prelude, then `cap` core steps, then the
+/// coda. Each stage covers the chunk's positions in order, in pieces that fit a tick's rows (a
+/// decoding token's one row is one piece); a core step is complete when every piece ran it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Prelude,
+    Core,
+    Coda,
+}
+
 /// One choice of a job while it runs. Its fields change only through the methods below, one per
-/// transition the scheduler drives: a chunk begins (`next_chunk_ids`, `begin_chunk`), steps
-/// (`stepped`), checks its exit, gets logits, emits its token (`emit_token`) and is released.
+/// transition the scheduler drives: a piece of the prelude, of a core step or of the coda runs
+/// (`*_piece`, then `*_done`), the exit is checked, the token is emitted (`emit_token`, which
+/// starts the next chunk) and the sequence is released.
 pub struct Running {
     shared: Arc<JobShared>,
     choice: usize,
@@ -101,8 +112,19 @@ pub struct Running {
     /// The cap is the remaining step budget rather than `num_steps`.
     cap_is_budget: bool,
     prefill: bool,
+    /// The chunk's stage, and how many of its positions are through it (at the current step,
+    /// for the core).
+    stage: Stage,
+    done: usize,
+    /// The chunk's iteration ended by its exit criterion (not its cap or budget).
+    converged: bool,
     state: Tensor,
     injection: Tensor,
+    /// Outputs of the current stage's pieces so far, joined when the stage covers the chunk: the
+    /// prelude's injection rows, or the next state's rows of the current step.
+    pieces: Vec<Tensor>,
+    /// Every coda row's logits so far, for a prompt that reports them.
+    coda_rows: Vec<Vec<f32>>,
     tracker: ExitTracker,
     /// Logits of the current state, when already computed this tick.
     logits: Option<Vec<f32>>,
@@ -146,8 +168,13 @@ impl Running {
             cap: 0,
             cap_is_budget: false,
             prefill: true,
+            stage: Stage::Prelude,
+            done: 0,
+            converged: false,
             state: placeholder.clone(),
             injection: placeholder,
+            pieces: Vec::new(),
+            coda_rows: Vec::new(),
             tracker: ExitTracker::new(spec.params.exit, Vec::new()),
             logits: None,
             steps_spent: 0,
@@ -195,30 +222,115 @@ impl Running {
         self.generated
     }
 
-    pub fn state(&self) -> &Tensor {
-        &self.state
+    pub fn stage(&self) -> Stage {
+        self.stage
     }
 
-    pub fn injection(&self) -> &Tensor {
-        &self.injection
+    /// Positions of the chunk not yet through the current stage (at the current step).
+    pub fn remaining(&self) -> usize {
+        self.len - self.done
     }
 
-    /// The chunk's rows at its current step, for a core step.
-    pub fn core_chunk(&mut self) -> Chunk<'_> {
-        Chunk { cache: &mut self.cache, start: self.start, len: self.len, step: self.step }
+    /// The ids of the next `rows` positions of the prelude, and their chunk.
+    pub fn prelude_piece(&mut self, rows: usize) -> (&[u32], Chunk<'_>) {
+        let first = self.start + self.done;
+        (&self.context[first..first + rows], Chunk { cache: &mut self.cache, start: first, len: rows, step: 0 })
     }
 
-    /// The chunk's rows for the prelude and the coda (their layers have one cache entry).
-    pub fn outer_chunk(&mut self) -> Chunk<'_> {
-        Chunk { cache: &mut self.cache, start: self.start, len: self.len, step: 0 }
+    /// The prelude ran over the next `injection.dim(0)` positions. When it covers the chunk, the
+    /// core steps begin: a fresh initial state (unless continuous compute carries the last one),
+    /// a fresh exit tracker, step 0 and its cap.
+    pub fn prelude_done(&mut self, injection: Tensor, model: &HuginnModel) -> crate::model::Result<()> {
+        self.done += injection.dim(0)?;
+        self.pieces.push(injection);
+        if self.done < self.len {
+            return Ok(());
+        }
+        self.injection = join(std::mem::take(&mut self.pieces))?;
+        let params = &self.shared.spec.params;
+        if self.prefill || !params.continuous_compute {
+            self.state = model.init_state(self.len, params.init_scale, &mut self.rng)?;
+        }
+        let rule = params.exit;
+        let initial =
+            if rule.criterion.needs_latent() && !self.prefill { latent_vec(&self.state)? } else { Vec::new() };
+        self.tracker = ExitTracker::new(rule, initial);
+        (self.stage, self.done, self.step) = (Stage::Core, 0, 0);
+        self.logits = None;
+        self.set_cap();
+        Ok(())
     }
 
-    /// One core step done: `state` is the chunk's new latent state.
-    pub fn stepped(&mut self, state: Tensor) {
-        self.state = state;
+    /// The state and injection rows of the next `rows` positions at the current step, and their
+    /// chunk.
+    pub fn core_piece(&mut self, rows: usize) -> crate::model::Result<(Tensor, Tensor, Chunk<'_>)> {
+        let (state, injection) = if rows == self.len {
+            (self.state.clone(), self.injection.clone())
+        } else {
+            (self.state.narrow(0, self.done, rows)?, self.injection.narrow(0, self.done, rows)?)
+        };
+        let chunk = Chunk { cache: &mut self.cache, start: self.start + self.done, len: rows, step: self.step };
+        Ok((state, injection, chunk))
+    }
+
+    /// The current step ran over the next `state.dim(0)` positions (`state`: their new rows).
+    /// True when the step covers the chunk: the state is the new one and the step counts.
+    pub fn core_done(&mut self, state: Tensor) -> crate::model::Result<bool> {
+        self.done += state.dim(0)?;
+        self.pieces.push(state);
+        if self.done < self.len {
+            return Ok(false);
+        }
+        self.state = join(std::mem::take(&mut self.pieces))?;
+        self.done = 0;
         self.step += 1;
         self.steps_spent += 1;
         self.logits = None;
+        Ok(true)
+    }
+
+    /// The chunk stopped iterating (`converged`: by its exit criterion): the coda follows.
+    pub fn start_coda(&mut self, converged: bool) {
+        (self.stage, self.done, self.converged) = (Stage::Coda, 0, converged);
+    }
+
+    /// The coda is already done when an exit check computed the chunk's logits this step (a
+    /// decoding token's one row, its coda entries written): true then.
+    pub fn coda_from_exit_check(&mut self) -> bool {
+        let ready = self.stage == Stage::Coda && self.done == 0 && self.logits.is_some() && !self.reports_prompt_rows();
+        if ready {
+            self.done = self.len;
+        }
+        ready
+    }
+
+    /// The state rows of the next `rows` positions for the coda, and their chunk.
+    pub fn coda_piece(&mut self, rows: usize) -> crate::model::Result<(Tensor, Chunk<'_>)> {
+        let state = if rows == self.len { self.state.clone() } else { self.state.narrow(0, self.done, rows)? };
+        Ok((state, Chunk { cache: &mut self.cache, start: self.start + self.done, len: rows, step: 0 }))
+    }
+
+    /// Whether a coda piece needs every row's logits (a prompt reporting them), or only its last.
+    pub fn reports_prompt_rows(&self) -> bool {
+        self.prefill && (self.spec().prompt_logprobs || self.spec().report_logits)
+    }
+
+    /// The coda ran over the next `rows` positions; `logits` holds every row's (when reporting
+    /// prompt rows) or the last row's. True when the coda covers the chunk: its logits are set
+    /// (and a prompt's rows reported).
+    pub fn coda_done(&mut self, rows: usize, logits: Vec<Vec<f32>>) -> bool {
+        self.done += rows;
+        let complete = self.done >= self.len;
+        if self.reports_prompt_rows() {
+            self.coda_rows.extend(logits);
+            if complete {
+                let rows = std::mem::take(&mut self.coda_rows);
+                self.take_prompt_rows(rows);
+            }
+        } else if complete {
+            self.logits = logits.into_iter().last();
+        }
+        complete
     }
 
     /// The exit rule is checked after the step just done (never while prefilling).
@@ -253,13 +365,8 @@ impl Running {
         self.logits = Some(row);
     }
 
-    /// A prompt chunk whose every row's logits are reported (prompt log-probabilities or logits).
-    pub fn reports_prompt_rows(&self) -> bool {
-        self.prefill && (self.spec().prompt_logprobs || self.spec().report_logits)
-    }
-
     /// Every row's logits of the prompt chunk: reported, the last one kept for sampling.
-    pub fn take_prompt_rows(&mut self, rows: Vec<Vec<f32>>) {
+    fn take_prompt_rows(&mut self, rows: Vec<Vec<f32>>) {
         let spec = self.shared.spec.clone();
         if spec.prompt_logprobs {
             let logprobs = rows
@@ -275,44 +382,10 @@ impl Running {
         }
     }
 
-    /// Appends the ids of the next chunk to `ids` (the prompt while prefilling, else the last
-    /// sampled token) and makes them the chunk's positions.
-    pub fn next_chunk_ids(&mut self, ids: &mut Vec<u32>) {
-        if self.prefill {
-            ids.extend_from_slice(&self.context);
-            (self.start, self.len) = (0, self.context.len());
-        } else {
-            ids.push(*self.context.last().unwrap_or(&0));
-            (self.start, self.len) = (self.context.len() - 1, 1);
-        }
-    }
-
-    /// The next chunk begins with its prelude output `injection`: a fresh initial state (unless
-    /// continuous compute carries the last one), a fresh exit tracker, step 0 and its cap.
-    pub fn begin_chunk(&mut self, injection: Tensor, model: &HuginnModel) -> crate::model::Result<()> {
-        self.injection = injection;
-        let params = &self.shared.spec.params;
-        if self.prefill || !params.continuous_compute {
-            self.state = model.init_state(self.len, params.init_scale, &mut self.rng)?;
-        }
-        let rule = params.exit;
-        let initial =
-            if rule.criterion.needs_latent() && !self.prefill { latent_vec(&self.state)? } else { Vec::new() };
-        self.tracker = ExitTracker::new(rule, initial);
-        self.step = 0;
-        self.logits = None;
-        self.set_cap();
-        Ok(())
-    }
-
     /// Samples the chunk's token from its logits, records it and sends it (with its metrics);
     /// `limit` is the context length.
-    pub fn emit_token(
-        &mut self,
-        converged: bool,
-        tokenizer: &TextTokenizer,
-        limit: usize,
-    ) -> crate::model::Result<AfterToken> {
+    pub fn emit_token(&mut self, tokenizer: &TextTokenizer, limit: usize) -> crate::model::Result<AfterToken> {
+        let converged = self.converged;
         let exit = self.exit_reason(converged);
         let steps = self.step;
         histogram!(m::STEPS_PER_TOKEN, "exit_reason" => exit.label()).record(steps as f64);
@@ -349,7 +422,12 @@ impl Running {
         let event = Event::Token { choice: self.choice, id: token, text: piece.text, steps, exit, logprobs };
         Ok(match (self.send(event), reason) {
             (_, Some(reason)) => AfterToken::Finishes(reason),
-            (true, None) => AfterToken::Continues,
+            (true, None) => {
+                // The next chunk is the token just sampled.
+                (self.start, self.len) = (self.context.len() - 1, 1);
+                (self.stage, self.done) = (Stage::Prelude, 0);
+                AfterToken::Continues
+            }
             (false, None) => AfterToken::Dropped,
         })
     }
@@ -423,6 +501,16 @@ impl Running {
             None
         }
     }
+}
+
+/// The pieces of a stage's output, in order, as one tensor.
+fn join(mut pieces: Vec<Tensor>) -> crate::model::Result<Tensor> {
+    if pieces.len() == 1
+        && let Some(whole) = pieces.pop()
+    {
+        return Ok(whole);
+    }
+    Ok(Tensor::cat(&pieces, 0)?)
 }
 
 /// A one-row latent state as float32 values (what the exit criteria compare).

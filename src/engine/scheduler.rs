@@ -9,15 +9,16 @@
 //! the same alone or beside others.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::Tensor;
-use metrics::{counter, histogram};
+use metrics::{counter, gauge, histogram};
 
 use super::job::{EngineFailure, Event, Job};
-use super::running::{AfterToken, JobShared, Running};
+use super::running::{AfterToken, JobShared, Running, Stage};
 use crate::generate::FinishReason;
 use crate::metrics as m;
-use crate::model::{Chunk, HuginnModel, LogitRows, Result};
+use crate::model::{HuginnModel, LogitRows, Result};
 use crate::text::TextTokenizer;
 
 /// Limits of one worker.
@@ -25,6 +26,9 @@ use crate::text::TextTokenizer;
 pub struct SchedulerLimits {
     pub max_active_sequences: usize,
     pub max_kv_bytes: usize,
+    /// Rows (token positions) one prelude, core-step or coda pass may hold; 0: unlimited. A
+    /// prompt larger than what is left is prefilled in pieces, step-major (exact).
+    pub max_tick_rows: usize,
 }
 
 /// What a worker holds: running sequences, their K/V bytes and their K/V reservation (sequences
@@ -35,6 +39,9 @@ pub struct Totals {
     pub kv_bytes: usize,
     pub reserved_kv: usize,
 }
+
+/// Rows of one pass: (sequence index, rows), in index order.
+type Plan = Vec<(usize, usize)>;
 
 /// Called with the new totals whenever a sequence is released, before its last event is sent.
 pub type Reporter = Box<dyn Fn(Totals) + Send>;
@@ -119,14 +126,7 @@ impl Scheduler {
             }
             return Ok(());
         }
-        let started = (0..spec.n)
-            .map(|c| Running::new(shared.clone(), c, &self.model))
-            .collect::<Result<Vec<_>>>()
-            .and_then(|mut fresh| {
-                let mut refs: Vec<&mut Running> = fresh.iter_mut().collect();
-                start_chunks(&self.model, &mut refs)?;
-                Ok(fresh)
-            });
+        let started = (0..spec.n).map(|c| Running::new(shared.clone(), c, &self.model)).collect::<Result<Vec<_>>>();
         match started {
             Ok(fresh) => {
                 self.running.extend(fresh);
@@ -147,109 +147,183 @@ impl Scheduler {
         if self.running.is_empty() {
             return Ok(false);
         }
+        let started = Instant::now();
         let advanced = self.step_all()?;
         self.drop_finished();
+        if advanced {
+            histogram!(m::TICK_DURATION).record(started.elapsed().as_secs_f64());
+        }
+        let waiting: usize = self.running.iter().filter(|r| r.is_prefill()).map(Running::remaining).sum();
+        gauge!(m::PROMPT_ROWS_WAITING, "worker" => self.worker.to_string()).set(waiting as f64);
         Ok(advanced)
     }
 
     /// Advances the sequences whose readers have room for this tick's events (the others wait,
-    /// holding their state, so that no channel overflows).
+    /// holding their state, so that no channel overflows): one prelude pass, one core-step pass
+    /// and the coda passes, each over at most `max_tick_rows` rows, decoding rows first, then
+    /// prompts in arrival order.
     fn step_all(&mut self) -> Result<bool> {
-        let active: Vec<usize> = (0..self.running.len()).filter(|&i| self.running[i].job().can_take_a_tick()).collect();
-        if active.is_empty() {
+        let mut order: Vec<usize> =
+            (0..self.running.len()).filter(|&i| self.running[i].job().can_take_a_tick()).collect();
+        if order.is_empty() {
             return Ok(false);
         }
-        let count = active.len();
-        let state = cat(active.iter().map(|&i| self.running[i].state()))?;
-        let injection = cat(active.iter().map(|&i| self.running[i].injection()))?;
-        // Decided once above: a reader draining meanwhile must not change who is in this tick.
-        let mut taking = vec![false; self.running.len()];
-        active.iter().for_each(|&i| taking[i] = true);
-        let mut chunks: Vec<Chunk<'_>> =
-            self.running.iter_mut().zip(&taking).filter(|(_, taking)| **taking).map(|(r, _)| r.core_chunk()).collect();
-        let next = self.model.core_step(&state, &injection, &mut chunks)?;
-        drop(chunks);
-        let mut row = 0;
-        for &i in &active {
-            let r = &mut self.running[i];
-            let len = r.positions().1;
-            r.stepped(next.narrow(0, row, len)?);
-            row += len;
-        }
-        counter!(m::CORE_STEPS, "worker" => self.worker.to_string()).increment(count as u64);
-        histogram!(m::BATCH_SEQUENCES).record(count as f64);
+        // Stable: arrival order within decoders and within prompts.
+        order.sort_by_key(|&i| self.running[i].is_prefill());
+        self.run_preludes(&order)?;
+        let stepped = self.run_core_step(&order)?;
 
         // Criteria that read the distribution need the coda at every checked step.
-        let checking: Vec<usize> = active.iter().copied().filter(|&i| self.running[i].checks_exit()).collect();
+        let checking: Vec<usize> = stepped.iter().copied().filter(|&i| self.running[i].checks_exit()).collect();
         let wants_logits: Vec<usize> =
             checking.iter().copied().filter(|&i| self.running[i].exit_needs_logits()).collect();
-        self.decode(&wants_logits)?;
-
-        let mut done: Vec<(usize, bool)> = Vec::new();
-        for &i in &active {
+        self.exit_check_logits(&wants_logits)?;
+        for &i in &stepped {
             let r = &mut self.running[i];
             let converged = checking.contains(&i) && r.check_exit()?;
             if r.chunk_done(converged) {
-                done.push((i, converged));
+                r.start_coda(converged);
             }
         }
-        let need: Vec<usize> = done.iter().map(|(i, _)| *i).filter(|&i| !self.running[i].has_logits()).collect();
-        self.decode(&need)?;
 
-        let mut continuing = Vec::new();
-        for (i, converged) in done {
-            if self.finish_token(i, converged)? {
-                continuing.push(i);
-            }
+        for i in self.run_codas(&order)? {
+            self.finish_token(i)?;
         }
-        let mut refs: Vec<&mut Running> =
-            self.running.iter_mut().enumerate().filter(|(i, _)| continuing.contains(i)).map(|(_, r)| r).collect();
-        start_chunks(&self.model, &mut refs)?;
         Ok(true)
     }
 
-    /// Coda + head for the sequences at `indices` (their current state), stored in `logits`.
-    /// Prompt chunks that report prompt log-probabilities get every row.
-    fn decode(&mut self, indices: &[usize]) -> Result<()> {
+    /// Rows of this pass for each sequence of `order` in `stage` (index, rows): each takes what
+    /// it has left in the stage, as far as the budget goes.
+    fn plan(&self, order: &[usize], stage: Stage) -> Plan {
+        let mut left = if self.limits.max_tick_rows == 0 { usize::MAX } else { self.limits.max_tick_rows };
+        let mut plan = Vec::new();
+        for &i in order {
+            let r = &self.running[i];
+            let rows = if r.stage() == stage { r.remaining().min(left) } else { 0 };
+            if rows > 0 {
+                plan.push((i, rows));
+                left -= rows;
+            }
+        }
+        plan.sort_unstable();
+        plan
+    }
+
+    /// The pieces of the prelude this tick, in one call.
+    fn run_preludes(&mut self, order: &[usize]) -> Result<()> {
+        let plan = self.plan(order, Stage::Prelude);
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::new();
+        let mut chunks = Vec::with_capacity(plan.len());
+        for (r, rows) in planned(&mut self.running, &plan) {
+            let (piece, chunk) = r.prelude_piece(rows);
+            ids.extend_from_slice(piece);
+            chunks.push(chunk);
+        }
+        let injection = self.model.prelude(&ids, &mut chunks)?;
+        drop(chunks);
+        let mut row = 0;
+        for &(i, rows) in &plan {
+            self.running[i].prelude_done(injection.narrow(0, row, rows)?, &self.model)?;
+            row += rows;
+        }
+        Ok(())
+    }
+
+    /// The pieces of core steps this tick, in one call; returns the sequences whose step now
+    /// covers their chunk.
+    fn run_core_step(&mut self, order: &[usize]) -> Result<Vec<usize>> {
+        let plan = self.plan(order, Stage::Core);
+        if plan.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (mut states, mut injections, mut chunks) = (Vec::new(), Vec::new(), Vec::with_capacity(plan.len()));
+        for (r, rows) in planned(&mut self.running, &plan) {
+            let (state, injection, chunk) = r.core_piece(rows)?;
+            states.push(state);
+            injections.push(injection);
+            chunks.push(chunk);
+        }
+        let next = self.model.core_step(&cat(states.iter())?, &cat(injections.iter())?, &mut chunks)?;
+        drop(chunks);
+        let mut stepped = Vec::new();
+        let mut row = 0;
+        for &(i, rows) in &plan {
+            if self.running[i].core_done(next.narrow(0, row, rows)?)? {
+                stepped.push(i);
+            }
+            row += rows;
+        }
+        counter!(m::CORE_STEPS, "worker" => self.worker.to_string()).increment(stepped.len() as u64);
+        histogram!(m::BATCH_SEQUENCES).record(plan.len() as f64);
+        histogram!(m::TICK_ROWS).record(plan.iter().map(|&(_, rows)| rows).sum::<usize>() as f64);
+        Ok(stepped)
+    }
+
+    /// Coda + head for the exit checks of `indices` (decoding tokens, one row each): their logits.
+    fn exit_check_logits(&mut self, indices: &[usize]) -> Result<()> {
         if indices.is_empty() {
             return Ok(());
         }
-        let (all_rows, last_rows): (Vec<usize>, Vec<usize>) =
-            indices.iter().partition(|&&i| self.running[i].reports_prompt_rows());
-        for i in all_rows {
-            let r = &mut self.running[i];
-            let logits = self.model.coda(&r.state().clone(), &mut [r.outer_chunk()], LogitRows::All)?;
-            r.take_prompt_rows(logits.to_vec2::<f32>()?);
-        }
-        if last_rows.is_empty() {
-            return Ok(());
-        }
-        let state = cat(last_rows.iter().map(|&i| self.running[i].state()))?;
-        let mut chunks = Vec::with_capacity(last_rows.len());
-        for (i, r) in self.running.iter_mut().enumerate() {
-            if last_rows.contains(&i) {
-                chunks.push(r.outer_chunk());
-            }
-        }
-        let logits = self.model.coda(&state, &mut chunks, LogitRows::Last)?.to_vec2::<f32>()?;
-        drop(chunks);
-        for (&i, row) in last_rows.iter().zip(logits) {
+        let plan: Vec<(usize, usize)> = indices.iter().map(|&i| (i, self.running[i].positions().1)).collect();
+        let logits = self.coda_pass(&plan)?;
+        for (&i, row) in indices.iter().zip(logits) {
             self.running[i].set_logits(row);
         }
         Ok(())
     }
 
-    /// Samples and emits the token of sequence `i`; true when the sequence goes on.
-    fn finish_token(&mut self, i: usize, converged: bool) -> Result<bool> {
-        let limit = self.model.config().block_size;
-        match self.running[i].emit_token(converged, &self.tokenizer, limit)? {
-            AfterToken::Continues => Ok(true),
-            AfterToken::Dropped => Ok(false),
-            AfterToken::Finishes(reason) => {
-                self.finish(i, reason);
-                Ok(false)
+    /// The coda pieces this tick; returns the sequences whose coda now covers their chunk (their
+    /// logits set, ready to sample).
+    fn run_codas(&mut self, order: &[usize]) -> Result<Vec<usize>> {
+        let mut complete: Vec<usize> =
+            order.iter().copied().filter(|&i| self.running[i].coda_from_exit_check()).collect();
+        let plan = self.plan(order, Stage::Coda);
+        let (all_rows, last_rows): (Plan, Plan) =
+            plan.into_iter().partition(|&(i, _)| self.running[i].reports_prompt_rows());
+        for (i, rows) in all_rows {
+            let r = &mut self.running[i];
+            let (state, chunk) = r.coda_piece(rows)?;
+            let logits = self.model.coda(&state, &mut [chunk], LogitRows::All)?.to_vec2::<f32>()?;
+            if r.coda_done(rows, logits) {
+                complete.push(i);
             }
         }
+        let logits = self.coda_pass(&last_rows)?;
+        for (&(i, rows), row) in last_rows.iter().zip(logits) {
+            if self.running[i].coda_done(rows, vec![row]) {
+                complete.push(i);
+            }
+        }
+        complete.sort_unstable();
+        Ok(complete)
+    }
+
+    /// One coda call over the next pieces of `plan` (index, rows; in index order): the logits of
+    /// each piece's last row.
+    fn coda_pass(&mut self, plan: &[(usize, usize)]) -> Result<Vec<Vec<f32>>> {
+        if plan.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (mut states, mut chunks) = (Vec::new(), Vec::with_capacity(plan.len()));
+        for (r, rows) in planned(&mut self.running, plan) {
+            let (state, chunk) = r.coda_piece(rows)?;
+            states.push(state);
+            chunks.push(chunk);
+        }
+        Ok(self.model.coda(&cat(states.iter())?, &mut chunks, LogitRows::Last)?.to_vec2::<f32>()?)
+    }
+
+    /// Samples and emits the token of sequence `i` (its coda done); the sequence then goes on to
+    /// its next token's chunk or finishes.
+    fn finish_token(&mut self, i: usize) -> Result<()> {
+        let limit = self.model.config().block_size;
+        if let AfterToken::Finishes(reason) = self.running[i].emit_token(&self.tokenizer, limit)? {
+            self.finish(i, reason);
+        }
+        Ok(())
     }
 
     fn drop_cancelled(&mut self) {
@@ -270,26 +344,19 @@ impl Scheduler {
     }
 }
 
-/// Runs the prelude of each sequence's next chunk (its prompt while prefilling, else its last
-/// sampled token) in one batched call, and resets its iteration state.
-fn start_chunks(model: &HuginnModel, seqs: &mut [&mut Running]) -> Result<()> {
-    if seqs.is_empty() {
-        return Ok(());
-    }
-    let mut ids = Vec::new();
-    for r in seqs.iter_mut() {
-        r.next_chunk_ids(&mut ids);
-    }
-    let mut chunks: Vec<Chunk<'_>> = seqs.iter_mut().map(|r| r.outer_chunk()).collect();
-    let injection = model.prelude(&ids, &mut chunks)?;
-    drop(chunks);
-    let mut row = 0;
-    for r in seqs.iter_mut() {
-        let len = r.positions().1;
-        r.begin_chunk(injection.narrow(0, row, len)?, model)?;
-        row += len;
-    }
-    Ok(())
+/// The sequences of `plan` (index, rows; in index order) with their rows, borrowed together.
+fn planned<'a>(
+    running: &'a mut [Running],
+    plan: &'a [(usize, usize)],
+) -> impl Iterator<Item = (&'a mut Running, usize)> {
+    let mut next = plan.iter().peekable();
+    running.iter_mut().enumerate().filter_map(move |(i, r)| match next.peek() {
+        Some(&&(j, rows)) if j == i => {
+            next.next();
+            Some((r, rows))
+        }
+        _ => None,
+    })
 }
 
 fn cat<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> Result<Tensor> {

@@ -16,7 +16,7 @@ fn scheduler() -> Scheduler {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/huginn-tiny-ref");
     let model = Arc::new(HuginnModel::load(&dir, DType::F32, &Device::Cpu).expect("fixture"));
     let tokenizer = Arc::new(TextTokenizer::load(&dir, model.config()).expect("tokenizer"));
-    let limits = SchedulerLimits { max_active_sequences: 8, max_kv_bytes: 1 << 30 };
+    let limits = SchedulerLimits { max_active_sequences: 8, max_kv_bytes: 1 << 30, max_tick_rows: 0 };
     Scheduler::new(model, tokenizer, limits, "test")
 }
 
@@ -41,16 +41,21 @@ fn a_prompt_is_one_chunk_then_each_token_one_row() {
     s.admit(job).expect("admitted");
     let r = &s.running[0];
     assert!(r.is_prefill());
-    assert_eq!((r.positions(), r.steps()), ((0, PROMPT.len()), (0, 2)));
+    assert_eq!((r.positions(), r.stage(), r.remaining()), ((0, PROMPT.len()), Stage::Prelude, PROMPT.len()));
     assert!(s.tick().expect("tick"));
-    assert_eq!(s.running[0].steps().0, 1);
+    let r = &s.running[0];
+    assert_eq!((r.stage(), r.steps()), (Stage::Core, (1, 2)), "the prelude and the first step in one tick");
     assert!(events(&mut handle).is_empty(), "no token before the prompt's last step");
     s.tick().expect("tick");
     let sent = events(&mut handle);
     assert!(matches!(sent.as_slice(), [Event::Token { steps: 2, exit: ExitReason::Cap, .. }]), "{sent:?}");
     let r = &s.running[0];
     assert!(!r.is_prefill());
-    assert_eq!((r.positions(), r.steps().0, r.generated()), ((PROMPT.len(), 1), 0, 1), "the token is the next chunk");
+    assert_eq!(
+        (r.positions(), r.stage(), r.generated()),
+        ((PROMPT.len(), 1), Stage::Prelude, 1),
+        "the token is the next chunk"
+    );
     for _ in 0..4 {
         s.tick().expect("tick");
     }
@@ -61,6 +66,34 @@ fn a_prompt_is_one_chunk_then_each_token_one_row() {
     );
     assert!(s.is_idle(), "a finished sequence leaves at the end of its tick");
     assert_eq!(s.totals(), Totals::default());
+}
+
+#[test]
+fn a_prompt_over_the_row_budget_runs_each_step_in_pieces_beside_a_decoder() {
+    let mut s = scheduler();
+    let (decoder, mut decoder_handle) = job(&s, 2, 50);
+    s.admit(decoder).expect("admitted");
+    while events(&mut decoder_handle).is_empty() {
+        s.tick().expect("tick");
+    }
+    // Every pass: the decoder's row first, then 2 of the prompt's 7.
+    s.limits.max_tick_rows = 3;
+    let (prompt, mut prompt_handle) = job(&s, 2, 2);
+    s.admit(prompt).expect("admitted");
+    let (mut ticks, mut seen) = (0, std::collections::BTreeSet::new());
+    while events(&mut prompt_handle).is_empty() {
+        s.tick().expect("tick");
+        ticks += 1;
+        let r = &s.running[1];
+        if r.stage() == Stage::Core {
+            seen.insert(r.remaining());
+        }
+        assert!(ticks < 40, "the prompt keeps progressing");
+    }
+    assert!([5, 3, 1].iter().all(|left| seen.contains(left)), "a step in pieces of 2 rows: {seen:?}");
+    assert!(ticks >= 2 * PROMPT.len().div_ceil(2), "each of the 2 steps took 4 passes: {ticks} ticks");
+    let tokens = events(&mut decoder_handle).iter().filter(|e| matches!(e, Event::Token { .. })).count();
+    assert!(tokens.abs_diff(ticks / 2) <= 1, "the decoder never waited: {tokens} tokens in {ticks} ticks");
 }
 
 #[test]

@@ -80,6 +80,7 @@ pub fn build_state(settings: Settings, dir: &Path) -> Result<AppState, StartErro
     let limits = SchedulerLimits {
         max_active_sequences: settings.engine.max_active_sequences.max(1),
         max_kv_bytes: settings.engine.max_kv_bytes,
+        max_tick_rows: settings.engine.max_tick_rows,
     };
     let engine = Engine::start(
         models,
