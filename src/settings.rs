@@ -101,7 +101,7 @@ impl Default for EngineSettings {
 }
 
 /// The default row budget of a tick (docs/BENCHMARKS.md, long-prompt interference).
-pub const DEFAULT_MAX_TICK_ROWS: usize = 256;
+pub const DEFAULT_MAX_TICK_ROWS: usize = 64;
 
 impl EngineSettings {
     /// `Err((key, message))` for a value that cannot work.

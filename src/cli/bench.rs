@@ -40,6 +40,9 @@ pub struct BenchArgs {
     /// bfloat16 (about 7 GB) and rewrite that section of the report.
     #[arg(long)]
     full_size: bool,
+    /// Only the long-prompt interference section (rewritten in the report).
+    #[arg(long)]
+    interference: bool,
     /// Where the full-size checkpoint is written (reused when present).
     #[arg(long, default_value = "target/bench-models/huginn-0125-bf16")]
     full_size_model: PathBuf,
@@ -55,6 +58,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     if args.full_size {
         return super::bench_full_size::run(&args.full_size_model, &args.out);
+    }
+    if args.interference {
+        ensure_large_model(&args.large_model)?;
+        return super::bench_interference::run(&args.large_model, &args.out, args.quick);
     }
     let tiny = HuginnModel::load(&args.fixture, DType::F32, &device).context("loading the fixture model")?;
     ensure_large_model(&args.large_model)?;
@@ -98,7 +105,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let report = render(&args, threads, &tiny_rows, &large, &large_rows, bandwidth)?
         + &serving
-        + &super::bench_full_size::kept_section(&args.out);
+        + &super::bench_full_size::kept_section(&args.out)
+        + &super::bench_interference::kept_section(&args.out);
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }

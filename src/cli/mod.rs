@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_full_size;
+mod bench_interference;
 mod bench_serving;
 mod eval;
 mod generate;
