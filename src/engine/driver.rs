@@ -64,10 +64,13 @@ impl Completion {
     }
 }
 
-/// Runs jobs to completion through a [`Scheduler`] on this thread.
+/// Runs jobs to completion through a [`Scheduler`], driven from this thread. Each tick runs on
+/// the driver's compute threads, as a server worker's does, so that the serial parts of a tick
+/// and the parallel kernels share threads instead of this one handing every kernel call over.
 pub struct Driver {
     model: Arc<HuginnModel>,
     scheduler: Scheduler,
+    pool: Option<rayon::ThreadPool>,
 }
 
 /// A job in a run: its handle and what its choices produced so far.
@@ -96,7 +99,8 @@ impl Driver {
             max_kv_bytes: usize::MAX,
             max_tick_rows,
         };
-        Self { scheduler: Scheduler::new(model.clone(), tokenizer, limits, "driver"), model }
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(crate::cpu_threads::configured()).build().ok();
+        Self { scheduler: Scheduler::new(model.clone(), tokenizer, limits, "driver"), model, pool }
     }
 
     /// Runs one job of one choice.
@@ -136,7 +140,11 @@ impl Driver {
                     self.scheduler.admit(job)?;
                 }
             }
-            self.scheduler.tick()?;
+            let scheduler = &mut self.scheduler;
+            match &self.pool {
+                Some(pool) => pool.install(|| scheduler.tick())?,
+                None => scheduler.tick()?,
+            };
             for (index, job) in tracked.iter_mut().enumerate() {
                 drain(index, job, started, &mut on_event)?;
             }
