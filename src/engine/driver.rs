@@ -9,8 +9,8 @@ use std::time::Instant;
 use tokio::sync::mpsc::error::TryRecvError;
 
 use super::job::{Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs};
-use super::running::kv_reservation;
 use super::scheduler::{Scheduler, SchedulerLimits};
+use super::shared::kv_reservation;
 use crate::generate::FinishReason;
 use crate::model::{HuginnModel, ModelError, Result};
 use crate::text::TextTokenizer;

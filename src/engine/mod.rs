@@ -5,6 +5,7 @@ pub mod driver;
 pub mod job;
 pub mod running;
 pub mod scheduler;
+pub mod shared;
 pub mod worker;
 
 pub use driver::{Completion, Driver};

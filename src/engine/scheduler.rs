@@ -15,7 +15,8 @@ use candle_core::Tensor;
 use metrics::{counter, gauge, histogram};
 
 use super::job::{EngineFailure, Event, Job};
-use super::running::{AfterToken, JobShared, Running, Stage};
+use super::running::{AfterToken, Running, Stage};
+use super::shared::JobShared;
 use crate::generate::FinishReason;
 use crate::metrics as m;
 use crate::model::{HuginnModel, LogitRows, Result};

@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 
 use super::*;
 use crate::engine::job::{EVENTS_PER_CHOICE, ExitReason, JobHandle, JobSpec};
-use crate::engine::running::kv_reservation;
+use crate::engine::shared::kv_reservation;
 use crate::generate::GenerationParams;
 use crate::model::CacheStrategy;
 

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use metrics::{counter, gauge};
 
 use super::job::{Job, JobHandle, JobSpec};
-use super::running::kv_reservation;
 use super::scheduler::{Scheduler, SchedulerLimits, Totals};
+use super::shared::kv_reservation;
 use crate::metrics as m;
 use crate::model::HuginnModel;
 use crate::text::TextTokenizer;
