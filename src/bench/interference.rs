@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::engine::{Engine, EngineConfig, Event, JobSpec, SchedulerLimits};
-use crate::generate::GenerationParams;
-use crate::model::{CacheStrategy, HuginnModel};
+use super::load::{engine_with_budget, spec};
+use crate::engine::Event;
+use crate::model::HuginnModel;
 use crate::text::TextTokenizer;
 
 /// What one run measured.
@@ -29,14 +29,6 @@ impl Interference {
     }
 }
 
-fn spec(prompt: Vec<u32>, num_steps: usize, max_tokens: usize) -> JobSpec {
-    let mut params = GenerationParams::new(num_steps);
-    params.max_tokens = max_tokens;
-    params.init_scale = 0.0;
-    params.cache = CacheStrategy::Shared(1);
-    JobSpec::new(prompt, params)
-}
-
 /// `streams` requests decode at `num_steps`; once each has `warmup` tokens, a prompt of
 /// `prompt_len` tokens arrives (same `num_steps`, one token). With `streams` 0 it runs alone.
 pub fn long_prompt(
@@ -48,9 +40,7 @@ pub fn long_prompt(
     prompt_len: usize,
     warmup: usize,
 ) -> Interference {
-    let limits = SchedulerLimits { max_active_sequences: 64, max_kv_bytes: usize::MAX, max_tick_rows: budget };
-    let config = EngineConfig { queue_capacity: 64, limits, restart_backoff: Duration::from_millis(1000) };
-    let engine = Engine::start(vec![model.clone()], tokenizer.clone(), config);
+    let engine = engine_with_budget(model.clone(), tokenizer.clone(), 64, budget);
     let stop = AtomicBool::new(false);
     let warm = AtomicUsize::new(0);
     let started = Instant::now();
@@ -62,7 +52,7 @@ pub fn long_prompt(
             .map(|c| {
                 scope.spawn(move || {
                     let mut times = Vec::new();
-                    let Ok(mut handle) = engine.submit(spec(vec![84 + c as u32, 104, 101, 32], num_steps, stream_room))
+                    let Ok(mut handle) = engine.submit(spec(&[84 + c as u32, 104, 101, 32], num_steps, stream_room))
                     else {
                         return times;
                     };
@@ -93,7 +83,7 @@ pub fn long_prompt(
         }
         let mut ttft = f64::NAN;
         let arrived = started.elapsed().as_secs_f64();
-        if let Ok(mut handle) = engine.submit(spec(long.clone(), num_steps, 1)) {
+        if let Ok(mut handle) = engine.submit(spec(&long, num_steps, 1)) {
             let submitted = Instant::now();
             while let Some(event) = handle.events.blocking_recv() {
                 if matches!(event, Event::Token { .. }) {

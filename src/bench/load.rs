@@ -40,7 +40,17 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
 }
 
 pub fn engine_for(model: Arc<HuginnModel>, tokenizer: Arc<TextTokenizer>, max_active: usize) -> Engine {
-    let limits = SchedulerLimits { max_active_sequences: max_active, max_kv_bytes: usize::MAX, max_tick_rows: 0 };
+    engine_with_budget(model, tokenizer, max_active, 0)
+}
+
+/// [`engine_for`] with at most `max_tick_rows` rows per pass (0: unlimited).
+pub fn engine_with_budget(
+    model: Arc<HuginnModel>,
+    tokenizer: Arc<TextTokenizer>,
+    max_active: usize,
+    max_tick_rows: usize,
+) -> Engine {
+    let limits = SchedulerLimits { max_active_sequences: max_active, max_kv_bytes: usize::MAX, max_tick_rows };
     Engine::start(
         vec![model],
         tokenizer,
@@ -48,7 +58,8 @@ pub fn engine_for(model: Arc<HuginnModel>, tokenizer: Arc<TextTokenizer>, max_ac
     )
 }
 
-fn spec(prompt: &[u32], num_steps: usize, tokens: usize) -> JobSpec {
+/// A greedy job from a zero initial state with the `shared:1` cache, as every benchmark sends.
+pub fn spec(prompt: &[u32], num_steps: usize, tokens: usize) -> JobSpec {
     let mut params = GenerationParams::new(num_steps);
     params.max_tokens = tokens;
     params.init_scale = 0.0;

@@ -12,12 +12,12 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{DType, Device};
 
+use super::report_section::Section;
 use huginn::bench::{core_step_weight_bytes, decode_speed, per_token_weight_bytes, read_pattern_tokens_per_second};
 use huginn::checkpoint::{preset, write_random_checkpoint};
 use huginn::model::{BackendChoice, HuginnModel, dtype_name};
 
-const BEGIN: &str = "<!-- full-size: begin -->";
-const END: &str = "<!-- full-size: end -->";
+const SECTION: Section = Section { begin: "<!-- full-size: begin -->", end: "<!-- full-size: end -->" };
 
 /// Loads measured, each after a read of the files.
 const LOADS: usize = 5;
@@ -64,7 +64,7 @@ pub fn run(dir: &Path, out: &Path) -> anyhow::Result<()> {
     eprintln!("full-size: {:.3} tokens/s, bound {bound:.3}", stats.tokens_per_second());
 
     let mut md = String::new();
-    writeln!(md, "{BEGIN}")?;
+    writeln!(md, "{}", SECTION.begin)?;
     writeln!(md, "## Loading the full-size Huginn-0125 shape\n")?;
     writeln!(md, "Produced by `cargo run --release -- bench --full-size` (only this section is rewritten).")?;
     writeln!(
@@ -137,24 +137,15 @@ pub fn run(dir: &Path, out: &Path) -> anyhow::Result<()> {
         "  the bytes on {threads} threads, right after the model) bounds it at {bound:.3} tokens/s: {:.0}% of the bound",
         100.0 * stats.tokens_per_second() / bound
     )?;
-    writeln!(md, "{END}")?;
-    let report = std::fs::read_to_string(out).unwrap_or_default();
-    let report = match (report.find(BEGIN), report.find(END)) {
-        (Some(a), Some(b)) if b > a => format!("{}{}{}", &report[..a], md.trim_end(), &report[b + END.len()..]),
-        _ => format!("{}\n{md}", report.trim_end()),
-    };
-    std::fs::write(out, report).with_context(|| format!("writing {}", out.display()))?;
+    writeln!(md, "{}", SECTION.end)?;
+    SECTION.write(out, &md)?;
     eprintln!("wrote the full-size section of {}", out.display());
     Ok(())
 }
 
 /// The full-size section of the report at `out`, if it has one (a full run keeps it).
 pub fn kept_section(out: &Path) -> String {
-    let report = std::fs::read_to_string(out).unwrap_or_default();
-    match (report.find(BEGIN), report.find(END)) {
-        (Some(a), Some(b)) if b > a => format!("\n{}\n", &report[a..b + END.len()]),
-        _ => String::new(),
-    }
+    SECTION.kept(out)
 }
 
 fn ensure_checkpoint(dir: &Path) -> anyhow::Result<()> {

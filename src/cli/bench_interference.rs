@@ -11,13 +11,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use candle_core::{DType, Device};
 
+use super::report_section::Section;
 use huginn::bench::interference::{Interference, long_prompt};
 use huginn::model::HuginnModel;
 use huginn::settings::DEFAULT_MAX_TICK_ROWS;
 use huginn::text::TextTokenizer;
 
-const BEGIN: &str = "<!-- interference: begin -->";
-const END: &str = "<!-- interference: end -->";
+const SECTION: Section = Section { begin: "<!-- interference: begin -->", end: "<!-- interference: end -->" };
 
 const STREAMS: usize = 4;
 const NUM_STEPS: usize = 8;
@@ -47,7 +47,7 @@ pub fn run(model_dir: &Path, out: &Path, quick: bool) -> anyhow::Result<()> {
         .collect();
 
     let mut md = String::new();
-    writeln!(md, "{BEGIN}")?;
+    writeln!(md, "{}", SECTION.begin)?;
     writeln!(md, "## A long prompt beside streaming requests\n")?;
     writeln!(md, "Produced by `cargo run --release -- bench --interference` (only this section is rewritten).")?;
     writeln!(
@@ -90,22 +90,13 @@ pub fn run(model_dir: &Path, out: &Path, quick: bool) -> anyhow::Result<()> {
         md,
         "they are measured here (the engine's limits set directly) to show what a smaller pool of sequences would allow."
     )?;
-    writeln!(md, "{END}")?;
-    let report = std::fs::read_to_string(out).unwrap_or_default();
-    let report = match (report.find(BEGIN), report.find(END)) {
-        (Some(a), Some(b)) if b > a => format!("{}{}{}", &report[..a], md.trim_end(), &report[b + END.len()..]),
-        _ => format!("{}\n\n{md}", report.trim_end()),
-    };
-    std::fs::write(out, report).with_context(|| format!("writing {}", out.display()))?;
+    writeln!(md, "{}", SECTION.end)?;
+    SECTION.write(out, &md)?;
     eprintln!("wrote the interference section of {}", out.display());
     Ok(())
 }
 
 /// The interference section of the report at `out`, if it has one (a full run keeps it).
 pub fn kept_section(out: &Path) -> String {
-    let report = std::fs::read_to_string(out).unwrap_or_default();
-    match (report.find(BEGIN), report.find(END)) {
-        (Some(a), Some(b)) if b > a => format!("\n{}\n", &report[a..b + END.len()]),
-        _ => String::new(),
-    }
+    SECTION.kept(out)
 }

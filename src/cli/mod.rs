@@ -8,6 +8,7 @@ mod eval;
 mod generate;
 mod init_random;
 mod plot;
+mod report_section;
 mod serve;
 mod train;
 

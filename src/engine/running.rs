@@ -190,7 +190,7 @@ impl Running {
         if self.done < self.len {
             return Ok(());
         }
-        self.injection = join(std::mem::take(&mut self.pieces))?;
+        self.injection = cat(std::mem::take(&mut self.pieces).iter())?;
         let params = &self.shared.spec.params;
         if self.prefill || !params.continuous_compute {
             self.state = model.init_state(self.len, params.init_scale, &mut self.rng)?;
@@ -225,7 +225,7 @@ impl Running {
         if self.done < self.len {
             return Ok(false);
         }
-        self.state = join(std::mem::take(&mut self.pieces))?;
+        self.state = cat(std::mem::take(&mut self.pieces).iter())?;
         self.done = 0;
         self.step += 1;
         self.steps_spent += 1;
@@ -447,14 +447,10 @@ impl Running {
     }
 }
 
-/// The pieces of a stage's output, in order, as one tensor.
-fn join(mut pieces: Vec<Tensor>) -> crate::model::Result<Tensor> {
-    if pieces.len() == 1
-        && let Some(whole) = pieces.pop()
-    {
-        return Ok(whole);
-    }
-    Ok(Tensor::cat(&pieces, 0)?)
+/// Tensors joined along the rows (one is returned as it is).
+pub(super) fn cat<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> crate::model::Result<Tensor> {
+    let parts: Vec<&Tensor> = tensors.collect();
+    Ok(if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 0)? })
 }
 
 /// A one-row latent state as float32 values (what the exit criteria compare).

@@ -11,11 +11,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Tensor;
 use metrics::{counter, gauge, histogram};
 
 use super::job::{EngineFailure, Event, Job};
-use super::running::{AfterToken, Running, Stage};
+use super::running::{AfterToken, Running, Stage, cat};
 use super::shared::JobShared;
 use crate::generate::FinishReason;
 use crate::metrics as m;
@@ -55,12 +54,22 @@ pub struct Scheduler {
     /// The worker's metric label.
     worker: Arc<str>,
     reporter: Option<Reporter>,
+    /// The prompt rows waiting last published to the gauge.
+    published_waiting: Option<usize>,
 }
 
 impl Scheduler {
     /// A scheduler for the worker labelled `worker` in the metrics.
     pub fn new(model: Arc<HuginnModel>, tokenizer: Arc<TextTokenizer>, limits: SchedulerLimits, worker: &str) -> Self {
-        Self { model, tokenizer, limits, running: Vec::new(), worker: worker.into(), reporter: None }
+        Self {
+            model,
+            tokenizer,
+            limits,
+            running: Vec::new(),
+            worker: worker.into(),
+            reporter: None,
+            published_waiting: None,
+        }
     }
 
     /// Publishes the totals through `reporter` each time a sequence ends, before its client hears
@@ -155,7 +164,11 @@ impl Scheduler {
             histogram!(m::TICK_DURATION).record(started.elapsed().as_secs_f64());
         }
         let waiting: usize = self.running.iter().filter(|r| r.is_prefill()).map(Running::remaining).sum();
-        gauge!(m::PROMPT_ROWS_WAITING, "worker" => self.worker.to_string()).set(waiting as f64);
+        if self.published_waiting != Some(waiting) {
+            // Only on a change: a decoding tick pays no metric call for it.
+            gauge!(m::PROMPT_ROWS_WAITING, "worker" => self.worker.to_string()).set(waiting as f64);
+            self.published_waiting = Some(waiting);
+        }
         Ok(advanced)
     }
 
@@ -358,11 +371,6 @@ fn planned<'a>(
         }
         _ => None,
     })
-}
-
-fn cat<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> Result<Tensor> {
-    let parts: Vec<&Tensor> = tensors.collect();
-    Ok(if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 0)? })
 }
 
 #[cfg(test)]
