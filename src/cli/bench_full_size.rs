@@ -200,9 +200,10 @@ fn read_into_memory(files: &[std::fs::File]) -> anyhow::Result<f64> {
     for file in files {
         let len = usize::try_from(file.metadata()?.len())?;
         let mut buffer = advised_buffer(len);
-        buffer.spare_capacity_mut()[..len].par_chunks_mut(8 << 20).enumerate().try_for_each(|(i, part)| {
-            read_uninit_at(file, part, (i * (8 << 20)) as u64)
-        })?;
+        buffer.spare_capacity_mut()[..len]
+            .par_chunks_mut(8 << 20)
+            .enumerate()
+            .try_for_each(|(i, part)| read_uninit_at(file, part, (i * (8 << 20)) as u64))?;
         // SAFETY: the parts cover the first `len` bytes, each written above.
         unsafe { buffer.set_len(len) };
         kept.push(buffer);

@@ -206,19 +206,27 @@ impl Scheduler {
         Ok(true)
     }
 
-    /// Rows of this pass for each sequence of `order` in `stage` (index, rows): each takes what
-    /// it has left in the stage, as far as the budget goes.
+    /// Rows of this pass for each sequence of `order` in `stage` (index, rows), as far as the
+    /// budget goes: decoding sequences (first in `order`) take their row, then the prompts share
+    /// what is left (see [`prompt_shares`]).
     fn plan(&self, order: &[usize], stage: Stage) -> Plan {
         let mut left = if self.limits.max_tick_rows == 0 { usize::MAX } else { self.limits.max_tick_rows };
         let mut plan = Vec::new();
+        let mut prompts = Vec::new();
         for &i in order {
             let r = &self.running[i];
-            let rows = if r.stage() == stage { r.remaining().min(left) } else { 0 };
-            if rows > 0 {
+            if r.stage() != stage || r.remaining() == 0 {
+                continue;
+            }
+            if r.is_prefill() {
+                prompts.push((i, r.remaining()));
+            } else if left > 0 {
+                let rows = r.remaining().min(left);
                 plan.push((i, rows));
                 left -= rows;
             }
         }
+        plan.extend(prompt_shares(&prompts, left));
         plan.sort_unstable();
         plan
     }
@@ -359,6 +367,28 @@ impl Scheduler {
 }
 
 /// The sequences of `plan` (index, rows; in index order) with their rows, borrowed together.
+/// The rows of the waiting prompts (`(index, rows left)`, in arrival order) out of `left`: an
+/// equal share each, a prompt that needs less than its share leaving the rest to the others,
+/// what does not divide evenly going to the earliest. Every prompt gets a row while the budget
+/// holds one per prompt (`engine.max_tick_rows` is at least the number of sequences), so a late
+/// short prompt is never held back for whole prefills of the prompts before it.
+fn prompt_shares(prompts: &[(usize, usize)], mut left: usize) -> Vec<(usize, usize)> {
+    let mut given = vec![0usize; prompts.len()];
+    loop {
+        let wanting = prompts.iter().zip(&given).filter(|&(&(_, need), &got)| got < need).count();
+        if wanting == 0 || left == 0 {
+            break;
+        }
+        let share = (left / wanting).max(1);
+        for (&(_, need), got) in prompts.iter().zip(&mut given) {
+            let more = (need - *got).min(share).min(left);
+            *got += more;
+            left -= more;
+        }
+    }
+    prompts.iter().zip(given).filter(|&(_, got)| got > 0).map(|(&(i, _), got)| (i, got)).collect()
+}
+
 fn planned<'a>(
     running: &'a mut [Running],
     plan: &'a [(usize, usize)],

@@ -97,6 +97,47 @@ fn a_prompt_over_the_row_budget_runs_each_step_in_pieces_beside_a_decoder() {
 }
 
 #[test]
+fn prompts_share_the_rows_left_equally_the_rest_to_the_earliest() {
+    // Nine prompts of 8 rows in 63: 7 each.
+    let nine: Vec<(usize, usize)> = (0..9).map(|i| (i, 8)).collect();
+    assert_eq!(prompt_shares(&nine, 63), (0..9).map(|i| (i, 7)).collect::<Vec<_>>());
+    // One needs less than its share: the others take what it leaves.
+    assert_eq!(prompt_shares(&[(0, 100), (1, 2), (2, 100)], 64), vec![(0, 31), (1, 2), (2, 31)]);
+    // What does not divide evenly goes to the earliest.
+    assert_eq!(prompt_shares(&[(4, 10), (7, 10)], 5), vec![(4, 3), (7, 2)]);
+    // More prompts than rows: the earliest get one each.
+    assert_eq!(prompt_shares(&[(0, 5), (1, 5), (2, 5)], 2), vec![(0, 1), (1, 1)]);
+    // Everything fits: each takes what it needs; nothing left: nothing.
+    assert_eq!(prompt_shares(&[(0, 3), (1, 4)], 64), vec![(0, 3), (1, 4)]);
+    assert!(prompt_shares(&[(0, 3)], 0).is_empty());
+}
+
+#[test]
+fn a_late_prompt_progresses_beside_earlier_prompts_that_fill_the_budget() {
+    let mut s = scheduler();
+    // Two long prefills (16 steps) that alone would take the whole budget of 14 rows.
+    s.limits.max_tick_rows = 14;
+    let mut early = Vec::new();
+    for _ in 0..2 {
+        let (job, handle) = job(&s, 16, 1);
+        s.admit(job).expect("admitted");
+        early.push(handle);
+    }
+    s.tick().expect("tick");
+    let (late, mut late_handle) = job(&s, 2, 1);
+    s.admit(late).expect("admitted");
+    let mut ticks = 0;
+    while events(&mut late_handle).is_empty() {
+        s.tick().expect("tick");
+        ticks += 1;
+        assert!(ticks < 12, "the late prompt waited for the earlier prefills");
+    }
+    // A third of 14 rows: 2 passes per step of its 7 rows, 2 steps.
+    assert!(ticks <= 5, "{ticks} ticks");
+    assert!(early.iter_mut().all(|h| events(h).is_empty()), "the early prompts are still in prefill");
+}
+
+#[test]
 fn a_sequence_whose_reader_is_behind_sits_ticks_out() {
     let mut s = scheduler();
     let (job, mut handle) = job(&s, 1, 100);

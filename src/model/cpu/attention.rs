@@ -16,15 +16,17 @@ use crate::model::error::{ModelError, Result};
 /// Below this many multiply-adds (all rows together) one thread is faster than the pool.
 const PARALLEL_MIN_WORK: usize = 1 << 15;
 
-/// Attention of many query rows in one call: row `i` of `q` (`[rows, heads, head_dim]`,
-/// already scaled; any row and head strides) attends over `kv[i]` (`[heads, positions_i, head_dim]`
-/// views of its cache, float32 or bfloat16). Returns `[rows, heads * head_dim]` float32; tensors
-/// that are not CPU tensors of that layout and those dtypes are an error. Every row is computed
-/// the same way whatever the other rows, so a sequence gets the same bits alone or in a batch.
-pub fn attend_rows(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<Tensor> {
+/// Attention of many query rows in one call, in chunks: chunk `c` holds the `spans[c].1` rows of
+/// `q` after those of the chunks before it (`q`: `[rows, heads, head_dim]`, already scaled; any
+/// row and head strides), and its row `i` attends over the first `spans[c].0 + i + 1` positions of
+/// `kv[c]` (`[heads, positions, head_dim]` views of the cache, float32 or bfloat16, holding at
+/// least that many). Returns `[rows, heads * head_dim]` float32; tensors that are not CPU tensors
+/// of that layout and those dtypes are an error. Every row is computed the same way whatever the
+/// other rows, so a sequence gets the same bits alone or in a batch.
+pub fn attend_rows(q: &Tensor, spans: &[(usize, usize)], kv: &[(Tensor, Tensor)]) -> Result<Tensor> {
     match kv.first().map(|(k, _)| k.dtype()) {
-        Some(DType::BF16) => attend_rows_of::<bf16>(q, kv),
-        _ => attend_rows_of::<f32>(q, kv),
+        Some(DType::BF16) => attend_rows_of::<bf16>(q, spans, kv),
+        _ => attend_rows_of::<f32>(q, spans, kv),
     }
 }
 
@@ -63,20 +65,21 @@ impl CacheValue for bf16 {
     }
 }
 
-fn attend_rows_of<T: CacheValue>(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<Tensor> {
+fn attend_rows_of<T: CacheValue>(q: &Tensor, spans: &[(usize, usize)], kv: &[(Tensor, Tensor)]) -> Result<Tensor> {
     let unsupported = || {
         ModelError::InvalidArgument(format!(
-            "CPU attention takes float32 queries {:?} and {} float32 or bfloat16 CPU caches of [heads, positions, head_dim]",
+            "CPU attention takes float32 queries {:?} and {} float32 or bfloat16 CPU caches of [heads, positions, head_dim] for chunks {spans:?}",
             q.dims(),
             kv.len()
         ))
     };
     let (rows, heads, dim) = q.dims3()?;
     let on_cpu = |t: &Tensor, dtype: DType| t.device().is_cpu() && t.dtype() == dtype;
-    if rows != kv.len()
+    if spans.len() != kv.len()
+        || spans.iter().map(|&(_, len)| len).sum::<usize>() != rows
         || !on_cpu(q, DType::F32)
         || q.stride()[2] != 1
-        || !kv.iter().all(|(k, v)| {
+        || !kv.iter().zip(spans).all(|((k, v), &(start, len))| {
             on_cpu(k, T::DTYPE)
                 && on_cpu(v, T::DTYPE)
                 && rows_contiguous(k)
@@ -84,7 +87,7 @@ fn attend_rows_of<T: CacheValue>(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<
                 && k.dims() == v.dims()
                 && {
                     let d = k.dims();
-                    d[0] == heads && d[2] == dim
+                    d[0] == heads && d[2] == dim && d[1] >= start + len
                 }
         })
     {
@@ -93,30 +96,35 @@ fn attend_rows_of<T: CacheValue>(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<
     let (q_storage, q_layout) = q.storage_and_layout();
     let Storage::Cpu(CpuStorage::F32(q_data)) = &*q_storage else { return Err(unsupported()) };
     let guards: Vec<_> = kv.iter().map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout())).collect();
-    let mut views = Vec::with_capacity(rows);
+    // One view of each chunk's cache, shared by its rows: row `i` of a chunk sees its first
+    // `start + i + 1` positions.
+    let mut chunks = Vec::with_capacity(kv.len());
     for ((ks, kl), (vs, vl)) in &guards {
         let (Storage::Cpu(k), Storage::Cpu(v)) = (&**ks, &**vs) else { return Err(unsupported()) };
         let (Some(k), Some(v)) = (T::slice(k), T::slice(v)) else { return Err(unsupported()) };
-        views.push(HeadViews {
+        chunks.push(HeadViews {
             k,
             k_start: kl.start_offset(),
             k_head: kl.stride()[0],
             v,
             v_start: vl.start_offset(),
             v_head: vl.stride()[0],
-            positions: kl.dims()[1],
         });
+    }
+    let mut views: Vec<RowView<'_, T>> = Vec::with_capacity(rows);
+    for (chunk, &(start, len)) in chunks.iter().zip(spans) {
+        views.extend((0..len).map(|i| (chunk, start + i + 1)));
     }
     let (q_start, q_row, q_head) = (q_layout.start_offset(), q_layout.stride()[0], q_layout.stride()[1]);
     let width = heads * dim;
     let mut out = vec![0.0f32; rows * width];
-    let work: usize = views.iter().map(|v| v.positions * width * 2).sum();
-    let row_task = |(i, (out, view)): (usize, (&mut [f32], &HeadViews<'_, T>))| {
-        let mut scores = vec![0.0f32; view.positions];
+    let work: usize = views.iter().map(|(_, positions)| positions * width * 2).sum();
+    let row_task = |(i, (out, &(view, positions))): (usize, (&mut [f32], &RowView<'_, T>))| {
+        let mut scores = vec![0.0f32; positions];
         for h in 0..heads {
             let qh = &q_data[q_start + i * q_row + h * q_head..][..dim];
-            let kh = &view.k[view.k_start + h * view.k_head..][..view.positions * dim];
-            let vh = &view.v[view.v_start + h * view.v_head..][..view.positions * dim];
+            let kh = &view.k[view.k_start + h * view.k_head..][..positions * dim];
+            let vh = &view.v[view.v_start + h * view.v_head..][..positions * dim];
             attend_head(qh, kh, vh, dim, &mut scores, &mut out[h * dim..(h + 1) * dim]);
         }
     };
@@ -130,6 +138,9 @@ fn attend_rows_of<T: CacheValue>(q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<
     Ok(Tensor::from_vec(out, (rows, width), q.device())?)
 }
 
+/// A row's chunk cache and how many of its positions the row sees.
+type RowView<'a, T> = (&'a HeadViews<'a, T>, usize);
+
 /// One sequence's cache, as slices of the buffers' storage.
 struct HeadViews<'a, T> {
     k: &'a [T],
@@ -138,7 +149,6 @@ struct HeadViews<'a, T> {
     v: &'a [T],
     v_start: usize,
     v_head: usize,
-    positions: usize,
 }
 
 /// `out = softmax(q · kᵀ) · v` for one head (`k`, `v`: `[positions][dim]`; `out` starts at zero),
@@ -234,7 +244,7 @@ mod tests {
         // A cache buffer with spare capacity, viewed up to 7 positions.
         let k = Tensor::randn(0f32, 1.0, (4, 12, 16), &dev).unwrap().narrow(1, 0, 7).unwrap();
         let v = Tensor::randn(0f32, 1.0, (4, 12, 16), &dev).unwrap().narrow(1, 0, 7).unwrap();
-        let fast = attend_rows(&q.transpose(0, 1).unwrap(), &[(k.clone(), v.clone())]).unwrap();
+        let fast = attend_rows(&q.transpose(0, 1).unwrap(), &[(6, 1)], &[(k.clone(), v.clone())]).unwrap();
         let fast = fast.reshape((4, 1, 16)).unwrap();
         let scores = q.matmul(&k.t().unwrap()).unwrap();
         let reference = candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v).unwrap();
@@ -258,16 +268,31 @@ mod tests {
                 )
             })
             .collect();
-        let together = attend_rows(&q, &kv).unwrap();
+        let spans = [(0, 1), (4, 1), (8, 1)];
+        let together = attend_rows(&q, &spans, &kv).unwrap();
         assert_eq!(together.dims(), &[3, heads * dim]);
         for (row, (k, v)) in kv.iter().enumerate() {
-            let alone = attend_rows(&q.narrow(0, row, 1).unwrap(), &[(k.clone(), v.clone())]).unwrap();
+            let alone = attend_rows(&q.narrow(0, row, 1).unwrap(), &[spans[row]], &[(k.clone(), v.clone())]).unwrap();
             let alone = alone.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(together.get(row).unwrap().to_vec1::<f32>().unwrap(), alone);
         }
-        // Other layouts are an error.
+        // A chunk of rows gives each row the bits of its own prefix.
+        let chunk = attend_rows(&q, &[(6, 3)], &kv[2..]).unwrap();
+        for i in 0..3 {
+            let view = |t: &Tensor| t.narrow(1, 0, 7 + i).unwrap();
+            let alone =
+                attend_rows(&q.narrow(0, i, 1).unwrap(), &[(6 + i, 1)], &[(view(&kv[2].0), view(&kv[2].1))]).unwrap();
+            assert_eq!(
+                chunk.get(i).unwrap().to_vec1::<f32>().unwrap(),
+                alone.get(0).unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+        // Other layouts, and chunks that do not cover the rows or need more positions than the
+        // cache holds, are errors.
         let bf16 = q.to_dtype(DType::BF16).unwrap();
-        assert!(attend_rows(&bf16, &kv).is_err());
+        assert!(attend_rows(&bf16, &spans, &kv).is_err());
+        assert!(attend_rows(&q, &spans[..2], &kv[..2]).is_err());
+        assert!(attend_rows(&q, &[(0, 1), (4, 1), (9, 1)], &kv).is_err());
     }
 
     #[test]
@@ -280,8 +305,9 @@ mod tests {
             [3, 9].iter().map(|&n| (buffer().narrow(1, 0, n).unwrap(), buffer().narrow(1, 0, n).unwrap())).collect();
         let widen = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let kv_f32: Vec<(Tensor, Tensor)> = kv_bf16.iter().map(|(k, v)| (widen(k), widen(v))).collect();
-        let from_bf16 = attend_rows(&q, &kv_bf16).unwrap();
-        let from_f32 = attend_rows(&q, &kv_f32).unwrap();
+        let spans = [(2, 1), (8, 1)];
+        let from_bf16 = attend_rows(&q, &spans, &kv_bf16).unwrap();
+        let from_f32 = attend_rows(&q, &spans, &kv_f32).unwrap();
         assert_eq!(from_bf16.to_vec2::<f32>().unwrap(), from_f32.to_vec2::<f32>().unwrap());
     }
 }

@@ -241,21 +241,24 @@ impl RowGroups {
     fn pack(xs: &[f32], m: usize, k: usize) -> Self {
         let count = m.div_ceil(MAX_ROWS);
         let (base, extra) = (m / count, m % count);
-        let mut data = vec![0.0f32; m * k];
+        let mut data: Vec<f32> = Vec::with_capacity(m * k);
+        let spare = &mut data.spare_capacity_mut()[..m * k];
         let mut groups = Vec::with_capacity(count);
         let mut first_row = 0;
         for g in 0..count {
             let rows = base + usize::from(g < extra);
             let offset = first_row * k;
-            let packed = &mut data[offset..offset + rows * k];
+            let packed = &mut spare[offset..offset + rows * k];
             for r in 0..rows {
                 for (c, value) in xs[(first_row + r) * k..][..k].iter().enumerate() {
-                    packed[c * rows + r] = *value;
+                    packed[c * rows + r].write(*value);
                 }
             }
             groups.push(RowGroup { first_row, rows, offset });
             first_row += rows;
         }
+        // SAFETY: the groups cover the m rows, and every value of each was written above.
+        unsafe { data.set_len(m * k) };
         Self { data, groups, largest: base + usize::from(extra > 0) }
     }
 }
@@ -285,7 +288,9 @@ impl CustomOp1 for PanelMatmul {
         // Each task writes its columns of every row straight into the output, whose rows are
         // padded to whole panels when `n` is not a multiple of PANEL.
         let padded = count * PANEL;
-        let mut out = vec![0.0f32; m * padded];
+        // Not zeroed first: the tiles write every output (the first chunk of features without
+        // reading it), the padding columns included.
+        let mut out: Vec<f32> = Vec::with_capacity(m * padded);
         let base = OutPtr(out.as_mut_ptr());
         let base = &base;
         w.data.par_chunks(per_task * k * PANEL).enumerate().for_each(|(task, panels)| {
@@ -293,6 +298,8 @@ impl CustomOp1 for PanelMatmul {
             // every row, inside the `m * padded` output; no two tasks share a column.
             unsafe { w.multiply(&x, panels, base.at(task * per_task * PANEL), padded) };
         });
+        // SAFETY: the tasks cover every panel's columns of every row, and each tile wrote them.
+        unsafe { out.set_len(m * padded) };
         if padded != w.n {
             out = out.chunks_exact(padded).flat_map(|row| &row[..w.n]).copied().collect();
         }

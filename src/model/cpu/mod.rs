@@ -28,14 +28,7 @@ pub use swiglu::swiglu;
 /// `cached[c]` holds its keys and values up to its last position (`[heads, positions, head_dim]`).
 /// All rows in one call, with one score per position as scratch (no `[heads, n, n]` matrix).
 pub fn attend(q: &Tensor, spans: &[(usize, usize)], cached: &[(Tensor, Tensor)]) -> Result<Tensor> {
-    let mut rows = Vec::with_capacity(q.dim(0)?);
-    for (&(start, len), (keys, values)) in spans.iter().zip(cached) {
-        for i in 0..len {
-            let seen = start + i + 1;
-            rows.push((keys.narrow(1, 0, seen)?, values.narrow(1, 0, seen)?));
-        }
-    }
-    attention::attend_rows(q, &rows)
+    attention::attend_rows(q, spans, cached)
 }
 
 /// What multiplies bfloat16 weights on this CPU, in words.

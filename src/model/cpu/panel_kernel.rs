@@ -209,8 +209,11 @@ mod avx2 {
 
     use super::PANEL;
 
-    /// The same tile with 8-lane registers (4 per panel row); the compiler spills what does not
-    /// fit the 16 registers.
+    /// The same tile with 8-lane registers (4 per panel row). The 16 registers hold at most 12
+    /// accumulators beside a broadcast, so the tile runs as blocks of rows x panels that fit
+    /// (1 row x up to 3 panels, or up to 3 rows x 1 panel), each over all of `range`: the later
+    /// blocks find the weights in the cache. Each output is still one accumulator over the
+    /// features in order.
     /// # Safety
     /// As [`super::tile`]; the CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
@@ -226,7 +229,73 @@ mod avx2 {
         ahead: &[f32],
     ) {
         assert!(x.len() >= R * k && panels.len() >= P * k * PANEL && range.end <= k);
-        let mut acc = [[[_mm256_setzero_ps(); 4]; P]; R];
+        let lines = super::Prefetch::new(ahead, range.len());
+        let args = |first_panel: usize| (panels[first_panel * k * PANEL..].as_ptr(), first_panel);
+        // The first block prefetches `ahead` (when there is any); the others run without the
+        // bookkeeping.
+        let fetching = lines.lines > 0;
+        // SAFETY (every block): rows and panels inside those asserted above; outputs by the
+        // caller's contract. The first block prefetches `ahead`.
+        unsafe {
+            if R == 1 {
+                let mut p = 0;
+                while p < P {
+                    let (w, first) = args(p);
+                    let o = out.add(first * PANEL);
+                    let x = x.as_ptr();
+                    match (P - p, fetching && p == 0) {
+                        (1, false) => block::<1, 1, false>(x, R, k, w, &range, accumulate, o, stride, &lines),
+                        (1, true) => block::<1, 1, true>(x, R, k, w, &range, accumulate, o, stride, &lines),
+                        (2, false) => block::<1, 2, false>(x, R, k, w, &range, accumulate, o, stride, &lines),
+                        (2, true) => block::<1, 2, true>(x, R, k, w, &range, accumulate, o, stride, &lines),
+                        (_, false) => block::<1, 3, false>(x, R, k, w, &range, accumulate, o, stride, &lines),
+                        (_, true) => block::<1, 3, true>(x, R, k, w, &range, accumulate, o, stride, &lines),
+                    }
+                    p += 3;
+                }
+                return;
+            }
+            for p in 0..P {
+                let (w, first) = args(p);
+                let mut r = 0;
+                while r < R {
+                    let (xr, o) = (x.as_ptr().add(r), out.add(r * stride + first * PANEL));
+                    match (R - r, fetching && p == 0 && r == 0) {
+                        (1, false) => block::<1, 1, false>(xr, R, k, w, &range, accumulate, o, stride, &lines),
+                        (1, true) => block::<1, 1, true>(xr, R, k, w, &range, accumulate, o, stride, &lines),
+                        (2 | 4, false) => block::<2, 1, false>(xr, R, k, w, &range, accumulate, o, stride, &lines),
+                        (2 | 4, true) => block::<2, 1, true>(xr, R, k, w, &range, accumulate, o, stride, &lines),
+                        (_, false) => block::<3, 1, false>(xr, R, k, w, &range, accumulate, o, stride, &lines),
+                        (_, true) => block::<3, 1, true>(xr, R, k, w, &range, accumulate, o, stride, &lines),
+                    }
+                    r += match R - r {
+                        1 => 1,
+                        2 | 4 => 2,
+                        _ => 3,
+                    };
+                }
+            }
+        }
+    }
+
+    /// `B` rows (of a group of `rows`, row `i`'s feature `c` at `x[c * rows + i]`) by `Q`
+    /// consecutive panels (from `w`), over the features `range`, prefetching `lines` when `FETCH`.
+    /// # Safety
+    /// As [`tile`], for these rows and panels.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const B: usize, const Q: usize, const FETCH: bool>(
+        x: *const f32,
+        rows: usize,
+        k: usize,
+        w: *const f32,
+        range: &std::ops::Range<usize>,
+        accumulate: bool,
+        out: *mut f32,
+        stride: usize,
+        lines: &super::Prefetch,
+    ) {
+        let mut acc = [[[_mm256_setzero_ps(); 4]; Q]; B];
         if accumulate {
             for (r, acc) in acc.iter_mut().enumerate() {
                 for (p, a) in acc.iter_mut().enumerate() {
@@ -237,20 +306,19 @@ mod avx2 {
                 }
             }
         }
-        let (xp, wp) = (x.as_ptr(), panels.as_ptr());
-        let lines = super::Prefetch::new(ahead, range.len());
         let first = range.start;
-        for c in range {
-            lines.step(c - first);
-            // SAFETY: c < k, so every offset is inside the lengths asserted above.
+        for c in range.clone() {
+            if FETCH {
+                lines.step(c - first);
+            }
+            // SAFETY: c < k, so every offset is inside the rows and panels of the caller.
             unsafe {
-                for p in 0..P {
-                    let at = wp.add(p * k * PANEL + c * PANEL);
-                    let w = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(at.add(o)));
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let b = _mm256_set1_ps(*xp.add(c * R + r));
-                        for (a, w) in acc[p].iter_mut().zip(w) {
-                            *a = _mm256_fmadd_ps(b, w, *a);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let b = _mm256_set1_ps(*x.add(c * rows + r));
+                    for (p, a) in acc.iter_mut().enumerate() {
+                        let at = w.add(p * k * PANEL + c * PANEL);
+                        for (i, a) in a.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(b, _mm256_loadu_ps(at.add(8 * i)), *a);
                         }
                     }
                 }
@@ -259,7 +327,7 @@ mod avx2 {
         for (r, acc) in acc.iter().enumerate() {
             for (p, a) in acc.iter().enumerate() {
                 for (i, a) in a.iter().enumerate() {
-                    // SAFETY: inside row r's P * PANEL outputs (the caller's contract).
+                    // SAFETY: inside row r's Q * PANEL outputs (the caller's contract).
                     unsafe { _mm256_storeu_ps(out.add(r * stride + p * PANEL + 8 * i), *a) };
                 }
             }
