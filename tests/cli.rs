@@ -300,8 +300,12 @@ fn train_writes_a_servable_checkpoint_and_eval_reports_a_table_and_plot() {
         "2",
         "--checkpoint-every",
         "2",
+        "--digits",
+        "2",
     ]);
     assert!(trained.status.success(), "stderr: {}", String::from_utf8_lossy(&trained.stderr));
+    let task: Value = serde_json::from_str(&std::fs::read_to_string(out.join("task.json")).unwrap()).unwrap();
+    assert_eq!(task, serde_json::json!({"task": "addition", "digits": 2}));
     for file in
         ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
     {
@@ -311,7 +315,8 @@ fn train_writes_a_servable_checkpoint_and_eval_reports_a_table_and_plot() {
     assert_eq!(run["step"], 3);
     assert_eq!(run["options"]["model"]["mean_recurrence"], 2);
 
-    let (table, plot) = (dir.path().join("eval.md"), dir.path().join("plot.svg"));
+    let (table, plot, steps_plot) =
+        (dir.path().join("eval.md"), dir.path().join("plot.svg"), dir.path().join("steps.svg"));
     let eval = huginn(&[
         "eval",
         "--model",
@@ -326,12 +331,22 @@ fn train_writes_a_servable_checkpoint_and_eval_reports_a_table_and_plot() {
         table.to_str().unwrap(),
         "--plot",
         plot.to_str().unwrap(),
+        "--steps-plot",
+        steps_plot.to_str().unwrap(),
     ]);
     assert!(eval.status.success(), "stderr: {}", String::from_utf8_lossy(&eval.stderr));
+    // The operands' digits come from the model's task.json.
+    assert!(String::from_utf8_lossy(&eval.stderr).contains("(2-digit operands"));
     let table = std::fs::read_to_string(table).unwrap();
-    assert_eq!(table.lines().count(), 2 + 3, "{table}");
+    // The results, then the mean steps per answer position of the adaptive setting.
+    assert_eq!(table.lines().count(), 2 + 3 + 1 + 2 + 1, "{table}");
     assert!(table.contains("| fixed 2 | 2 |") && table.contains("| exit kl:0.001:4 | 4 |"), "{table}");
+    assert!(table.contains("| mean steps per answer position |") && table.contains(" end |"), "{table}");
     assert!(std::fs::read_to_string(plot).unwrap().starts_with("<svg"));
+    assert!(std::fs::read_to_string(steps_plot).unwrap().contains("answer digit"));
+    let no_exit = huginn(&["eval", "--model", out.to_str().unwrap(), "--problems", "1", "--steps-plot", "x.svg"]);
+    assert!(!no_exit.status.success());
+    assert!(String::from_utf8_lossy(&no_exit.stderr).contains("--steps-plot needs"));
 
     let bad = huginn(&["eval", "--model", out.to_str().unwrap(), "--exit", "kl"]);
     assert!(!bad.status.success());

@@ -9,6 +9,7 @@ use clap::Args;
 
 use huginn::model::{ExitCriterion, ExitRule, HuginnModel};
 use huginn::text::TextTokenizer;
+use huginn::train::addition::TaskFile;
 use huginn::train::eval::{Budget, EvalResult, evaluate, held_out_problems};
 
 #[derive(Args)]
@@ -22,9 +23,9 @@ pub struct EvalArgs {
     /// Seed of the problem draw (problems come from the held-out split whatever the seed).
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Operands below 10^digits.
-    #[arg(long, default_value_t = 3)]
-    digits: u32,
+    /// Operands below 10^digits (default: the model's `task.json`, else 3).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=huginn::train::addition::MAX_DIGITS as i64))]
+    digits: Option<u32>,
     /// Fixed recurrence counts to evaluate.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
     num_steps: Vec<usize>,
@@ -40,6 +41,10 @@ pub struct EvalArgs {
     /// Also write a plot of accuracy against num_steps (SVG) to this file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Also write a plot of the mean steps per answer position under each `--exit` setting (SVG)
+    /// to this file.
+    #[arg(long)]
+    steps_plot: Option<PathBuf>,
 }
 
 fn parse_exit(spec: &str) -> anyhow::Result<(ExitRule, usize)> {
@@ -60,7 +65,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         HuginnModel::load(&dir, DType::F32, &Device::Cpu).with_context(|| format!("loading {}", dir.display()))?;
     let tokenizer = std::sync::Arc::new(TextTokenizer::load(&dir, model.config())?);
     let model = std::sync::Arc::new(model);
-    let problems = held_out_problems(args.problems, args.digits, args.seed);
+    let task = TaskFile::read(&dir)?;
+    let digits = args.digits.or(task.map(|t| t.digits)).unwrap_or(3);
+    let problems = held_out_problems(args.problems, digits, args.seed);
     let mut settings: Vec<(String, Budget)> = args
         .num_steps
         .iter()
@@ -74,13 +81,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let mut md = String::new();
     writeln!(md, "| setting | num_steps (cap) | accuracy | mean steps per token |")?;
     writeln!(md, "|---|---:|---:|---:|")?;
-    eprintln!(
-        "{} held-out problems ({}-digit operands, {format} format, seed {})",
-        problems.len(),
-        args.digits,
-        args.seed
-    );
+    eprintln!("{} held-out problems ({}-digit operands, {format} format, seed {})", problems.len(), digits, args.seed);
     let mut fixed: Vec<(usize, EvalResult)> = Vec::new();
+    let mut adaptive: Vec<(String, EvalResult)> = Vec::new();
     for (name, budget) in &settings {
         let result = evaluate(&model, &tokenizer, &problems, args.chat, *budget)?;
         let row = format!(
@@ -93,6 +96,23 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         writeln!(md, "{row}")?;
         if budget.exit.criterion == ExitCriterion::None {
             fixed.push((budget.num_steps, result));
+        } else {
+            adaptive.push((name.clone(), result));
+        }
+    }
+    if !adaptive.is_empty() {
+        // Mean steps per answer digit under each adaptive setting: which digits take longer.
+        let digits = adaptive.iter().map(|(_, r)| r.steps_by_position.len()).max().unwrap_or(0);
+        let header: String = (1..=digits).map(|d| format!(" digit {d} |")).collect();
+        writeln!(md, "\n| mean steps per answer position | {header} end |")?;
+        writeln!(md, "|---|{}---:|", "---:|".repeat(digits))?;
+        for (name, r) in &adaptive {
+            let means = r.mean_steps_by_position();
+            let cells: String =
+                (0..digits).map(|d| means.get(d).map_or(" - |".to_string(), |m| format!(" {m:.2} |"))).collect();
+            let row = format!("| {name} |{cells} {:.2} |", r.mean_end_token_steps());
+            println!("{row}");
+            writeln!(md, "{row}")?;
         }
     }
     if let Some(path) = &args.markdown {
@@ -100,6 +120,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.plot {
         std::fs::write(path, super::plot::accuracy_svg(&fixed))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.steps_plot {
+        anyhow::ensure!(!adaptive.is_empty(), "--steps-plot needs at least one --exit setting");
+        std::fs::write(path, super::plot::steps_by_position_svg(&adaptive))
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())

@@ -57,3 +57,74 @@ pub fn accuracy_svg(points: &[(usize, EvalResult)]) -> String {
     svg.push_str("</svg>\n");
     svg
 }
+
+const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"];
+
+/// A line chart of the mean core steps at each answer-digit position (most significant first,
+/// then the end token), one line per adaptive-exit setting.
+pub fn steps_by_position_svg(settings: &[(String, EvalResult)]) -> String {
+    let series: Vec<(&str, Vec<f64>)> = settings
+        .iter()
+        .map(|(name, r)| {
+            let mut means = r.mean_steps_by_position();
+            means.push(r.mean_end_token_steps());
+            (name.as_str(), means)
+        })
+        .collect();
+    let slots = series.iter().map(|(_, m)| m.len()).max().unwrap_or(1).max(2);
+    let top = series.iter().flat_map(|(_, m)| m.iter().copied()).fold(1.0, f64::max).ceil();
+    let x = |i: usize| LEFT + (W - LEFT - RIGHT) * i as f64 / (slots - 1) as f64;
+    let y = |v: f64| TOP + (H - TOP - BOTTOM) * (1.0 - v / top);
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="18" text-anchor="middle" font-size="14">Mean recurrence steps per answer digit (adaptive exit)</text>"#,
+        W / 2.0
+    );
+    for tick in 0..=4 {
+        let v = top * f64::from(tick) / 4.0;
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{LEFT}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{v:.1}</text>"##,
+            W - RIGHT,
+            LEFT - 6.0,
+            y(v) + 4.0,
+            y = y(v)
+        );
+    }
+    for i in 0..slots {
+        let label = if i + 1 == slots { "end".to_string() } else { (i + 1).to_string() };
+        let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="middle">{label}</text>"#, x(i), H - BOTTOM + 18.0);
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">answer digit (most significant first), then the end token</text>"#,
+        W / 2.0,
+        H - 10.0
+    );
+    for (s, (name, means)) in series.iter().enumerate() {
+        let color = COLORS[s % COLORS.len()];
+        // The end token sits in the last slot whatever the number of digits.
+        let placed: Vec<(usize, f64)> =
+            means.iter().enumerate().map(|(i, &m)| (if i + 1 == means.len() { slots - 1 } else { i }, m)).collect();
+        let path: Vec<String> = placed.iter().map(|&(i, m)| format!("{:.1},{:.1}", x(i), y(m))).collect();
+        let _ =
+            writeln!(svg, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#, path.join(" "));
+        for &(i, m) in &placed {
+            let _ = writeln!(svg, r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="{color}"/>"#, x(i), y(m));
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}" fill="{color}">{name}</text>"#,
+            LEFT + 10.0,
+            TOP + 16.0 + 16.0 * s as f64
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}

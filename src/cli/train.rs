@@ -71,7 +71,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         model.mean_backprop_depth = depth;
     }
     anyhow::ensure!(args.steps > 0 && args.batch_size > 0, "--steps and --batch-size must be at least 1");
-    anyhow::ensure!((1..=18).contains(&args.digits), "--digits must be 1 to 18");
+    let most = huginn::train::addition::MAX_DIGITS;
+    anyhow::ensure!((1..=most).contains(&args.digits), "--digits must be 1 to {most}");
     let options = TrainOptions {
         model,
         steps: args.steps,

@@ -6,10 +6,55 @@
 //! Problems are split once and for all into a training part and a held-out part (one pair in ten,
 //! by a hash of the pair), so that evaluation problems are never seen in training.
 
+use std::path::Path;
+
 use rand::{Rng, RngExt};
+use serde::{Deserialize, Serialize};
 
 use crate::model::{ModelError, Result};
 use crate::text::{ChatMessage, TextTokenizer};
+
+/// `task.json` in a checkpoint folder: what the model was trained on, which `huginn eval` takes
+/// its defaults from (`{"task": "addition", "digits": 6}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFile {
+    pub task: String,
+    /// Operands below `10^digits`.
+    pub digits: u32,
+}
+
+impl TaskFile {
+    pub const NAME: &'static str = "task.json";
+
+    pub fn addition(digits: u32) -> Self {
+        Self { task: "addition".to_string(), digits }
+    }
+
+    /// The task of the checkpoint in `dir`: `None` without a `task.json`, an error for one that
+    /// is not an addition task file.
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(Self::NAME);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let bad = |message: String| ModelError::InvalidArgument(format!("{}: {message}", path.display()));
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let task: Self = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if task.task != "addition" || !(1..=MAX_DIGITS).contains(&task.digits) {
+            return Err(bad(format!("expected an addition task with 1 to {MAX_DIGITS} digits, got {text}")));
+        }
+        Ok(Some(task))
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string(self).map_err(|e| ModelError::InvalidArgument(e.to_string()))?;
+        std::fs::write(path, text + "\n")
+            .map_err(|e| ModelError::Io { path: path.to_path_buf(), message: e.to_string() })
+    }
+}
+
+/// The most digits an operand may have (sums stay far inside u64).
+pub const MAX_DIGITS: u32 = 18;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Problem {
@@ -136,5 +181,19 @@ mod tests {
         }
         assert_eq!(Problem { a: 472, b: 389 }.prompt(), "472+389=");
         assert_eq!(Problem { a: 472, b: 389 }.answer(), "861");
+    }
+
+    #[test]
+    fn task_files_round_trip_and_bad_ones_are_refused() {
+        let dir = std::env::temp_dir().join(format!("huginn-task-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(TaskFile::read(&dir).unwrap(), None);
+        TaskFile::addition(6).write(&dir.join(TaskFile::NAME)).unwrap();
+        assert_eq!(TaskFile::read(&dir).unwrap(), Some(TaskFile::addition(6)));
+        for bad in [r#"{"task": "sorting", "digits": 6}"#, r#"{"task": "addition", "digits": 0}"#, "{"] {
+            std::fs::write(dir.join(TaskFile::NAME), bad).unwrap();
+            assert!(TaskFile::read(&dir).unwrap_err().to_string().contains("task.json"), "{bad}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -24,17 +24,32 @@ pub struct Budget {
     pub exit: ExitRule,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EvalResult {
     pub problems: usize,
     pub correct: usize,
     /// Core steps per generated token (answer digits and the end token), averaged over all tokens.
     pub mean_steps_per_token: f64,
+    /// Core steps summed and tokens counted at each digit position of the output (0: the first,
+    /// most significant digit), over every output.
+    pub steps_by_position: Vec<(usize, usize)>,
+    /// The same for the end token of the outputs that stopped.
+    pub end_token_steps: (usize, usize),
 }
 
 impl EvalResult {
     pub fn accuracy(&self) -> f64 {
         self.correct as f64 / self.problems.max(1) as f64
+    }
+
+    /// Mean core steps of the digits at each position of the answer (most significant first).
+    pub fn mean_steps_by_position(&self) -> Vec<f64> {
+        self.steps_by_position.iter().map(|&(steps, tokens)| steps as f64 / tokens.max(1) as f64).collect()
+    }
+
+    /// Mean core steps of the end token.
+    pub fn mean_end_token_steps(&self) -> f64 {
+        self.end_token_steps.0 as f64 / self.end_token_steps.1.max(1) as f64
     }
 }
 
@@ -60,15 +75,36 @@ pub fn evaluate(
     }
     let outcomes = Driver::new(model.clone(), tokenizer.clone(), EVAL_BATCH).run(specs, |_, _| {})?;
     let (mut correct, mut steps, mut tokens) = (0, 0, 0);
+    let mut steps_by_position: Vec<(usize, usize)> = Vec::new();
+    let mut end_token_steps = (0, 0);
     for (problem, choices) in problems.iter().zip(outcomes) {
         for out in choices {
             let text = tokenizer.decode(&out.token_ids)?;
             correct += usize::from(out.finish_reason == FinishReason::Stop && text == problem.answer());
             steps += out.steps_per_token.iter().sum::<usize>();
             tokens += out.steps_per_token.len();
+            let mut digits = out.steps_per_token.as_slice();
+            if out.finish_reason == FinishReason::Stop
+                && let Some((&end, rest)) = digits.split_last()
+            {
+                end_token_steps = (end_token_steps.0 + end, end_token_steps.1 + 1);
+                digits = rest;
+            }
+            if steps_by_position.len() < digits.len() {
+                steps_by_position.resize(digits.len(), (0, 0));
+            }
+            for (slot, &s) in steps_by_position.iter_mut().zip(digits) {
+                *slot = (slot.0 + s, slot.1 + 1);
+            }
         }
     }
-    Ok(EvalResult { problems: problems.len(), correct, mean_steps_per_token: steps as f64 / tokens.max(1) as f64 })
+    Ok(EvalResult {
+        problems: problems.len(),
+        correct,
+        mean_steps_per_token: steps as f64 / tokens.max(1) as f64,
+        steps_by_position,
+        end_token_steps,
+    })
 }
 
 /// Problems that share a tick in an evaluation.

@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::addition::{Formatter, Problem};
+use super::addition::{Formatter, Problem, TaskFile};
 use super::model::TrainModel;
 use super::optimizer::{AdamW, AdamWConfig};
 use super::recurrence::sample_recurrence;
@@ -175,7 +175,8 @@ impl Trainer {
         replace(OPTIMIZER, &|p| self.optimizer.save(p))?;
         let state = RunState { options: self.options.clone(), step: self.step() };
         let text = serde_json::to_string_pretty(&state).map_err(|e| ModelError::InvalidArgument(e.to_string()))?;
-        replace(RUN, &|p| std::fs::write(p, &text).map_err(io(p)))
+        replace(RUN, &|p| std::fs::write(p, &text).map_err(io(p)))?;
+        replace(TaskFile::NAME, &|p| TaskFile::addition(self.options.digits).write(p))
     }
 }
 
