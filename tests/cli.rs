@@ -194,6 +194,10 @@ fn bad_arguments_fail_with_a_message() {
         (vec!["generate", "--model", m, "--prompt", "x", "--device", "tpu"], "device `tpu`"),
         (vec!["generate", "--model", "/nonexistent", "--prompt", "x"], "config.json: file not found"),
         (vec!["generate", "--model", m], "--prompt"),
+        (vec!["train", "--out", "/nonexistent/x", "--digits", "19"], "--digits must be 1 to 18"),
+        (vec!["train", "--out", "/nonexistent/x", "--digits", "4", "--start-digits", "5"], "--start-digits must be 1"),
+        (vec!["train", "--out", "/nonexistent/x", "--steps", "10", "--curriculum-steps", "11"], "--curriculum-steps"),
+        (vec!["eval", "--model", m, "--digits", "19"], "--digits"),
     ] {
         let out = huginn(&args);
         assert!(!out.status.success(), "{args:?} should fail");

@@ -39,6 +39,8 @@ fn options(steps: usize) -> TrainOptions {
         warmup_steps: 2,
         weight_decay: 0.0,
         digits: 2,
+        curriculum_steps: 0,
+        start_digits: 0,
         chat_fraction: 0.25,
         max_recurrence: 8,
         seed: 5,

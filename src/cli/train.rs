@@ -43,6 +43,13 @@ pub struct TrainArgs {
     /// Operands below 10^digits.
     #[arg(long, default_value_t = 3)]
     digits: u32,
+    /// Curriculum: grow the operands' digits from --start-digits to --digits over this many
+    /// steps (0: --digits from the start).
+    #[arg(long, default_value_t = 0)]
+    curriculum_steps: usize,
+    /// First digit count of the curriculum.
+    #[arg(long, default_value_t = 1)]
+    start_digits: u32,
     /// Share of batches in the chat format.
     #[arg(long, default_value_t = 0.25)]
     chat_fraction: f64,
@@ -73,6 +80,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.steps > 0 && args.batch_size > 0, "--steps and --batch-size must be at least 1");
     let most = huginn::train::addition::MAX_DIGITS;
     anyhow::ensure!((1..=most).contains(&args.digits), "--digits must be 1 to {most}");
+    anyhow::ensure!(
+        (1..=args.digits).contains(&args.start_digits),
+        "--start-digits must be 1 to --digits ({})",
+        args.digits
+    );
+    anyhow::ensure!(args.curriculum_steps <= args.steps, "--curriculum-steps must be at most --steps");
     let options = TrainOptions {
         model,
         steps: args.steps,
@@ -82,6 +95,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         warmup_steps: args.warmup_steps,
         weight_decay: args.weight_decay,
         digits: args.digits,
+        curriculum_steps: args.curriculum_steps,
+        start_digits: if args.curriculum_steps == 0 { 0 } else { args.start_digits },
         chat_fraction: args.chat_fraction,
         max_recurrence: args.max_recurrence,
         seed: args.seed,

@@ -33,6 +33,12 @@ pub struct TrainOptions {
     pub weight_decay: f64,
     /// Operands are below 10^digits.
     pub digits: u32,
+    /// A curriculum: over the first `curriculum_steps` steps the operands' largest digit count
+    /// grows evenly from `start_digits` to `digits` (0: `digits` from the first step).
+    #[serde(default)]
+    pub curriculum_steps: usize,
+    #[serde(default)]
+    pub start_digits: u32,
     /// Share of steps whose batch is in the chat format.
     pub chat_fraction: f64,
     /// Cap on a step's recurrence count.
@@ -127,7 +133,7 @@ impl Trainer {
         let chat = rng.random::<f64>() < o.chat_fraction;
         let formatter = Formatter::new(&self.tokenizer)?;
         let examples = (0..o.batch_size)
-            .map(|_| formatter.example(&Problem::sample_mixed(o.digits, &mut rng), chat))
+            .map(|_| formatter.example(&Problem::sample_mixed(o.digits_at(step), &mut rng), chat))
             .collect::<Result<Vec<_>>>()?;
         let time = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1) - 1;
         let pad = self.tokenizer.special().pad.unwrap_or(0);
@@ -181,6 +187,16 @@ impl Trainer {
 }
 
 impl TrainOptions {
+    /// The operands' largest digit count at `step` (0-based), as the curriculum has it.
+    pub fn digits_at(&self, step: usize) -> u32 {
+        if self.curriculum_steps == 0 || step >= self.curriculum_steps {
+            return self.digits;
+        }
+        let start = self.start_digits.clamp(1, self.digits);
+        let stages = (self.digits - start + 1) as usize;
+        start + (step * stages / self.curriculum_steps) as u32
+    }
+
     pub fn adamw(&self) -> AdamWConfig {
         AdamWConfig {
             lr: self.lr,
@@ -193,5 +209,40 @@ impl TrainOptions {
             weight_decay: self.weight_decay,
             clip_norm: 1.0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_curriculum_grows_the_digits_evenly_then_holds() {
+        let mut o = TrainOptions {
+            model: crate::checkpoint::preset("addition").expect("preset"),
+            steps: 1000,
+            batch_size: 4,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 10,
+            weight_decay: 0.1,
+            digits: 6,
+            curriculum_steps: 0,
+            start_digits: 0,
+            chat_fraction: 0.25,
+            max_recurrence: 32,
+            seed: 0,
+        };
+        assert!((0..1000).all(|s| o.digits_at(s) == 6), "no curriculum: all digits at once");
+        (o.curriculum_steps, o.start_digits) = (400, 3);
+        let at: Vec<u32> = [0, 99, 100, 199, 200, 300, 399, 400, 999].iter().map(|&s| o.digits_at(s)).collect();
+        assert_eq!(at, vec![3, 3, 4, 4, 5, 6, 6, 6, 6]);
+        // A saved run from before the curriculum existed reads as one without it.
+        let mut saved = serde_json::to_value(&o).expect("json");
+        let fields = saved.as_object_mut().expect("object");
+        fields.remove("curriculum_steps");
+        fields.remove("start_digits");
+        let read: TrainOptions = serde_json::from_value(saved).expect("old run state");
+        assert_eq!((read.curriculum_steps, read.digits_at(0)), (0, 6));
     }
 }
