@@ -11,6 +11,28 @@ const RIGHT: f64 = 20.0;
 const TOP: f64 = 30.0;
 const BOTTOM: f64 = 50.0;
 
+/// The chart's opening: the SVG element, a white background, `title`, and a horizontal grid line
+/// with its label at each of `grid` (y, label).
+fn frame(title: &str, grid: &[(f64, String)]) -> String {
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(svg, r#"<text x="{}" y="18" text-anchor="middle" font-size="14">{title}</text>"#, W / 2.0);
+    for (y, label) in grid {
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{LEFT}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{label}</text>"##,
+            W - RIGHT,
+            LEFT - 6.0,
+            y + 4.0,
+        );
+    }
+    svg
+}
+
 pub fn accuracy_svg(points: &[(usize, EvalResult)]) -> String {
     let mut points: Vec<(f64, f64)> =
         points.iter().map(|(n, r)| ((*n.max(&1) as f64).log2(), 100.0 * r.accuracy())).collect();
@@ -18,27 +40,9 @@ pub fn accuracy_svg(points: &[(usize, EvalResult)]) -> String {
     let max_x = points.iter().map(|p| p.0).fold(1.0, f64::max);
     let x = |v: f64| LEFT + (W - LEFT - RIGHT) * v / max_x;
     let y = |v: f64| TOP + (H - TOP - BOTTOM) * (1.0 - v / 100.0);
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="18" text-anchor="middle" font-size="14">Exact match vs recurrence steps (held-out problems)</text>"#,
-        W / 2.0
-    );
-    for pct in [0.0, 25.0, 50.0, 75.0, 100.0] {
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{LEFT}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{pct}%</text>"##,
-            W - RIGHT,
-            LEFT - 6.0,
-            y(pct) + 4.0,
-            y = y(pct)
-        );
-    }
+    let grid: Vec<(f64, String)> =
+        [0.0, 25.0, 50.0, 75.0, 100.0].iter().map(|&pct| (y(pct), format!("{pct}%"))).collect();
+    let mut svg = frame("Exact match vs recurrence steps (held-out problems)", &grid);
     for &(px, _) in &points {
         let _ = writeln!(
             svg,
@@ -75,28 +79,13 @@ pub fn steps_by_position_svg(settings: &[(String, EvalResult)]) -> String {
     let top = series.iter().flat_map(|(_, m)| m.iter().copied()).fold(1.0, f64::max).ceil();
     let x = |i: usize| LEFT + (W - LEFT - RIGHT) * i as f64 / (slots - 1) as f64;
     let y = |v: f64| TOP + (H - TOP - BOTTOM) * (1.0 - v / top);
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="18" text-anchor="middle" font-size="14">Mean recurrence steps per answer digit (adaptive exit)</text>"#,
-        W / 2.0
-    );
-    for tick in 0..=4 {
-        let v = top * f64::from(tick) / 4.0;
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{LEFT}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{v:.1}</text>"##,
-            W - RIGHT,
-            LEFT - 6.0,
-            y(v) + 4.0,
-            y = y(v)
-        );
-    }
+    let grid: Vec<(f64, String)> = (0..=4)
+        .map(|tick| {
+            let v = top * f64::from(tick) / 4.0;
+            (y(v), format!("{v:.1}"))
+        })
+        .collect();
+    let mut svg = frame("Mean recurrence steps per answer digit (adaptive exit)", &grid);
     for i in 0..slots {
         let label = if i + 1 == slots { "end".to_string() } else { (i + 1).to_string() };
         let _ = writeln!(svg, r#"<text x="{}" y="{}" text-anchor="middle">{label}</text>"#, x(i), H - BOTTOM + 18.0);

@@ -74,15 +74,13 @@ pub fn evaluate(
         specs.push(JobSpec::new(formatter.prompt_ids(problem, chat)?, params));
     }
     let outcomes = Driver::new(model.clone(), tokenizer.clone(), EVAL_BATCH).run(specs, |_, _| {})?;
-    let (mut correct, mut steps, mut tokens) = (0, 0, 0);
+    let mut correct = 0;
     let mut steps_by_position: Vec<(usize, usize)> = Vec::new();
     let mut end_token_steps = (0, 0);
     for (problem, choices) in problems.iter().zip(outcomes) {
         for out in choices {
             let text = tokenizer.decode(&out.token_ids)?;
             correct += usize::from(out.finish_reason == FinishReason::Stop && text == problem.answer());
-            steps += out.steps_per_token.iter().sum::<usize>();
-            tokens += out.steps_per_token.len();
             let mut digits = out.steps_per_token.as_slice();
             if out.finish_reason == FinishReason::Stop
                 && let Some((&end, rest)) = digits.split_last()
@@ -98,6 +96,9 @@ pub fn evaluate(
             }
         }
     }
+    // Every token is a digit at its position or a stopped output's end token.
+    let (steps, tokens) =
+        steps_by_position.iter().chain([&end_token_steps]).fold((0, 0), |(s, t), &(steps, n)| (s + steps, t + n));
     Ok(EvalResult {
         problems: problems.len(),
         correct,

@@ -230,50 +230,64 @@ mod avx2 {
     ) {
         assert!(x.len() >= R * k && panels.len() >= P * k * PANEL && range.end <= k);
         let lines = super::Prefetch::new(ahead, range.len());
-        let args = |first_panel: usize| (panels[first_panel * k * PANEL..].as_ptr(), first_panel);
         // The first block prefetches `ahead` (when there is any); the others run without the
         // bookkeeping.
         let fetching = lines.lines > 0;
-        // SAFETY (every block): rows and panels inside those asserted above; outputs by the
-        // caller's contract. The first block prefetches `ahead`.
-        unsafe {
-            if R == 1 {
-                let mut p = 0;
-                while p < P {
-                    let (w, first) = args(p);
-                    let o = out.add(first * PANEL);
-                    let x = x.as_ptr();
-                    match (P - p, fetching && p == 0) {
-                        (1, false) => block::<1, 1, false>(x, R, k, w, &range, accumulate, o, stride, &lines),
-                        (1, true) => block::<1, 1, true>(x, R, k, w, &range, accumulate, o, stride, &lines),
-                        (2, false) => block::<1, 2, false>(x, R, k, w, &range, accumulate, o, stride, &lines),
-                        (2, true) => block::<1, 2, true>(x, R, k, w, &range, accumulate, o, stride, &lines),
-                        (_, false) => block::<1, 3, false>(x, R, k, w, &range, accumulate, o, stride, &lines),
-                        (_, true) => block::<1, 3, true>(x, R, k, w, &range, accumulate, o, stride, &lines),
-                    }
-                    p += 3;
+        // One row takes up to 3 panels a block; more rows take one panel, 3 rows at a time (4 as
+        // 2 + 2).
+        let panels_per_block = if R == 1 { 3 } else { 1 };
+        for p in (0..P).step_by(panels_per_block) {
+            let q = (P - p).min(panels_per_block);
+            let mut r = 0;
+            while r < R {
+                let b = match R - r {
+                    1 => 1,
+                    2 | 4 => 2,
+                    _ => 3,
+                };
+                let fetch = fetching && p == 0 && r == 0;
+                // SAFETY: rows r..r + b and panels p..p + q, inside those asserted above; their
+                // outputs by the caller's contract.
+                unsafe {
+                    let (xr, w, o) =
+                        (x.as_ptr().add(r), panels[p * k * PANEL..].as_ptr(), out.add(r * stride + p * PANEL));
+                    run_block((b, q, fetch), xr, R, k, w, &range, accumulate, o, stride, &lines);
                 }
-                return;
+                r += b;
             }
-            for p in 0..P {
-                let (w, first) = args(p);
-                let mut r = 0;
-                while r < R {
-                    let (xr, o) = (x.as_ptr().add(r), out.add(r * stride + first * PANEL));
-                    match (R - r, fetching && p == 0 && r == 0) {
-                        (1, false) => block::<1, 1, false>(xr, R, k, w, &range, accumulate, o, stride, &lines),
-                        (1, true) => block::<1, 1, true>(xr, R, k, w, &range, accumulate, o, stride, &lines),
-                        (2 | 4, false) => block::<2, 1, false>(xr, R, k, w, &range, accumulate, o, stride, &lines),
-                        (2 | 4, true) => block::<2, 1, true>(xr, R, k, w, &range, accumulate, o, stride, &lines),
-                        (_, false) => block::<3, 1, false>(xr, R, k, w, &range, accumulate, o, stride, &lines),
-                        (_, true) => block::<3, 1, true>(xr, R, k, w, &range, accumulate, o, stride, &lines),
-                    }
-                    r += match R - r {
-                        1 => 1,
-                        2 | 4 => 2,
-                        _ => 3,
-                    };
-                }
+        }
+    }
+
+    /// [`block`] for `shape` = (rows, panels, prefetching) at run time.
+    /// # Safety
+    /// As [`block`].
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_block(
+        shape: (usize, usize, bool),
+        x: *const f32,
+        rows: usize,
+        k: usize,
+        w: *const f32,
+        range: &std::ops::Range<usize>,
+        accumulate: bool,
+        out: *mut f32,
+        stride: usize,
+        lines: &super::Prefetch,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match shape {
+                (1, 1, false) => block::<1, 1, false>(x, rows, k, w, range, accumulate, out, stride, lines),
+                (1, 1, true) => block::<1, 1, true>(x, rows, k, w, range, accumulate, out, stride, lines),
+                (1, 2, false) => block::<1, 2, false>(x, rows, k, w, range, accumulate, out, stride, lines),
+                (1, 2, true) => block::<1, 2, true>(x, rows, k, w, range, accumulate, out, stride, lines),
+                (1, _, false) => block::<1, 3, false>(x, rows, k, w, range, accumulate, out, stride, lines),
+                (1, _, true) => block::<1, 3, true>(x, rows, k, w, range, accumulate, out, stride, lines),
+                (2, _, false) => block::<2, 1, false>(x, rows, k, w, range, accumulate, out, stride, lines),
+                (2, _, true) => block::<2, 1, true>(x, rows, k, w, range, accumulate, out, stride, lines),
+                (_, _, false) => block::<3, 1, false>(x, rows, k, w, range, accumulate, out, stride, lines),
+                (_, _, true) => block::<3, 1, true>(x, rows, k, w, range, accumulate, out, stride, lines),
             }
         }
     }
