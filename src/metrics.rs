@@ -25,9 +25,12 @@ pub const WORKER_RESTARTS: &str = "huginn_worker_restarts_total";
 pub const TICK_ROWS: &str = "huginn_tick_rows";
 pub const TICK_DURATION: &str = "huginn_tick_duration_seconds";
 pub const PROMPT_ROWS_WAITING: &str = "huginn_prompt_rows_waiting";
+pub const DRAFT_TOKENS: &str = "huginn_draft_tokens_total";
+pub const DRAFT_TOKENS_ACCEPTED: &str = "huginn_draft_tokens_accepted_total";
+pub const TOKENS_PER_ROUND: &str = "huginn_speculation_tokens_per_round";
 
 /// (name, help) of every metric, for the README table and the exporter's descriptions.
-pub const CATALOG: [(&str, &str); 18] = [
+pub const CATALOG: [(&str, &str); 21] = [
     (
         STEPS_PER_TOKEN,
         "Recurrence (core-block) steps spent per generated token, by exit_reason: converged, cap, budget.",
@@ -52,6 +55,9 @@ pub const CATALOG: [(&str, &str); 18] = [
     (TICK_ROWS, "Rows (token positions) in one core-step pass: decoding tokens and prompt pieces."),
     (TICK_DURATION, "Time of one scheduler tick (prelude, core-step and coda passes)."),
     (PROMPT_ROWS_WAITING, "Prompt positions not yet through the current prefill stage of their sequence, by worker."),
+    (DRAFT_TOKENS, "Tokens drafted by self-speculative decoding and weighed by a verification."),
+    (DRAFT_TOKENS_ACCEPTED, "Drafted tokens the verification accepted."),
+    (TOKENS_PER_ROUND, "Tokens one speculative round emitted (accepted drafts plus the verifier's own token)."),
 ];
 
 fn describe() {
@@ -73,11 +79,15 @@ fn describe() {
     describe_histogram!(TICK_ROWS, Unit::Count, CATALOG[15].1);
     describe_histogram!(TICK_DURATION, Unit::Seconds, CATALOG[16].1);
     describe_gauge!(PROMPT_ROWS_WAITING, Unit::Count, CATALOG[17].1);
+    describe_counter!(DRAFT_TOKENS, Unit::Count, CATALOG[18].1);
+    describe_counter!(DRAFT_TOKENS_ACCEPTED, Unit::Count, CATALOG[19].1);
+    describe_histogram!(TOKENS_PER_ROUND, Unit::Count, CATALOG[20].1);
 }
 
 const STEP_BUCKETS: [f64; 13] = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0];
 const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 const ROW_BUCKETS: [f64; 12] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
+const ROUND_BUCKETS: [f64; 9] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 17.0];
 const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// Installs the process-wide recorder once and returns the handle that renders `/metrics`.
@@ -89,6 +99,7 @@ pub fn install() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Full(STEPS_PER_TOKEN.into()), &STEP_BUCKETS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SEQUENCES.into()), &BATCH_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(TICK_ROWS.into()), &ROW_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(TOKENS_PER_ROUND.into()), &ROUND_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS))
                 .expect("static bucket layouts are valid");
             let recorder = builder.build_recorder();
@@ -101,6 +112,8 @@ pub fn install() -> PrometheusHandle {
             // (The per-worker series start with their workers.)
             metrics::gauge!(REQUESTS_WAITING).set(0.0);
             metrics::counter!(WORKER_RESTARTS).absolute(0);
+            metrics::counter!(DRAFT_TOKENS).absolute(0);
+            metrics::counter!(DRAFT_TOKENS_ACCEPTED).absolute(0);
             handle
         })
         .clone()

@@ -131,11 +131,20 @@ pub struct LimitSettings {
     pub max_total_steps: usize,
     /// Unset: the model's context length.
     pub max_prompt_tokens: Option<usize>,
+    /// Largest `draft_tokens` (tokens drafted per speculation round).
+    pub max_draft_tokens: usize,
 }
 
 impl Default for LimitSettings {
     fn default() -> Self {
-        Self { max_num_steps: 256, max_tokens: 4096, max_n: 16, max_total_steps: 1 << 20, max_prompt_tokens: None }
+        Self {
+            max_num_steps: 256,
+            max_tokens: 4096,
+            max_n: 16,
+            max_total_steps: 1 << 20,
+            max_prompt_tokens: None,
+            max_draft_tokens: 16,
+        }
     }
 }
 
@@ -189,6 +198,10 @@ pub struct GenerationSettings {
     pub continuous_compute: bool,
     /// `shared:K` or `full`.
     pub kv_cache: CacheStrategy,
+    /// Recurrence steps per drafted token: set, every request speculates unless it sets its own.
+    pub draft_steps: Option<usize>,
+    /// Tokens drafted per speculation round.
+    pub draft_tokens: usize,
     pub temperature: f32,
     pub top_p: f32,
     pub top_k: usize,
@@ -206,6 +219,8 @@ impl Default for GenerationSettings {
             init_scale: 1.0,
             continuous_compute: false,
             kv_cache: CacheStrategy::Shared(1),
+            draft_steps: None,
+            draft_tokens: 4,
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
@@ -267,7 +282,17 @@ impl Settings {
     /// The checks no single value's type makes: ranges and combinations.
     fn validate(&self) -> Result<(), (String, String)> {
         self.generation.validate()?;
-        self.engine.validate()
+        self.engine.validate()?;
+        let most = self.limits.max_draft_tokens;
+        if most == 0 {
+            return Err(("limits.max_draft_tokens".into(), "must be at least 1".into()));
+        }
+        if self.generation.draft_tokens > most {
+            let message =
+                format!("must be at most limits.max_draft_tokens ({most}), got {}", self.generation.draft_tokens);
+            return Err(("generation.draft_tokens".into(), message));
+        }
+        Ok(())
     }
 }
 
@@ -294,6 +319,21 @@ impl GenerationSettings {
         }
         if let Err(e) = ExitRule::new(self.exit_criterion, self.exit_threshold, self.min_steps) {
             return fail("exit_threshold", e.to_string());
+        }
+        if self.draft_tokens == 0 {
+            return fail("draft_tokens", "must be at least 1".into());
+        }
+        if let Some(draft) = self.draft_steps {
+            match self.num_steps {
+                _ if draft == 0 => return fail("draft_steps", "must be at least 1".into()),
+                Some(steps) if draft >= steps => {
+                    return fail("draft_steps", format!("must be below generation.num_steps ({steps}), got {draft}"));
+                }
+                _ if self.continuous_compute => {
+                    return fail("draft_steps", "cannot be combined with generation.continuous_compute".into());
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -378,6 +418,12 @@ mod tests {
             ("[generation]\nnum_steps = 0\n", "generation.num_steps"),
             ("[generation]\nnum_steps = 4\nmin_steps = 5\n", "generation.min_steps"),
             ("[generation]\nexit_criterion = \"kl\"\nexit_threshold = -1\n", "generation.exit_threshold"),
+            ("[generation]\nnum_steps = 4\ndraft_steps = 4\n", "generation.draft_steps"),
+            ("[generation]\ndraft_steps = 0\n", "generation.draft_steps"),
+            ("[generation]\ndraft_steps = 2\ncontinuous_compute = true\n", "generation.draft_steps"),
+            ("[generation]\ndraft_tokens = 0\n", "generation.draft_tokens"),
+            ("[generation]\ndraft_tokens = 17\n", "generation.draft_tokens"),
+            ("[limits]\nmax_draft_tokens = 0\n", "limits.max_draft_tokens"),
         ] {
             let err = Settings::from_sources(file, Path::new("f.toml"), env(&[])).unwrap_err();
             assert!(err.to_string().starts_with(&format!("setting `{key}`")), "{file}: {err}");

@@ -40,6 +40,20 @@ async fn steps_per_token_histogram_counts_every_token() {
     assert_eq!(value(&page, "huginn_requests_running"), 0.0);
     assert_eq!(value(&page, "huginn_requests_waiting"), 0.0);
     assert_eq!(value(&page, "huginn_kv_cache_bytes"), 0.0);
+    assert_eq!(value(&page, "huginn_draft_tokens_total"), 0.0, "exported before any speculation");
+
+    // A speculating request: its drafts and rounds are counted as its usage reports them.
+    let body = json!({"prompt": "hi", "max_tokens": 10, "num_steps": 6, "draft_steps": 2, "draft_tokens": 3,
+        "init_scale": 0, "ignore_eos": true});
+    let response = client.post(format!("{}/v1/completions", server.base)).json(&body).send().await.unwrap();
+    let usage = response.json::<serde_json::Value>().await.unwrap()["usage"].clone();
+    let page = reqwest::get(format!("{}/metrics", server.base)).await.unwrap().text().await.unwrap();
+    assert_eq!(value(&page, "huginn_draft_tokens_total"), usage["draft_tokens"].as_f64().unwrap());
+    assert_eq!(value(&page, "huginn_draft_tokens_accepted_total"), usage["accepted_draft_tokens"].as_f64().unwrap());
+    // 9 tokens after the prefill's, in rounds of 1 to 4.
+    let rounds = value(&page, "huginn_speculation_tokens_per_round_count");
+    assert_eq!(value(&page, "huginn_speculation_tokens_per_round_sum"), 9.0);
+    assert!((3.0..=9.0).contains(&rounds), "{rounds} rounds");
     for (metric, _) in huginn::metrics::CATALOG {
         assert!(page.contains(&format!("# HELP {metric}")) || page.contains(metric), "{metric} missing");
     }

@@ -165,6 +165,46 @@ async fn compute_budget_fields() {
     assert_eq!(body["choices"][0]["steps_per_token"], json!([6, 3, 3]));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn speculative_requests_match_plain_ones_and_report_their_drafts() {
+    let server = start().await;
+    let base = &server.base;
+    let plain = json!({"prompt": "The recurrent block", "max_tokens": 12, "num_steps": 8, "init_scale": 0,
+        "ignore_eos": true});
+    let (_, reference) = post(base, "/v1/completions", plain.clone()).await;
+    assert!(reference["usage"].get("draft_tokens").is_none(), "no speculation, no draft counts");
+    let mut speculative = plain.clone();
+    speculative["draft_steps"] = json!(2);
+    speculative["draft_tokens"] = json!(3);
+    let (status, body) = post(base, "/v1/completions", speculative.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["text"], reference["choices"][0]["text"]);
+    let usage = &body["usage"];
+    let (drafted, accepted) =
+        (usage["draft_tokens"].as_u64().unwrap(), usage["accepted_draft_tokens"].as_u64().unwrap());
+    assert!(drafted > 0 && accepted <= drafted, "{usage}");
+    let steps: u64 =
+        body["choices"][0]["steps_per_token"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).sum();
+    assert_eq!(usage["recurrence_steps"].as_u64(), Some(steps));
+
+    // Streamed: the same counts in the usage chunk.
+    speculative["stream"] = json!(true);
+    speculative["stream_options"] = json!({"include_usage": true});
+    let client = openai(&server);
+    let mut stream = client.completions().create_stream_byot::<Value, Value>(speculative).await.unwrap();
+    let mut streamed = Value::Null;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        if !chunk["usage"].is_null() {
+            streamed = chunk["usage"].clone();
+        }
+    }
+    assert_eq!(
+        (streamed["draft_tokens"].as_u64(), streamed["accepted_draft_tokens"].as_u64()),
+        (Some(drafted), Some(accepted))
+    );
+}
+
 fn huginn_decode(ids: &[u32]) -> String {
     let model = load(&fixture_dir(), DType::F32);
     huginn::text::TextTokenizer::load(&fixture_dir(), model.config()).unwrap().decode(ids).unwrap()
@@ -310,6 +350,22 @@ async fn sse_framing_and_error_bodies() {
         ("/v1/completions", json!({"prompt": "x", "num_steps": 0}), 400, Some("num_steps")),
         ("/v1/completions", json!({"prompt": "x", "num_steps": 4, "min_steps": 5}), 400, Some("min_steps")),
         ("/v1/completions", json!({"prompt": "x", "exit_criterion": "soon"}), 400, Some("exit_criterion")),
+        ("/v1/completions", json!({"prompt": "x", "num_steps": 4, "draft_steps": 4}), 400, Some("draft_steps")),
+        ("/v1/completions", json!({"prompt": "x", "draft_steps": 0}), 400, Some("draft_steps")),
+        ("/v1/completions", json!({"prompt": "x", "draft_steps": "two"}), 400, Some("draft_steps")),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "draft_steps": 1, "continuous_compute": true}),
+            400,
+            Some("draft_steps"),
+        ),
+        ("/v1/completions", json!({"prompt": "x", "draft_steps": 1, "draft_tokens": 0}), 400, Some("draft_tokens")),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "draft_steps": 1, "draft_tokens": 17}),
+            400,
+            Some("draft_tokens"),
+        ),
         ("/v1/completions", json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 400, Some("stop")),
         ("/v1/completions", json!({"prompt": [1, 99999]}), 400, Some("prompt")),
         ("/v1/completions", json!({"prompt": "x", "suffix": "y"}), 400, Some("suffix")),

@@ -44,6 +44,7 @@ fn options(steps: usize) -> TrainOptions {
         chat_fraction: 0.25,
         max_recurrence: 8,
         seed: 5,
+        init_from: None,
     }
 }
 

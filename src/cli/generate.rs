@@ -53,6 +53,12 @@ pub struct GenerateArgs {
     /// Start each token from the previous token's final latent state.
     #[arg(long)]
     continuous_compute: bool,
+    /// Self-speculative decoding: recurrence steps per drafted token (below --num-steps).
+    #[arg(long)]
+    draft_steps: Option<usize>,
+    /// Tokens drafted per speculation round (with --draft-steps).
+    #[arg(long)]
+    draft_tokens: Option<usize>,
     /// 0 is greedy.
     #[arg(long)]
     temperature: Option<f64>,
@@ -128,6 +134,8 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
         max_total_steps: None,
         init_scale: args.init_scale,
         continuous_compute: args.continuous_compute.then_some(true),
+        draft_steps: args.draft_steps.map(count),
+        draft_tokens: args.draft_tokens.map(count),
         temperature: args.temperature,
         top_p: args.top_p,
         top_k: args.top_k.map(count),
@@ -188,11 +196,15 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
         OutputFormat::Text => {
             writeln!(stdout)?;
             eprintln!(
-                "[{generated} tokens, finish_reason {:?}, mean {:.2} steps/token, {:.1} tokens/s, kv {} bytes]",
+                "[{generated} tokens, finish_reason {:?}, mean {:.2} steps/token, {:.1} tokens/s, kv {} bytes{}]",
                 output.finish_reason,
                 total_steps as f64 / generated.max(1) as f64,
                 timing["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
-                output.kv_bytes
+                output.kv_bytes,
+                match output.drafts.drafted {
+                    0 => String::new(),
+                    drafted => format!(", {} of {drafted} drafts accepted", output.drafts.accepted),
+                }
             );
         }
         OutputFormat::Json => {
@@ -204,6 +216,8 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
                 "mean_steps_per_token": total_steps as f64 / generated.max(1) as f64,
                 "finish_reason": output.finish_reason,
                 "kv_bytes": output.kv_bytes,
+                "draft_tokens": output.drafts.drafted,
+                "accepted_draft_tokens": output.drafts.accepted,
                 "timing": timing,
             });
             writeln!(stdout, "{}", serde_json::to_string(&body)?)?;

@@ -58,6 +58,10 @@ pub struct TrainArgs {
     max_recurrence: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Start from the weights of this checkpoint folder (same shape) instead of a fresh
+    /// initialisation; the optimizer starts afresh.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
     /// Write a checkpoint every this many steps (and at the end).
     #[arg(long, default_value_t = 500)]
     checkpoint_every: usize,
@@ -100,6 +104,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         chat_fraction: args.chat_fraction,
         max_recurrence: args.max_recurrence,
         seed: args.seed,
+        init_from: args.init_from.clone(),
     };
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut trainer = Trainer::new(options, &args.out, args.resume)?;

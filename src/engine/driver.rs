@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::error::TryRecvError;
 
-use super::job::{Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs};
+use super::job::{DraftCounts, Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs};
 use super::scheduler::{Scheduler, SchedulerLimits};
 use super::shared::kv_reservation;
 use crate::generate::FinishReason;
@@ -27,6 +27,8 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     /// K/V bytes the sequence held when it ended.
     pub kv_bytes: usize,
+    /// Tokens speculation drafted and kept.
+    pub drafts: DraftCounts,
     /// With `report_logits`: the logits of every prompt position.
     pub prompt_logits: Vec<Vec<f32>>,
     /// With `report_logits`: the logits that produced each token (the first is the prompt's last).
@@ -49,6 +51,7 @@ impl Completion {
             text: String::new(),
             finish_reason: FinishReason::Length,
             kv_bytes: 0,
+            drafts: DraftCounts::default(),
             prompt_logits: Vec::new(),
             token_logits: Vec::new(),
             logprobs: Vec::new(),
@@ -194,8 +197,9 @@ fn drain(index: usize, job: &mut Tracked, started: Instant, on_event: &mut impl 
                 c.text.push_str(&text);
                 c.logprobs.extend(logprobs);
             }
-            Event::Finished { choice, reason, text, kv_bytes } => {
+            Event::Finished { choice, reason, text, kv_bytes, drafts } => {
                 let c = &mut job.choices[choice];
+                c.drafts = drafts;
                 c.text.push_str(&text);
                 c.finish_reason = reason;
                 c.kv_bytes = kv_bytes;

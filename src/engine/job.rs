@@ -47,8 +47,8 @@ pub enum Event {
     /// into a stop string or an incomplete character).
     Token { choice: usize, id: u32, text: String, steps: usize, exit: ExitReason, logprobs: Option<TokenLogprobs> },
     /// The choice ended; `text` is any text released at the end, `kv_bytes` what its K/V cache
-    /// held (freed before this event is sent).
-    Finished { choice: usize, reason: FinishReason, text: String, kv_bytes: usize },
+    /// held (freed before this event is sent), `drafts` what speculation drafted and kept.
+    Finished { choice: usize, reason: FinishReason, text: String, kv_bytes: usize, drafts: DraftCounts },
     /// Raw next-token logits (only for a job with `report_logits`): every prompt position after
     /// the prompt's pass, then, before each later token's `Token` event, the row that produced it.
     Logits { choice: usize, rows: Vec<Vec<f32>> },
@@ -73,8 +73,16 @@ pub enum EngineFailure {
 /// never overflows and its size does not depend on the output's length.
 pub const EVENTS_PER_CHOICE: usize = 16;
 
-/// The most events one tick sends one choice (prompt log-probabilities, logits, token, end).
+/// The most events one tick sends one choice (prompt log-probabilities, logits, token, end),
+/// plus two per drafted token of a speculative round ([`JobSpec::events_per_tick`]).
 pub const EVENTS_PER_TICK: usize = 4;
+
+/// Drafted tokens a choice's verification weighed, and how many of them it kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DraftCounts {
+    pub drafted: usize,
+    pub accepted: usize,
+}
 
 /// Everything the engine needs to run one prompt.
 #[derive(Debug, Clone)]
@@ -108,6 +116,12 @@ impl JobSpec {
             prompt_logprobs: false,
             report_logits: false,
         }
+    }
+
+    /// The most events one tick sends one choice: a verification round emits up to
+    /// `draft_tokens + 1` tokens, each with its logits when reported.
+    pub fn events_per_tick(&self) -> usize {
+        EVENTS_PER_TICK + 2 * self.params.speculation.map_or(0, |s| s.draft_tokens)
     }
 
     /// What the engine itself requires of a job on a model with `cfg` (the HTTP layer checks
@@ -146,7 +160,8 @@ impl Job {
     /// A job for `spec` reserving `kv_reservation` bytes, and its caller's handle (events on a
     /// channel of [`EVENTS_PER_CHOICE`] per choice).
     pub fn new(spec: JobSpec, kv_reservation: usize) -> (Self, JobHandle) {
-        let (events, receiver) = mpsc::channel(EVENTS_PER_CHOICE * spec.n.max(1));
+        let per_choice = EVENTS_PER_CHOICE + spec.events_per_tick() - EVENTS_PER_TICK;
+        let (events, receiver) = mpsc::channel(per_choice * spec.n.max(1));
         let cancelled = Arc::new(AtomicBool::new(false));
         let job = Self { spec, kv_reservation, events, cancelled: cancelled.clone(), submitted: Instant::now() };
         (job, JobHandle::new(receiver, cancelled))
@@ -154,7 +169,7 @@ impl Job {
 
     /// Whether the channel has room for every open choice's events of one tick.
     pub fn can_take_a_tick(&self) -> bool {
-        self.events.capacity() >= EVENTS_PER_TICK * self.spec.n.max(1)
+        self.events.capacity() >= self.spec.events_per_tick() * self.spec.n.max(1)
     }
 
     pub fn is_cancelled(&self) -> bool {

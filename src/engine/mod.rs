@@ -9,6 +9,6 @@ pub mod shared;
 pub mod worker;
 
 pub use driver::{Completion, Driver};
-pub use job::{EngineFailure, Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs};
+pub use job::{DraftCounts, EngineFailure, Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs};
 pub use scheduler::{Scheduler, SchedulerLimits};
 pub use worker::{Engine, EngineConfig, EngineError};

@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 
 use metrics::{counter, histogram};
 
-use super::job::{EngineFailure, Event, ExitReason, Job, JobSpec, TokenLogprobs};
+use super::job::{DraftCounts, EngineFailure, Event, ExitReason, Job, JobSpec, TokenLogprobs};
 use super::shared::JobShared;
 use crate::generate::sampling::sampler_seed;
 use crate::generate::{FinishReason, Sampler};
@@ -75,6 +75,13 @@ pub struct Running {
     /// Core steps spent so far (prompt prefill included).
     steps_spent: usize,
     last_token_at: Option<Instant>,
+    /// What the chunk is for: a token, a draft or a verification (speculative decoding).
+    phase: Phase,
+    /// The speculative round under way.
+    round: Option<Round>,
+    /// A verification chunk's logits, every row.
+    verify_rows: Vec<Vec<f32>>,
+    drafts: DraftCounts,
 }
 
 /// What became of a sequence after its token.
@@ -123,6 +130,10 @@ impl Running {
             logits: None,
             steps_spent: 0,
             last_token_at: None,
+            phase: Phase::Token,
+            round: None,
+            verify_rows: Vec::new(),
+            drafts: DraftCounts::default(),
             shared,
         })
     }
@@ -197,7 +208,7 @@ impl Running {
         }
         let rule = params.exit;
         let initial =
-            if rule.criterion.needs_latent() && !self.prefill { latent_vec(&self.state)? } else { Vec::new() };
+            if rule.criterion.needs_latent() && self.may_exit() { latent_vec(&self.state)? } else { Vec::new() };
         self.tracker = ExitTracker::new(rule, initial);
         (self.stage, self.done, self.step) = (Stage::Core, 0, 0);
         self.logits = None;
@@ -241,7 +252,7 @@ impl Running {
     /// The coda is already done when an exit check computed the chunk's logits this step (a
     /// decoding token's one row, its coda entries written): true then.
     pub fn coda_from_exit_check(&mut self) -> bool {
-        let ready = self.stage == Stage::Coda && self.done == 0 && self.logits.is_some() && !self.reports_prompt_rows();
+        let ready = self.stage == Stage::Coda && self.done == 0 && self.logits.is_some() && !self.reports_every_row();
         if ready {
             self.done = self.len;
         }
@@ -254,22 +265,27 @@ impl Running {
         Ok((state, Chunk { cache: &mut self.cache, start: self.start + self.done, len: rows, step: 0 }))
     }
 
-    /// Whether a coda piece needs every row's logits (a prompt reporting them), or only its last.
-    pub fn reports_prompt_rows(&self) -> bool {
-        self.prefill && (self.spec().prompt_logprobs || self.spec().report_logits)
+    /// Whether a coda piece needs every row's logits (a prompt reporting them, a verification),
+    /// or only its last.
+    pub fn reports_every_row(&self) -> bool {
+        self.prefill && (self.spec().prompt_logprobs || self.spec().report_logits) || self.phase == Phase::Verify
     }
 
     /// The coda ran over the next `rows` positions; `logits` holds every row's (when reporting
-    /// prompt rows) or the last row's. True when the coda covers the chunk: its logits are set
+    /// every row) or the last row's. True when the coda covers the chunk: its logits are set
     /// (and a prompt's rows reported).
     pub fn coda_done(&mut self, rows: usize, logits: Vec<Vec<f32>>) -> bool {
         self.done += rows;
         let complete = self.done >= self.len;
-        if self.reports_prompt_rows() {
+        if self.reports_every_row() {
             self.coda_rows.extend(logits);
             if complete {
                 let rows = std::mem::take(&mut self.coda_rows);
-                self.take_prompt_rows(rows);
+                if self.phase == Phase::Verify {
+                    self.verify_rows = rows;
+                } else {
+                    self.take_prompt_rows(rows);
+                }
             }
         } else if complete {
             self.logits = logits.into_iter().last();
@@ -277,9 +293,15 @@ impl Running {
         complete
     }
 
-    /// The exit rule is checked after the step just done (never while prefilling).
+    /// The exit rule is checked after the step just done (never while prefilling or verifying).
     pub fn checks_exit(&self) -> bool {
-        !self.prefill && self.tracker.checks_at(self.step - 1)
+        self.may_exit() && self.tracker.checks_at(self.step - 1)
+    }
+
+    /// Chunks of one token (a token or a draft) may exit early; a prompt or a verification runs
+    /// every row to its cap.
+    fn may_exit(&self) -> bool {
+        !self.prefill && self.phase != Phase::Verify
     }
 
     /// Whether the exit check needs this step's logits.
@@ -326,16 +348,21 @@ impl Running {
         }
     }
 
-    /// Samples the chunk's token from its logits, records it and sends it (with its metrics);
-    /// `limit` is the context length.
+    /// The chunk's coda is done: samples its token from its logits, records it and sends it
+    /// (with its metrics), or, speculating, keeps a draft or settles a verified round; `limit` is
+    /// the context length.
     pub fn emit_token(&mut self, tokenizer: &TextTokenizer, limit: usize) -> crate::model::Result<AfterToken> {
         let converged = self.converged;
-        let exit = self.exit_reason(converged);
-        let steps = self.step;
-        histogram!(m::STEPS_PER_TOKEN, "exit_reason" => exit.label()).record(steps as f64);
         if converged {
             counter!(m::EARLY_EXITS, "criterion" => self.spec().params.exit.criterion.name()).increment(1);
         }
+        match self.phase {
+            Phase::Draft => return self.take_draft(),
+            Phase::Verify => return self.settle_round(tokenizer, limit),
+            Phase::Token => {}
+        }
+        let exit = self.exit_reason(converged);
+        let steps = self.step;
         if self.prefill && self.spec().params.continuous_compute {
             self.state = self.state.narrow(0, self.len - 1, 1)?;
         }
@@ -344,11 +371,32 @@ impl Running {
             return Ok(AfterToken::Finishes(FinishReason::Length));
         }
         let raw = self.logits.take().unwrap_or_default();
-        if self.spec().report_logits && !self.prefill {
-            self.send(Event::Logits { choice: self.choice, rows: vec![raw.clone()] });
-        }
         let mut logits = raw.clone();
         let token = self.sampler.sample(&mut logits, &self.context);
+        Ok(match self.push_token(tokenizer, token, &raw, steps, exit, limit)? {
+            Some(after) => after,
+            None => {
+                self.next_chunk(limit);
+                AfterToken::Continues
+            }
+        })
+    }
+
+    /// Records and sends one generated token that `raw` (logits) produced after `steps` steps:
+    /// `None` when the choice goes on, else how it ended.
+    fn push_token(
+        &mut self,
+        tokenizer: &TextTokenizer,
+        token: u32,
+        raw: &[f32],
+        steps: usize,
+        exit: ExitReason,
+        limit: usize,
+    ) -> crate::model::Result<Option<AfterToken>> {
+        histogram!(m::STEPS_PER_TOKEN, "exit_reason" => exit.label()).record(steps as f64);
+        if self.spec().report_logits && !self.prefill {
+            self.send(Event::Logits { choice: self.choice, rows: vec![raw.to_vec()] });
+        }
         self.sampler.record(token);
         self.context.push(token);
         self.generated += 1;
@@ -361,18 +409,13 @@ impl Running {
         }
         self.last_token_at = Some(now);
         let piece = self.text.push(tokenizer, token)?;
-        let logprobs = self.spec().logprobs.map(|top| token_logprobs(&raw, token, top));
+        let logprobs = self.spec().logprobs.map(|top| token_logprobs(raw, token, top));
         let reason = self.finish_reason_after(token, piece.stopped, limit);
         let event = Event::Token { choice: self.choice, id: token, text: piece.text, steps, exit, logprobs };
         Ok(match (self.send(event), reason) {
-            (_, Some(reason)) => AfterToken::Finishes(reason),
-            (true, None) => {
-                // The next chunk is the token just sampled.
-                (self.start, self.len) = (self.context.len() - 1, 1);
-                (self.stage, self.done) = (Stage::Prelude, 0);
-                AfterToken::Continues
-            }
-            (false, None) => AfterToken::Dropped,
+            (_, Some(reason)) => Some(AfterToken::Finishes(reason)),
+            (true, None) => None,
+            (false, None) => Some(AfterToken::Dropped),
         })
     }
 
@@ -389,7 +432,7 @@ impl Running {
     /// The last event, after [`Self::release`]: the rest of the text and how the choice ended.
     pub fn send_finished(&mut self, reason: FinishReason, kv_bytes: usize) {
         let text = self.text.finish();
-        self.send(Event::Finished { choice: self.choice, reason, text, kv_bytes });
+        self.send(Event::Finished { choice: self.choice, reason, text, kv_bytes, drafts: self.drafts });
     }
 
     /// Ends the choice with an error event.
@@ -399,7 +442,10 @@ impl Running {
 
     /// Sets the cap of the chunk about to iterate from `num_steps` and the remaining budget.
     fn set_cap(&mut self) {
-        let num_steps = self.spec().params.num_steps;
+        let num_steps = match (self.phase, self.spec().params.speculation) {
+            (Phase::Draft, Some(s)) => s.draft_steps,
+            _ => self.spec().params.num_steps,
+        };
         match self.spec().max_total_steps {
             Some(budget) if budget.saturating_sub(self.steps_spent) < num_steps => {
                 self.cap = budget.saturating_sub(self.steps_spent).max(1);
@@ -446,6 +492,10 @@ impl Running {
         }
     }
 }
+
+#[path = "speculation.rs"]
+mod speculation;
+use speculation::{Phase, Round};
 
 /// Tensors joined along the rows (one is returned as it is).
 pub(super) fn cat<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> crate::model::Result<Tensor> {

@@ -131,7 +131,13 @@ impl Scheduler {
         if spec.params.max_tokens == 0 && !spec.prompt_logprobs && !spec.report_logits {
             for choice in 0..spec.n {
                 shared.choice_done();
-                let event = Event::Finished { choice, reason: FinishReason::Length, text: String::new(), kv_bytes: 0 };
+                let event = Event::Finished {
+                    choice,
+                    reason: FinishReason::Length,
+                    text: String::new(),
+                    kv_bytes: 0,
+                    drafts: Default::default(),
+                };
                 let _ = shared.job.events.try_send(event);
             }
             return Ok(());
@@ -304,7 +310,7 @@ impl Scheduler {
             order.iter().copied().filter(|&i| self.running[i].coda_from_exit_check()).collect();
         let plan = self.plan(order, Stage::Coda);
         let (all_rows, last_rows): (Plan, Plan) =
-            plan.into_iter().partition(|&(i, _)| self.running[i].reports_prompt_rows());
+            plan.into_iter().partition(|&(i, _)| self.running[i].reports_every_row());
         for (i, rows) in all_rows {
             let r = &mut self.running[i];
             let (state, chunk) = r.coda_piece(rows)?;

@@ -5,12 +5,14 @@ pub mod sampling;
 
 pub mod ranges;
 pub mod request;
+pub mod speculative;
 
 use serde::Serialize;
 
 use crate::model::{CacheStrategy, ExitRule, ModelError, Result};
 pub use request::{FieldError, GenerationRequest, RequestContext, ResolvedGeneration};
 pub use sampling::{Sampler, SamplingParams};
+pub use speculative::Verdict;
 
 /// Everything that shapes one generation.
 #[derive(Debug, Clone)]
@@ -24,6 +26,8 @@ pub struct GenerationParams {
     /// Start each token from the previous token's final state instead of a fresh one.
     pub continuous_compute: bool,
     pub cache: CacheStrategy,
+    /// Self-speculative decoding: draft tokens at few steps, verify them at `num_steps`.
+    pub speculation: Option<Speculation>,
     pub sampling: SamplingParams,
     /// Generation ends after any of these ids (included in `token_ids`).
     pub stop_token_ids: Vec<u32>,
@@ -39,6 +43,7 @@ impl GenerationParams {
             init_scale: 1.0,
             continuous_compute: false,
             cache: CacheStrategy::default(),
+            speculation: None,
             sampling: SamplingParams::default(),
             stop_token_ids: Vec::new(),
             seed: 0,
@@ -55,9 +60,34 @@ impl GenerationParams {
                 self.exit.min_steps, self.num_steps
             )));
         }
+        if let Some(s) = self.speculation {
+            if s.draft_steps == 0 || s.draft_steps >= self.num_steps {
+                return Err(ModelError::InvalidArgument(format!(
+                    "draft_steps must be between 1 and num_steps - 1 ({}), got {}",
+                    self.num_steps.saturating_sub(1),
+                    s.draft_steps
+                )));
+            }
+            if s.draft_tokens == 0 {
+                return Err(ModelError::InvalidArgument("draft_tokens must be at least 1".into()));
+            }
+            if self.continuous_compute {
+                return Err(ModelError::InvalidArgument(
+                    "draft_steps cannot be combined with continuous_compute".into(),
+                ));
+            }
+        }
         ranges::init_scale(self.init_scale).map_err(|e| ModelError::InvalidArgument(format!("init_scale {e}")))?;
         self.sampling.validate()
     }
+}
+
+/// Self-speculative decoding (docs/DESIGN.md): each round drafts up to `draft_tokens` tokens one
+/// by one at `draft_steps` recurrence steps each, then verifies them in one chunk at `num_steps`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Speculation {
+    pub draft_steps: usize,
+    pub draft_tokens: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{GenerationParams, SamplingParams, ranges};
+use super::{GenerationParams, SamplingParams, Speculation, ranges};
 use crate::model::{CacheStrategy, ExitCriterion, ExitRule};
 use crate::settings::{GenerationSettings, LimitSettings};
 
@@ -23,6 +23,10 @@ pub struct GenerationRequest {
     pub max_total_steps: Option<i64>,
     pub init_scale: Option<f64>,
     pub continuous_compute: Option<bool>,
+    /// Recurrence steps per drafted token; setting it turns self-speculative decoding on.
+    pub draft_steps: Option<i64>,
+    /// Tokens drafted per speculation round.
+    pub draft_tokens: Option<i64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub top_k: Option<i64>,
@@ -128,6 +132,9 @@ impl GenerationRequest {
         let init_scale = self.init_scale.unwrap_or(defaults.init_scale);
         named("init_scale", ranges::init_scale(init_scale))?;
 
+        let continuous_compute = self.continuous_compute.unwrap_or(defaults.continuous_compute);
+        let speculation = self.speculation(defaults, limits, num_steps, continuous_compute)?;
+
         let in_vocabulary = |name: &str, id: i64| {
             u32::try_from(id).ok().filter(|&id| (id as usize) < vocab).ok_or_else(|| {
                 FieldError::new(name, format!("`{name}`: token id {id} is outside the vocabulary (size {vocab})"))
@@ -161,8 +168,9 @@ impl GenerationRequest {
             num_steps,
             exit,
             init_scale,
-            continuous_compute: self.continuous_compute.unwrap_or(defaults.continuous_compute),
+            continuous_compute,
             cache: self.kv_cache.unwrap_or(defaults.kv_cache),
+            speculation,
             sampling: SamplingParams {
                 temperature: temperature as f32,
                 top_k,
@@ -178,6 +186,36 @@ impl GenerationRequest {
             seed: self.seed.map_or(defaults.seed, |s| s as u64),
         };
         Ok(ResolvedGeneration { params, max_total_steps, max_tokens_explicit: max_tokens.is_some() })
+    }
+
+    /// `draft_steps` (the request's, else the settings') turns speculation on; `draft_tokens` is
+    /// checked whenever given.
+    fn speculation(
+        &self,
+        defaults: &GenerationSettings,
+        limits: &LimitSettings,
+        num_steps: usize,
+        continuous_compute: bool,
+    ) -> Result<Option<Speculation>, FieldError> {
+        let draft_tokens = match self.draft_tokens {
+            Some(v) => count("draft_tokens", v, 1, limits.max_draft_tokens)?,
+            None => defaults.draft_tokens.min(limits.max_draft_tokens),
+        };
+        let draft_steps = match (self.draft_steps, defaults.draft_steps) {
+            (Some(v), _) => v,
+            (None, Some(v)) => v as i64,
+            (None, None) => return Ok(None),
+        };
+        if num_steps < 2 {
+            let message = format!("`draft_steps` needs num_steps of at least 2, got num_steps {num_steps}");
+            return Err(FieldError::new("draft_steps", message));
+        }
+        let draft_steps = count("draft_steps", draft_steps, 1, num_steps - 1)?;
+        if continuous_compute {
+            let message = "`draft_steps` cannot be combined with `continuous_compute` (verified rows start together)";
+            return Err(FieldError::new("draft_steps", message));
+        }
+        Ok(Some(Speculation { draft_steps, draft_tokens }))
     }
 }
 
@@ -255,5 +293,41 @@ mod tests {
             .unwrap_err()
             .message;
         assert_eq!(message, "`repetition_penalty` must be between 0.01 and 10, got 0");
+    }
+
+    #[test]
+    fn draft_steps_turn_speculation_on_within_num_steps() {
+        let settings = GenerationSettings::default();
+        let spec = |request: GenerationRequest| resolve(&request, &settings).map(|r| r.params.speculation);
+        assert_eq!(spec(GenerationRequest::default()), Ok(None));
+        let on = spec(GenerationRequest { num_steps: Some(8), draft_steps: Some(2), ..Default::default() });
+        assert_eq!(on, Ok(Some(Speculation { draft_steps: 2, draft_tokens: settings.draft_tokens })));
+        let six =
+            GenerationRequest { num_steps: Some(8), draft_steps: Some(7), draft_tokens: Some(6), ..Default::default() };
+        assert_eq!(spec(six), Ok(Some(Speculation { draft_steps: 7, draft_tokens: 6 })));
+        let field = |request: GenerationRequest| resolve(&request, &settings).unwrap_err();
+        let at_cap = field(GenerationRequest { num_steps: Some(8), draft_steps: Some(8), ..Default::default() });
+        assert_eq!(
+            (at_cap.field.as_str(), at_cap.message.as_str()),
+            ("draft_steps", "`draft_steps` must be between 1 and 7, got 8")
+        );
+        assert_eq!(field(GenerationRequest { draft_steps: Some(0), ..Default::default() }).field, "draft_steps");
+        assert_eq!(
+            field(GenerationRequest { num_steps: Some(1), draft_steps: Some(1), ..Default::default() }).field,
+            "draft_steps"
+        );
+        let too_many = LimitSettings::default().max_draft_tokens as i64 + 1;
+        assert_eq!(
+            field(GenerationRequest { draft_tokens: Some(too_many), ..Default::default() }).field,
+            "draft_tokens"
+        );
+        assert_eq!(field(GenerationRequest { draft_tokens: Some(0), ..Default::default() }).field, "draft_tokens");
+        let continuous =
+            GenerationRequest { draft_steps: Some(2), continuous_compute: Some(true), ..Default::default() };
+        assert_eq!(field(continuous).field, "draft_steps");
+        // From the settings: every request speculates unless it asks otherwise.
+        let speculating = GenerationSettings { draft_steps: Some(3), draft_tokens: 5, ..Default::default() };
+        let resolved = resolve(&GenerationRequest::default(), &speculating).unwrap();
+        assert_eq!(resolved.params.speculation, Some(Speculation { draft_steps: 3, draft_tokens: 5 }));
     }
 }

@@ -121,12 +121,30 @@ impl Sampler {
         }
     }
 
+    /// Takes back a [`Self::record`] (a drafted token that verification rejected).
+    pub fn forget(&mut self, token: u32) {
+        if let Some(count) = self.generated.get_mut(&token) {
+            *count -= 1;
+            if *count == 0 {
+                self.generated.remove(&token);
+            }
+        }
+    }
+
     /// Processes `logits` and picks the next token.
     pub fn sample(&mut self, logits: &mut [f32], context: &[u32]) -> u32 {
+        let distribution = self.distribution(logits, context);
+        self.draw(&distribution)
+    }
+
+    /// The distribution [`Self::sample`] draws from: the logit processors, then temperature,
+    /// top-k, top-p and min-p, as `(token, probability)` pairs, most likely first, summing to
+    /// one. Greedy decoding is the argmax with probability one.
+    pub fn distribution(&self, logits: &mut [f32], context: &[u32]) -> Vec<(u32, f64)> {
         self.process(logits, context);
-        let p = self.params.clone();
+        let p = &self.params;
         if p.temperature == 0.0 {
-            return argmax(logits) as u32;
+            return vec![(argmax(logits) as u32, 1.0)];
         }
         let mut candidates: Vec<(u32, f32)> =
             logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
@@ -156,14 +174,27 @@ impl Sampler {
             probs.truncate(keep);
         }
         let total: f64 = probs.iter().sum();
-        let mut draw = self.rng.random::<f64>() * total;
-        for (i, q) in probs.iter().enumerate() {
+        candidates.iter().zip(probs).map(|(&(id, _), q)| (id, q / total)).collect()
+    }
+
+    /// A draw from `distribution` (greedy: its first token, no random number drawn).
+    pub fn draw(&mut self, distribution: &[(u32, f64)]) -> u32 {
+        if self.params.temperature == 0.0 {
+            return distribution.first().map_or(0, |&(id, _)| id);
+        }
+        let mut draw = self.rng.random::<f64>();
+        for &(id, q) in distribution {
             draw -= q;
             if draw <= 0.0 {
-                return candidates[i].0;
+                return id;
             }
         }
-        candidates[probs.len() - 1].0
+        distribution.last().map_or(0, |&(id, _)| id)
+    }
+
+    /// A uniform number in [0, 1) from the sampler's stream (the speculative acceptance test).
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
     }
 }
 

@@ -185,6 +185,20 @@ impl KvCache {
         Ok(())
     }
 
+    /// Forgets every position from `len` on (a speculative round's rejected drafts): the entries of
+    /// positions `0..len` stay as they are, the buffers keep their capacity, and the next chunk
+    /// starts at `len`.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len() {
+            return;
+        }
+        self.deepest_slot.truncate(len);
+        let buffers = self.prelude.iter_mut().chain(self.core.iter_mut().flatten()).chain(self.coda.iter_mut());
+        for buffer in buffers.flatten() {
+            buffer.len = buffer.len.min(len);
+        }
+    }
+
     /// Writes the K/V of positions `start..start + n` (`k`, `v`: `[n, heads, head_dim]`) into `slot`
     /// and returns the keys and values of positions `0..start + n`, views of the buffers in the
     /// backend's layout (`[heads, start + n, head_dim]` on the CPU kernels).
@@ -344,6 +358,34 @@ mod tests {
 
     fn cache(strategy: CacheStrategy) -> KvCache {
         KvCache::new(&preset("tiny").unwrap(), strategy, Backend::Cpu { bf16: false }, &Device::Cpu)
+    }
+
+    #[test]
+    fn truncation_forgets_later_positions_and_keeps_earlier_entries() {
+        let mut c = cache(CacheStrategy::Full);
+        c.begin_tokens(0, 3).unwrap();
+        for step in 0..2 {
+            c.append(
+                LayerSlot::Core { layer: 0, step },
+                0,
+                &kv(1.0).repeat((3, 1, 1)).unwrap(),
+                &kv(2.0).repeat((3, 1, 1)).unwrap(),
+            )
+            .unwrap();
+        }
+        c.append(LayerSlot::Prelude(0), 0, &kv(3.0).repeat((3, 1, 1)).unwrap(), &kv(3.0).repeat((3, 1, 1)).unwrap())
+            .unwrap();
+        let before = c.bytes();
+        c.truncate(1);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.bytes(), before / 3, "a third of the positions remain");
+        assert!(c.begin_tokens(2, 1).is_err(), "the next chunk starts at the truncated length");
+        c.begin_tokens(1, 1).unwrap();
+        let (k, _) = c.append(LayerSlot::Core { layer: 0, step: 0 }, 1, &kv(9.0), &kv(9.0)).unwrap();
+        let at = |pos: usize| -> Vec<f32> { k.narrow(1, pos, 1).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+        assert!(at(0).iter().all(|&x| x == 1.0) && at(1).iter().all(|&x| x == 9.0));
+        c.truncate(5);
+        assert_eq!(c.len(), 2, "truncating beyond the length changes nothing");
     }
 
     /// Token 0 stops after two steps; token 1 runs three. At step 2 token 1 must see token 0's

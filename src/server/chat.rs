@@ -106,7 +106,11 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
         state.tokenizer.apply_chat_template(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
     let ids = handler::tokenize_blocking(&state, vec![Err(text)]).await?;
     let spec = request::job_spec(&state, ids[0].clone(), &common, logprobs, false)?;
-    let usage = Usage { prompt_tokens: ids[0].len() * common.n, ..Default::default() };
+    let usage = Usage {
+        prompt_tokens: ids[0].len() * common.n,
+        speculative: spec.params.speculation.is_some(),
+        ..Default::default()
+    };
     let writer = ChatWriter {
         id: format!("chatcmpl-{}", unique_id()),
         created: unix_time(),
@@ -153,8 +157,7 @@ impl ChatWriter {
             .iter()
             .enumerate()
             .map(|(index, c)| {
-                usage.completion_tokens += c.token_ids.len();
-                usage.recurrence_steps += c.steps.iter().sum::<usize>();
+                usage.add_choice(c);
                 json!({
                     "index": index,
                     "message": {"role": "assistant", "content": c.text},

@@ -66,7 +66,11 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
         .zip(&ids)
         .map(|(text, ids)| text.unwrap_or_else(|| state.tokenizer.decode(ids).unwrap_or_default()))
         .collect();
-    let usage = Usage { prompt_tokens: ids.iter().map(|p| p.len() * common.n).sum(), ..Default::default() };
+    let usage = Usage {
+        prompt_tokens: ids.iter().map(|p| p.len() * common.n).sum(),
+        speculative: specs.iter().any(|s| s.params.speculation.is_some()),
+        ..Default::default()
+    };
     let n = common.n;
     let choices = ids.len() * n;
     let writer = CompletionWriter {
@@ -153,8 +157,7 @@ impl CompletionWriter {
                     entries.extend(c.logprobs.iter().map(|lp| (lp.token, Some(lp))));
                     self.logprobs_json(&entries, 0)
                 });
-                usage.completion_tokens += c.token_ids.len();
-                usage.recurrence_steps += c.steps.iter().sum::<usize>();
+                usage.add_choice(c);
                 json!({
                     "index": index,
                     "text": text,

@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
 use super::state::Lease;
-use crate::engine::{Event, JobHandle, TokenLogprobs};
+use crate::engine::{DraftCounts, Event, JobHandle, TokenLogprobs};
 use crate::generate::FinishReason;
 
 /// A choice as it accumulates.
@@ -23,6 +23,7 @@ pub struct Choice {
     /// Log-probabilities of the prompt tokens after the first (echo).
     pub prompt_logprobs: Option<Vec<TokenLogprobs>>,
     pub finish: Option<FinishReason>,
+    pub drafts: DraftCounts,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -30,19 +31,35 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub recurrence_steps: usize,
+    /// The request speculates: its usage reports drafted and accepted tokens.
+    pub speculative: bool,
+    pub drafts: DraftCounts,
 }
 
 impl Usage {
+    /// Adds a finished choice's tokens, steps and drafts.
+    pub fn add_choice(&mut self, choice: &Choice) {
+        self.completion_tokens += choice.token_ids.len();
+        self.recurrence_steps += choice.steps.iter().sum::<usize>();
+        self.drafts.drafted += choice.drafts.drafted;
+        self.drafts.accepted += choice.drafts.accepted;
+    }
+
     pub fn json(self) -> Value {
         let mean =
             if self.completion_tokens > 0 { self.recurrence_steps as f64 / self.completion_tokens as f64 } else { 0.0 };
-        json!({
+        let mut usage = json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "recurrence_steps": self.recurrence_steps,
             "mean_steps_per_token": mean,
-        })
+        });
+        if self.speculative {
+            usage["draft_tokens"] = json!(self.drafts.drafted);
+            usage["accepted_draft_tokens"] = json!(self.drafts.accepted);
+        }
+        usage
     }
 }
 
@@ -103,10 +120,11 @@ async fn collect_events(jobs: Vec<(JobHandle, usize)>, choices: usize) -> Result
                 c.steps.push(steps);
                 c.logprobs.extend(logprobs);
             }
-            Event::Finished { choice, reason, text, .. } => {
+            Event::Finished { choice, reason, text, drafts, .. } => {
                 let c = &mut out[base + choice];
                 c.text.push_str(&text);
                 c.finish = Some(reason);
+                c.drafts = drafts;
             }
             Event::Logits { .. } => {}
             Event::Error { failure } => return Err(failure.into()),
@@ -189,8 +207,10 @@ pub fn stream(
                     usage.recurrence_steps += steps;
                     Some(writer.token(base + choice, &text, steps, logprobs.as_ref()))
                 }
-                Event::Finished { choice, reason, text, .. } => {
+                Event::Finished { choice, reason, text, drafts, .. } => {
                     finished += 1;
+                    usage.drafts.drafted += drafts.drafted;
+                    usage.drafts.accepted += drafts.accepted;
                     Some(writer.finish(base + choice, &text, reason))
                 }
                 Event::Logits { .. } => None,

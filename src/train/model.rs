@@ -183,7 +183,7 @@ impl TrainModel {
         let embed_scale = (self.cfg.n_embd as f64).sqrt();
         let mut xs = (self.wte.embedding(&ids.flatten_all()?)?.reshape((ids.dim(0)?, time, ()))? * embed_scale)?;
         for block in &self.prelude {
-            xs = self.block(block, &xs, &mask, &rope)?;
+            xs = self.block(block, &xs, &mask, &rope, false)?;
         }
         let frozen = steps.saturating_sub(backprop);
         let injection = xs;
@@ -193,46 +193,58 @@ impl TrainModel {
             let injection = if step < frozen { &detached_injection } else { &injection };
             let joined = Tensor::cat(&[&state, injection], D::Minus1)?;
             let mut xs = linear(&joined, &self.adapter)?;
+            // Steps before the backpropagated ones need no graph: fused kernels without gradients.
+            let fused = step < frozen;
             for block in &self.core {
-                xs = self.block(block, &xs, &mask, &rope)?;
+                xs = self.block(block, &xs, &mask, &rope, fused)?;
             }
             state = if step + 1 == frozen { xs.detach() } else { xs };
         }
-        let mut xs = self.norm(&state, &self.ln_f)?;
+        let mut xs = self.norm(&state, &self.ln_f, false)?;
         for block in &self.coda {
-            xs = self.block(block, &xs, &mask, &rope)?;
+            xs = self.block(block, &xs, &mask, &rope, false)?;
         }
-        let xs = self.norm(&xs, &self.ln_f)?;
+        let xs = self.norm(&xs, &self.ln_f, false)?;
         Ok(xs.broadcast_matmul(&self.wte.t()?)?)
     }
 
-    fn norm(&self, xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    fn norm(&self, xs: &Tensor, weight: &Tensor, fused: bool) -> Result<Tensor> {
         let eps = self.cfg.norm_eps;
+        if fused {
+            return Ok(candle_nn::ops::rms_norm(&xs.contiguous()?, weight, eps as f32)?);
+        }
         let scale = (xs.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
         Ok(xs.broadcast_mul(&scale)?.broadcast_mul(weight)?)
     }
 
     /// `a = attn(norm_1(x)); x = norm_2(x + a); x = norm_4(x + mlp(norm_3(x)))`.
-    fn block(&self, b: &Block, xs: &Tensor, mask: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
-        let attn = self.attention(b, &self.norm(xs, &b.norm[0])?, mask, rope)?;
-        let xs = self.norm(&(xs + attn)?, &b.norm[1])?;
-        let gated = linear(&self.norm(&xs, &b.norm[2])?, &b.fc)?;
+    /// With `fused`, the same math through kernels that have no backward pass (for tensors
+    /// outside the graph).
+    fn block(&self, b: &Block, xs: &Tensor, mask: &Tensor, rope: &(Tensor, Tensor), fused: bool) -> Result<Tensor> {
+        let attn = self.attention(b, &self.norm(xs, &b.norm[0], fused)?, mask, rope, fused)?;
+        let xs = self.norm(&(xs + attn)?, &b.norm[1], fused)?;
+        let gated = linear(&self.norm(&xs, &b.norm[2], fused)?, &b.fc)?;
         let half = self.cfg.intermediate_size;
         let mlp = (gated.narrow(D::Minus1, 0, half)?.silu()? * gated.narrow(D::Minus1, half, half)?)?;
-        self.norm(&(xs + linear(&mlp, &b.mlp_proj)?)?, &b.norm[3])
+        self.norm(&(xs + linear(&mlp, &b.mlp_proj)?)?, &b.norm[3], fused)
     }
 
-    fn attention(&self, b: &Block, xs: &Tensor, mask: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+    fn attention(&self, b: &Block, xs: &Tensor, mask: &Tensor, rope: &(Tensor, Tensor), fused: bool) -> Result<Tensor> {
         let (batch, time, d) = xs.dims3()?;
         let (h, hd) = (self.cfg.num_attention_heads, self.cfg.head_dim());
         let qkv = linear(xs, &b.wqkv)?.reshape((batch, time, 3, h, hd))?;
         let heads =
             |i: usize| -> Result<Tensor> { Ok(qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous()?) };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?); // [b, h, t, hd]
-        let q = candle_nn::rotary_emb::rope_i_slow(&q, &rope.0, &rope.1)?;
-        let k = candle_nn::rotary_emb::rope_i_slow(&k, &rope.0, &rope.1)?;
+        let rotate = if fused { candle_nn::rotary_emb::rope_i } else { candle_nn::rotary_emb::rope_i_slow };
+        let q = rotate(&q, &rope.0, &rope.1)?;
+        let k = rotate(&k, &rope.0, &rope.1)?;
         let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = if fused {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        } else {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        };
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((batch, time, d))?;
         linear(&out, &b.attn_proj)
     }

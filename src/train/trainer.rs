@@ -44,6 +44,9 @@ pub struct TrainOptions {
     /// Cap on a step's recurrence count.
     pub max_recurrence: usize,
     pub seed: u64,
+    /// Start from the weights of this checkpoint (same shape) instead of a fresh initialisation.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
 }
 
 /// What one training step did.
@@ -102,10 +105,10 @@ impl Trainer {
         }
         let cfg = write_metadata(out, &options.model, DType::F32)?;
         let tokenizer = TextTokenizer::load(out, &cfg)?;
-        let model = if resuming {
-            TrainModel::load(cfg, &out.join(WEIGHTS), &device)?
-        } else {
-            TrainModel::new(cfg, options.seed, &device)?
+        let model = match (&options.init_from, resuming) {
+            (_, true) => TrainModel::load(cfg, &out.join(WEIGHTS), &device)?,
+            (Some(init), false) => TrainModel::load(cfg, &init.join(WEIGHTS), &device)?,
+            (None, false) => TrainModel::new(cfg, options.seed, &device)?,
         };
         let vars = model.vars().data().lock().map_err(|_| ModelError::InvalidArgument("poisoned".into()))?.clone();
         let mut optimizer = AdamW::new(&vars, options.adamw())?;
@@ -232,6 +235,7 @@ mod tests {
             chat_fraction: 0.25,
             max_recurrence: 32,
             seed: 0,
+            init_from: None,
         };
         assert!((0..1000).all(|s| o.digits_at(s) == 6), "no curriculum: all digits at once");
         (o.curriculum_steps, o.start_digits) = (400, 3);
