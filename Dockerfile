@@ -69,6 +69,7 @@ COPY --from=cuda-builder /usr/local/bin/huginn /usr/local/bin/huginn
 COPY --from=cuda-builder /opt/cuda-lib /opt/cuda/lib
 COPY config/default.toml /app/config/default.toml
 COPY models/huginn-addition /app/models/huginn-addition
+COPY models/huginn-addition-6 /app/models/huginn-addition-6
 # One worker per visible GPU.
 ENV HUGINN_SERVER_HOST=0.0.0.0 \
     HUGINN_SERVER_PORT=8000 \
@@ -94,6 +95,7 @@ WORKDIR /app
 COPY --from=builder /usr/local/bin/huginn /usr/local/bin/huginn
 COPY config/default.toml /app/config/default.toml
 COPY models/huginn-addition /app/models/huginn-addition
+COPY models/huginn-addition-6 /app/models/huginn-addition-6
 ENV HUGINN_SERVER_HOST=0.0.0.0 \
     HUGINN_SERVER_PORT=8000
 USER 10001:10001

@@ -123,6 +123,22 @@ fn the_training_forward_matches_the_inference_runtime() {
 }
 
 #[test]
+fn the_six_digit_model_answers_more_problems_with_more_recurrence() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/huginn-addition-6");
+    let model = Arc::new(HuginnModel::load(&dir, DType::F32, &Device::Cpu).unwrap());
+    let tokenizer = Arc::new(TextTokenizer::load(&dir, model.config()).unwrap());
+    let digits = huginn::train::addition::TaskFile::read(&dir).unwrap().expect("task.json").digits;
+    assert_eq!(digits, 6);
+    let problems = held_out_problems(100, digits, 2024);
+    let default_steps = model.config().mean_recurrence;
+    let at =
+        |num_steps: usize| evaluate(&model, &tokenizer, &problems, false, Budget::fixed(num_steps)).unwrap().accuracy();
+    let (full, one) = (at(default_steps), at(1));
+    assert!(full >= 0.85, "accuracy at num_steps {default_steps}: {full}");
+    assert!(one <= full / 2.0, "accuracy at num_steps 1 ({one}) is not clearly below {full}");
+}
+
+#[test]
 fn the_default_model_answers_more_problems_with_more_recurrence() {
     let dir = huginn::settings::default_model_dir().expect("the default model ships in models/");
     let model = Arc::new(HuginnModel::load(&dir, DType::F32, &Device::Cpu).unwrap());
@@ -130,20 +146,12 @@ fn the_default_model_answers_more_problems_with_more_recurrence() {
     let problems = held_out_problems(100, 3, 2024);
     let default_steps = model.config().mean_recurrence;
     let at = |num_steps: usize| {
-        let budget = Budget { num_steps, exit: Default::default() };
+        let budget = Budget::fixed(num_steps);
         evaluate(&model, &tokenizer, &problems, false, budget).unwrap().accuracy()
     };
     let (full, one) = (at(default_steps), at(1));
     assert!(full >= 0.90, "accuracy at num_steps {default_steps}: {full}");
     assert!(one <= full / 2.0, "accuracy at num_steps 1 ({one}) is not clearly below {full}");
-    let chat = evaluate(
-        &model,
-        &tokenizer,
-        &problems[..20],
-        true,
-        Budget { num_steps: default_steps, exit: Default::default() },
-    )
-    .unwrap()
-    .accuracy();
+    let chat = evaluate(&model, &tokenizer, &problems[..20], true, Budget::fixed(default_steps)).unwrap().accuracy();
     assert!(chat >= 0.85, "chat-format accuracy {chat}");
 }

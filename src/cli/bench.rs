@@ -43,6 +43,12 @@ pub struct BenchArgs {
     /// Only the long-prompt interference section (rewritten in the report).
     #[arg(long)]
     interference: bool,
+    /// Only the self-speculative decoding section (rewritten in the report).
+    #[arg(long)]
+    speculative: bool,
+    /// The addition models of the speculative section (those present).
+    #[arg(long, value_delimiter = ',', default_value = "models/huginn-addition-6,models/huginn-addition")]
+    addition_models: Vec<PathBuf>,
     /// Where the full-size checkpoint is written (reused when present).
     #[arg(long, default_value = "target/bench-models/huginn-0125-bf16")]
     full_size_model: PathBuf,
@@ -58,6 +64,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     if args.full_size {
         return super::bench_full_size::run(&args.full_size_model, &args.out);
+    }
+    if args.speculative {
+        ensure_large_model(&args.large_model)?;
+        return super::bench_speculative::run(&args.addition_models, &args.large_model, &args.out, args.quick);
     }
     if args.interference {
         ensure_large_model(&args.large_model)?;
@@ -106,7 +116,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = render(&args, threads, &tiny_rows, &large, &large_rows, bandwidth)?
         + &serving
         + &super::bench_full_size::kept_section(&args.out)
-        + &super::bench_interference::kept_section(&args.out);
+        + &super::bench_interference::kept_section(&args.out)
+        + &super::bench_speculative::kept_section(&args.out);
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }

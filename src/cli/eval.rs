@@ -7,6 +7,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::Args;
 
+use huginn::generate::Speculation;
 use huginn::model::{ExitCriterion, ExitRule, HuginnModel};
 use huginn::text::TextTokenizer;
 use huginn::train::addition::TaskFile;
@@ -32,6 +33,10 @@ pub struct EvalArgs {
     /// Adaptive exit settings to evaluate, as `criterion:threshold:cap` (for example `kl:0.0005:32`).
     #[arg(long = "exit", value_delimiter = ',')]
     exits: Vec<String>,
+    /// Self-speculative settings to evaluate, as `draft_steps:draft_tokens:num_steps` (for example
+    /// `2:4:12`).
+    #[arg(long = "draft", value_delimiter = ',')]
+    drafts: Vec<String>,
     /// Ask in the chat format instead of as a completion.
     #[arg(long)]
     chat: bool,
@@ -56,6 +61,22 @@ fn parse_exit(spec: &str) -> anyhow::Result<(ExitRule, usize)> {
     Ok((ExitRule::new(criterion, Some(threshold), 0)?, cap))
 }
 
+fn parse_draft(spec: &str) -> anyhow::Result<Budget> {
+    let parts: Vec<usize> = spec
+        .split(':')
+        .map(|p| p.parse::<usize>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--draft `{spec}`: use draft_steps:draft_tokens:num_steps, e.g. 2:4:12"))?;
+    let [draft_steps, draft_tokens, num_steps] = parts[..] else {
+        anyhow::bail!("--draft `{spec}`: use draft_steps:draft_tokens:num_steps, e.g. 2:4:12");
+    };
+    let budget = Budget { speculation: Some(Speculation { draft_steps, draft_tokens }), ..Budget::fixed(num_steps) };
+    let mut params = huginn::generate::GenerationParams::new(num_steps);
+    params.speculation = budget.speculation;
+    params.validate().with_context(|| format!("--draft `{spec}`"))?;
+    Ok(budget)
+}
+
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let dir = match args.model {
         Some(dir) => dir,
@@ -68,14 +89,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let task = TaskFile::read(&dir)?;
     let digits = args.digits.or(task.map(|t| t.digits)).unwrap_or(3);
     let problems = held_out_problems(args.problems, digits, args.seed);
-    let mut settings: Vec<(String, Budget)> = args
-        .num_steps
-        .iter()
-        .map(|&n| (format!("fixed {n}"), Budget { num_steps: n, exit: ExitRule::default() }))
-        .collect();
+    let mut settings: Vec<(String, Budget)> =
+        args.num_steps.iter().map(|&n| (format!("fixed {n}"), Budget::fixed(n))).collect();
     for spec in &args.exits {
         let (exit, cap) = parse_exit(spec)?;
-        settings.push((format!("exit {spec}"), Budget { num_steps: cap, exit }));
+        settings.push((format!("exit {spec}"), Budget { num_steps: cap, exit, speculation: None }));
+    }
+    for spec in &args.drafts {
+        settings.push((format!("draft {spec}"), parse_draft(spec)?));
     }
     let format = if args.chat { "chat" } else { "completion" };
     let mut md = String::new();
@@ -94,7 +115,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         );
         println!("{row}");
         writeln!(md, "{row}")?;
-        if budget.exit.criterion == ExitCriterion::None {
+        if budget.speculation.is_some() {
+            eprintln!("{name}: {:.1}% of the drafts accepted", 100.0 * result.acceptance());
+        } else if budget.exit.criterion == ExitCriterion::None {
             fixed.push((budget.num_steps, result));
         } else {
             adaptive.push((name.clone(), result));

@@ -4,6 +4,7 @@ mod bench;
 mod bench_full_size;
 mod bench_interference;
 mod bench_serving;
+mod bench_speculative;
 mod eval;
 mod generate;
 mod init_random;

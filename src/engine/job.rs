@@ -8,6 +8,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::generate::{FinishReason, GenerationParams};
+use crate::model::exit::log_softmax;
 
 /// Why a token stopped iterating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,5 +197,24 @@ impl JobHandle {
 impl Drop for JobHandle {
     fn drop(&mut self) {
         self.cancel();
+    }
+}
+
+/// The chosen token's log-probability and the `top` most likely tokens, from raw logits.
+pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let log_probs = log_softmax(logits);
+    let mut order: Vec<usize> = (0..log_probs.len()).collect();
+    let top = top.min(order.len());
+    if top > 0 {
+        order.select_nth_unstable_by(top - 1, |a, b| log_probs[*b].total_cmp(&log_probs[*a]));
+        order.truncate(top);
+        order.sort_by(|a, b| log_probs[*b].total_cmp(&log_probs[*a]));
+    } else {
+        order.clear();
+    }
+    TokenLogprobs {
+        token,
+        logprob: log_probs.get(token as usize).copied().unwrap_or(f64::NEG_INFINITY) as f32,
+        top: order.into_iter().map(|i| (i as u32, log_probs[i] as f32)).collect(),
     }
 }

@@ -10,12 +10,11 @@ use rand::rngs::StdRng;
 
 use metrics::{counter, histogram};
 
-use super::job::{DraftCounts, EngineFailure, Event, ExitReason, Job, JobSpec, TokenLogprobs};
+use super::job::{DraftCounts, EngineFailure, Event, ExitReason, Job, JobSpec, token_logprobs};
 use super::shared::JobShared;
 use crate::generate::sampling::sampler_seed;
 use crate::generate::{FinishReason, Sampler};
 use crate::metrics as m;
-use crate::model::exit::log_softmax;
 use crate::model::{Chunk, ExitTracker, HuginnModel, KvCache};
 use crate::text::{TextStream, TextTokenizer};
 
@@ -382,43 +381,6 @@ impl Running {
         })
     }
 
-    /// Records and sends one generated token that `raw` (logits) produced after `steps` steps:
-    /// `None` when the choice goes on, else how it ended.
-    fn push_token(
-        &mut self,
-        tokenizer: &TextTokenizer,
-        token: u32,
-        raw: &[f32],
-        steps: usize,
-        exit: ExitReason,
-        limit: usize,
-    ) -> crate::model::Result<Option<AfterToken>> {
-        histogram!(m::STEPS_PER_TOKEN, "exit_reason" => exit.label()).record(steps as f64);
-        if self.spec().report_logits && !self.prefill {
-            self.send(Event::Logits { choice: self.choice, rows: vec![raw.to_vec()] });
-        }
-        self.sampler.record(token);
-        self.context.push(token);
-        self.generated += 1;
-        self.prefill = false;
-        counter!(m::GENERATION_TOKENS).increment(1);
-        let now = Instant::now();
-        match self.last_token_at {
-            None => histogram!(m::TIME_TO_FIRST_TOKEN).record(self.shared.job.submitted.elapsed().as_secs_f64()),
-            Some(last) => histogram!(m::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64()),
-        }
-        self.last_token_at = Some(now);
-        let piece = self.text.push(tokenizer, token)?;
-        let logprobs = self.spec().logprobs.map(|top| token_logprobs(raw, token, top));
-        let reason = self.finish_reason_after(token, piece.stopped, limit);
-        let event = Event::Token { choice: self.choice, id: token, text: piece.text, steps, exit, logprobs };
-        Ok(match (self.send(event), reason) {
-            (_, Some(reason)) => Some(AfterToken::Finishes(reason)),
-            (true, None) => None,
-            (false, None) => Some(AfterToken::Dropped),
-        })
-    }
-
     /// Frees the cache and leaves the running gauge (with the job's last choice) before the last
     /// event; returns the bytes the cache held.
     pub fn release(&mut self, model: &HuginnModel) -> usize {
@@ -506,23 +468,4 @@ pub(super) fn cat<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> crate::model
 /// A one-row latent state as float32 values (what the exit criteria compare).
 fn latent_vec(state: &Tensor) -> crate::model::Result<Vec<f32>> {
     Ok(state.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-}
-
-/// The chosen token's log-probability and the `top` most likely tokens, from raw logits.
-pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
-    let log_probs = log_softmax(logits);
-    let mut order: Vec<usize> = (0..log_probs.len()).collect();
-    let top = top.min(order.len());
-    if top > 0 {
-        order.select_nth_unstable_by(top - 1, |a, b| log_probs[*b].total_cmp(&log_probs[*a]));
-        order.truncate(top);
-        order.sort_by(|a, b| log_probs[*b].total_cmp(&log_probs[*a]));
-    } else {
-        order.clear();
-    }
-    TokenLogprobs {
-        token,
-        logprob: log_probs.get(token as usize).copied().unwrap_or(f64::NEG_INFINITY) as f32,
-        top: order.into_iter().map(|i| (i as u32, log_probs[i] as f32)).collect(),
-    }
 }

@@ -1,4 +1,4 @@
-//! Self-speculative decoding inside the token loop (docs/DESIGN.md, "Self-speculative decoding").
+//! Emitting tokens, and self-speculative decoding inside the token loop (docs/DESIGN.md, "Self-speculative decoding").
 //!
 //! A round starts from the last emitted token `t` at position `b`, whose K/V is not yet written.
 //! It drafts up to `K` tokens one by one, each a chunk of one row at `draft_steps` steps (the
@@ -38,6 +38,43 @@ pub(super) struct Round {
 }
 
 impl Running {
+    /// Records and sends one generated token that `raw` (logits) produced after `steps` steps:
+    /// `None` when the choice goes on, else how it ended.
+    pub(super) fn push_token(
+        &mut self,
+        tokenizer: &TextTokenizer,
+        token: u32,
+        raw: &[f32],
+        steps: usize,
+        exit: ExitReason,
+        limit: usize,
+    ) -> crate::model::Result<Option<AfterToken>> {
+        histogram!(m::STEPS_PER_TOKEN, "exit_reason" => exit.label()).record(steps as f64);
+        if self.spec().report_logits && !self.prefill {
+            self.send(Event::Logits { choice: self.choice, rows: vec![raw.to_vec()] });
+        }
+        self.sampler.record(token);
+        self.context.push(token);
+        self.generated += 1;
+        self.prefill = false;
+        counter!(m::GENERATION_TOKENS).increment(1);
+        let now = Instant::now();
+        match self.last_token_at {
+            None => histogram!(m::TIME_TO_FIRST_TOKEN).record(self.shared.job.submitted.elapsed().as_secs_f64()),
+            Some(last) => histogram!(m::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64()),
+        }
+        self.last_token_at = Some(now);
+        let piece = self.text.push(tokenizer, token)?;
+        let logprobs = self.spec().logprobs.map(|top| token_logprobs(raw, token, top));
+        let reason = self.finish_reason_after(token, piece.stopped, limit);
+        let event = Event::Token { choice: self.choice, id: token, text: piece.text, steps, exit, logprobs };
+        Ok(match (self.send(event), reason) {
+            (_, Some(reason)) => Some(AfterToken::Finishes(reason)),
+            (true, None) => None,
+            (false, None) => Some(AfterToken::Dropped),
+        })
+    }
+
     /// Sets up the chunk of the token just emitted (the last of the context): a draft when a
     /// speculative round fits, else an ordinary token. The cache is cut back to that token's
     /// position, dropping a finished round's unaccepted positions.

@@ -6,8 +6,8 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::addition::{Formatter, Problem, Split};
-use crate::engine::{Driver, JobSpec};
-use crate::generate::{FinishReason, GenerationParams};
+use crate::engine::{DraftCounts, Driver, JobSpec};
+use crate::generate::{FinishReason, GenerationParams, Speculation};
 use crate::model::{ExitRule, HuginnModel, Result};
 use crate::text::TextTokenizer;
 
@@ -22,6 +22,15 @@ pub fn held_out_problems(count: usize, digits: u32, seed: u64) -> Vec<Problem> {
 pub struct Budget {
     pub num_steps: usize,
     pub exit: ExitRule,
+    /// Self-speculative decoding, if any.
+    pub speculation: Option<Speculation>,
+}
+
+impl Budget {
+    /// `num_steps` fixed, no exit, no speculation.
+    pub fn fixed(num_steps: usize) -> Self {
+        Self { num_steps, exit: ExitRule::default(), speculation: None }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +44,8 @@ pub struct EvalResult {
     pub steps_by_position: Vec<(usize, usize)>,
     /// The same for the end token of the outputs that stopped.
     pub end_token_steps: (usize, usize),
+    /// Tokens speculation drafted and kept, over every output.
+    pub drafts: DraftCounts,
 }
 
 impl EvalResult {
@@ -45,6 +56,16 @@ impl EvalResult {
     /// Mean core steps of the digits at each position of the answer (most significant first).
     pub fn mean_steps_by_position(&self) -> Vec<f64> {
         self.steps_by_position.iter().map(|&(steps, tokens)| steps as f64 / tokens.max(1) as f64).collect()
+    }
+
+    /// Tokens generated, over every output.
+    pub fn tokens(&self) -> usize {
+        self.steps_by_position.iter().map(|&(_, n)| n).sum::<usize>() + self.end_token_steps.1
+    }
+
+    /// Share of drafted tokens that verification kept (0 without speculation).
+    pub fn acceptance(&self) -> f64 {
+        self.drafts.accepted as f64 / self.drafts.drafted.max(1) as f64
     }
 
     /// Mean core steps of the end token.
@@ -63,22 +84,38 @@ pub fn evaluate(
     chat: bool,
     budget: Budget,
 ) -> Result<EvalResult> {
+    evaluate_in_batches(model, tokenizer, problems, chat, budget, EVAL_BATCH)
+}
+
+/// [`evaluate`] with at most `batch` problems sharing a tick (1: one at a time, as a lone client).
+pub fn evaluate_in_batches(
+    model: &Arc<HuginnModel>,
+    tokenizer: &Arc<TextTokenizer>,
+    problems: &[Problem],
+    chat: bool,
+    budget: Budget,
+    batch: usize,
+) -> Result<EvalResult> {
     let formatter = Formatter::new(tokenizer)?;
     let mut specs = Vec::with_capacity(problems.len());
     for (i, problem) in problems.iter().enumerate() {
         let mut params = GenerationParams::new(budget.num_steps);
         params.exit = budget.exit;
+        params.speculation = budget.speculation;
         params.max_tokens = problem.answer().len() + 2;
         params.stop_token_ids = tokenizer.special().stop.clone();
         params.seed = i as u64;
         specs.push(JobSpec::new(formatter.prompt_ids(problem, chat)?, params));
     }
-    let outcomes = Driver::new(model.clone(), tokenizer.clone(), EVAL_BATCH).run(specs, |_, _| {})?;
+    let outcomes = Driver::new(model.clone(), tokenizer.clone(), batch).run(specs, |_, _| {})?;
     let mut correct = 0;
+    let mut drafts = DraftCounts::default();
     let mut steps_by_position: Vec<(usize, usize)> = Vec::new();
     let mut end_token_steps = (0, 0);
     for (problem, choices) in problems.iter().zip(outcomes) {
         for out in choices {
+            drafts.drafted += out.drafts.drafted;
+            drafts.accepted += out.drafts.accepted;
             let text = tokenizer.decode(&out.token_ids)?;
             correct += usize::from(out.finish_reason == FinishReason::Stop && text == problem.answer());
             let mut digits = out.steps_per_token.as_slice();
@@ -105,6 +142,7 @@ pub fn evaluate(
         mean_steps_per_token: steps as f64 / tokens.max(1) as f64,
         steps_by_position,
         end_token_steps,
+        drafts,
     })
 }
 
