@@ -46,6 +46,9 @@ pub struct EvalResult {
     pub end_token_steps: (usize, usize),
     /// Tokens speculation drafted and kept, over every output.
     pub drafts: DraftCounts,
+    /// Seconds from each output's first token to its last, summed (one output at a time: the
+    /// decoding time after the prompt's pass).
+    pub decode_seconds: f64,
 }
 
 impl EvalResult {
@@ -110,12 +113,14 @@ pub fn evaluate_in_batches(
     let outcomes = Driver::new(model.clone(), tokenizer.clone(), batch).run(specs, |_, _| {})?;
     let mut correct = 0;
     let mut drafts = DraftCounts::default();
+    let mut decode_seconds = 0.0;
     let mut steps_by_position: Vec<(usize, usize)> = Vec::new();
     let mut end_token_steps = (0, 0);
     for (problem, choices) in problems.iter().zip(outcomes) {
         for out in choices {
             drafts.drafted += out.drafts.drafted;
             drafts.accepted += out.drafts.accepted;
+            decode_seconds += out.seconds - out.first_token_seconds;
             let text = tokenizer.decode(&out.token_ids)?;
             correct += usize::from(out.finish_reason == FinishReason::Stop && text == problem.answer());
             let mut digits = out.steps_per_token.as_slice();
@@ -143,6 +148,7 @@ pub fn evaluate_in_batches(
         steps_by_position,
         end_token_steps,
         drafts,
+        decode_seconds,
     })
 }
 
