@@ -112,7 +112,9 @@ fn a_speculating_sequence_gives_the_same_alone_and_beside_others() {
         assert_eq!(a.token_ids, t.token_ids, "job {i}");
         assert_eq!(a.steps_per_token, t.steps_per_token, "job {i}");
         assert_eq!(a.drafts, t.drafts, "job {i}");
-        assert_eq!(max_logit_gap(a, t), 0.0, "job {i}: batch-invariant bits");
+        // Bit for bit on the CPU kernels; tensor ops promise the same ids within tolerance.
+        let bound = if model.backend().batch_invariant() { 0.0 } else { 1e-4 };
+        assert!(max_logit_gap(a, t) <= bound, "job {i}: logits moved by {}", max_logit_gap(a, t));
     }
     // Sampling is reproducible with its seed and differs with another.
     let again = run_together(&dir, &model, vec![with_logits(jobs[1].clone())]).remove(0);
