@@ -197,7 +197,21 @@ fn bad_arguments_fail_with_a_message() {
         (vec!["train", "--out", "/nonexistent/x", "--digits", "19"], "--digits must be 1 to 18"),
         (vec!["train", "--out", "/nonexistent/x", "--digits", "4", "--start-digits", "5"], "--start-digits must be 1"),
         (vec!["train", "--out", "/nonexistent/x", "--steps", "10", "--curriculum-steps", "11"], "--curriculum-steps"),
+        (
+            vec!["train", "--out", "/nonexistent/x", "--init-from", "/nonexistent/y"],
+            "--init-from /nonexistent/y: no model.safetensors",
+        ),
         (vec!["eval", "--model", m, "--digits", "19"], "--digits"),
+        (vec!["eval", "--model", m, "--draft", "2:4"], "use draft_steps:draft_tokens:num_steps"),
+        (vec!["eval", "--model", m, "--draft", "8:4:8"], "draft_steps must be between 1 and num_steps - 1"),
+        (
+            vec!["generate", "--model", m, "--prompt", "x", "--num-steps", "4", "--draft-steps", "4"],
+            "`draft_steps` must be between 1 and 3",
+        ),
+        (
+            vec!["generate", "--model", m, "--prompt", "x", "--draft-steps", "1", "--draft-tokens", "99"],
+            "`draft_tokens`",
+        ),
     ] {
         let out = huginn(&args);
         assert!(!out.status.success(), "{args:?} should fail");

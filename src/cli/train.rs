@@ -90,6 +90,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         args.digits
     );
     anyhow::ensure!(args.curriculum_steps <= args.steps, "--curriculum-steps must be at most --steps");
+    if let Some(init) = &args.init_from {
+        anyhow::ensure!(
+            init.join("model.safetensors").is_file(),
+            "--init-from {}: no model.safetensors there (give a checkpoint folder written by huginn train)",
+            init.display()
+        );
+    }
     let options = TrainOptions {
         model,
         steps: args.steps,
