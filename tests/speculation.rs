@@ -94,6 +94,31 @@ fn greedy_speculation_is_exact_on_a_random_model_that_rejects_most_drafts() {
     assert!(accepted < drafted, "rejections are exercised ({accepted} of {drafted} accepted)");
 }
 
+/// Drafts enter the penalty counts while the round is under way and leave them before the verdicts:
+/// a replaced draft, or a replacement token seen before, must not shift a count.
+#[test]
+fn penalties_see_the_same_history_with_and_without_speculation() {
+    let dir = tempfile::tempdir().unwrap();
+    write_random_checkpoint(dir.path(), &preset("tiny").unwrap(), 13, DType::F32, 1).unwrap();
+    let model = load(dir.path(), DType::F32);
+    let penalized = |speculation| {
+        let mut p = greedy(6, 32, speculation);
+        p.sampling = SamplingParams {
+            frequency_penalty: -0.5,
+            presence_penalty: 0.5,
+            repetition_penalty: 1.0,
+            ..Default::default()
+        };
+        p
+    };
+    let plain = run_together(dir.path(), &model, vec![with_logits(penalized(None))]).remove(0);
+    for (d, k) in [(1, 4), (3, 8), (5, 2)] {
+        let out = run_together(dir.path(), &model, vec![with_logits(penalized(speculate(d, k)))]).remove(0);
+        assert_eq!(out.token_ids, plain.token_ids, "draft_steps {d}, draft_tokens {k}");
+        assert!(out.drafts.accepted < out.drafts.drafted, "rejections are exercised");
+    }
+}
+
 #[test]
 fn a_speculating_sequence_gives_the_same_alone_and_beside_others() {
     let dir = fixture_dir();

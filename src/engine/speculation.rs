@@ -151,42 +151,40 @@ impl Running {
             self.sampler.forget(draft);
         }
         self.context.truncate(round.base + 1);
-        // Decide every token first (each verdict sees the accepted ones in its context), then
-        // take the context back and emit them.
+        // Decide every token first (each verdict sees the tokens before it in its context and
+        // penalty counts), then take those back and emit the tokens.
         let mut tokens = Vec::with_capacity(round.drafts.len() + 1);
         let mut accepted = 0;
         for (i, row) in rows.iter().enumerate() {
             let mut logits = row.clone();
             let verifier = self.sampler.distribution(&mut logits, &self.context);
-            let token = match round.drafts.get(i) {
-                Some(&draft) => match verify(&mut self.sampler, &verifier, &round.draft_distributions[i], draft) {
-                    Verdict::Accept => {
-                        accepted += 1;
-                        draft
-                    }
-                    Verdict::Replace(token) => {
-                        tokens.push(token);
-                        break;
-                    }
-                },
-                None => self.sampler.draw(&verifier),
+            let Some(&draft) = round.drafts.get(i) else {
+                // Every draft stood: the verifier's bonus token.
+                tokens.push(self.sampler.draw(&verifier));
+                break;
             };
-            tokens.push(token);
-            self.sampler.record(token);
-            self.context.push(token);
-            if round.drafts.get(i).is_none() {
+            if let Verdict::Replace(token) = verify(&mut self.sampler, &verifier, &round.draft_distributions[i], draft)
+            {
+                tokens.push(token);
                 break;
             }
+            accepted += 1;
+            tokens.push(draft);
+            self.sampler.record(draft);
+            self.context.push(draft);
         }
+        for &draft in &tokens[..accepted] {
+            self.sampler.forget(draft);
+        }
+        self.context.truncate(round.base + 1);
         // A stop token ends the choice: nothing after it is emitted or charged.
         if let Some(stop) = tokens.iter().position(|t| self.shared.spec.params.stop_token_ids.contains(t)) {
             tokens.truncate(stop + 1);
         }
         let kept = tokens.len();
-        for &token in &tokens {
-            self.sampler.forget(token);
+        if kept == 0 {
+            return Err(crate::model::ModelError::InvalidArgument("a verification without logits".into()));
         }
-        self.context.truncate(round.base + 1);
         let accepted = accepted.min(kept);
         self.drafts.drafted += round.drafts.len();
         self.drafts.accepted += accepted;
