@@ -14,7 +14,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 
 use super::report_section::Section;
-use huginn::engine::{Driver, JobSpec};
+use huginn::engine::{DraftCounts, Driver, JobSpec};
 use huginn::generate::{GenerationParams, Speculation};
 use huginn::model::{CacheStrategy, HuginnModel};
 use huginn::text::TextTokenizer;
@@ -41,9 +41,8 @@ struct Tally {
     /// Tokens after each output's first, and the seconds they took.
     decode_tokens: usize,
     decode_seconds: f64,
-    drafted: usize,
-    accepted: usize,
-    steps: f64,
+    drafts: DraftCounts,
+    steps: usize,
 }
 
 impl Tally {
@@ -54,9 +53,8 @@ impl Tally {
         self.seconds += seconds;
         self.decode_tokens += r.tokens() - r.problems;
         self.decode_seconds += r.decode_seconds;
-        self.drafted += r.drafts.drafted;
-        self.accepted += r.drafts.accepted;
-        self.steps += r.mean_steps_per_token * r.tokens() as f64;
+        self.drafts += r.drafts;
+        self.steps += r.steps();
     }
 
     fn tokens_per_second(&self) -> f64 {
@@ -68,11 +66,8 @@ impl Tally {
     }
 
     fn acceptance(&self) -> String {
-        if self.drafted == 0 {
-            "-".into()
-        } else {
-            format!("{:.0}%", 100.0 * self.accepted as f64 / self.drafted as f64)
-        }
+        let DraftCounts { drafted, accepted } = self.drafts;
+        if drafted == 0 { "-".into() } else { format!("{:.0}%", 100.0 * accepted as f64 / drafted as f64) }
     }
 }
 
@@ -146,7 +141,7 @@ fn addition_table(md: &mut String, dir: &Path, quick: bool) -> anyhow::Result<()
                 t.decode_tokens_per_second(),
                 t.decode_tokens_per_second() / plain_decode,
                 t.acceptance(),
-                t.steps / t.tokens.max(1) as f64
+                t.steps as f64 / t.tokens.max(1) as f64
             );
             eprintln!("{folder} {row}");
             writeln!(md, "{row}")?;
@@ -187,8 +182,7 @@ fn large_table(md: &mut String, dir: &Path, quick: bool) -> anyhow::Result<()> {
                 tally.seconds += started.elapsed().as_secs_f64();
                 for c in outcomes.iter().flatten() {
                     tally.tokens += c.token_ids.len();
-                    tally.drafted += c.drafts.drafted;
-                    tally.accepted += c.drafts.accepted;
+                    tally.drafts += c.drafts;
                 }
             }
         }

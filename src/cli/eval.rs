@@ -111,7 +111,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             "| {name} | {} | {:.1}% | {:.2} |",
             budget.num_steps,
             100.0 * result.accuracy(),
-            result.mean_steps_per_token
+            result.mean_steps_per_token()
         );
         println!("{row}");
         writeln!(md, "{row}")?;

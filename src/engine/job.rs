@@ -85,6 +85,13 @@ pub struct DraftCounts {
     pub accepted: usize,
 }
 
+impl std::ops::AddAssign for DraftCounts {
+    fn add_assign(&mut self, other: Self) {
+        self.drafted += other.drafted;
+        self.accepted += other.accepted;
+    }
+}
+
 /// Everything the engine needs to run one prompt.
 #[derive(Debug, Clone)]
 pub struct JobSpec {

@@ -66,7 +66,8 @@ pub struct Running {
     /// Outputs of the current stage's pieces so far, joined when the stage covers the chunk: the
     /// prelude's injection rows, or the next state's rows of the current step.
     pieces: Vec<Tensor>,
-    /// Every coda row's logits so far, for a prompt that reports them.
+    /// Every coda row's logits so far, for a prompt that reports them or a verification (whose
+    /// round settles from them).
     coda_rows: Vec<Vec<f32>>,
     tracker: ExitTracker,
     /// Logits of the current state, when already computed this tick.
@@ -78,8 +79,6 @@ pub struct Running {
     phase: Phase,
     /// The speculative round under way.
     round: Option<Round>,
-    /// A verification chunk's logits, every row.
-    verify_rows: Vec<Vec<f32>>,
     drafts: DraftCounts,
 }
 
@@ -131,7 +130,6 @@ impl Running {
             last_token_at: None,
             phase: Phase::Token,
             round: None,
-            verify_rows: Vec::new(),
             drafts: DraftCounts::default(),
             shared,
         })
@@ -278,13 +276,9 @@ impl Running {
         let complete = self.done >= self.len;
         if self.reports_every_row() {
             self.coda_rows.extend(logits);
-            if complete {
+            if complete && self.phase != Phase::Verify {
                 let rows = std::mem::take(&mut self.coda_rows);
-                if self.phase == Phase::Verify {
-                    self.verify_rows = rows;
-                } else {
-                    self.take_prompt_rows(rows);
-                }
+                self.take_prompt_rows(rows);
             }
         } else if complete {
             self.logits = logits.into_iter().last();

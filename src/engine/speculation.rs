@@ -115,8 +115,7 @@ impl Running {
     /// A draft's coda is done: draws the draft from its distribution and goes on to the next
     /// draft, or, with the round's drafts made (or a stop token drafted), to the verification.
     pub(super) fn take_draft(&mut self) -> crate::model::Result<AfterToken> {
-        let raw = self.logits.take().unwrap_or_default();
-        let mut logits = raw;
+        let mut logits = self.logits.take().unwrap_or_default();
         let distribution = self.sampler.distribution(&mut logits, &self.context);
         let draft = self.sampler.draw(&distribution);
         let Some(round) = self.round.as_mut() else {
@@ -146,18 +145,17 @@ impl Running {
         let Some(round) = self.round.take() else {
             return Err(crate::model::ModelError::InvalidArgument("a verification outside a speculative round".into()));
         };
-        let rows = std::mem::take(&mut self.verify_rows);
+        let rows = std::mem::take(&mut self.coda_rows);
+        // Row `i` is verified with the context and penalty counts after `t` and the drafts before
+        // `i`: the context still holds the drafts, the counts are rebuilt as drafts are accepted.
         for &draft in &round.drafts {
             self.sampler.forget(draft);
         }
-        self.context.truncate(round.base + 1);
-        // Decide every token first (each verdict sees the tokens before it in its context and
-        // penalty counts), then take those back and emit the tokens.
         let mut tokens = Vec::with_capacity(round.drafts.len() + 1);
         let mut accepted = 0;
         for (i, row) in rows.iter().enumerate() {
             let mut logits = row.clone();
-            let verifier = self.sampler.distribution(&mut logits, &self.context);
+            let verifier = self.sampler.distribution(&mut logits, &self.context[..round.base + 1 + i]);
             let Some(&draft) = round.drafts.get(i) else {
                 // Every draft stood: the verifier's bonus token.
                 tokens.push(self.sampler.draw(&verifier));
@@ -171,8 +169,8 @@ impl Running {
             accepted += 1;
             tokens.push(draft);
             self.sampler.record(draft);
-            self.context.push(draft);
         }
+        // Taken back: emitting the tokens records them.
         for &draft in &tokens[..accepted] {
             self.sampler.forget(draft);
         }

@@ -133,6 +133,11 @@ impl Sampler {
 
     /// Processes `logits` and picks the next token.
     pub fn sample(&mut self, logits: &mut [f32], context: &[u32]) -> u32 {
+        if self.params.temperature == 0.0 {
+            // Greedy: the argmax, without building the one-token distribution.
+            self.process(logits, context);
+            return argmax(logits) as u32;
+        }
         let distribution = self.distribution(logits, context);
         self.draw(&distribution)
     }

@@ -41,8 +41,7 @@ impl Usage {
     pub fn add_choice(&mut self, choice: &Choice) {
         self.completion_tokens += choice.token_ids.len();
         self.recurrence_steps += choice.steps.iter().sum::<usize>();
-        self.drafts.drafted += choice.drafts.drafted;
-        self.drafts.accepted += choice.drafts.accepted;
+        self.drafts += choice.drafts;
     }
 
     pub fn json(self) -> Value {
@@ -209,8 +208,7 @@ pub fn stream(
                 }
                 Event::Finished { choice, reason, text, drafts, .. } => {
                     finished += 1;
-                    usage.drafts.drafted += drafts.drafted;
-                    usage.drafts.accepted += drafts.accepted;
+                    usage.drafts += drafts;
                     Some(writer.finish(base + choice, &text, reason))
                 }
                 Event::Logits { .. } => None,

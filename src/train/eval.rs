@@ -37,8 +37,6 @@ impl Budget {
 pub struct EvalResult {
     pub problems: usize,
     pub correct: usize,
-    /// Core steps per generated token (answer digits and the end token), averaged over all tokens.
-    pub mean_steps_per_token: f64,
     /// Core steps summed and tokens counted at each digit position of the output (0: the first,
     /// most significant digit), over every output.
     pub steps_by_position: Vec<(usize, usize)>,
@@ -61,9 +59,27 @@ impl EvalResult {
         self.steps_by_position.iter().map(|&(steps, tokens)| steps as f64 / tokens.max(1) as f64).collect()
     }
 
+    /// Core steps spent and tokens generated, over every output: every token is a digit at its
+    /// position or a stopped output's end token.
+    fn totals(&self) -> (usize, usize) {
+        let all = self.steps_by_position.iter().chain([&self.end_token_steps]);
+        all.fold((0, 0), |(s, t), &(steps, n)| (s + steps, t + n))
+    }
+
+    /// Core steps spent, over every output.
+    pub fn steps(&self) -> usize {
+        self.totals().0
+    }
+
     /// Tokens generated, over every output.
     pub fn tokens(&self) -> usize {
-        self.steps_by_position.iter().map(|&(_, n)| n).sum::<usize>() + self.end_token_steps.1
+        self.totals().1
+    }
+
+    /// Core steps per generated token (answer digits and the end token), over all tokens.
+    pub fn mean_steps_per_token(&self) -> f64 {
+        let (steps, tokens) = self.totals();
+        steps as f64 / tokens.max(1) as f64
     }
 
     /// Share of drafted tokens that verification kept (0 without speculation).
@@ -118,8 +134,7 @@ pub fn evaluate_in_batches(
     let mut end_token_steps = (0, 0);
     for (problem, choices) in problems.iter().zip(outcomes) {
         for out in choices {
-            drafts.drafted += out.drafts.drafted;
-            drafts.accepted += out.drafts.accepted;
+            drafts += out.drafts;
             decode_seconds += out.seconds - out.first_token_seconds;
             let text = tokenizer.decode(&out.token_ids)?;
             correct += usize::from(out.finish_reason == FinishReason::Stop && text == problem.answer());
@@ -139,17 +154,7 @@ pub fn evaluate_in_batches(
         }
     }
     // Every token is a digit at its position or a stopped output's end token.
-    let (steps, tokens) =
-        steps_by_position.iter().chain([&end_token_steps]).fold((0, 0), |(s, t), &(steps, n)| (s + steps, t + n));
-    Ok(EvalResult {
-        problems: problems.len(),
-        correct,
-        mean_steps_per_token: steps as f64 / tokens.max(1) as f64,
-        steps_by_position,
-        end_token_steps,
-        drafts,
-        decode_seconds,
-    })
+    Ok(EvalResult { problems: problems.len(), correct, steps_by_position, end_token_steps, drafts, decode_seconds })
 }
 
 /// Problems that share a tick in an evaluation.
