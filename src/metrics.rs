@@ -28,9 +28,11 @@ pub const PROMPT_ROWS_WAITING: &str = "huginn_prompt_rows_waiting";
 pub const DRAFT_TOKENS: &str = "huginn_draft_tokens_total";
 pub const DRAFT_TOKENS_ACCEPTED: &str = "huginn_draft_tokens_accepted_total";
 pub const TOKENS_PER_ROUND: &str = "huginn_speculation_tokens_per_round";
+pub const PARALLEL_TOKENS_PER_STEP: &str = "huginn_parallel_tokens_per_step";
+pub const PARALLEL_WAVEFRONT: &str = "huginn_parallel_wavefront_rows";
 
 /// (name, help) of every metric, for the README table and the exporter's descriptions.
-pub const CATALOG: [(&str, &str); 21] = [
+pub const CATALOG: [(&str, &str); 23] = [
     (
         STEPS_PER_TOKEN,
         "Recurrence (core-block) steps spent per generated token, by exit_reason: converged, cap, budget.",
@@ -58,6 +60,8 @@ pub const CATALOG: [(&str, &str); 21] = [
     (DRAFT_TOKENS, "Tokens drafted by self-speculative decoding and weighed by a verification."),
     (DRAFT_TOKENS_ACCEPTED, "Drafted tokens the verification accepted."),
     (TOKENS_PER_ROUND, "Tokens one speculative round emitted (accepted drafts plus the verifier's own token)."),
+    (PARALLEL_TOKENS_PER_STEP, "Tokens the parallel sampler froze in one sampler step."),
+    (PARALLEL_WAVEFRONT, "Positions in flight (window rows) in one sampler step of the parallel sampler."),
 ];
 
 fn describe() {
@@ -82,11 +86,14 @@ fn describe() {
     describe_counter!(DRAFT_TOKENS, Unit::Count, CATALOG[18].1);
     describe_counter!(DRAFT_TOKENS_ACCEPTED, Unit::Count, CATALOG[19].1);
     describe_histogram!(TOKENS_PER_ROUND, Unit::Count, CATALOG[20].1);
+    describe_histogram!(PARALLEL_TOKENS_PER_STEP, Unit::Count, CATALOG[21].1);
+    describe_histogram!(PARALLEL_WAVEFRONT, Unit::Count, CATALOG[22].1);
 }
 
 const STEP_BUCKETS: [f64; 13] = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0];
 const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 const ROW_BUCKETS: [f64; 12] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
+const FROZEN_BUCKETS: [f64; 11] = [0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0, 64.0, 256.0];
 const ROUND_BUCKETS: [f64; 9] = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 17.0];
 const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
@@ -100,6 +107,8 @@ pub fn install() -> PrometheusHandle {
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SEQUENCES.into()), &BATCH_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(TICK_ROWS.into()), &ROW_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(TOKENS_PER_ROUND.into()), &ROUND_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PARALLEL_TOKENS_PER_STEP.into()), &FROZEN_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PARALLEL_WAVEFRONT.into()), &ROW_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS))
                 .expect("static bucket layouts are valid");
             let recorder = builder.build_recorder();

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::generate::{FreezeRule, SamplerKind};
 use crate::model::{BackendChoice, CacheStrategy, DTypeChoice, DeviceList, DeviceSpec, ExitCriterion, ExitRule};
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +134,8 @@ pub struct LimitSettings {
     pub max_prompt_tokens: Option<usize>,
     /// Largest `draft_tokens` (tokens drafted per speculation round).
     pub max_draft_tokens: usize,
+    /// Largest `max_wavefront` (positions the parallel sampler keeps in flight).
+    pub max_wavefront: usize,
 }
 
 impl Default for LimitSettings {
@@ -144,6 +147,7 @@ impl Default for LimitSettings {
             max_total_steps: 1 << 20,
             max_prompt_tokens: None,
             max_draft_tokens: 16,
+            max_wavefront: 256,
         }
     }
 }
@@ -202,6 +206,18 @@ pub struct GenerationSettings {
     pub draft_steps: Option<usize>,
     /// Tokens drafted per speculation round.
     pub draft_tokens: usize,
+    /// `sequential` or `parallel`.
+    pub sampler: SamplerKind,
+    /// Parallel sampler: core steps per sampler step.
+    pub inner_steps: usize,
+    /// Parallel sampler: `latent-diff`, `latent-diff-strict` or `fixed`.
+    pub freeze: FreezeRule,
+    /// Parallel sampler: most positions in flight.
+    pub max_wavefront: usize,
+    /// Parallel sampler: noise mixed into the states each sampler step (damped by steps so far).
+    pub state_noise: f64,
+    /// Parallel sampler: weight of a position's previous input embedding.
+    pub embed_ema: f64,
     pub temperature: f32,
     pub top_p: f32,
     pub top_k: usize,
@@ -221,6 +237,12 @@ impl Default for GenerationSettings {
             kv_cache: CacheStrategy::Shared(1),
             draft_steps: None,
             draft_tokens: 4,
+            sampler: SamplerKind::Sequential,
+            inner_steps: 4,
+            freeze: FreezeRule::LatentDiff,
+            max_wavefront: 128,
+            state_noise: 0.0,
+            embed_ema: 0.1,
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
@@ -292,6 +314,15 @@ impl Settings {
                 format!("must be at most limits.max_draft_tokens ({most}), got {}", self.generation.draft_tokens);
             return Err(("generation.draft_tokens".into(), message));
         }
+        let widest = self.limits.max_wavefront;
+        if widest == 0 {
+            return Err(("limits.max_wavefront".into(), "must be at least 1".into()));
+        }
+        if self.generation.max_wavefront == 0 || self.generation.max_wavefront > widest {
+            let message =
+                format!("must be between 1 and limits.max_wavefront ({widest}), got {}", self.generation.max_wavefront);
+            return Err(("generation.max_wavefront".into(), message));
+        }
         Ok(())
     }
 }
@@ -333,6 +364,41 @@ impl GenerationSettings {
                     return fail("draft_steps", "cannot be combined with generation.continuous_compute".into());
                 }
                 _ => {}
+            }
+        }
+        self.validate_parallel()
+    }
+
+    /// The parallel sampler's defaults, and what `sampler = "parallel"` cannot be combined with.
+    fn validate_parallel(&self) -> Result<(), (String, String)> {
+        use crate::generate::parallel;
+        let fail = |name: &str, message: String| Err((format!("generation.{name}"), message));
+        if self.inner_steps == 0 {
+            return fail("inner_steps", "must be at least 1".into());
+        }
+        // A request's default inner_steps is capped at its num_steps; only a parallel default
+        // that can never run as configured is refused.
+        let parallel = self.sampler == SamplerKind::Parallel;
+        if let Some(steps) = self.num_steps.filter(|&steps| parallel && self.inner_steps > steps) {
+            return fail(
+                "inner_steps",
+                format!("must be at most generation.num_steps ({steps}), got {}", self.inner_steps),
+            );
+        }
+        if let Err(message) = parallel::state_noise(self.state_noise) {
+            return fail("state_noise", message);
+        }
+        if let Err(message) = parallel::embed_ema(self.embed_ema) {
+            return fail("embed_ema", message);
+        }
+        if self.sampler == SamplerKind::Parallel {
+            let clash = [
+                ("draft_steps", self.draft_steps.is_some()),
+                ("continuous_compute", self.continuous_compute),
+                ("exit_criterion", self.exit_criterion != ExitCriterion::None),
+            ];
+            if let Some((name, _)) = clash.into_iter().find(|(_, set)| *set) {
+                return fail("sampler", format!("`parallel` cannot be combined with generation.{name}"));
             }
         }
         Ok(())

@@ -229,6 +229,13 @@ fn bad_settings_stop_serve_at_once_naming_the_key() {
         ("HUGINN_MODEL_DTYPE", "int8"),
         ("HUGINN_MODEL_DEVICE", "tpu"),
         ("HUGINN_ENGINE_MAX_TICK_ROWS", "8"),
+        ("HUGINN_GENERATION_SAMPLER", "bogus"),
+        ("HUGINN_GENERATION_FREEZE", "soon"),
+        ("HUGINN_GENERATION_INNER_STEPS", "0"),
+        ("HUGINN_GENERATION_STATE_NOISE", "2"),
+        ("HUGINN_GENERATION_EMBED_EMA", "1"),
+        ("HUGINN_GENERATION_MAX_WAVEFRONT", "0"),
+        ("HUGINN_LIMITS_MAX_WAVEFRONT", "0"),
     ] {
         let started = std::time::Instant::now();
         // Port 0: were the settings accepted, the server would start and this test would hang.

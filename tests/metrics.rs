@@ -54,6 +54,20 @@ async fn steps_per_token_histogram_counts_every_token() {
     let rounds = value(&page, "huginn_speculation_tokens_per_round_count");
     assert_eq!(value(&page, "huginn_speculation_tokens_per_round_sum"), 9.0);
     assert!((3.0..=9.0).contains(&rounds), "{rounds} rounds");
+
+    // A parallel request: one histogram sample per sampler step, summing to its tokens after the
+    // prefill's, and to the rows the wavefront held.
+    let body = json!({"prompt": "hi", "max_tokens": 10, "num_steps": 6, "sampler": "parallel", "inner_steps": 2,
+        "freeze": "fixed", "init_scale": 0, "ignore_eos": true});
+    let response = client.post(format!("{}/v1/completions", server.base)).json(&body).send().await.unwrap();
+    let usage = response.json::<serde_json::Value>().await.unwrap()["usage"].clone();
+    let page = reqwest::get(format!("{}/metrics", server.base)).await.unwrap().text().await.unwrap();
+    let sampler_steps = usage["sampler_steps"].as_f64().unwrap();
+    assert_eq!(value(&page, "huginn_parallel_tokens_per_step_count"), sampler_steps);
+    assert_eq!(value(&page, "huginn_parallel_tokens_per_step_sum"), 9.0);
+    assert_eq!(value(&page, "huginn_parallel_wavefront_rows_count"), sampler_steps);
+    let rows = value(&page, "huginn_parallel_wavefront_rows_sum");
+    assert!((usage["mean_wavefront"].as_f64().unwrap() * sampler_steps - rows).abs() < 1e-6, "{usage} {rows}");
     for (metric, _) in huginn::metrics::CATALOG {
         assert!(page.contains(&format!("# HELP {metric}")) || page.contains(metric), "{metric} missing");
     }

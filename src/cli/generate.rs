@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use huginn::engine::{Driver, Event, JobSpec};
-use huginn::generate::{GenerationRequest, RequestContext};
+use huginn::generate::{FreezeRule, GenerationRequest, RequestContext, SamplerKind};
 use huginn::model::{BackendChoice, CacheStrategy, DTypeChoice, DeviceSpec, ExitCriterion, HuginnModel};
 use huginn::settings::Settings;
 use huginn::text::{ChatMessage, TextTokenizer};
@@ -59,6 +59,24 @@ pub struct GenerateArgs {
     /// Tokens drafted per speculation round (with --draft-steps).
     #[arg(long)]
     draft_tokens: Option<usize>,
+    /// sequential (one token at a time) or parallel (the diffusion-forcing sampler).
+    #[arg(long)]
+    sampler: Option<SamplerKind>,
+    /// Parallel sampler: core steps per sampler step (r', 1..--num-steps).
+    #[arg(long)]
+    inner_steps: Option<usize>,
+    /// Parallel sampler: latent-diff, latent-diff-strict or fixed.
+    #[arg(long)]
+    freeze: Option<FreezeRule>,
+    /// Parallel sampler: most positions in flight.
+    #[arg(long)]
+    max_wavefront: Option<usize>,
+    /// Parallel sampler: noise mixed into the states each sampler step, damped by steps so far.
+    #[arg(long)]
+    state_noise: Option<f64>,
+    /// Parallel sampler: weight of a position's previous input embedding.
+    #[arg(long)]
+    embed_ema: Option<f64>,
     /// 0 is greedy.
     #[arg(long)]
     temperature: Option<f64>,
@@ -136,6 +154,12 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
         continuous_compute: args.continuous_compute.then_some(true),
         draft_steps: args.draft_steps.map(count),
         draft_tokens: args.draft_tokens.map(count),
+        sampler: args.sampler,
+        inner_steps: args.inner_steps.map(count),
+        freeze: args.freeze,
+        max_wavefront: args.max_wavefront.map(count),
+        state_noise: args.state_noise,
+        embed_ema: args.embed_ema,
         temperature: args.temperature,
         top_p: args.top_p,
         top_k: args.top_k.map(count),

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::error::TryRecvError;
 
-use super::job::{DraftCounts, Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs};
+use super::job::{DraftCounts, Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs, WaveCounts};
 use super::scheduler::{Scheduler, SchedulerLimits};
 use super::shared::kv_reservation;
 use crate::generate::FinishReason;
@@ -29,6 +29,8 @@ pub struct Completion {
     pub kv_bytes: usize,
     /// Tokens speculation drafted and kept.
     pub drafts: DraftCounts,
+    /// What the parallel sampler did.
+    pub waves: WaveCounts,
     /// With `report_logits`: the logits of every prompt position.
     pub prompt_logits: Vec<Vec<f32>>,
     /// With `report_logits`: the logits that produced each token (the first is the prompt's last).
@@ -52,6 +54,7 @@ impl Completion {
             finish_reason: FinishReason::Length,
             kv_bytes: 0,
             drafts: DraftCounts::default(),
+            waves: WaveCounts::default(),
             prompt_logits: Vec::new(),
             token_logits: Vec::new(),
             logprobs: Vec::new(),
@@ -186,7 +189,7 @@ fn drain(index: usize, job: &mut Tracked, started: Instant, on_event: &mut impl 
                     c.token_logits.extend(rows);
                 }
             }
-            Event::Token { choice, id, text, steps, exit, logprobs } => {
+            Event::Token { choice, id, text, steps, exit, logprobs, .. } => {
                 let c = &mut job.choices[choice];
                 if c.token_ids.is_empty() {
                     c.first_token_seconds = seconds;
@@ -197,9 +200,9 @@ fn drain(index: usize, job: &mut Tracked, started: Instant, on_event: &mut impl 
                 c.text.push_str(&text);
                 c.logprobs.extend(logprobs);
             }
-            Event::Finished { choice, reason, text, kv_bytes, drafts } => {
+            Event::Finished { choice, reason, text, kv_bytes, drafts, waves } => {
                 let c = &mut job.choices[choice];
-                c.drafts = drafts;
+                (c.drafts, c.waves) = (drafts, waves);
                 c.text.push_str(&text);
                 c.finish_reason = reason;
                 c.kv_bytes = kv_bytes;

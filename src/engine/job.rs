@@ -19,6 +19,8 @@ pub enum ExitReason {
     Cap,
     /// The request's `max_total_steps` ran out.
     Budget,
+    /// Parallel sampler: frozen with a later position that converged.
+    Carried,
 }
 
 impl ExitReason {
@@ -27,6 +29,7 @@ impl ExitReason {
             ExitReason::Converged => "converged",
             ExitReason::Cap => "cap",
             ExitReason::Budget => "budget",
+            ExitReason::Carried => "carried",
         }
     }
 }
@@ -45,11 +48,28 @@ pub enum Event {
     /// Log-probabilities of the prompt tokens after the first (for `echo` with `logprobs`).
     PromptLogprobs { choice: usize, logprobs: Vec<TokenLogprobs> },
     /// One generated token; `text` is the new text it completes (held back while it may still turn
-    /// into a stop string or an incomplete character).
-    Token { choice: usize, id: u32, text: String, steps: usize, exit: ExitReason, logprobs: Option<TokenLogprobs> },
+    /// into a stop string or an incomplete character). `more`: further tokens of this choice
+    /// follow from the same step (a speculative round, a parallel freeze), to be sent as one chunk.
+    Token {
+        choice: usize,
+        id: u32,
+        text: String,
+        steps: usize,
+        exit: ExitReason,
+        logprobs: Option<TokenLogprobs>,
+        more: bool,
+    },
     /// The choice ended; `text` is any text released at the end, `kv_bytes` what its K/V cache
-    /// held (freed before this event is sent), `drafts` what speculation drafted and kept.
-    Finished { choice: usize, reason: FinishReason, text: String, kv_bytes: usize, drafts: DraftCounts },
+    /// held (freed before this event is sent), `drafts` what speculation drafted and kept, `waves`
+    /// what the parallel sampler did.
+    Finished {
+        choice: usize,
+        reason: FinishReason,
+        text: String,
+        kv_bytes: usize,
+        drafts: DraftCounts,
+        waves: WaveCounts,
+    },
     /// Raw next-token logits (only for a job with `report_logits`): every prompt position after
     /// the prompt's pass, then, before each later token's `Token` event, the row that produced it.
     Logits { choice: usize, rows: Vec<Vec<f32>> },
@@ -75,7 +95,8 @@ pub enum EngineFailure {
 pub const EVENTS_PER_CHOICE: usize = 16;
 
 /// The most events one tick sends one choice (prompt log-probabilities, logits, token, end),
-/// plus two per drafted token of a speculative round ([`JobSpec::events_per_tick`]).
+/// plus two per drafted token of a speculative round or window row of the parallel sampler
+/// ([`JobSpec::events_per_tick`]).
 pub const EVENTS_PER_TICK: usize = 4;
 
 /// Drafted tokens a choice's verification weighed, and how many of them it kept.
@@ -89,6 +110,37 @@ impl std::ops::AddAssign for DraftCounts {
     fn add_assign(&mut self, other: Self) {
         self.drafted += other.drafted;
         self.accepted += other.accepted;
+    }
+}
+
+/// What the parallel sampler did for one choice: sampler steps, the tokens they froze, the
+/// window rows they iterated and the core steps of those rows (each summed over the steps).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WaveCounts {
+    pub steps: usize,
+    pub frozen: usize,
+    pub rows: usize,
+    pub row_steps: usize,
+}
+
+impl WaveCounts {
+    /// Tokens frozen per sampler step (0 without any step).
+    pub fn tokens_per_step(&self) -> f64 {
+        self.frozen as f64 / self.steps.max(1) as f64
+    }
+
+    /// Mean window rows per sampler step (0 without any step).
+    pub fn mean_wavefront(&self) -> f64 {
+        self.rows as f64 / self.steps.max(1) as f64
+    }
+}
+
+impl std::ops::AddAssign for WaveCounts {
+    fn add_assign(&mut self, other: Self) {
+        self.steps += other.steps;
+        self.frozen += other.frozen;
+        self.rows += other.rows;
+        self.row_steps += other.row_steps;
     }
 }
 
@@ -127,9 +179,12 @@ impl JobSpec {
     }
 
     /// The most events one tick sends one choice: a verification round emits up to
-    /// `draft_tokens + 1` tokens, each with its logits when reported.
+    /// `draft_tokens + 1` tokens, a parallel sampler step up to `max_wavefront`, each with its
+    /// logits when reported.
     pub fn events_per_tick(&self) -> usize {
-        EVENTS_PER_TICK + 2 * self.params.speculation.map_or(0, |s| s.draft_tokens)
+        let drafts = self.params.speculation.map_or(0, |s| s.draft_tokens);
+        let window = self.params.parallel.map_or(0, |p| p.max_wavefront);
+        EVENTS_PER_TICK + 2 * drafts.max(window)
     }
 
     /// What the engine itself requires of a job on a model with `cfg` (the HTTP layer checks

@@ -6,9 +6,10 @@ pub mod job;
 pub mod running;
 pub mod scheduler;
 pub mod shared;
+pub mod wavefront;
 pub mod worker;
 
 pub use driver::{Completion, Driver};
-pub use job::{DraftCounts, EngineFailure, Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs};
+pub use job::{DraftCounts, EngineFailure, Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs, WaveCounts};
 pub use scheduler::{Scheduler, SchedulerLimits};
 pub use worker::{Engine, EngineConfig, EngineError};

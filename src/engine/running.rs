@@ -10,8 +10,9 @@ use rand::rngs::StdRng;
 
 use metrics::{counter, histogram};
 
-use super::job::{DraftCounts, EngineFailure, Event, ExitReason, Job, JobSpec, token_logprobs};
+use super::job::{DraftCounts, EngineFailure, Event, ExitReason, Job, JobSpec, WaveCounts, token_logprobs};
 use super::shared::JobShared;
+use super::wavefront::Wavefront;
 use crate::generate::sampling::sampler_seed;
 use crate::generate::{FinishReason, Sampler};
 use crate::metrics as m;
@@ -80,6 +81,9 @@ pub struct Running {
     /// The speculative round under way.
     round: Option<Round>,
     drafts: DraftCounts,
+    /// The parallel sampler's window.
+    wave: Option<Wavefront>,
+    waves: WaveCounts,
 }
 
 /// What became of a sequence after its token.
@@ -131,6 +135,8 @@ impl Running {
             phase: Phase::Token,
             round: None,
             drafts: DraftCounts::default(),
+            wave: None,
+            waves: WaveCounts::default(),
             shared,
         })
     }
@@ -199,6 +205,9 @@ impl Running {
             return Ok(());
         }
         self.injection = cat(std::mem::take(&mut self.pieces).iter())?;
+        if self.phase == Phase::Parallel {
+            return self.start_sampler_step(model);
+        }
         let params = &self.shared.spec.params;
         if self.prefill || !params.continuous_compute {
             self.state = model.init_state(self.len, params.init_scale, &mut self.rng)?;
@@ -221,7 +230,8 @@ impl Running {
         } else {
             (self.state.narrow(0, self.done, rows)?, self.injection.narrow(0, self.done, rows)?)
         };
-        let chunk = Chunk { cache: &mut self.cache, start: self.start + self.done, len: rows, step: self.step };
+        let step = self.step + self.slot_offset();
+        let chunk = Chunk { cache: &mut self.cache, start: self.start + self.done, len: rows, step };
         Ok((state, injection, chunk))
     }
 
@@ -236,7 +246,8 @@ impl Running {
         self.state = cat(std::mem::take(&mut self.pieces).iter())?;
         self.done = 0;
         self.step += 1;
-        self.steps_spent += 1;
+        // A parallel window's every row counts; a prompt or a verification is one step.
+        self.steps_spent += if self.phase == Phase::Parallel { self.len } else { 1 };
         self.logits = None;
         Ok(true)
     }
@@ -262,10 +273,11 @@ impl Running {
         Ok((state, Chunk { cache: &mut self.cache, start: self.start + self.done, len: rows, step: 0 }))
     }
 
-    /// Whether a coda piece needs every row's logits (a prompt reporting them, a verification),
-    /// or only its last.
+    /// Whether a coda piece needs every row's logits (a prompt reporting them, a verification, a
+    /// parallel window), or only its last.
     pub fn reports_every_row(&self) -> bool {
-        self.prefill && (self.spec().prompt_logprobs || self.spec().report_logits) || self.phase == Phase::Verify
+        self.prefill && (self.spec().prompt_logprobs || self.spec().report_logits)
+            || matches!(self.phase, Phase::Verify | Phase::Parallel)
     }
 
     /// The coda ran over the next `rows` positions; `logits` holds every row's (when reporting
@@ -276,7 +288,7 @@ impl Running {
         let complete = self.done >= self.len;
         if self.reports_every_row() {
             self.coda_rows.extend(logits);
-            if complete && self.phase != Phase::Verify {
+            if complete && self.phase == Phase::Token {
                 let rows = std::mem::take(&mut self.coda_rows);
                 self.take_prompt_rows(rows);
             }
@@ -291,10 +303,10 @@ impl Running {
         self.may_exit() && self.tracker.checks_at(self.step - 1)
     }
 
-    /// Chunks of one token (a token or a draft) may exit early; a prompt or a verification runs
-    /// every row to its cap.
+    /// Chunks of one token (a token or a draft) may exit early; a prompt, a verification or a
+    /// parallel window runs every row to its cap.
     fn may_exit(&self) -> bool {
-        !self.prefill && self.phase != Phase::Verify
+        !self.prefill && matches!(self.phase, Phase::Token | Phase::Draft)
     }
 
     /// Whether the exit check needs this step's logits.
@@ -352,6 +364,7 @@ impl Running {
         match self.phase {
             Phase::Draft => return self.take_draft(),
             Phase::Verify => return self.settle_round(tokenizer, limit),
+            Phase::Parallel => return self.settle_wave(tokenizer, limit),
             Phase::Token => {}
         }
         let exit = self.exit_reason(converged);
@@ -366,7 +379,8 @@ impl Running {
         let raw = self.logits.take().unwrap_or_default();
         let mut logits = raw.clone();
         let token = self.sampler.sample(&mut logits, &self.context);
-        Ok(match self.push_token(tokenizer, token, &raw, steps, exit, limit)? {
+        let emitted = Emitted { token, raw: &raw, steps, exit, more: false };
+        Ok(match self.push_token(tokenizer, emitted, limit)? {
             Some(after) => after,
             None => {
                 self.next_chunk(limit);
@@ -388,7 +402,8 @@ impl Running {
     /// The last event, after [`Self::release`]: the rest of the text and how the choice ended.
     pub fn send_finished(&mut self, reason: FinishReason, kv_bytes: usize) {
         let text = self.text.finish();
-        self.send(Event::Finished { choice: self.choice, reason, text, kv_bytes, drafts: self.drafts });
+        let (drafts, waves) = (self.drafts, self.waves);
+        self.send(Event::Finished { choice: self.choice, reason, text, kv_bytes, drafts, waves });
     }
 
     /// Ends the choice with an error event.
@@ -451,7 +466,10 @@ impl Running {
 
 #[path = "speculation.rs"]
 mod speculation;
-use speculation::{Phase, Round};
+use speculation::{Emitted, Phase, Round};
+
+#[path = "parallel.rs"]
+mod parallel;
 
 /// Tensors joined along the rows (one is returned as it is).
 pub(super) fn cat<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> crate::model::Result<Tensor> {

@@ -137,6 +137,7 @@ impl Scheduler {
                     text: String::new(),
                     kv_bytes: 0,
                     drafts: Default::default(),
+                    waves: Default::default(),
                 };
                 let _ = shared.job.events.try_send(event);
             }
@@ -213,8 +214,9 @@ impl Scheduler {
     }
 
     /// Rows of this pass for each sequence of `order` in `stage` (index, rows), as far as the
-    /// budget goes: decoding sequences (first in `order`) take their row, then the prompts share
-    /// what is left (see [`prompt_shares`]).
+    /// budget goes: decoding tokens (first in `order`) take their row, then the chunks of many
+    /// rows share what is left (see [`prompt_shares`]): verifications and parallel windows
+    /// first, then the prompts.
     fn plan(&self, order: &[usize], stage: Stage) -> Plan {
         let mut left = if self.limits.max_tick_rows == 0 { usize::MAX } else { self.limits.max_tick_rows };
         let mut plan = Vec::new();
@@ -224,7 +226,7 @@ impl Scheduler {
             if r.stage() != stage || r.remaining() == 0 {
                 continue;
             }
-            if r.is_prefill() {
+            if r.is_prefill() || r.positions().1 > 1 {
                 prompts.push((i, r.remaining()));
             } else if left > 0 {
                 let rows = r.remaining().min(left);

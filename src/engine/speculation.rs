@@ -23,6 +23,8 @@ pub(super) enum Phase {
     Draft,
     /// The verification of a round's drafts.
     Verify,
+    /// A sampler step of the parallel sampler's window.
+    Parallel,
 }
 
 /// A speculative round under way.
@@ -37,18 +39,25 @@ pub(super) struct Round {
     steps_at_start: usize,
 }
 
+/// One token to emit: the logits that produced it (`raw`), after `steps` steps, why they stopped,
+/// and whether more tokens of the same step follow.
+pub(super) struct Emitted<'a> {
+    pub token: u32,
+    pub raw: &'a [f32],
+    pub steps: usize,
+    pub exit: ExitReason,
+    pub more: bool,
+}
+
 impl Running {
-    /// Records and sends one generated token that `raw` (logits) produced after `steps` steps:
-    /// `None` when the choice goes on, else how it ended.
+    /// Records and sends one generated token: `None` when the choice goes on, else how it ended.
     pub(super) fn push_token(
         &mut self,
         tokenizer: &TextTokenizer,
-        token: u32,
-        raw: &[f32],
-        steps: usize,
-        exit: ExitReason,
+        emitted: Emitted<'_>,
         limit: usize,
     ) -> crate::model::Result<Option<AfterToken>> {
+        let Emitted { token, raw, steps, exit, more } = emitted;
         histogram!(m::STEPS_PER_TOKEN, "exit_reason" => exit.label()).record(steps as f64);
         if self.spec().report_logits && !self.prefill {
             self.send(Event::Logits { choice: self.choice, rows: vec![raw.to_vec()] });
@@ -67,7 +76,7 @@ impl Running {
         let piece = self.text.push(tokenizer, token)?;
         let logprobs = self.spec().logprobs.map(|top| token_logprobs(raw, token, top));
         let reason = self.finish_reason_after(token, piece.stopped, limit);
-        let event = Event::Token { choice: self.choice, id: token, text: piece.text, steps, exit, logprobs };
+        let event = Event::Token { choice: self.choice, id: token, text: piece.text, steps, exit, logprobs, more };
         Ok(match (self.send(event), reason) {
             (_, Some(reason)) => Some(AfterToken::Finishes(reason)),
             (true, None) => None,
@@ -83,6 +92,11 @@ impl Running {
         self.cache.truncate(position);
         (self.start, self.len) = (position, 1);
         (self.stage, self.done) = (Stage::Prelude, 0);
+        if self.spec().params.parallel.is_some() {
+            self.wave = Some(Wavefront::new(position));
+            self.phase = Phase::Parallel;
+            return;
+        }
         self.phase = match self.round_size(position, limit) {
             Some(target) => {
                 let steps_at_start = self.steps_spent;
@@ -193,7 +207,8 @@ impl Running {
         let spent = self.steps_spent - round.steps_at_start;
         for (i, (&token, row)) in tokens.iter().zip(&rows).enumerate() {
             let steps = spent / kept + usize::from(i < spent % kept);
-            if let Some(after) = self.push_token(tokenizer, token, row, steps, ExitReason::Cap, limit)? {
+            let emitted = Emitted { token, raw: row, steps, exit: ExitReason::Cap, more: i + 1 < kept };
+            if let Some(after) = self.push_token(tokenizer, emitted, limit)? {
                 return Ok(after);
             }
         }

@@ -3,6 +3,7 @@
 
 pub mod sampling;
 
+pub mod parallel;
 pub mod ranges;
 pub mod request;
 pub mod speculative;
@@ -10,6 +11,7 @@ pub mod speculative;
 use serde::Serialize;
 
 use crate::model::{CacheStrategy, ExitRule, ModelError, Result};
+pub use parallel::{FreezeRule, ParallelSampling, SamplerKind};
 pub use request::{FieldError, GenerationRequest, RequestContext, ResolvedGeneration};
 pub use sampling::{Sampler, SamplingParams};
 pub use speculative::Verdict;
@@ -28,6 +30,8 @@ pub struct GenerationParams {
     pub cache: CacheStrategy,
     /// Self-speculative decoding: draft tokens at few steps, verify them at `num_steps`.
     pub speculation: Option<Speculation>,
+    /// The parallel (diffusion-forcing) sampler instead of one token at a time.
+    pub parallel: Option<ParallelSampling>,
     pub sampling: SamplingParams,
     /// Generation ends after any of these ids (included in `token_ids`).
     pub stop_token_ids: Vec<u32>,
@@ -44,6 +48,7 @@ impl GenerationParams {
             continuous_compute: false,
             cache: CacheStrategy::default(),
             speculation: None,
+            parallel: None,
             sampling: SamplingParams::default(),
             stop_token_ids: Vec::new(),
             seed: 0,
@@ -74,6 +79,14 @@ impl GenerationParams {
             if self.continuous_compute {
                 return Err(ModelError::InvalidArgument(
                     "draft_steps cannot be combined with continuous_compute".into(),
+                ));
+            }
+        }
+        if let Some(p) = self.parallel {
+            p.validate(self.num_steps)?;
+            if self.speculation.is_some() || self.continuous_compute {
+                return Err(ModelError::InvalidArgument(
+                    "the parallel sampler cannot be combined with speculation or continuous_compute".into(),
                 ));
             }
         }

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use super::parallel::{FreezeRule, SamplerKind};
 use super::{GenerationParams, SamplingParams, Speculation, ranges};
 use crate::model::{CacheStrategy, ExitCriterion, ExitRule};
 use crate::settings::{GenerationSettings, LimitSettings};
@@ -27,6 +28,13 @@ pub struct GenerationRequest {
     pub draft_steps: Option<i64>,
     /// Tokens drafted per speculation round.
     pub draft_tokens: Option<i64>,
+    /// `sequential` or `parallel` (the diffusion-forcing sampler); the next five fields shape the latter.
+    pub sampler: Option<SamplerKind>,
+    pub inner_steps: Option<i64>,
+    pub freeze: Option<FreezeRule>,
+    pub max_wavefront: Option<i64>,
+    pub state_noise: Option<f64>,
+    pub embed_ema: Option<f64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub top_k: Option<i64>,
@@ -134,6 +142,7 @@ impl GenerationRequest {
 
         let continuous_compute = self.continuous_compute.unwrap_or(defaults.continuous_compute);
         let speculation = self.speculation(defaults, limits, num_steps, continuous_compute)?;
+        let parallel = self.parallel(defaults, limits, num_steps, speculation.is_some(), continuous_compute)?;
 
         let in_vocabulary = |name: &str, id: i64| {
             u32::try_from(id).ok().filter(|&id| (id as usize) < vocab).ok_or_else(|| {
@@ -171,6 +180,7 @@ impl GenerationRequest {
             continuous_compute,
             cache: self.kv_cache.unwrap_or(defaults.kv_cache),
             speculation,
+            parallel,
             sampling: SamplingParams {
                 temperature: temperature as f32,
                 top_k,

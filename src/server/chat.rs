@@ -12,9 +12,9 @@ use super::completions::MAX_LOGPROBS;
 use super::error::ApiError;
 use super::handler;
 use super::request::{self, ChatRequest, Content, Message, Request};
-use super::respond::{Choice, ChunkWriter, Usage, finish_name};
+use super::respond::{Choice, ChunkWriter, Streamed, Usage, finish_name, waves_json};
 use super::state::{AppState, unique_id, unix_time};
-use crate::engine::TokenLogprobs;
+use crate::engine::{TokenLogprobs, WaveCounts};
 use crate::generate::FinishReason;
 use crate::text::{ChatMessage, TextTokenizer};
 
@@ -109,6 +109,7 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let usage = Usage {
         prompt_tokens: ids[0].len() * common.n,
         speculative: spec.params.speculation.is_some(),
+        parallel: spec.params.parallel.is_some(),
         ..Default::default()
     };
     let writer = ChatWriter {
@@ -158,13 +159,17 @@ impl ChatWriter {
             .enumerate()
             .map(|(index, c)| {
                 usage.add_choice(c);
-                json!({
+                let mut choice = json!({
                     "index": index,
                     "message": {"role": "assistant", "content": c.text},
                     "logprobs": with_logprobs.then(|| self.logprobs_json(&c.logprobs)),
                     "finish_reason": finish_name(c.finish),
                     "steps_per_token": c.steps,
-                })
+                });
+                if usage.parallel {
+                    choice["parallel"] = waves_json(&c.waves);
+                }
+                choice
             })
             .collect();
         json!({
@@ -185,14 +190,21 @@ impl ChunkWriter for ChatWriter {
         None
     }
 
-    fn token(&mut self, choice: usize, text: &str, steps: usize, logprobs: Option<&TokenLogprobs>) -> Value {
-        let logprobs = logprobs.map(|lp| self.logprobs_json(std::slice::from_ref(lp)));
-        self.chunk(json!([{"index": choice, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null, "steps_per_token": [steps]}]))
+    fn token(&mut self, choice: usize, tokens: &[Streamed]) -> Value {
+        let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
+        let steps: Vec<usize> = tokens.iter().map(|t| t.steps).collect();
+        let listed: Vec<TokenLogprobs> = tokens.iter().filter_map(|t| t.logprobs.clone()).collect();
+        let logprobs = (!listed.is_empty()).then(|| self.logprobs_json(&listed));
+        self.chunk(json!([{"index": choice, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null, "steps_per_token": steps}]))
     }
 
-    fn finish(&mut self, choice: usize, text: &str, reason: FinishReason) -> Value {
+    fn finish(&mut self, choice: usize, text: &str, reason: FinishReason, waves: Option<&WaveCounts>) -> Value {
         let delta = if text.is_empty() { json!({}) } else { json!({"content": text}) };
-        self.chunk(json!([{"index": choice, "delta": delta, "logprobs": null, "finish_reason": finish_name(Some(reason)), "steps_per_token": []}]))
+        let mut entry = json!({"index": choice, "delta": delta, "logprobs": null, "finish_reason": finish_name(Some(reason)), "steps_per_token": []});
+        if let Some(waves) = waves {
+            entry["parallel"] = waves_json(waves);
+        }
+        self.chunk(json!([entry]))
     }
 
     fn usage(&mut self, usage: &Usage) -> Value {

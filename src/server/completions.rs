@@ -9,9 +9,9 @@ use serde_json::{Map, Value, json};
 use super::error::ApiError;
 use super::handler;
 use super::request::{self, CommonParams, CompletionRequest, Prompt, Request};
-use super::respond::{Choice, ChunkWriter, Usage, finish_name};
+use super::respond::{Choice, ChunkWriter, Streamed, Usage, finish_name, waves_json};
 use super::state::{AppState, unique_id, unix_time};
-use crate::engine::TokenLogprobs;
+use crate::engine::{TokenLogprobs, WaveCounts};
 use crate::generate::FinishReason;
 
 /// Most `logprobs` alternatives a completion may ask for (OpenAI's limit).
@@ -69,6 +69,7 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let usage = Usage {
         prompt_tokens: ids.iter().map(|p| p.len() * common.n).sum(),
         speculative: specs.iter().any(|s| s.params.speculation.is_some()),
+        parallel: specs.iter().any(|s| s.params.parallel.is_some()),
         ..Default::default()
     };
     let n = common.n;
@@ -158,13 +159,17 @@ impl CompletionWriter {
                     self.logprobs_json(&entries, 0)
                 });
                 usage.add_choice(c);
-                json!({
+                let mut choice = json!({
                     "index": index,
                     "text": text,
                     "logprobs": logprobs,
                     "finish_reason": finish_name(c.finish),
                     "steps_per_token": c.steps,
-                })
+                });
+                if usage.parallel {
+                    choice["parallel"] = waves_json(&c.waves);
+                }
+                choice
             })
             .collect();
         let mut body = self.chunk(Value::Array(choices));
@@ -190,13 +195,21 @@ impl ChunkWriter for CompletionWriter {
         ))
     }
 
-    fn token(&mut self, choice: usize, text: &str, steps: usize, logprobs: Option<&TokenLogprobs>) -> Value {
-        let logprobs = logprobs.map(|lp| self.logprobs_json(&[(lp.token, Some(lp))], 0));
-        self.chunk(json!([{"index": choice, "text": text, "logprobs": logprobs, "finish_reason": null, "steps_per_token": [steps]}]))
+    fn token(&mut self, choice: usize, tokens: &[Streamed]) -> Value {
+        let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
+        let steps: Vec<usize> = tokens.iter().map(|t| t.steps).collect();
+        let listed: Vec<(u32, Option<&TokenLogprobs>)> =
+            tokens.iter().filter_map(|t| t.logprobs.as_ref()).map(|lp| (lp.token, Some(lp))).collect();
+        let logprobs = (!listed.is_empty()).then(|| self.logprobs_json(&listed, 0));
+        self.chunk(json!([{"index": choice, "text": text, "logprobs": logprobs, "finish_reason": null, "steps_per_token": steps}]))
     }
 
-    fn finish(&mut self, choice: usize, text: &str, reason: FinishReason) -> Value {
-        self.chunk(json!([{"index": choice, "text": text, "logprobs": null, "finish_reason": finish_name(Some(reason)), "steps_per_token": []}]))
+    fn finish(&mut self, choice: usize, text: &str, reason: FinishReason, waves: Option<&WaveCounts>) -> Value {
+        let mut entry = json!({"index": choice, "text": text, "logprobs": null, "finish_reason": finish_name(Some(reason)), "steps_per_token": []});
+        if let Some(waves) = waves {
+            entry["parallel"] = waves_json(waves);
+        }
+        self.chunk(json!([entry]))
     }
 
     fn usage(&mut self, usage: &Usage) -> Value {

@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
 use super::state::Lease;
-use crate::engine::{DraftCounts, Event, JobHandle, TokenLogprobs};
+use crate::engine::{DraftCounts, Event, JobHandle, TokenLogprobs, WaveCounts};
 use crate::generate::FinishReason;
 
 /// A choice as it accumulates.
@@ -24,6 +24,24 @@ pub struct Choice {
     pub prompt_logprobs: Option<Vec<TokenLogprobs>>,
     pub finish: Option<FinishReason>,
     pub drafts: DraftCounts,
+    pub waves: WaveCounts,
+}
+
+/// One token of a streamed chunk.
+#[derive(Debug, Clone)]
+pub struct Streamed {
+    pub text: String,
+    pub steps: usize,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// What the parallel sampler did for a choice, as reported with it.
+pub fn waves_json(waves: &WaveCounts) -> Value {
+    json!({
+        "sampler_steps": waves.steps,
+        "tokens_per_step": waves.tokens_per_step(),
+        "mean_wavefront": waves.mean_wavefront(),
+    })
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -34,6 +52,9 @@ pub struct Usage {
     /// The request speculates: its usage reports drafted and accepted tokens.
     pub speculative: bool,
     pub drafts: DraftCounts,
+    /// The request uses the parallel sampler: its usage (and each choice) reports sampler steps.
+    pub parallel: bool,
+    pub waves: WaveCounts,
 }
 
 impl Usage {
@@ -42,6 +63,7 @@ impl Usage {
         self.completion_tokens += choice.token_ids.len();
         self.recurrence_steps += choice.steps.iter().sum::<usize>();
         self.drafts += choice.drafts;
+        self.waves += choice.waves;
     }
 
     pub fn json(self) -> Value {
@@ -57,6 +79,11 @@ impl Usage {
         if self.speculative {
             usage["draft_tokens"] = json!(self.drafts.drafted);
             usage["accepted_draft_tokens"] = json!(self.drafts.accepted);
+        }
+        if self.parallel {
+            usage["sampler_steps"] = json!(self.waves.steps);
+            usage["tokens_per_sampler_step"] = json!(self.waves.tokens_per_step());
+            usage["mean_wavefront"] = json!(self.waves.mean_wavefront());
         }
         usage
     }
@@ -119,11 +146,11 @@ async fn collect_events(jobs: Vec<(JobHandle, usize)>, choices: usize) -> Result
                 c.steps.push(steps);
                 c.logprobs.extend(logprobs);
             }
-            Event::Finished { choice, reason, text, drafts, .. } => {
+            Event::Finished { choice, reason, text, drafts, waves, .. } => {
                 let c = &mut out[base + choice];
                 c.text.push_str(&text);
                 c.finish = Some(reason);
-                c.drafts = drafts;
+                (c.drafts, c.waves) = (drafts, waves);
             }
             Event::Logits { .. } => {}
             Event::Error { failure } => return Err(failure.into()),
@@ -140,8 +167,11 @@ pub trait ChunkWriter: Send + 'static {
     /// Chunks sent before any token (chat: the role delta of each choice).
     fn opening(&mut self, choices: usize) -> Vec<Value>;
     fn prompt_logprobs(&mut self, choice: usize, logprobs: &[TokenLogprobs]) -> Option<Value>;
-    fn token(&mut self, choice: usize, text: &str, steps: usize, logprobs: Option<&TokenLogprobs>) -> Value;
-    fn finish(&mut self, choice: usize, text: &str, reason: FinishReason) -> Value;
+    /// One chunk of the tokens one step emitted (one, or several from a speculative round or a
+    /// parallel freeze).
+    fn token(&mut self, choice: usize, tokens: &[Streamed]) -> Value;
+    /// The last chunk of a choice; `waves` for a parallel-sampler choice.
+    fn finish(&mut self, choice: usize, text: &str, reason: FinishReason, waves: Option<&WaveCounts>) -> Value;
     fn usage(&mut self, usage: &Usage) -> Value;
 }
 
@@ -177,6 +207,8 @@ pub fn stream(
         let mut events = Box::pin(merged(jobs));
         let mut failed = false;
         let mut finished = 0;
+        // Tokens of one step held until its last, per choice.
+        let mut pending: Vec<Vec<Streamed>> = (0..choices).map(|_| Vec::new()).collect();
         loop {
             let next = match lease.deadline {
                 Some(deadline) => tokio::time::timeout_at(deadline, events.next()).await,
@@ -201,15 +233,22 @@ pub fn stream(
             };
             let chunk = match event {
                 Event::PromptLogprobs { choice, logprobs } => writer.prompt_logprobs(base + choice, &logprobs),
-                Event::Token { choice, text, steps, logprobs, .. } => {
+                Event::Token { choice, text, steps, logprobs, more, .. } => {
                     usage.completion_tokens += 1;
                     usage.recurrence_steps += steps;
-                    Some(writer.token(base + choice, &text, steps, logprobs.as_ref()))
+                    let held = &mut pending[base + choice];
+                    held.push(Streamed { text, steps, logprobs });
+                    (!more).then(|| writer.token(base + choice, &std::mem::take(held)))
                 }
-                Event::Finished { choice, reason, text, drafts, .. } => {
+                Event::Finished { choice, reason, text, drafts, waves, .. } => {
                     finished += 1;
                     usage.drafts += drafts;
-                    Some(writer.finish(base + choice, &text, reason))
+                    usage.waves += waves;
+                    let held = std::mem::take(&mut pending[base + choice]);
+                    if !held.is_empty() && !send(writer.token(base + choice, &held).to_string()).await {
+                        return;
+                    }
+                    Some(writer.finish(base + choice, &text, reason, usage.parallel.then_some(&waves)))
                 }
                 Event::Logits { .. } => None,
                 Event::Error { failure } => {
@@ -254,10 +293,10 @@ mod tests {
         fn prompt_logprobs(&mut self, _: usize, _: &[TokenLogprobs]) -> Option<Value> {
             None
         }
-        fn token(&mut self, _: usize, text: &str, _: usize, _: Option<&TokenLogprobs>) -> Value {
-            json!(text)
+        fn token(&mut self, _: usize, tokens: &[Streamed]) -> Value {
+            json!(tokens.iter().map(|t| t.text.as_str()).collect::<String>())
         }
-        fn finish(&mut self, _: usize, _: &str, _: FinishReason) -> Value {
+        fn finish(&mut self, _: usize, _: &str, _: FinishReason, _: Option<&WaveCounts>) -> Value {
             json!("end")
         }
         fn usage(&mut self, _: &Usage) -> Value {
@@ -276,8 +315,15 @@ mod tests {
         let lease = Lease::new(slot, 0, 1);
         let sse = stream(vec![(handle, 0)], 1, Plain, Usage::default(), false, lease);
         for i in 0..200 {
-            let token =
-                Event::Token { choice: 0, id: i, text: "x".into(), steps: 1, exit: ExitReason::Cap, logprobs: None };
+            let token = Event::Token {
+                choice: 0,
+                id: i,
+                text: "x".into(),
+                steps: 1,
+                exit: ExitReason::Cap,
+                logprobs: None,
+                more: false,
+            };
             if events.try_send(token).is_err() {
                 break;
             }
