@@ -238,3 +238,39 @@ fn a_speculating_job_cancelled_mid_round_frees_everything_and_a_slow_reader_lose
     let (ids, steps, reason) = collect(&mut slow);
     assert_eq!((ids, steps, reason), (expected.token_ids, expected.steps_per_token, expected.finish_reason));
 }
+
+#[test]
+fn a_parallel_job_cancelled_mid_window_frees_everything_and_a_slow_reader_loses_nothing() {
+    let model = load(&fixture_dir(), DType::F32);
+    let engine = engine(model.clone(), 64);
+    let mut wide = params(8, ExitRule::default(), 200);
+    wide.parallel = Some(huginn::generate::ParallelSampling {
+        inner_steps: 1,
+        freeze: huginn::generate::FreezeRule::LatentDiff,
+        threshold: 0.5,
+        max_wavefront: 32,
+        state_noise: 0.0,
+        embed_ema: 0.1,
+    });
+    let mut handle = engine.submit(spec(PROMPT.to_vec(), wide.clone())).unwrap();
+    for _ in 0..3 {
+        assert!(matches!(handle.events.blocking_recv(), Some(Event::Token { .. })));
+    }
+    drop(handle);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (engine.sequences() > 0 || engine.kv_bytes() > 0) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!((engine.sequences(), engine.kv_bytes()), (0, 0), "the cancelled window left nothing behind");
+
+    // Many tokens frozen per step into a reader that does not read: nothing is lost.
+    wide.max_tokens = 120;
+    let expected = generate(&model, &PROMPT, &wide).unwrap();
+    let mut slow = engine.submit(spec(PROMPT.to_vec(), wide)).unwrap();
+    let mut other = engine.submit(spec(vec![40, 41, 42], params(2, ExitRule::default(), 40))).unwrap();
+    assert_eq!(collect(&mut other).0.len(), 40);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(slow.events.len() < 120, "{} events queued", slow.events.len());
+    let (ids, steps, reason) = collect(&mut slow);
+    assert_eq!((ids, steps, reason), (expected.token_ids, expected.steps_per_token, expected.finish_reason));
+}

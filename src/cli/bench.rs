@@ -46,7 +46,10 @@ pub struct BenchArgs {
     /// Only the self-speculative decoding section (rewritten in the report).
     #[arg(long)]
     speculative: bool,
-    /// The addition models of the speculative section (those present).
+    /// Only the parallel-sampler section (rewritten in the report).
+    #[arg(long)]
+    parallel: bool,
+    /// The addition models of the speculative and parallel sections (those present).
     #[arg(long, value_delimiter = ',', default_value = "models/huginn-addition-6,models/huginn-addition")]
     addition_models: Vec<PathBuf>,
     /// Where the full-size checkpoint is written (reused when present).
@@ -68,6 +71,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.speculative {
         ensure_large_model(&args.large_model)?;
         return super::bench_speculative::run(&args.addition_models, &args.large_model, &args.out, args.quick);
+    }
+    if args.parallel {
+        ensure_large_model(&args.large_model)?;
+        return super::bench_parallel::run(&args.addition_models, &args.large_model, &args.out, args.quick);
     }
     if args.interference {
         ensure_large_model(&args.large_model)?;
@@ -117,7 +124,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         + &serving
         + &super::bench_full_size::kept_section(&args.out)
         + &super::bench_interference::kept_section(&args.out)
-        + &super::bench_speculative::kept_section(&args.out);
+        + &super::bench_speculative::kept_section(&args.out)
+        + &super::bench_parallel::kept_section(&args.out);
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }

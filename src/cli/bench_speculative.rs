@@ -13,13 +13,14 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{DType, Device};
 
+use super::bench_tally::Tally;
 use super::report_section::Section;
-use huginn::engine::{DraftCounts, Driver, JobSpec};
+use huginn::engine::{Driver, JobSpec};
 use huginn::generate::{GenerationParams, Speculation};
 use huginn::model::{CacheStrategy, HuginnModel};
 use huginn::text::TextTokenizer;
 use huginn::train::addition::TaskFile;
-use huginn::train::eval::{Budget, EvalResult, evaluate_in_batches, held_out_problems};
+use huginn::train::eval::{Budget, evaluate_in_batches, held_out_problems};
 
 const SECTION: Section = Section { begin: "<!-- speculative: begin -->", end: "<!-- speculative: end -->" };
 
@@ -30,46 +31,6 @@ const ADDITION_DRAFTS: [(usize, usize); 5] = [(1, 4), (2, 4), (2, 8), (3, 4), (4
 const LARGE_DRAFTS: [(usize, usize); 2] = [(4, 4), (8, 4)];
 const LARGE_STEPS: usize = 32;
 const PROMPT: [u32; 8] = [84, 104, 101, 32, 99, 111, 114, 101];
-
-/// One setting's totals.
-#[derive(Default)]
-struct Tally {
-    correct: usize,
-    problems: usize,
-    tokens: usize,
-    seconds: f64,
-    /// Tokens after each output's first, and the seconds they took.
-    decode_tokens: usize,
-    decode_seconds: f64,
-    drafts: DraftCounts,
-    steps: usize,
-}
-
-impl Tally {
-    fn add(&mut self, r: &EvalResult, seconds: f64) {
-        self.correct += r.correct;
-        self.problems += r.problems;
-        self.tokens += r.tokens();
-        self.seconds += seconds;
-        self.decode_tokens += r.tokens() - r.problems;
-        self.decode_seconds += r.decode_seconds;
-        self.drafts += r.drafts;
-        self.steps += r.steps();
-    }
-
-    fn tokens_per_second(&self) -> f64 {
-        self.tokens as f64 / self.seconds.max(1e-9)
-    }
-
-    fn decode_tokens_per_second(&self) -> f64 {
-        self.decode_tokens as f64 / self.decode_seconds.max(1e-9)
-    }
-
-    fn acceptance(&self) -> String {
-        let DraftCounts { drafted, accepted } = self.drafts;
-        if drafted == 0 { "-".into() } else { format!("{:.0}%", 100.0 * accepted as f64 / drafted as f64) }
-    }
-}
 
 fn name(speculation: Option<Speculation>) -> String {
     match speculation {
@@ -135,13 +96,13 @@ fn addition_table(md: &mut String, dir: &Path, quick: bool) -> anyhow::Result<()
             let row = format!(
                 "| {num_steps} | {} | {:.1}% | {:.0} | {:.2}x | {:.0} | {:.2}x | {} | {:.2} |",
                 name(*speculation),
-                100.0 * t.correct as f64 / t.problems.max(1) as f64,
+                100.0 * t.accuracy(),
                 t.tokens_per_second(),
                 t.tokens_per_second() / plain,
                 t.decode_tokens_per_second(),
                 t.decode_tokens_per_second() / plain_decode,
                 t.acceptance(),
-                t.steps as f64 / t.tokens.max(1) as f64
+                t.steps_per_token()
             );
             eprintln!("{folder} {row}");
             writeln!(md, "{row}")?;
@@ -180,10 +141,7 @@ fn large_table(md: &mut String, dir: &Path, quick: bool) -> anyhow::Result<()> {
                 let started = Instant::now();
                 let outcomes = driver.run(specs, |_, _| {})?;
                 tally.seconds += started.elapsed().as_secs_f64();
-                for c in outcomes.iter().flatten() {
-                    tally.tokens += c.token_ids.len();
-                    tally.drafts += c.drafts;
-                }
+                tally.add_outputs(outcomes.iter().flatten());
             }
         }
         let plain = tallies[0].tokens_per_second();

@@ -7,7 +7,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::Args;
 
-use huginn::generate::Speculation;
+use huginn::generate::{FreezeRule, ParallelSampling, Speculation};
 use huginn::model::{ExitCriterion, ExitRule, HuginnModel};
 use huginn::text::TextTokenizer;
 use huginn::train::addition::TaskFile;
@@ -37,6 +37,10 @@ pub struct EvalArgs {
     /// `2:4:12`).
     #[arg(long = "draft", value_delimiter = ',')]
     drafts: Vec<String>,
+    /// Parallel-sampler settings to evaluate, as `inner_steps:freeze:threshold:num_steps` (for
+    /// example `4:latent-diff:0.03:12`; the threshold `-` for `fixed`).
+    #[arg(long = "parallel", value_delimiter = ',')]
+    parallels: Vec<String>,
     /// Ask in the chat format instead of as a completion.
     #[arg(long)]
     chat: bool,
@@ -77,6 +81,34 @@ fn parse_draft(spec: &str) -> anyhow::Result<Budget> {
     Ok(budget)
 }
 
+/// A `--parallel` setting, checked as a request's would be.
+fn parse_parallel(spec: &str) -> anyhow::Result<Budget> {
+    let usage =
+        || format!("--parallel `{spec}`: use inner_steps:freeze:threshold:num_steps, e.g. 4:latent-diff:0.03:12");
+    let [inner, freeze, threshold, num_steps] = spec.split(':').collect::<Vec<_>>()[..] else {
+        anyhow::bail!(usage());
+    };
+    let freeze: FreezeRule = freeze.parse().with_context(usage)?;
+    let threshold = match threshold {
+        "-" => huginn::generate::parallel::DEFAULT_FREEZE_THRESHOLD,
+        t => t.parse().with_context(usage)?,
+    };
+    let num_steps: usize = num_steps.parse().with_context(usage)?;
+    let sampling = ParallelSampling {
+        inner_steps: inner.parse().with_context(usage)?,
+        freeze,
+        threshold,
+        max_wavefront: huginn::settings::GenerationSettings::default().max_wavefront,
+        state_noise: 0.0,
+        embed_ema: huginn::settings::GenerationSettings::default().embed_ema,
+    };
+    let budget = Budget { parallel: Some(sampling), ..Budget::fixed(num_steps) };
+    let mut params = huginn::generate::GenerationParams::new(num_steps);
+    params.parallel = budget.parallel;
+    params.validate().with_context(|| format!("--parallel `{spec}`"))?;
+    Ok(budget)
+}
+
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let dir = match args.model {
         Some(dir) => dir,
@@ -93,10 +125,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         args.num_steps.iter().map(|&n| (format!("fixed {n}"), Budget::fixed(n))).collect();
     for spec in &args.exits {
         let (exit, cap) = parse_exit(spec)?;
-        settings.push((format!("exit {spec}"), Budget { num_steps: cap, exit, speculation: None }));
+        settings.push((format!("exit {spec}"), Budget { exit, ..Budget::fixed(cap) }));
     }
     for spec in &args.drafts {
         settings.push((format!("draft {spec}"), parse_draft(spec)?));
+    }
+    for spec in &args.parallels {
+        settings.push((format!("parallel {spec}"), parse_parallel(spec)?));
     }
     let format = if args.chat { "chat" } else { "completion" };
     let mut md = String::new();
@@ -117,6 +152,13 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         writeln!(md, "{row}")?;
         if budget.speculation.is_some() {
             eprintln!("{name}: {:.1}% of the drafts accepted", 100.0 * result.acceptance());
+        } else if budget.parallel.is_some() {
+            let w = result.waves;
+            eprintln!(
+                "{name}: {:.2} tokens per sampler step, mean wavefront {:.2}",
+                w.tokens_per_step(),
+                w.mean_wavefront()
+            );
         } else if budget.exit.criterion == ExitCriterion::None {
             fixed.push((budget.num_steps, result));
         } else {

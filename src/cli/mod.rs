@@ -3,8 +3,10 @@
 mod bench;
 mod bench_full_size;
 mod bench_interference;
+mod bench_parallel;
 mod bench_serving;
 mod bench_speculative;
+mod bench_tally;
 mod eval;
 mod generate;
 mod init_random;

@@ -6,8 +6,8 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::addition::{Formatter, Problem, Split};
-use crate::engine::{DraftCounts, Driver, JobSpec};
-use crate::generate::{FinishReason, GenerationParams, Speculation};
+use crate::engine::{DraftCounts, Driver, JobSpec, WaveCounts};
+use crate::generate::{FinishReason, GenerationParams, ParallelSampling, Speculation};
 use crate::model::{ExitRule, HuginnModel, Result};
 use crate::text::TextTokenizer;
 
@@ -24,12 +24,14 @@ pub struct Budget {
     pub exit: ExitRule,
     /// Self-speculative decoding, if any.
     pub speculation: Option<Speculation>,
+    /// The parallel sampler, if any.
+    pub parallel: Option<ParallelSampling>,
 }
 
 impl Budget {
-    /// `num_steps` fixed, no exit, no speculation.
+    /// `num_steps` fixed, no exit, no speculation, the sequential sampler.
     pub fn fixed(num_steps: usize) -> Self {
-        Self { num_steps, exit: ExitRule::default(), speculation: None }
+        Self { num_steps, exit: ExitRule::default(), speculation: None, parallel: None }
     }
 }
 
@@ -44,6 +46,8 @@ pub struct EvalResult {
     pub end_token_steps: (usize, usize),
     /// Tokens speculation drafted and kept, over every output.
     pub drafts: DraftCounts,
+    /// The parallel sampler's steps, over every output.
+    pub waves: WaveCounts,
     /// Seconds from each output's first token to its last, summed (one output at a time: the
     /// decoding time after the prompt's pass).
     pub decode_seconds: f64,
@@ -121,6 +125,7 @@ pub fn evaluate_in_batches(
         let mut params = GenerationParams::new(budget.num_steps);
         params.exit = budget.exit;
         params.speculation = budget.speculation;
+        params.parallel = budget.parallel;
         params.max_tokens = problem.answer().len() + 2;
         params.stop_token_ids = tokenizer.special().stop.clone();
         params.seed = i as u64;
@@ -129,12 +134,14 @@ pub fn evaluate_in_batches(
     let outcomes = Driver::new(model.clone(), tokenizer.clone(), batch).run(specs, |_, _| {})?;
     let mut correct = 0;
     let mut drafts = DraftCounts::default();
+    let mut waves = WaveCounts::default();
     let mut decode_seconds = 0.0;
     let mut steps_by_position: Vec<(usize, usize)> = Vec::new();
     let mut end_token_steps = (0, 0);
     for (problem, choices) in problems.iter().zip(outcomes) {
         for out in choices {
             drafts += out.drafts;
+            waves += out.waves;
             decode_seconds += out.seconds - out.first_token_seconds;
             let text = tokenizer.decode(&out.token_ids)?;
             correct += usize::from(out.finish_reason == FinishReason::Stop && text == problem.answer());
@@ -154,7 +161,15 @@ pub fn evaluate_in_batches(
         }
     }
     // Every token is a digit at its position or a stopped output's end token.
-    Ok(EvalResult { problems: problems.len(), correct, steps_by_position, end_token_steps, drafts, decode_seconds })
+    Ok(EvalResult {
+        problems: problems.len(),
+        correct,
+        steps_by_position,
+        end_token_steps,
+        drafts,
+        waves,
+        decode_seconds,
+    })
 }
 
 /// Problems that share a tick in an evaluation.
