@@ -209,13 +209,12 @@ fn wait_idle_returns_once_the_last_job_has_left_the_engine() {
     assert_eq!(waiter.join().unwrap(), 0, "woken with nothing in flight");
 }
 
-#[test]
-fn a_speculating_job_cancelled_mid_round_frees_everything_and_a_slow_reader_loses_nothing() {
+/// A job of `multi_token` params (many tokens per tick) cancelled after 3 tokens frees its
+/// sequence and K/V; the same with 120 tokens into a reader that does not read loses nothing.
+fn cancelled_then_slow_reader(multi_token: GenerationParams, what: &str) {
     let model = load(&fixture_dir(), DType::F32);
     let engine = engine(model.clone(), 64);
-    let mut speculating = params(16, ExitRule::default(), 200);
-    speculating.speculation = Some(huginn::generate::Speculation { draft_steps: 1, draft_tokens: 16 });
-    let mut handle = engine.submit(spec(PROMPT.to_vec(), speculating.clone())).unwrap();
+    let mut handle = engine.submit(spec(PROMPT.to_vec(), multi_token.clone())).unwrap();
     for _ in 0..3 {
         assert!(matches!(handle.events.blocking_recv(), Some(Event::Token { .. })));
     }
@@ -224,13 +223,14 @@ fn a_speculating_job_cancelled_mid_round_frees_everything_and_a_slow_reader_lose
     while (engine.sequences() > 0 || engine.kv_bytes() > 0) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    assert_eq!((engine.sequences(), engine.kv_bytes()), (0, 0), "the cancelled round left nothing behind");
+    assert_eq!((engine.sequences(), engine.kv_bytes()), (0, 0), "the cancelled {what} left nothing behind");
 
-    // Rounds of up to 17 tokens into a reader that does not read: the channel holds them, the
+    // Many tokens per tick into a reader that does not read: the channel holds them, the
     // sequence waits, nothing is lost.
-    speculating.max_tokens = 120;
-    let expected = generate(&model, &PROMPT, &speculating).unwrap();
-    let mut slow = engine.submit(spec(PROMPT.to_vec(), speculating)).unwrap();
+    let mut slow_params = multi_token;
+    slow_params.max_tokens = 120;
+    let expected = generate(&model, &PROMPT, &slow_params).unwrap();
+    let mut slow = engine.submit(spec(PROMPT.to_vec(), slow_params)).unwrap();
     let mut other = engine.submit(spec(vec![40, 41, 42], params(2, ExitRule::default(), 40))).unwrap();
     assert_eq!(collect(&mut other).0.len(), 40);
     std::thread::sleep(std::time::Duration::from_millis(200));
@@ -240,9 +240,14 @@ fn a_speculating_job_cancelled_mid_round_frees_everything_and_a_slow_reader_lose
 }
 
 #[test]
+fn a_speculating_job_cancelled_mid_round_frees_everything_and_a_slow_reader_loses_nothing() {
+    let mut speculating = params(16, ExitRule::default(), 200);
+    speculating.speculation = Some(huginn::generate::Speculation { draft_steps: 1, draft_tokens: 16 });
+    cancelled_then_slow_reader(speculating, "round");
+}
+
+#[test]
 fn a_parallel_job_cancelled_mid_window_frees_everything_and_a_slow_reader_loses_nothing() {
-    let model = load(&fixture_dir(), DType::F32);
-    let engine = engine(model.clone(), 64);
     let mut wide = params(8, ExitRule::default(), 200);
     wide.parallel = Some(huginn::generate::ParallelSampling {
         inner_steps: 1,
@@ -252,25 +257,5 @@ fn a_parallel_job_cancelled_mid_window_frees_everything_and_a_slow_reader_loses_
         state_noise: 0.0,
         embed_ema: 0.1,
     });
-    let mut handle = engine.submit(spec(PROMPT.to_vec(), wide.clone())).unwrap();
-    for _ in 0..3 {
-        assert!(matches!(handle.events.blocking_recv(), Some(Event::Token { .. })));
-    }
-    drop(handle);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while (engine.sequences() > 0 || engine.kv_bytes() > 0) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    assert_eq!((engine.sequences(), engine.kv_bytes()), (0, 0), "the cancelled window left nothing behind");
-
-    // Many tokens frozen per step into a reader that does not read: nothing is lost.
-    wide.max_tokens = 120;
-    let expected = generate(&model, &PROMPT, &wide).unwrap();
-    let mut slow = engine.submit(spec(PROMPT.to_vec(), wide)).unwrap();
-    let mut other = engine.submit(spec(vec![40, 41, 42], params(2, ExitRule::default(), 40))).unwrap();
-    assert_eq!(collect(&mut other).0.len(), 40);
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    assert!(slow.events.len() < 120, "{} events queued", slow.events.len());
-    let (ids, steps, reason) = collect(&mut slow);
-    assert_eq!((ids, steps, reason), (expected.token_ids, expected.steps_per_token, expected.finish_reason));
+    cancelled_then_slow_reader(wide, "window");
 }
