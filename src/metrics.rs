@@ -40,7 +40,7 @@ pub const CATALOG: [(&str, &str); 23] = [
     (CORE_STEPS, "Core-block steps computed, counted per sequence (prompt prefill included), by worker."),
     (PROMPT_TOKENS, "Prompt tokens processed."),
     (GENERATION_TOKENS, "Tokens generated."),
-    (REQUESTS, "HTTP requests, by endpoint and status code."),
+    (REQUESTS, "HTTP requests, by endpoint and status code (499: the client closed the connection before the answer)."),
     (
         REQUEST_DURATION,
         "Time from receiving a request until its response starts (the whole answer unless streamed), by endpoint.",

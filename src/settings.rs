@@ -29,6 +29,9 @@ pub struct Settings {
     pub server: ServerSettings,
     pub engine: EngineSettings,
     pub limits: LimitSettings,
+    /// The environment variable that set each key (`section.key`), to name it in errors.
+    #[serde(skip)]
+    set_by: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,6 +110,10 @@ pub const DEFAULT_MAX_TICK_ROWS: usize = 64;
 impl EngineSettings {
     /// `Err((key, message))` for a value that cannot work.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        let counts = [("queue_capacity", self.queue_capacity), ("max_active_sequences", self.max_active_sequences)];
+        if let Some((name, _)) = counts.into_iter().find(|&(_, value)| value == 0) {
+            return Err((format!("engine.{name}"), "must be at least 1".into()));
+        }
         if self.max_tick_rows != 0 && self.max_tick_rows < self.max_active_sequences {
             return Err((
                 "engine.max_tick_rows".into(),
@@ -275,9 +282,10 @@ impl Settings {
     ) -> Result<Self, SettingsError> {
         let file_error = |message: String| SettingsError::File { path: origin.to_path_buf(), message };
         let from_file: Settings = toml::from_str(toml_text).map_err(|e| file_error(e.to_string()))?;
-        from_file.validate().map_err(|(key, message)| SettingsError::Value { key, message })?;
         let mut tree = toml::Value::try_from(&from_file).map_err(|e| file_error(e.to_string()))?;
         let sections: Vec<String> = tree.as_table().map(|t| t.keys().cloned().collect()).unwrap_or_default();
+        // The variable that set each key, to name it when a rule fails.
+        let mut set_by: Vec<(String, String)> = Vec::new();
         for (var, raw) in env {
             let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
             let rest = rest.to_ascii_lowercase();
@@ -291,13 +299,55 @@ impl Settings {
             if let Some(table) = tree.get_mut(section.as_str()).and_then(|s| s.as_table_mut()) {
                 table.insert(key.to_string(), value);
             }
-            // The file was valid: what fails now is this variable's doing.
-            let env_error = |message: String| SettingsError::Env { var: var.clone(), message };
-            let settings = Settings::deserialize(tree.clone()).map_err(|e| env_error(e.to_string()))?;
-            settings.validate().map_err(|(key, message)| env_error(format!("setting `{key}`: {message}")))?;
+            // The file parsed: an unknown key or a value of the wrong type is this variable's.
+            Settings::deserialize(tree.clone())
+                .map_err(|e| SettingsError::Env { var: var.clone(), message: e.to_string() })?;
+            set_by.push((format!("{section}.{key}"), var.clone()));
         }
-        Settings::deserialize(tree).map_err(|e| file_error(e.to_string()))
+        let mut settings = Settings::deserialize(tree).map_err(|e| file_error(e.to_string()))?;
+        settings.set_by = set_by;
+        // Every source merged, the rules that relate values are checked once, whatever the
+        // variables' order.
+        settings.validate().map_err(|(key, message)| settings.error(key, message))?;
+        Ok(settings)
     }
+
+    /// An error for `key`, named with the environment variable that set it, if one did.
+    fn error(&self, key: String, message: String) -> SettingsError {
+        match self.set_by.iter().rev().find(|(k, _)| *k == key) {
+            Some((_, var)) => SettingsError::Env { var: var.clone(), message: format!("setting `{key}`: {message}") },
+            None => SettingsError::Value { key, message },
+        }
+    }
+
+    /// The rules that need the loaded model: `generation.num_steps` unset means its
+    /// `mean_recurrence`, which the defaults that depend on the depth must fit, as must
+    /// `limits.max_num_steps`; checked when `serve` and `generate` start.
+    pub fn check_for_model(&self, mean_recurrence: usize) -> Result<(), SettingsError> {
+        let value = |key: &str, message: String| self.error(key.to_string(), message);
+        if self.generation.num_steps.is_none() && mean_recurrence > self.limits.max_num_steps {
+            return Err(value(
+                "limits.max_num_steps",
+                format!(
+                    "{} is below the model's mean_recurrence ({mean_recurrence}), the default num_steps: raise it or \
+                     set generation.num_steps",
+                    self.limits.max_num_steps
+                ),
+            ));
+        }
+        let depth = match self.generation.num_steps {
+            Some(steps) => Depth { steps, source: "generation.num_steps" },
+            None => Depth { steps: mean_recurrence, source: "the model's mean_recurrence" },
+        };
+        self.generation.validate_at(Some(depth)).map_err(|(key, message)| value(&key, message))
+    }
+}
+
+/// Default recurrence steps per token, and where they come from (for messages).
+#[derive(Clone, Copy)]
+struct Depth {
+    steps: usize,
+    source: &'static str,
 }
 
 impl Settings {
@@ -305,25 +355,63 @@ impl Settings {
     fn validate(&self) -> Result<(), (String, String)> {
         self.generation.validate()?;
         self.engine.validate()?;
-        let most = self.limits.max_draft_tokens;
-        if most == 0 {
-            return Err(("limits.max_draft_tokens".into(), "must be at least 1".into()));
+        self.server.validate()?;
+        self.limits.validate()?;
+        let fail = |key: &str, message: String| Err((key.to_string(), message));
+        let (generation, limits) = (&self.generation, &self.limits);
+        if let Some(steps) = generation.num_steps.filter(|&steps| steps > limits.max_num_steps) {
+            return fail(
+                "generation.num_steps",
+                format!("must be at most limits.max_num_steps ({}), got {steps}", limits.max_num_steps),
+            );
         }
-        if self.generation.draft_tokens > most {
+        if generation.max_tokens > limits.max_tokens {
             let message =
-                format!("must be at most limits.max_draft_tokens ({most}), got {}", self.generation.draft_tokens);
-            return Err(("generation.draft_tokens".into(), message));
+                format!("must be at most limits.max_tokens ({}), got {}", limits.max_tokens, generation.max_tokens);
+            return fail("generation.max_tokens", message);
         }
-        let widest = self.limits.max_wavefront;
-        if widest == 0 {
-            return Err(("limits.max_wavefront".into(), "must be at least 1".into()));
+        let most = limits.max_draft_tokens;
+        if generation.draft_tokens > most {
+            let message = format!("must be at most limits.max_draft_tokens ({most}), got {}", generation.draft_tokens);
+            return fail("generation.draft_tokens", message);
         }
-        if self.generation.max_wavefront == 0 || self.generation.max_wavefront > widest {
+        let widest = limits.max_wavefront;
+        if generation.max_wavefront == 0 || generation.max_wavefront > widest {
             let message =
-                format!("must be between 1 and limits.max_wavefront ({widest}), got {}", self.generation.max_wavefront);
-            return Err(("generation.max_wavefront".into(), message));
+                format!("must be between 1 and limits.max_wavefront ({widest}), got {}", generation.max_wavefront);
+            return fail("generation.max_wavefront", message);
         }
         Ok(())
+    }
+}
+
+impl LimitSettings {
+    /// Every limit lets something through (a limit of 0 would refuse every request).
+    fn validate(&self) -> Result<(), (String, String)> {
+        let counts = [
+            ("max_num_steps", self.max_num_steps),
+            ("max_tokens", self.max_tokens),
+            ("max_n", self.max_n),
+            ("max_total_steps", self.max_total_steps),
+            ("max_prompt_tokens", self.max_prompt_tokens.unwrap_or(1)),
+            ("max_draft_tokens", self.max_draft_tokens),
+            ("max_wavefront", self.max_wavefront),
+        ];
+        match counts.into_iter().find(|&(_, value)| value == 0) {
+            Some((name, _)) => Err((format!("limits.{name}"), "must be at least 1".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl ServerSettings {
+    fn validate(&self) -> Result<(), (String, String)> {
+        let counts =
+            [("max_concurrent_requests", self.max_concurrent_requests), ("max_body_bytes", self.max_body_bytes)];
+        match counts.into_iter().find(|&(_, value)| value == 0) {
+            Some((name, _)) => Err((format!("server.{name}"), "must be at least 1".into())),
+            None => Ok(()),
+        }
     }
 }
 
@@ -331,6 +419,11 @@ impl GenerationSettings {
     /// The ranges a request's own values must meet (`generate::ranges`), for these defaults:
     /// `Err((key, message))` for the first bad one.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        self.validate_at(self.num_steps.map(|steps| Depth { steps, source: "generation.num_steps" }))
+    }
+
+    /// [`Self::validate`] for a default depth (`None`: not known yet, the model's).
+    fn validate_at(&self, depth: Option<Depth>) -> Result<(), (String, String)> {
         use crate::generate::ranges;
         let key = |name: &str| format!("generation.{name}");
         let fail = |name: &str, message: String| Err((key(name), message));
@@ -345,8 +438,8 @@ impl GenerationSettings {
         if self.num_steps == Some(0) {
             return fail("num_steps", "must be at least 1".into());
         }
-        if let Some(steps) = self.num_steps.filter(|&steps| self.min_steps > steps) {
-            return fail("min_steps", format!("{} exceeds generation.num_steps ({steps})", self.min_steps));
+        if let Some(Depth { steps, source }) = depth.filter(|d| self.min_steps > d.steps) {
+            return fail("min_steps", format!("{} exceeds {source} ({steps})", self.min_steps));
         }
         if let Err(e) = ExitRule::new(self.exit_criterion, self.exit_threshold, self.min_steps) {
             return fail("exit_threshold", e.to_string());
@@ -355,10 +448,12 @@ impl GenerationSettings {
             return fail("draft_tokens", "must be at least 1".into());
         }
         if let Some(draft) = self.draft_steps {
-            match self.num_steps {
-                _ if draft == 0 => return fail("draft_steps", "must be at least 1".into()),
-                Some(steps) if draft >= steps => {
-                    return fail("draft_steps", format!("must be below generation.num_steps ({steps}), got {draft}"));
+            match depth {
+                _ if draft == 0 => {
+                    return fail("draft_steps", "must be at least 1 (leave it unset for no speculation)".into());
+                }
+                Some(Depth { steps, source }) if draft >= steps => {
+                    return fail("draft_steps", format!("must be below {source} ({steps}), got {draft}"));
                 }
                 _ if self.continuous_compute => {
                     return fail("draft_steps", "cannot be combined with generation.continuous_compute".into());
@@ -366,11 +461,11 @@ impl GenerationSettings {
                 _ => {}
             }
         }
-        self.validate_parallel()
+        self.validate_parallel(depth)
     }
 
     /// The parallel sampler's defaults, and what `sampler = "parallel"` cannot be combined with.
-    fn validate_parallel(&self) -> Result<(), (String, String)> {
+    fn validate_parallel(&self, depth: Option<Depth>) -> Result<(), (String, String)> {
         use crate::generate::parallel;
         let fail = |name: &str, message: String| Err((format!("generation.{name}"), message));
         if self.inner_steps == 0 {
@@ -379,11 +474,8 @@ impl GenerationSettings {
         // A request's default inner_steps is capped at its num_steps; only a parallel default
         // that can never run as configured is refused.
         let parallel = self.sampler == SamplerKind::Parallel;
-        if let Some(steps) = self.num_steps.filter(|&steps| parallel && self.inner_steps > steps) {
-            return fail(
-                "inner_steps",
-                format!("must be at most generation.num_steps ({steps}), got {}", self.inner_steps),
-            );
+        if let Some(Depth { steps, source }) = depth.filter(|d| parallel && self.inner_steps > d.steps) {
+            return fail("inner_steps", format!("must be at most {source} ({steps}), got {}", self.inner_steps));
         }
         if let Err(message) = parallel::state_noise(self.state_noise) {
             return fail("state_noise", message);
@@ -494,6 +586,79 @@ mod tests {
             let err = Settings::from_sources(file, Path::new("f.toml"), env(&[])).unwrap_err();
             assert!(err.to_string().starts_with(&format!("setting `{key}`")), "{file}: {err}");
         }
+    }
+
+    #[test]
+    fn related_variables_are_validated_once_merged_in_any_order() {
+        let pairs = [
+            [("HUGINN_GENERATION_DRAFT_TOKENS", "20"), ("HUGINN_LIMITS_MAX_DRAFT_TOKENS", "32")],
+            [("HUGINN_GENERATION_MAX_WAVEFRONT", "300"), ("HUGINN_LIMITS_MAX_WAVEFRONT", "512")],
+            [("HUGINN_ENGINE_MAX_TICK_ROWS", "16"), ("HUGINN_ENGINE_MAX_ACTIVE_SEQUENCES", "8")],
+            [("HUGINN_GENERATION_NUM_STEPS", "300"), ("HUGINN_LIMITS_MAX_NUM_STEPS", "512")],
+        ];
+        for [a, b] in pairs {
+            for vars in [[a, b], [b, a]] {
+                let result = Settings::from_sources("", Path::new("f.toml"), env(&vars));
+                assert!(result.is_ok(), "{vars:?}: {}", result.unwrap_err());
+            }
+        }
+        // A rule that fails names the variable that set the key.
+        let vars = [("HUGINN_LIMITS_MAX_DRAFT_TOKENS", "8"), ("HUGINN_GENERATION_DRAFT_TOKENS", "9")];
+        let err = Settings::from_sources("", Path::new("f.toml"), env(&vars)).unwrap_err().to_string();
+        assert!(
+            err.starts_with("environment variable HUGINN_GENERATION_DRAFT_TOKENS: setting `generation.draft_tokens`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn every_limit_and_count_must_let_something_through() {
+        for key in [
+            "limits.max_num_steps",
+            "limits.max_tokens",
+            "limits.max_n",
+            "limits.max_total_steps",
+            "limits.max_prompt_tokens",
+            "engine.queue_capacity",
+            "engine.max_active_sequences",
+            "server.max_concurrent_requests",
+            "server.max_body_bytes",
+        ] {
+            let (section, name) = key.split_once('.').unwrap();
+            let extra = if key == "engine.max_active_sequences" { "max_tick_rows = 0\n" } else { "" };
+            let file = format!("[{section}]\n{name} = 0\n{extra}");
+            let err = Settings::from_sources(&file, Path::new("f.toml"), env(&[])).unwrap_err().to_string();
+            assert_eq!(err, format!("setting `{key}`: must be at least 1"), "{file}");
+        }
+        for (file, key) in [
+            ("[generation]\nnum_steps = 1000\n", "generation.num_steps"),
+            ("[generation]\nmax_tokens = 5000\n", "generation.max_tokens"),
+        ] {
+            let err = Settings::from_sources(file, Path::new("f.toml"), env(&[])).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("setting `{key}`: must be at most limits.")), "{err}");
+        }
+    }
+
+    #[test]
+    fn defaults_that_depend_on_the_depth_are_checked_against_the_model() {
+        let load = |file: &str| Settings::from_sources(file, Path::new("f.toml"), env(&[])).unwrap();
+        let model_default = 8;
+        for (file, key) in [
+            ("[generation]\ndraft_steps = 8\n", "generation.draft_steps"),
+            ("[generation]\nmin_steps = 100\n", "generation.min_steps"),
+            ("[generation]\nsampler = \"parallel\"\ninner_steps = 9\n", "generation.inner_steps"),
+            ("[limits]\nmax_num_steps = 4\n", "limits.max_num_steps"),
+        ] {
+            let settings = load(file);
+            let err = settings.check_for_model(model_default).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("setting `{key}`")), "{file}: {err}");
+        }
+        assert!(load("[generation]\ndraft_steps = 7\n").check_for_model(model_default).is_ok());
+        let set = load("[generation]\nnum_steps = 4\n[limits]\nmax_num_steps = 4\n");
+        assert!(set.check_for_model(model_default).is_ok(), "generation.num_steps replaces the model's depth");
+        let vars = env(&[("HUGINN_GENERATION_DRAFT_STEPS", "8")]);
+        let err = Settings::from_sources("", Path::new("f.toml"), vars).unwrap().check_for_model(8).unwrap_err();
+        assert!(err.to_string().starts_with("environment variable HUGINN_GENERATION_DRAFT_STEPS"), "{err}");
     }
 
     #[test]

@@ -206,7 +206,7 @@ fn bad_arguments_fail_with_a_message() {
         (vec!["eval", "--model", m, "--draft", "8:4:8"], "draft_steps must be between 1 and num_steps - 1"),
         (
             vec!["generate", "--model", m, "--prompt", "x", "--num-steps", "4", "--draft-steps", "4"],
-            "`draft_steps` must be between 1 and 3",
+            "`draft_steps` must be 0 (no speculation) or between 1 and num_steps - 1 (3)",
         ),
         (
             vec!["generate", "--model", m, "--prompt", "x", "--draft-steps", "1", "--draft-tokens", "99"],
@@ -236,6 +236,20 @@ fn bad_settings_stop_serve_at_once_naming_the_key() {
         ("HUGINN_GENERATION_EMBED_EMA", "1"),
         ("HUGINN_GENERATION_MAX_WAVEFRONT", "0"),
         ("HUGINN_LIMITS_MAX_WAVEFRONT", "0"),
+        // Values that used to start and then refuse every request, or be clamped silently; the
+        // first two checked against the default model (8 steps per token).
+        ("HUGINN_GENERATION_DRAFT_STEPS", "8"),
+        ("HUGINN_GENERATION_MIN_STEPS", "100"),
+        ("HUGINN_LIMITS_MAX_N", "0"),
+        ("HUGINN_LIMITS_MAX_TOKENS", "0"),
+        ("HUGINN_LIMITS_MAX_PROMPT_TOKENS", "0"),
+        ("HUGINN_LIMITS_MAX_NUM_STEPS", "0"),
+        ("HUGINN_LIMITS_MAX_NUM_STEPS", "4"),
+        ("HUGINN_GENERATION_NUM_STEPS", "1000"),
+        ("HUGINN_GENERATION_MAX_TOKENS", "5000"),
+        ("HUGINN_ENGINE_QUEUE_CAPACITY", "0"),
+        ("HUGINN_SERVER_MAX_CONCURRENT_REQUESTS", "0"),
+        ("HUGINN_ENGINE_MAX_ACTIVE_SEQUENCES", "0"),
     ] {
         let started = std::time::Instant::now();
         // Port 0: were the settings accepted, the server would start and this test would hang.
@@ -376,4 +390,116 @@ fn train_writes_a_servable_checkpoint_and_eval_reports_a_table_and_plot() {
     let bad = huginn(&["eval", "--model", out.to_str().unwrap(), "--exit", "kl"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("criterion:threshold:cap"));
+}
+
+/// Variables that only make sense together are checked together, whatever their order.
+#[test]
+fn related_variables_are_checked_after_every_source_is_merged() {
+    let pairs = [
+        [("HUGINN_GENERATION_DRAFT_TOKENS", "20"), ("HUGINN_LIMITS_MAX_DRAFT_TOKENS", "32")],
+        [("HUGINN_GENERATION_MAX_WAVEFRONT", "300"), ("HUGINN_LIMITS_MAX_WAVEFRONT", "512")],
+        [("HUGINN_ENGINE_MAX_TICK_ROWS", "16"), ("HUGINN_ENGINE_MAX_ACTIVE_SEQUENCES", "8")],
+    ];
+    let model = fixture_dir();
+    for pair in pairs {
+        for order in [[0, 1], [1, 0]] {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_huginn"));
+            cmd.args(["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--max-tokens", "1"]);
+            for i in order {
+                cmd.env(pair[i].0, pair[i].1);
+            }
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{pair:?} in order {order:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+#[test]
+fn start_up_and_generate_errors_say_what_is_wrong_once() {
+    // An API keys file error is not a model loading error.
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "# no keys here\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_huginn"))
+        .args(["serve", "--port", "0"])
+        .env("HUGINN_SERVER_API_KEYS_FILE", &keys)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("API keys file"), "{err}");
+    assert!(!err.contains("loading the model"), "{err}");
+    // A CUDA device in a build without CUDA: one message, said once.
+    if !cfg!(feature = "cuda") {
+        let out =
+            huginn(&["generate", "--model", fixture_dir().to_str().unwrap(), "--prompt", "x", "--device", "cuda:0"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert_eq!(err.matches("CUDA support").count() + err.matches("cuda support").count(), 1, "{err}");
+    }
+    // An explicit --max-tokens past the context is refused as the server refuses it (the fixture's
+    // context is 256 tokens).
+    let out =
+        huginn(&["generate", "--model", fixture_dir().to_str().unwrap(), "--prompt", "abcd", "--max-tokens", "300"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("context length is 256"), "{err}");
+}
+
+#[test]
+fn generate_takes_negative_seeds_as_their_bits_as_the_server_does() {
+    let model = fixture_dir();
+    let run = |seed: &str| {
+        let out = huginn(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "The recurrent",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "1",
+            "--ignore-eos",
+            "--format",
+            "json",
+            "--seed",
+            seed,
+        ]);
+        json_out(&out)["token_ids"].clone()
+    };
+    assert_eq!(run("-1"), run("18446744073709551615"));
+    assert_ne!(run("-1"), run("1"), "the seed is used");
+    let out = huginn(&["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--seed", "soon"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a 64-bit integer"));
+}
+
+/// The README's synopsis of each command lists exactly the flags the command has.
+#[test]
+fn the_readme_synopses_match_the_commands_flags() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let flags = |text: &str| -> std::collections::BTreeSet<String> {
+        let mut found = std::collections::BTreeSet::new();
+        for (i, _) in text.match_indices("--") {
+            let name: String = text[i + 2..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '-').collect();
+            if !name.is_empty() && !["help", "version", "settings"].contains(&name.as_str()) {
+                found.insert(name);
+            }
+        }
+        found
+    };
+    for command in ["generate", "init-random", "train", "eval"] {
+        // The synopsis: the README's block that starts with `huginn <command> `.
+        let start = readme
+            .find(&format!("```sh\nhuginn {command} "))
+            .map(|at| at + 6)
+            .or_else(|| readme.find(&format!("\nhuginn {command} [")).map(|at| at + 1))
+            .unwrap_or_else(|| panic!("no synopsis of {command}"));
+        let mut lines = readme[start..].lines();
+        let first = lines.next().unwrap().to_string();
+        // Its first line and the continuation lines, up to the block's end or the next command.
+        let rest: Vec<&str> = lines.take_while(|l| !l.starts_with("```") && !l.starts_with("huginn ")).collect();
+        let block = format!("{first}\n{}", rest.join("\n"));
+        let help = huginn(&[command, "--help"]);
+        let help = String::from_utf8_lossy(&help.stdout).to_string();
+        assert_eq!(flags(&block), flags(&help), "README synopsis of `huginn {command}` against --help");
+    }
 }

@@ -549,6 +549,9 @@ mod fuzz {
             s.limits.max_tokens = 3;
             s.limits.max_num_steps = 3;
             s.limits.max_n = 2;
+            // The defaults within the limits (start-up checks them).
+            s.generation.max_tokens = 3;
+            s.generation.num_steps = Some(3);
         })));
         let client = reqwest::Client::new();
         let paths = vec![COMPLETIONS, CHAT, "/tokenize", "/detokenize"];

@@ -351,7 +351,7 @@ async fn sse_framing_and_error_bodies() {
         ("/v1/completions", json!({"prompt": "x", "num_steps": 4, "min_steps": 5}), 400, Some("min_steps")),
         ("/v1/completions", json!({"prompt": "x", "exit_criterion": "soon"}), 400, Some("exit_criterion")),
         ("/v1/completions", json!({"prompt": "x", "num_steps": 4, "draft_steps": 4}), 400, Some("draft_steps")),
-        ("/v1/completions", json!({"prompt": "x", "draft_steps": 0}), 400, Some("draft_steps")),
+        ("/v1/completions", json!({"prompt": "x", "draft_steps": -1}), 400, Some("draft_steps")),
         ("/v1/completions", json!({"prompt": "x", "draft_steps": "two"}), 400, Some("draft_steps")),
         (
             "/v1/completions",

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use huginn::engine::{Driver, Event, JobSpec};
-use huginn::generate::{FreezeRule, GenerationRequest, RequestContext, SamplerKind};
+use huginn::generate::{FreezeRule, GenerationRequest, RequestContext, SamplerKind, fit_context};
 use huginn::model::{BackendChoice, CacheStrategy, DTypeChoice, DeviceSpec, ExitCriterion, HuginnModel};
 use huginn::settings::Settings;
 use huginn::text::{ChatMessage, TextTokenizer};
@@ -100,7 +100,8 @@ pub struct GenerateArgs {
     /// Do not stop on the checkpoint's end-of-text tokens.
     #[arg(long)]
     ignore_eos: bool,
-    #[arg(long)]
+    /// Any 64-bit pattern: negative numbers are taken as their bits, as a request's `seed` is.
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_seed)]
     seed: Option<u64>,
     /// `full` (one K/V slot per step) or `shared:K` (K slots reused round-robin).
     #[arg(long)]
@@ -118,6 +119,15 @@ pub struct GenerateArgs {
     format: OutputFormat,
 }
 
+/// A seed as the server takes one (a signed 64-bit integer, negative ones as their bits) or any
+/// unsigned 64-bit value.
+fn parse_seed(text: &str) -> Result<u64, String> {
+    text.parse::<i64>()
+        .map(|seed| seed as u64)
+        .or_else(|_| text.parse::<u64>())
+        .map_err(|_| format!("`{text}` is not a 64-bit integer"))
+}
+
 /// A count from a flag as a request field (a count past `i64::MAX` is out of every range anyway).
 fn count(value: usize) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
@@ -127,12 +137,13 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
     let device = args.device.unwrap_or(settings.model.device).open()?;
     let dir = args
         .model
-        .or(settings.model.path)
+        .or(settings.model.path.clone())
         .or_else(huginn::settings::default_model_dir)
         .context("the default model is missing: give --model DIR (or set model.path in the settings)")?;
     let dtype = args.dtype.unwrap_or(settings.model.dtype).fixed();
     let backend = args.backend.unwrap_or(settings.model.backend);
     let model = HuginnModel::load_with(&dir, &device, dtype, backend).context("loading the model")?;
+    settings.check_for_model(model.config().mean_recurrence)?;
     let tokenizer = TextTokenizer::load(&dir, model.config()).context("loading the tokenizer")?;
     let prompt_ids = match (&args.prompt, &args.prompt_ids) {
         (Some(text), _) if args.chat => {
@@ -182,7 +193,10 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
         vocab_size: model.config().vocab_size,
         stop_token_ids: &tokenizer.special().stop,
     };
-    let params = request.resolve(&context)?.params;
+    let resolved = request.resolve(&context)?;
+    let mut params = resolved.params;
+    let (block_size, longest) = (model.config().block_size, settings.limits.max_prompt_tokens);
+    fit_context(prompt_ids.len(), &mut params.max_tokens, resolved.max_tokens_explicit, block_size, longest)?;
 
     let mut stdout = std::io::stdout().lock();
     let streaming = matches!(args.format, OutputFormat::Text);
@@ -242,6 +256,9 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
                 "kv_bytes": output.kv_bytes,
                 "draft_tokens": output.drafts.drafted,
                 "accepted_draft_tokens": output.drafts.accepted,
+                "sampler_steps": output.waves.steps,
+                "tokens_per_sampler_step": output.waves.tokens_per_step(),
+                "mean_wavefront": output.waves.mean_wavefront(),
                 "timing": timing,
             });
             writeln!(stdout, "{}", serde_json::to_string(&body)?)?;

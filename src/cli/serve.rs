@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 
 use huginn::model::{BackendChoice, DeviceList};
-use huginn::server::{build_state, serve_until, shutdown_signal};
+use huginn::server::{StartError, build_state, serve_until, shutdown_signal};
 use huginn::settings::Settings;
 
 #[derive(Args, Default)]
@@ -52,8 +52,10 @@ pub fn run(args: ServeArgs, mut settings: Settings) -> anyhow::Result<()> {
         .clone()
         .context("the default model is missing: give --model DIR (or set model.path / HUGINN_MODEL_PATH)")?;
     tracing::info!("effective settings:\n{}", toml::to_string(&settings).unwrap_or_default());
-    let state =
-        build_state(settings.clone(), &dir).with_context(|| format!("loading the model from {}", dir.display()))?;
+    let state = build_state(settings.clone(), &dir).map_err(|e| match e {
+        StartError::Model(e) => anyhow::Error::new(e).context(format!("loading the model from {}", dir.display())),
+        other => other.into(),
+    })?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let grace = Duration::from_secs(settings.server.shutdown_grace_seconds);
     runtime.block_on(async move {

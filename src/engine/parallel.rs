@@ -25,12 +25,13 @@ impl Running {
             .ok_or_else(|| crate::model::ModelError::InvalidArgument("a parallel window without the sampler".into()))
     }
 
-    /// Added to a core step's index to pick its cache slot: a window's `inner_steps` steps take
-    /// the last slots of `num_steps` (what the prompt's deepest steps wrote, and with
+    /// Added to a core step's index to pick its cache slot: a sampler step's core steps (its
+    /// cap: `inner_steps`, or fewer for the last steps before `num_steps` or the budget) take the
+    /// last slots of `num_steps` (what the prompt's deepest steps wrote, and with
     /// `inner_steps = num_steps` exactly a sequential token's).
     pub(super) fn slot_offset(&self) -> usize {
-        match (self.phase, self.spec().params.parallel) {
-            (Phase::Parallel, Some(p)) => self.spec().params.num_steps.saturating_sub(p.inner_steps),
+        match self.phase {
+            Phase::Parallel => self.spec().params.num_steps.saturating_sub(self.cap),
             _ => 0,
         }
     }
@@ -39,7 +40,7 @@ impl Running {
     /// steps begin from the mixed injection and the carried states.
     pub(super) fn start_sampler_step(&mut self, model: &HuginnModel) -> crate::model::Result<()> {
         let p = self.parallel()?;
-        let init_scale = self.spec().params.init_scale;
+        let (init_scale, num_steps) = (self.spec().params.init_scale, self.spec().params.num_steps);
         let Some(wave) = self.wave.as_mut() else {
             return Err(crate::model::ModelError::InvalidArgument("a sampler step without a window".into()));
         };
@@ -47,10 +48,14 @@ impl Running {
         self.state = wave.starting_state(model, init_scale, p.state_noise, &mut self.rng)?;
         (self.stage, self.done, self.step) = (Stage::Core, 0, 0);
         self.logits = None;
+        // No position passes `num_steps`: the head (the row with the most steps, below the cap
+        // since every freeze rule freezes the rows at it) gets at most the steps it lacks.
+        let head_steps = wave.steps().first().copied().unwrap_or(0);
+        let inner = p.inner_steps.min(num_steps.saturating_sub(head_steps)).max(1);
         // Every row's step counts against the budget: fewer steps when it does not cover them.
-        (self.cap, self.cap_is_budget) = (p.inner_steps, false);
+        (self.cap, self.cap_is_budget) = (inner, false);
         if let Some(left) = self.budget_left()
-            && left < p.inner_steps * self.len
+            && left < inner * self.len
         {
             (self.cap, self.cap_is_budget) = ((left / self.len).max(1), true);
         }

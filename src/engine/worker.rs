@@ -231,6 +231,12 @@ impl Engine {
         self.workers.len()
     }
 
+    /// The most jobs one request may submit: what the workers' queues hold when the engine is
+    /// idle. A request with more could never be queued whole (a 400, not a 429).
+    pub fn max_jobs_per_request(&self) -> usize {
+        self.queue_capacity.saturating_mul(self.workers.len())
+    }
+
     /// Jobs queued plus sequences running, over all workers (0 when the engine is idle).
     pub fn in_flight(&self) -> usize {
         self.workers.iter().map(|w| w.shared.total()).sum()

@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use crate::model::{CacheStrategy, ExitRule, ModelError, Result};
 pub use parallel::{FreezeRule, ParallelSampling, SamplerKind};
-pub use request::{FieldError, GenerationRequest, RequestContext, ResolvedGeneration};
-pub use sampling::{Sampler, SamplingParams};
+pub use request::{FieldError, GenerationRequest, RequestContext, ResolvedGeneration, fit_context};
+pub use sampling::{GREEDY_TEMPERATURE, Sampler, SamplingParams};
 pub use speculative::Verdict;
 
 /// Everything that shapes one generation.

@@ -186,6 +186,7 @@ impl GenerationRequest {
     /// features it cannot be combined with are refused by name.
     pub(super) fn parallel(
         &self,
+        sampler: SamplerKind,
         defaults: &GenerationSettings,
         limits: &LimitSettings,
         num_steps: usize,
@@ -193,15 +194,8 @@ impl GenerationRequest {
         continuous_compute: bool,
     ) -> Result<Option<ParallelSampling>, FieldError> {
         let fields = self;
-        if fields.sampler.unwrap_or(defaults.sampler) == SamplerKind::Sequential {
-            let given = [
-                ("inner_steps", fields.inner_steps.is_some()),
-                ("freeze", fields.freeze.is_some()),
-                ("max_wavefront", fields.max_wavefront.is_some()),
-                ("state_noise", fields.state_noise.is_some()),
-                ("embed_ema", fields.embed_ema.is_some()),
-            ];
-            if let Some((name, _)) = given.into_iter().find(|(_, given)| *given) {
+        if sampler == SamplerKind::Sequential {
+            if let Some(name) = self.parallel_field() {
                 return Err(FieldError::new(name, format!("`{name}` applies to `sampler` `parallel` only")));
             }
             return Ok(None);
@@ -213,11 +207,15 @@ impl GenerationRequest {
                 "`exit_criterion` applies to the sequential sampler; `sampler` `parallel` freezes positions by `freeze`",
             );
         }
+        // Only the request's own fields get here (a default speculation or continuous_compute
+        // gives way to the parallel sampler); the field named is one the request sent.
+        let clash = if self.sampler.is_some() { "sampler" } else { "draft_steps" };
         if speculating {
-            return refuse("sampler", "`sampler` `parallel` cannot be combined with `draft_steps` (speculation)");
+            return refuse(clash, "`sampler` `parallel` cannot be combined with `draft_steps` (speculation)");
         }
         if continuous_compute {
-            return refuse("sampler", "`sampler` `parallel` cannot be combined with `continuous_compute`");
+            let clash = if self.sampler.is_some() { "sampler" } else { "continuous_compute" };
+            return refuse(clash, "`sampler` `parallel` cannot be combined with `continuous_compute`");
         }
         let count = |name: &str, value: i64, high: usize| {
             usize::try_from(value)

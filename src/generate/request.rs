@@ -128,7 +128,8 @@ impl GenerationRequest {
         };
         let criterion = self.exit_criterion.unwrap_or(defaults.exit_criterion);
         let threshold = self.exit_threshold.or(defaults.exit_threshold);
-        let min_steps = self.min_steps.unwrap_or(defaults.min_steps as i64);
+        // A default gives way where it cannot apply: `generation.min_steps` is cut to this num_steps.
+        let min_steps = self.min_steps.unwrap_or(defaults.min_steps.min(num_steps) as i64);
         let min_steps = usize::try_from(min_steps).ok().filter(|&v| v <= num_steps).ok_or_else(|| {
             let message = format!("`min_steps` must be between 0 and num_steps ({num_steps}), got {min_steps}");
             FieldError::new("min_steps", message)
@@ -140,9 +141,16 @@ impl GenerationRequest {
         let init_scale = self.init_scale.unwrap_or(defaults.init_scale);
         named("init_scale", ranges::init_scale(init_scale))?;
 
-        let continuous_compute = self.continuous_compute.unwrap_or(defaults.continuous_compute);
-        let speculation = self.speculation(defaults, limits, num_steps, continuous_compute)?;
-        let parallel = self.parallel(defaults, limits, num_steps, speculation.is_some(), continuous_compute)?;
+        // The decoder: what the request asks for wins over the settings' defaults, and a default
+        // that cannot apply beside what it asks for gives way (README, "Server-wide defaults").
+        let asks_speculation = self.draft_steps.is_some_and(|steps| steps != 0);
+        let asks_parallel = self.sampler == Some(SamplerKind::Parallel);
+        let continuous_compute =
+            self.continuous_compute.unwrap_or(defaults.continuous_compute && !asks_speculation && !asks_parallel);
+        let sampler = self.sampler_kind(defaults, asks_speculation, continuous_compute);
+        let speculation = self.speculation(defaults, limits, num_steps, continuous_compute, sampler)?;
+        let parallel =
+            self.parallel(sampler, defaults, limits, num_steps, speculation.is_some(), continuous_compute)?;
 
         let in_vocabulary = |name: &str, id: i64| {
             u32::try_from(id).ok().filter(|&id| (id as usize) < vocab).ok_or_else(|| {
@@ -198,35 +206,117 @@ impl GenerationRequest {
         Ok(ResolvedGeneration { params, max_total_steps, max_tokens_explicit: max_tokens.is_some() })
     }
 
-    /// `draft_steps` (the request's, else the settings') turns speculation on; `draft_tokens` is
-    /// checked whenever given.
+    /// The request's `sampler`, else the settings'; a parallel default gives way to the sequential
+    /// sampler for a request that asks for what only that one does (`draft_steps`,
+    /// `continuous_compute`, an `exit_criterion`) and sets none of the parallel fields.
+    fn sampler_kind(
+        &self,
+        defaults: &GenerationSettings,
+        asks_speculation: bool,
+        continuous_compute: bool,
+    ) -> SamplerKind {
+        let sequential_only =
+            asks_speculation || continuous_compute || self.exit_criterion.is_some_and(|c| c != ExitCriterion::None);
+        match self.sampler {
+            Some(kind) => kind,
+            None if defaults.sampler == SamplerKind::Parallel && sequential_only && self.parallel_field().is_none() => {
+                SamplerKind::Sequential
+            }
+            None => defaults.sampler,
+        }
+    }
+
+    /// The first parallel-sampler field the request gives, if any.
+    pub(super) fn parallel_field(&self) -> Option<&'static str> {
+        [
+            ("inner_steps", self.inner_steps.is_some()),
+            ("freeze", self.freeze.is_some()),
+            ("max_wavefront", self.max_wavefront.is_some()),
+            ("state_noise", self.state_noise.is_some()),
+            ("embed_ema", self.embed_ema.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(name, given)| given.then_some(name))
+    }
+
+    /// `draft_steps` turns speculation on (the request's; 0 turns it off), else
+    /// `generation.draft_steps` where it can apply: below this `num_steps`, with the sequential
+    /// sampler and without `continuous_compute` (otherwise that request does not speculate).
+    /// `draft_tokens` is checked whenever given.
     fn speculation(
         &self,
         defaults: &GenerationSettings,
         limits: &LimitSettings,
         num_steps: usize,
         continuous_compute: bool,
+        sampler: SamplerKind,
     ) -> Result<Option<Speculation>, FieldError> {
         let draft_tokens = match self.draft_tokens {
             Some(v) => count("draft_tokens", v, 1, limits.max_draft_tokens)?,
             None => defaults.draft_tokens.min(limits.max_draft_tokens),
         };
         let draft_steps = match (self.draft_steps, defaults.draft_steps) {
+            (Some(0), _) => return Ok(None),
             (Some(v), _) => v,
-            (None, Some(v)) => v as i64,
-            (None, None) => return Ok(None),
+            (None, Some(v)) if v < num_steps && !continuous_compute && sampler == SamplerKind::Sequential => {
+                return Ok(Some(Speculation { draft_steps: v, draft_tokens }));
+            }
+            (None, _) => return Ok(None),
         };
+        // From here on the request itself asks to speculate.
         if num_steps < 2 {
-            let message = format!("`draft_steps` needs num_steps of at least 2, got num_steps {num_steps}");
+            let message = format!(
+                "`draft_steps` needs num_steps of at least 2, got num_steps {num_steps} (0 turns speculation off)"
+            );
             return Err(FieldError::new("draft_steps", message));
         }
-        let draft_steps = count("draft_steps", draft_steps, 1, num_steps - 1)?;
+        let draft_steps =
+            usize::try_from(draft_steps).ok().filter(|v| (1..num_steps).contains(v)).ok_or_else(|| {
+                let message = format!(
+                    "`draft_steps` must be 0 (no speculation) or between 1 and num_steps - 1 ({}), got {draft_steps}",
+                    num_steps - 1
+                );
+                FieldError::new("draft_steps", message)
+            })?;
         if continuous_compute {
             let message = "`draft_steps` cannot be combined with `continuous_compute` (verified rows start together)";
             return Err(FieldError::new("draft_steps", message));
         }
         Ok(Some(Speculation { draft_steps, draft_tokens }))
     }
+}
+
+/// Fits one generation into the model's `context`: the prompt must leave room for a token and be
+/// at most `max_prompt_tokens` long, and `max_tokens` must fit in the room left; an explicit one
+/// that does not is an error naming it, a default one is cut to the room. The server and `huginn
+/// generate` share it.
+pub fn fit_context(
+    prompt_len: usize,
+    max_tokens: &mut usize,
+    max_tokens_explicit: bool,
+    context: usize,
+    max_prompt_tokens: Option<usize>,
+) -> Result<(), FieldError> {
+    let longest = max_prompt_tokens.unwrap_or(context).min(context.saturating_sub(1));
+    if prompt_len == 0 {
+        return Err(FieldError::new("prompt", "the prompt is empty"));
+    }
+    if prompt_len > longest {
+        let message = format!("the prompt has {prompt_len} tokens; the limit is {longest} (context length {context})");
+        return Err(FieldError::new("prompt", message));
+    }
+    let room = context - prompt_len;
+    if *max_tokens > room {
+        if max_tokens_explicit {
+            let message = format!(
+                "this model's context length is {context} tokens; the prompt has {prompt_len} and max_tokens asks for {}",
+                *max_tokens
+            );
+            return Err(FieldError::new("max_tokens", message));
+        }
+        *max_tokens = room;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -319,9 +409,10 @@ mod tests {
         let at_cap = field(GenerationRequest { num_steps: Some(8), draft_steps: Some(8), ..Default::default() });
         assert_eq!(
             (at_cap.field.as_str(), at_cap.message.as_str()),
-            ("draft_steps", "`draft_steps` must be between 1 and 7, got 8")
+            ("draft_steps", "`draft_steps` must be 0 (no speculation) or between 1 and num_steps - 1 (7), got 8")
         );
-        assert_eq!(field(GenerationRequest { draft_steps: Some(0), ..Default::default() }).field, "draft_steps");
+        assert_eq!(field(GenerationRequest { draft_steps: Some(-1), ..Default::default() }).field, "draft_steps");
+        assert_eq!(spec(GenerationRequest { draft_steps: Some(0), ..Default::default() }), Ok(None), "0 is off");
         assert_eq!(
             field(GenerationRequest { num_steps: Some(1), draft_steps: Some(1), ..Default::default() }).field,
             "draft_steps"
@@ -339,5 +430,19 @@ mod tests {
         let speculating = GenerationSettings { draft_steps: Some(3), draft_tokens: 5, ..Default::default() };
         let resolved = resolve(&GenerationRequest::default(), &speculating).unwrap();
         assert_eq!(resolved.params.speculation, Some(Speculation { draft_steps: 3, draft_tokens: 5 }));
+        // ...and a default that cannot apply to a request gives way instead of failing it.
+        for request in [
+            GenerationRequest { draft_steps: Some(0), ..Default::default() },
+            GenerationRequest { num_steps: Some(3), ..Default::default() },
+            GenerationRequest { num_steps: Some(1), ..Default::default() },
+            GenerationRequest { continuous_compute: Some(true), ..Default::default() },
+            GenerationRequest { sampler: Some(SamplerKind::Parallel), ..Default::default() },
+        ] {
+            let resolved = resolve(&request, &speculating).unwrap_or_else(|e| panic!("{request:?}: {e}"));
+            assert_eq!(resolved.params.speculation, None, "{request:?}");
+        }
+        let min_steps = GenerationSettings { min_steps: 6, ..Default::default() };
+        let resolved = resolve(&GenerationRequest { num_steps: Some(4), ..Default::default() }, &min_steps).unwrap();
+        assert_eq!(resolved.params.exit.min_steps, 4, "generation.min_steps cut to the request's num_steps");
     }
 }

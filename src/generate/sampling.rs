@@ -9,9 +9,14 @@ use rand::{RngExt, SeedableRng};
 use crate::model::exit::argmax;
 use crate::model::{ModelError, Result};
 
+/// Temperatures below this are greedy (argmax): dividing logits by a smaller one only sharpens a
+/// distribution that is already one-hot to f64 precision, and a temperature near zero would
+/// overflow the scaled logits (the floor vLLM uses too).
+pub const GREEDY_TEMPERATURE: f32 = 1e-5;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
-    /// 0 means greedy (argmax).
+    /// Below [`GREEDY_TEMPERATURE`] (0 included) means greedy (argmax).
     pub temperature: f32,
     /// 0 disables.
     pub top_k: usize,
@@ -45,6 +50,11 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Greedy decoding: the argmax, no random number drawn.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < GREEDY_TEMPERATURE
+    }
+
     pub fn validate(&self) -> Result<()> {
         use super::ranges;
         let checks = [
@@ -133,7 +143,7 @@ impl Sampler {
 
     /// Processes `logits` and picks the next token.
     pub fn sample(&mut self, logits: &mut [f32], context: &[u32]) -> u32 {
-        if self.params.temperature == 0.0 {
+        if self.params.is_greedy() {
             // Greedy: the argmax, without building the one-token distribution.
             self.process(logits, context);
             return argmax(logits) as u32;
@@ -148,17 +158,32 @@ impl Sampler {
     pub fn distribution(&self, logits: &mut [f32], context: &[u32]) -> Vec<(u32, f64)> {
         self.process(logits, context);
         let p = &self.params;
-        if p.temperature == 0.0 {
+        if p.is_greedy() {
             return vec![(argmax(logits) as u32, 1.0)];
         }
-        let mut candidates: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        // Scaled in f64 after subtracting the largest logit: every exponent is <= 0 and finite, so
+        // no probability is NaN or infinite whatever the logits and temperature. A logit that is
+        // not finite (never from the model) gets probability zero.
+        let max = logits.iter().copied().filter(|l| l.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            return vec![(argmax(logits) as u32, 1.0)];
+        }
+        let temperature = f64::from(p.temperature);
+        let mut candidates: Vec<(u32, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                let scaled =
+                    if l.is_finite() { (f64::from(l) - f64::from(max)) / temperature } else { f64::NEG_INFINITY };
+                (i as u32, scaled)
+            })
+            .collect();
         candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         if p.top_k > 0 && p.top_k < candidates.len() {
             candidates.truncate(p.top_k);
         }
-        let max = candidates[0].1;
-        let mut probs: Vec<f64> = candidates.iter().map(|(_, l)| ((l - max) as f64).exp()).collect();
+        // The first candidate's scaled logit is 0: the total is at least 1.
+        let mut probs: Vec<f64> = candidates.iter().map(|&(_, l)| l.exp()).collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
         if p.top_p < 1.0 {
@@ -178,13 +203,16 @@ impl Sampler {
             let keep = probs.iter().take_while(|q| **q >= floor).count().max(1);
             probs.truncate(keep);
         }
+        // Tokens of probability zero are never drawn; the most likely one always stays.
+        let kept = probs.iter().rposition(|&q| q > 0.0).map_or(1, |last| last + 1);
+        probs.truncate(kept);
         let total: f64 = probs.iter().sum();
         candidates.iter().zip(probs).map(|(&(id, _), q)| (id, q / total)).collect()
     }
 
     /// A draw from `distribution` (greedy: its first token, no random number drawn).
     pub fn draw(&mut self, distribution: &[(u32, f64)]) -> u32 {
-        if self.params.temperature == 0.0 {
+        if self.params.is_greedy() {
             return distribution.first().map_or(0, |&(id, _)| id);
         }
         let mut draw = self.rng.random::<f64>();
@@ -194,6 +222,7 @@ impl Sampler {
                 return id;
             }
         }
+        // Rounding left a sliver past the cumulative sum: the last token (of positive probability).
         distribution.last().map_or(0, |&(id, _)| id)
     }
 
@@ -259,6 +288,54 @@ mod tests {
         assert!((0..50).all(|_| s.sample(&mut logits.clone(), &[]) == 0));
         let mut s = sampler(SamplingParams { temperature: 1.0, min_p: 0.3, ..Default::default() });
         assert!((0..200).all(|_| s.sample(&mut logits.clone(), &[]) <= 1));
+    }
+
+    #[test]
+    fn no_temperature_or_logits_give_a_nan_probability() {
+        // 1e-40 is a subnormal f32: l / t overflowed to infinity and inf - inf was NaN.
+        let logits = [2.5f32, -1.0, 2.4999, 0.0, -30.0];
+        for temperature in [1e-40f32, 1e-38, 1e-37, 1e-6, 1e-5, 1e-3, 0.5, 1.0, 2.0] {
+            for top_k in [0, 2] {
+                for (top_p, min_p) in [(1.0, 0.0), (0.9, 0.0), (1.0, 0.5)] {
+                    let params = SamplingParams { temperature, top_k, top_p, min_p, ..Default::default() };
+                    let s = sampler(params);
+                    let distribution = s.distribution(&mut logits.clone(), &[]);
+                    let total: f64 = distribution.iter().map(|&(_, q)| q).sum();
+                    assert!(
+                        distribution.iter().all(|&(_, q)| q.is_finite() && q > 0.0),
+                        "{temperature}: {distribution:?}"
+                    );
+                    assert!((total - 1.0).abs() < 1e-9, "{temperature}: sums to {total}");
+                    assert_eq!(distribution[0].0, 0, "{temperature}: the most likely token first");
+                }
+            }
+        }
+        // Extreme logits at an ordinary temperature: the largest dominates, nothing is NaN.
+        let extreme = [f32::MAX, -f32::MAX, 0.0, f32::MAX / 2.0, f32::NAN, f32::INFINITY];
+        let s = sampler(SamplingParams { temperature: 1.0, ..Default::default() });
+        let distribution = s.distribution(&mut extreme.clone(), &[]);
+        assert_eq!(distribution, vec![(0, 1.0)], "only the largest finite logit has weight");
+        let mut s = sampler(SamplingParams { temperature: 0.7, logit_bias: vec![(1, 100.0)], ..Default::default() });
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut [80.0, 0.0, -f32::MAX], &[]), 1, "a bias of 100 outweighs 80");
+        }
+    }
+
+    #[test]
+    fn a_temperature_below_the_floor_is_greedy_and_draws_nothing() {
+        let logits = [0.1f32, 3.0, 2.9999, -5.0];
+        for temperature in [1e-40f32, 1e-20, 9.9e-6] {
+            let mut s = sampler(SamplingParams { temperature, ..Default::default() });
+            assert!(s.params().is_greedy());
+            assert_eq!(s.distribution(&mut logits.clone(), &[]), vec![(1, 1.0)]);
+            assert!((0..10).all(|_| s.sample(&mut logits.clone(), &[]) == 1));
+            let fresh = sampler(SamplingParams { temperature, ..Default::default() }).uniform();
+            assert_eq!(s.uniform(), fresh, "greedy draws no random number");
+        }
+        let s = sampler(SamplingParams { temperature: GREEDY_TEMPERATURE, ..Default::default() });
+        assert!(!s.params().is_greedy(), "the floor itself samples");
+        let first = s.distribution(&mut logits.clone(), &[])[0];
+        assert!(first.0 == 1 && first.1 > 0.999, "...from an all but one-hot distribution: {first:?}");
     }
 
     #[test]

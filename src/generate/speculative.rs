@@ -26,7 +26,7 @@ fn probability(distribution: &[(u32, f64)], token: u32) -> f64 {
 
 /// Checks draft `token` (drawn from `q`) against the verifier's `p`.
 pub fn verify(sampler: &mut Sampler, p: &[(u32, f64)], q: &[(u32, f64)], token: u32) -> Verdict {
-    if sampler.params().temperature == 0.0 {
+    if sampler.params().is_greedy() {
         let best = p.first().map_or(token, |&(id, _)| id);
         return if best == token { Verdict::Accept } else { Verdict::Replace(best) };
     }

@@ -46,8 +46,15 @@ pub enum ModelError {
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange { id: u32, vocab: usize },
 
+    /// The message carries candle's (not also as a source, which would print it twice in a chain).
     #[error("tensor computation failed: {0}")]
-    Compute(#[from] candle_core::Error),
+    Compute(candle_core::Error),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        ModelError::Compute(e)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

@@ -52,7 +52,10 @@ impl DeviceSpec {
     pub fn open(&self) -> Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda(n) => Ok(Device::new_cuda(*n)?),
+            Self::Cuda(n) if cfg!(feature = "cuda") => Ok(Device::new_cuda(*n)?),
+            Self::Cuda(_) => Err(ModelError::InvalidArgument(format!(
+                "`{self}`: this build has no CUDA support (build with --features cuda)"
+            ))),
             Self::CudaAll => Err(ModelError::InvalidArgument("`cuda:all` names many devices: expand it first".into())),
         }
     }

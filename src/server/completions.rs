@@ -55,6 +55,7 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let echo = completion.echo.unwrap_or(false);
     let common: CommonParams = request::common(&common, &generation, &state, "max_tokens")?;
     let prompts = prompts(completion.prompt)?;
+    handler::check_prompt_count(&state, prompts.len())?;
     let texts: Vec<Option<String>> = prompts.iter().map(|p| p.as_ref().err().cloned()).collect();
     let ids = handler::tokenize_blocking(&state, prompts).await?;
     let specs = ids
@@ -78,7 +79,9 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
         id: format!("cmpl-{}", unique_id()),
         created: unix_time(),
         model: state.model_name.to_string(),
-        echo: echo.then(|| (0..choices).map(|c| prompt_texts[c / n].clone()).collect()),
+        echo: echo.then(|| (0..choices).map(|c| (prompt_texts[c / n].clone(), ids[c / n].clone())).collect()),
+        with_logprobs: logprobs.is_some(),
+        text_offsets: vec![0; choices],
         tokenizer: state.tokenizer.clone(),
     };
     handler::deliver(&state, lease, specs, &common, writer, usage, |writer, done, usage| {
@@ -91,8 +94,12 @@ pub struct CompletionWriter {
     id: String,
     created: u64,
     model: String,
-    /// Prompt text per choice when echoing.
-    echo: Option<Vec<String>>,
+    /// Prompt text and ids per choice when echoing.
+    echo: Option<Vec<(String, Vec<u32>)>>,
+    with_logprobs: bool,
+    /// Streaming with logprobs: each choice's `text_offset` so far (its tokens' texts before the
+    /// next chunk), so that the chunks' offsets are those of the whole non-streamed answer.
+    text_offsets: Vec<usize>,
     tokenizer: std::sync::Arc<crate::text::TextTokenizer>,
 }
 
@@ -103,7 +110,8 @@ impl CompletionWriter {
 
     /// OpenAI's completion `logprobs` object for these positions (`None` entries: no log-probability,
     /// as for the first prompt token).
-    fn logprobs_json(&self, entries: &[(u32, Option<&TokenLogprobs>)], offset: usize) -> Value {
+    /// `offset` is the first entry's `text_offset`; returns the object and the offset after the last.
+    fn logprobs_json(&self, entries: &[(u32, Option<&TokenLogprobs>)], offset: usize) -> (Value, usize) {
         let mut text_offset = Vec::with_capacity(entries.len());
         let mut position = offset;
         let mut tokens = Vec::new();
@@ -118,12 +126,20 @@ impl CompletionWriter {
                 lp.top.iter().map(|(id, p)| (self.tokenizer.token_text(*id), json!(p))).collect();
             Value::Object(map)
         };
-        json!({
+        let body = json!({
             "tokens": tokens,
             "token_logprobs": entries.iter().map(|(_, lp)| lp.map(|l| json!(l.logprob)).unwrap_or(Value::Null)).collect::<Vec<_>>(),
             "top_logprobs": entries.iter().map(|(_, lp)| lp.map(top).unwrap_or(Value::Null)).collect::<Vec<_>>(),
             "text_offset": text_offset,
-        })
+        });
+        (body, position)
+    }
+
+    /// The echoed prompt's entries: its first token without a log-probability, then each
+    /// following one with the engine's (`listed`, after the first).
+    fn prompt_entries<'a>(ids: &[u32], listed: &'a [TokenLogprobs]) -> Vec<(u32, Option<&'a TokenLogprobs>)> {
+        let logprobs = std::iter::once(None).chain(listed.iter().map(Some)).chain(std::iter::repeat(None));
+        ids.iter().copied().zip(logprobs).collect()
     }
 
     fn body(
@@ -145,18 +161,11 @@ impl CompletionWriter {
                 let logprobs = with_logprobs.then(|| {
                     let mut entries: Vec<(u32, Option<&TokenLogprobs>)> = Vec::new();
                     if echo {
-                        let ids = &prompt_ids[prompt];
-                        entries.push((ids[0], None));
                         let listed = c.prompt_logprobs.as_deref().unwrap_or_default();
-                        entries.extend(
-                            ids[1..]
-                                .iter()
-                                .zip(listed.iter().map(Some).chain(std::iter::repeat(None)))
-                                .map(|(id, lp)| (*id, lp)),
-                        );
+                        entries = Self::prompt_entries(&prompt_ids[prompt], listed);
                     }
                     entries.extend(c.logprobs.iter().map(|lp| (lp.token, Some(lp))));
-                    self.logprobs_json(&entries, 0)
+                    self.logprobs_json(&entries, 0).0
                 });
                 usage.add_choice(c);
                 let mut choice = json!({
@@ -179,20 +188,24 @@ impl CompletionWriter {
 }
 
 impl ChunkWriter for CompletionWriter {
+    /// Echoing without logprobs: the prompt's text at once. With logprobs the echo waits for the
+    /// prompt's log-probabilities and goes out with them ([`Self::prompt_logprobs`]), as one chunk
+    /// whose entries and offsets are those of the non-streamed answer.
     fn opening(&mut self, choices: usize) -> Vec<Value> {
         match &self.echo {
-            Some(texts) => (0..choices)
-                .map(|i| self.chunk(json!([{"index": i, "text": texts[i], "logprobs": null, "finish_reason": null}])))
+            Some(echo) if !self.with_logprobs => (0..choices)
+                .map(|i| self.chunk(json!([{"index": i, "text": echo[i].0, "logprobs": null, "finish_reason": null}])))
                 .collect(),
-            None => Vec::new(),
+            _ => Vec::new(),
         }
     }
 
     fn prompt_logprobs(&mut self, choice: usize, logprobs: &[TokenLogprobs]) -> Option<Value> {
-        let entries: Vec<(u32, Option<&TokenLogprobs>)> = logprobs.iter().map(|lp| (lp.token, Some(lp))).collect();
-        Some(self.chunk(
-            json!([{"index": choice, "text": "", "logprobs": self.logprobs_json(&entries, 0), "finish_reason": null}]),
-        ))
+        let (text, ids) = self.echo.as_ref()?.get(choice)?;
+        let entries = Self::prompt_entries(ids, logprobs);
+        let (body, end) = self.logprobs_json(&entries, 0);
+        self.text_offsets[choice] = end;
+        Some(self.chunk(json!([{"index": choice, "text": text, "logprobs": body, "finish_reason": null}])))
     }
 
     fn token(&mut self, choice: usize, tokens: &[Streamed]) -> Value {
@@ -200,7 +213,11 @@ impl ChunkWriter for CompletionWriter {
         let steps: Vec<usize> = tokens.iter().map(|t| t.steps).collect();
         let listed: Vec<(u32, Option<&TokenLogprobs>)> =
             tokens.iter().filter_map(|t| t.logprobs.as_ref()).map(|lp| (lp.token, Some(lp))).collect();
-        let logprobs = (!listed.is_empty()).then(|| self.logprobs_json(&listed, 0));
+        let logprobs = (!listed.is_empty()).then(|| {
+            let (body, end) = self.logprobs_json(&listed, self.text_offsets[choice]);
+            self.text_offsets[choice] = end;
+            body
+        });
         self.chunk(json!([{"index": choice, "text": text, "logprobs": logprobs, "finish_reason": null, "steps_per_token": steps}]))
     }
 

@@ -17,6 +17,8 @@ pub enum StartError {
     ApiKeys { path: String, message: String },
     #[error("no device to serve on")]
     NoDevice,
+    #[error(transparent)]
+    Settings(#[from] crate::settings::SettingsError),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -60,6 +60,19 @@ pub(crate) fn parse_body(state: &AppState, body: &Result<Bytes, BytesRejection>)
     serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))
 }
 
+/// A request of `prompts` prompts (one job each) must fit the workers' queues when the engine is
+/// idle: one that never could is a 400 naming `prompt`, not a 429 to retry.
+pub(crate) fn check_prompt_count(state: &AppState, prompts: usize) -> Result<(), ApiError> {
+    let most = state.engine.max_jobs_per_request();
+    if prompts > most {
+        let message = format!(
+            "`prompt` holds {prompts} prompts; a request may hold at most {most} (engine.queue_capacity per worker)"
+        );
+        return Err(ApiError::param("prompt", message));
+    }
+    Ok(())
+}
+
 /// Tokenizes text prompts off the async runtime; `Ok` entries are already token ids.
 pub(crate) async fn tokenize_blocking(
     state: &AppState,

@@ -75,10 +75,11 @@ pub fn build_state(settings: Settings, dir: &Path) -> Result<AppState, StartErro
     }
     let models = load_replicas(&settings, dir)?;
     let model = models.first().cloned().ok_or(StartError::NoDevice)?;
+    settings.check_for_model(model.config().mean_recurrence)?;
     let tokenizer = Arc::new(TextTokenizer::load(dir, model.config())?);
     let config = Arc::new(model.config().clone());
     let limits = SchedulerLimits {
-        max_active_sequences: settings.engine.max_active_sequences.max(1),
+        max_active_sequences: settings.engine.max_active_sequences,
         max_kv_bytes: settings.engine.max_kv_bytes,
         max_tick_rows: settings.engine.max_tick_rows,
     };
@@ -91,7 +92,7 @@ pub fn build_state(settings: Settings, dir: &Path) -> Result<AppState, StartErro
             restart_backoff: std::time::Duration::from_millis(settings.engine.restart_backoff_ms),
         },
     );
-    let settings_slots = settings.server.max_concurrent_requests.max(1);
+    let settings_slots = settings.server.max_concurrent_requests;
     let model_name: Arc<str> = if settings.server.served_model_name.is_empty() {
         dir.canonicalize()
             .ok()
@@ -135,16 +136,36 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Counts requests by endpoint (the matched route, never the raw path) and status.
+/// Counts requests by endpoint (the matched route, never the raw path) and status. A request whose
+/// client goes away before the answer (its handler is dropped) counts as 499, nginx's "client
+/// closed request".
 async fn track(request: Request, next: Next) -> Response {
     let endpoint =
         request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
-    let started = Instant::now();
+    let mut tracked = Tracked { endpoint, started: Instant::now(), status: None };
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    counter!(m::REQUESTS, "endpoint" => endpoint.clone(), "status" => status).increment(1);
-    histogram!(m::REQUEST_DURATION, "endpoint" => endpoint).record(started.elapsed().as_secs_f64());
+    tracked.status = Some(response.status().as_u16());
     response
+}
+
+/// One request's count and duration, recorded when it is dropped: with its status once the
+/// handler answered, else as abandoned by the client.
+struct Tracked {
+    endpoint: String,
+    started: Instant,
+    status: Option<u16>,
+}
+
+/// The status a request is counted with when its client closed the connection first.
+pub const CLIENT_CLOSED: u16 = 499;
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let status = self.status.unwrap_or(CLIENT_CLOSED).to_string();
+        let endpoint = std::mem::take(&mut self.endpoint);
+        counter!(m::REQUESTS, "endpoint" => endpoint.clone(), "status" => status).increment(1);
+        histogram!(m::REQUEST_DURATION, "endpoint" => endpoint).record(self.started.elapsed().as_secs_f64());
+    }
 }
 
 /// POST bodies are JSON: a declared content type that is not JSON gets 415 (a missing one is

@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::state::AppState;
 use crate::engine::JobSpec;
-use crate::generate::{FieldError, GenerationParams, GenerationRequest, RequestContext};
+use crate::generate::{FieldError, GenerationParams, GenerationRequest, RequestContext, fit_context};
 
 /// What the completion and chat endpoints share besides the generation fields.
 #[derive(Debug, Deserialize)]
@@ -266,42 +266,15 @@ pub fn job_spec(
     prompt_logprobs: bool,
 ) -> Result<JobSpec, ApiError> {
     let cfg = state.model_config();
-    let context = cfg.block_size;
-    let max_prompt = state.settings.limits.max_prompt_tokens.unwrap_or(context).min(context);
-    if prompt.is_empty() {
-        return Err(ApiError::param("prompt", "the prompt is empty"));
-    }
     if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= cfg.vocab_size) {
         return Err(ApiError::param(
             "prompt",
             format!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size),
         ));
     }
-    if prompt.len() >= max_prompt.min(context) {
-        return Err(ApiError::param(
-            "prompt",
-            format!(
-                "the prompt has {} tokens; the limit is {} (context length {context})",
-                prompt.len(),
-                max_prompt.min(context) - 1
-            ),
-        ));
-    }
     let mut params = common.params.clone();
-    let room = context - prompt.len();
-    if params.max_tokens > room {
-        if common.max_tokens_explicit {
-            return Err(ApiError::param(
-                "max_tokens",
-                format!(
-                    "this model's context length is {context} tokens; the prompt has {} and max_tokens asks for {}",
-                    prompt.len(),
-                    params.max_tokens
-                ),
-            ));
-        }
-        params.max_tokens = room;
-    }
+    let limit = state.settings.limits.max_prompt_tokens;
+    fit_context(prompt.len(), &mut params.max_tokens, common.max_tokens_explicit, cfg.block_size, limit)?;
     Ok(JobSpec {
         prompt,
         params,
