@@ -110,10 +110,10 @@ pub const DEFAULT_MAX_TICK_ROWS: usize = 64;
 impl EngineSettings {
     /// `Err((key, message))` for a value that cannot work.
     pub fn validate(&self) -> Result<(), (String, String)> {
-        let counts = [("queue_capacity", self.queue_capacity), ("max_active_sequences", self.max_active_sequences)];
-        if let Some((name, _)) = counts.into_iter().find(|&(_, value)| value == 0) {
-            return Err((format!("engine.{name}"), "must be at least 1".into()));
-        }
+        at_least_one(
+            "engine",
+            [("queue_capacity", self.queue_capacity), ("max_active_sequences", self.max_active_sequences)],
+        )?;
         if self.max_tick_rows != 0 && self.max_tick_rows < self.max_active_sequences {
             return Err((
                 "engine.max_tick_rows".into(),
@@ -388,30 +388,35 @@ impl Settings {
 impl LimitSettings {
     /// Every limit lets something through (a limit of 0 would refuse every request).
     fn validate(&self) -> Result<(), (String, String)> {
-        let counts = [
-            ("max_num_steps", self.max_num_steps),
-            ("max_tokens", self.max_tokens),
-            ("max_n", self.max_n),
-            ("max_total_steps", self.max_total_steps),
-            ("max_prompt_tokens", self.max_prompt_tokens.unwrap_or(1)),
-            ("max_draft_tokens", self.max_draft_tokens),
-            ("max_wavefront", self.max_wavefront),
-        ];
-        match counts.into_iter().find(|&(_, value)| value == 0) {
-            Some((name, _)) => Err((format!("limits.{name}"), "must be at least 1".into())),
-            None => Ok(()),
-        }
+        at_least_one(
+            "limits",
+            [
+                ("max_num_steps", self.max_num_steps),
+                ("max_tokens", self.max_tokens),
+                ("max_n", self.max_n),
+                ("max_total_steps", self.max_total_steps),
+                ("max_prompt_tokens", self.max_prompt_tokens.unwrap_or(1)),
+                ("max_draft_tokens", self.max_draft_tokens),
+                ("max_wavefront", self.max_wavefront),
+            ],
+        )
     }
 }
 
 impl ServerSettings {
     fn validate(&self) -> Result<(), (String, String)> {
-        let counts =
-            [("max_concurrent_requests", self.max_concurrent_requests), ("max_body_bytes", self.max_body_bytes)];
-        match counts.into_iter().find(|&(_, value)| value == 0) {
-            Some((name, _)) => Err((format!("server.{name}"), "must be at least 1".into())),
-            None => Ok(()),
-        }
+        at_least_one(
+            "server",
+            [("max_concurrent_requests", self.max_concurrent_requests), ("max_body_bytes", self.max_body_bytes)],
+        )
+    }
+}
+
+/// `Err` naming the first of `counts` (keys of `section`) that is 0.
+fn at_least_one<const N: usize>(section: &str, counts: [(&str, usize); N]) -> Result<(), (String, String)> {
+    match counts.into_iter().find(|&(_, value)| value == 0) {
+        Some((name, _)) => Err((format!("{section}.{name}"), "must be at least 1".into())),
+        None => Ok(()),
     }
 }
 

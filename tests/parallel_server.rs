@@ -3,12 +3,8 @@
 
 mod common;
 
-use common::server::{post_json, start};
+use common::server::{data_chunks, post_json, start, steps_of};
 use serde_json::{Value, json};
-
-fn steps_of(choice: &Value) -> Vec<u64> {
-    choice["steps_per_token"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn parallel_requests_report_their_sampler_steps_and_stream_what_freezes() {
@@ -82,14 +78,6 @@ async fn parallel_requests_report_their_sampler_steps_and_stream_what_freezes() 
 }
 
 /// The JSON of each `data:` event but `[DONE]`.
-fn data_chunks(text: &str) -> Vec<Value> {
-    text.split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_parallel_fields_are_400s_naming_them() {
     let server = start().await;

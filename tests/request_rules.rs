@@ -5,12 +5,8 @@
 
 mod common;
 
-use common::server::{metric_value, post_json, start, start_with};
+use common::server::{data_chunks, metric_value, post_json, start, start_with, steps_of};
 use serde_json::{Value, json};
-
-fn steps_of(choice: &Value) -> Vec<u64> {
-    choice["steps_per_token"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect()
-}
 
 fn with(body: &Value, extra: Value) -> Value {
     let mut body = body.clone();
@@ -126,14 +122,6 @@ async fn a_temperature_below_the_floor_is_greedy_in_every_decoder() {
             assert!(logprobs.iter().all(|l| l.as_f64().is_some_and(f64::is_finite)), "{response}");
         }
     }
-}
-
-fn data_chunks(text: &str) -> Vec<Value> {
-    text.split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect()
 }
 
 /// The text and the logprobs entries (tokens, log-probabilities, text offsets) of one choice, from

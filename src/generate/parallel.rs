@@ -208,14 +208,20 @@ impl GenerationRequest {
             );
         }
         // Only the request's own fields get here (a default speculation or continuous_compute
-        // gives way to the parallel sampler); the field named is one the request sent.
-        let clash = if self.sampler.is_some() { "sampler" } else { "draft_steps" };
+        // gives way to the parallel sampler): `sampler` is named if the request sent it, else
+        // the other field, which it did send.
+        let clash = |other: &'static str| if self.sampler.is_some() { "sampler" } else { other };
         if speculating {
-            return refuse(clash, "`sampler` `parallel` cannot be combined with `draft_steps` (speculation)");
+            return refuse(
+                clash("draft_steps"),
+                "`sampler` `parallel` cannot be combined with `draft_steps` (speculation)",
+            );
         }
         if continuous_compute {
-            let clash = if self.sampler.is_some() { "sampler" } else { "continuous_compute" };
-            return refuse(clash, "`sampler` `parallel` cannot be combined with `continuous_compute`");
+            return refuse(
+                clash("continuous_compute"),
+                "`sampler` `parallel` cannot be combined with `continuous_compute`",
+            );
         }
         let count = |name: &str, value: i64, high: usize| {
             usize::try_from(value)

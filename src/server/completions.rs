@@ -56,17 +56,22 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let common: CommonParams = request::common(&common, &generation, &state, "max_tokens")?;
     let prompts = prompts(completion.prompt)?;
     handler::check_prompt_count(&state, prompts.len())?;
-    let texts: Vec<Option<String>> = prompts.iter().map(|p| p.as_ref().err().cloned()).collect();
+    // The texts as sent, kept only to echo them.
+    let texts: Vec<Option<String>> =
+        if echo { prompts.iter().map(|p| p.as_ref().err().cloned()).collect() } else { Vec::new() };
     let ids = handler::tokenize_blocking(&state, prompts).await?;
     let specs = ids
         .iter()
         .map(|prompt| request::job_spec(&state, prompt.clone(), &common, logprobs, echo && logprobs.is_some()))
         .collect::<Result<Vec<_>, _>>()?;
-    let prompt_texts: Vec<String> = texts
-        .into_iter()
-        .zip(&ids)
-        .map(|(text, ids)| text.unwrap_or_else(|| state.tokenizer.decode(ids).unwrap_or_default()))
-        .collect();
+    // Echoing: each prompt's text (as sent, or decoded from its ids) and ids.
+    let echoed = echo.then(|| {
+        texts
+            .into_iter()
+            .zip(&ids)
+            .map(|(text, ids)| (text.unwrap_or_else(|| state.tokenizer.decode(ids).unwrap_or_default()), ids.clone()))
+            .collect()
+    });
     let usage = Usage {
         prompt_tokens: ids.iter().map(|p| p.len() * common.n).sum(),
         speculative: specs.iter().any(|s| s.params.speculation.is_some()),
@@ -79,23 +84,23 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
         id: format!("cmpl-{}", unique_id()),
         created: unix_time(),
         model: state.model_name.to_string(),
-        echo: echo.then(|| (0..choices).map(|c| (prompt_texts[c / n].clone(), ids[c / n].clone())).collect()),
+        echo: echoed,
+        n,
         with_logprobs: logprobs.is_some(),
         text_offsets: vec![0; choices],
         tokenizer: state.tokenizer.clone(),
     };
-    handler::deliver(&state, lease, specs, &common, writer, usage, |writer, done, usage| {
-        writer.body(done, &prompt_texts, &ids, n, logprobs.is_some(), usage)
-    })
-    .await
+    handler::deliver(&state, lease, specs, &common, writer, usage, |writer, done, usage| writer.body(done, usage)).await
 }
 
 pub struct CompletionWriter {
     id: String,
     created: u64,
     model: String,
-    /// Prompt text and ids per choice when echoing.
+    /// Prompt text and ids per prompt when echoing (choice `c` is of prompt `c / n`).
     echo: Option<Vec<(String, Vec<u32>)>>,
+    /// Choices per prompt.
+    n: usize,
     with_logprobs: bool,
     /// Streaming with logprobs: each choice's `text_offset` so far (its tokens' texts before the
     /// next chunk), so that the chunks' offsets are those of the whole non-streamed answer.
@@ -142,27 +147,26 @@ impl CompletionWriter {
         ids.iter().copied().zip(logprobs).collect()
     }
 
-    fn body(
-        &self,
-        done: &[Choice],
-        prompt_texts: &[String],
-        prompt_ids: &[Vec<u32>],
-        n: usize,
-        with_logprobs: bool,
-        mut usage: Usage,
-    ) -> Value {
+    /// The echoed prompt (text and ids) of choice `choice`, when echoing.
+    fn echoed(&self, choice: usize) -> Option<&(String, Vec<u32>)> {
+        self.echo.as_ref()?.get(choice / self.n)
+    }
+
+    fn body(&self, done: &[Choice], mut usage: Usage) -> Value {
         let choices: Vec<Value> = done
             .iter()
             .enumerate()
             .map(|(index, c)| {
-                let prompt = index / n;
-                let echo = self.echo.is_some();
-                let text = if echo { format!("{}{}", prompt_texts[prompt], c.text) } else { c.text.clone() };
-                let logprobs = with_logprobs.then(|| {
+                let echoed = self.echoed(index);
+                let text = match echoed {
+                    Some((prompt, _)) => format!("{prompt}{}", c.text),
+                    None => c.text.clone(),
+                };
+                let logprobs = self.with_logprobs.then(|| {
                     let mut entries: Vec<(u32, Option<&TokenLogprobs>)> = Vec::new();
-                    if echo {
+                    if let Some((_, ids)) = echoed {
                         let listed = c.prompt_logprobs.as_deref().unwrap_or_default();
-                        entries = Self::prompt_entries(&prompt_ids[prompt], listed);
+                        entries = Self::prompt_entries(ids, listed);
                     }
                     entries.extend(c.logprobs.iter().map(|lp| (lp.token, Some(lp))));
                     self.logprobs_json(&entries, 0).0
@@ -192,20 +196,24 @@ impl ChunkWriter for CompletionWriter {
     /// prompt's log-probabilities and goes out with them ([`Self::prompt_logprobs`]), as one chunk
     /// whose entries and offsets are those of the non-streamed answer.
     fn opening(&mut self, choices: usize) -> Vec<Value> {
-        match &self.echo {
-            Some(echo) if !self.with_logprobs => (0..choices)
-                .map(|i| self.chunk(json!([{"index": i, "text": echo[i].0, "logprobs": null, "finish_reason": null}])))
-                .collect(),
-            _ => Vec::new(),
+        if self.with_logprobs {
+            return Vec::new();
         }
+        (0..choices)
+            .filter_map(|i| {
+                let (text, _) = self.echoed(i)?;
+                Some(self.chunk(json!([{"index": i, "text": text, "logprobs": null, "finish_reason": null}])))
+            })
+            .collect()
     }
 
     fn prompt_logprobs(&mut self, choice: usize, logprobs: &[TokenLogprobs]) -> Option<Value> {
-        let (text, ids) = self.echo.as_ref()?.get(choice)?;
+        let (text, ids) = self.echoed(choice)?;
         let entries = Self::prompt_entries(ids, logprobs);
         let (body, end) = self.logprobs_json(&entries, 0);
+        let chunk = self.chunk(json!([{"index": choice, "text": text, "logprobs": body, "finish_reason": null}]));
         self.text_offsets[choice] = end;
-        Some(self.chunk(json!([{"index": choice, "text": text, "logprobs": body, "finish_reason": null}])))
+        Some(chunk)
     }
 
     fn token(&mut self, choice: usize, tokens: &[Streamed]) -> Value {

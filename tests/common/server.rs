@@ -96,3 +96,17 @@ pub fn metric_value(page: &str, series: &str) -> Option<f64> {
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
 }
+
+/// The JSON chunks of an SSE body (without `[DONE]`).
+pub fn data_chunks(text: &str) -> Vec<serde_json::Value> {
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+/// A choice's `steps_per_token`.
+pub fn steps_of(choice: &serde_json::Value) -> Vec<u64> {
+    choice["steps_per_token"].as_array().unwrap().iter().map(|s| s.as_u64().unwrap()).collect()
+}
