@@ -57,15 +57,6 @@ fn run(dir: &std::path::Path, model: &Arc<HuginnModel>, params: GenerationParams
     run_together(dir, model, vec![with_logits(params)]).remove(0)
 }
 
-fn max_logit_gap(a: &Completion, b: &Completion) -> f32 {
-    assert_eq!(a.token_logits.len(), b.token_logits.len());
-    a.token_logits
-        .iter()
-        .zip(&b.token_logits)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0.0, f32::max)
-}
-
 fn reduces_to_ordinary_decoding(dir: &std::path::Path, num_steps: usize) {
     let model = load(dir, DType::F32);
     let plain = run(dir, &model, greedy(num_steps, 24));
@@ -156,7 +147,7 @@ fn a_parallel_sequence_gives_the_same_alone_and_beside_others() {
         assert_eq!(a.token_ids, t.token_ids, "job {i}");
         assert_eq!(a.steps_per_token, t.steps_per_token, "job {i}");
         assert_eq!(a.waves, t.waves, "job {i}");
-        let bound = if model.backend().batch_invariant() { 0.0 } else { 1e-4 };
+        let bound = batching_bound(&model);
         assert!(max_logit_gap(a, t) <= bound, "job {i}: logits moved by {}", max_logit_gap(a, t));
     }
     let again = run(&dir, &model, jobs[1].clone());

@@ -45,15 +45,6 @@ fn with_logits(params: GenerationParams) -> JobSpec {
     spec
 }
 
-fn max_logit_gap(a: &Completion, b: &Completion) -> f32 {
-    assert_eq!(a.token_logits.len(), b.token_logits.len());
-    a.token_logits
-        .iter()
-        .zip(&b.token_logits)
-        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
-        .fold(0.0, f32::max)
-}
-
 /// Same ids, same logits behind every token, same K/V bytes at the end (the cache holds the
 /// accepted tokens only) as plain decoding, for several draft depths and round sizes.
 fn speculation_is_exact(dir: &std::path::Path, model: &Arc<HuginnModel>, num_steps: usize) -> (usize, usize) {
@@ -138,7 +129,7 @@ fn a_speculating_sequence_gives_the_same_alone_and_beside_others() {
         assert_eq!(a.steps_per_token, t.steps_per_token, "job {i}");
         assert_eq!(a.drafts, t.drafts, "job {i}");
         // Bit for bit on the CPU kernels; tensor ops promise the same ids within tolerance.
-        let bound = if model.backend().batch_invariant() { 0.0 } else { 1e-4 };
+        let bound = batching_bound(&model);
         assert!(max_logit_gap(a, t) <= bound, "job {i}: logits moved by {}", max_logit_gap(a, t));
     }
     // Sampling is reproducible with its seed and differs with another.

@@ -12,8 +12,14 @@ use huginn::generate::GenerationParams;
 use huginn::model::{BackendChoice, CacheStrategy, HuginnModel};
 use huginn::text::TextTokenizer;
 
+/// The repository root: `CARGO_MANIFEST_DIR` at run time (cargo sets it; `scripts/gpu-check.sh` sets
+/// it where the test binary travels to another machine), else where the tests were built.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
 pub fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/huginn-tiny-ref")
+    repo_root().join("tests/fixtures/huginn-tiny-ref")
 }
 
 /// Copies the fixture checkpoint into a fresh temporary folder.
@@ -38,6 +44,36 @@ pub fn device() -> Device {
     std::env::var("HUGINN_TEST_DEVICE")
         .map(|d| huginn::model::parse_device(&d).expect("HUGINN_TEST_DEVICE"))
         .unwrap_or(Device::Cpu)
+}
+
+/// The largest absolute difference between two runs' rows of logits (same shape; a NaN counts as
+/// infinitely far).
+pub fn max_gap(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len(), "row counts");
+    let gap = |p: f32, q: f32| if (p - q).is_nan() { f32::INFINITY } else { (p - q).abs() };
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len(), "row widths");
+            x.iter().zip(y).map(|(&p, &q)| gap(p, q))
+        })
+        .fold(0.0, f32::max)
+}
+
+/// [`max_gap`] over the logits that produced each token.
+pub fn max_logit_gap(a: &Completion, b: &Completion) -> f32 {
+    max_gap(&a.token_logits, &b.token_logits)
+}
+
+/// How far two runs of the same sequence that batch or split its rows differently may drift: not a
+/// bit on the batch-invariant CPU kernels; with tensor ops (a GPU's products choose their reduction
+/// order by shape) the parity bounds, 1e-4 in float32 and 0.06 in bfloat16.
+pub fn batching_bound(model: &HuginnModel) -> f32 {
+    match (model.backend().batch_invariant(), model.dtype()) {
+        (true, _) => 0.0,
+        (false, DType::F32) => 1e-4,
+        (false, _) => 0.06,
+    }
 }
 
 pub fn load(dir: &Path, dtype: DType) -> Arc<HuginnModel> {
