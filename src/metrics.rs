@@ -30,9 +30,10 @@ pub const DRAFT_TOKENS_ACCEPTED: &str = "huginn_draft_tokens_accepted_total";
 pub const TOKENS_PER_ROUND: &str = "huginn_speculation_tokens_per_round";
 pub const PARALLEL_TOKENS_PER_STEP: &str = "huginn_parallel_tokens_per_step";
 pub const PARALLEL_WAVEFRONT: &str = "huginn_parallel_wavefront_rows";
+pub const SEQUENCE_FAULTS: &str = "huginn_sequence_faults_total";
 
 /// (name, help) of every metric, for the README table and the exporter's descriptions.
-pub const CATALOG: [(&str, &str); 23] = [
+pub const CATALOG: [(&str, &str); 24] = [
     (
         STEPS_PER_TOKEN,
         "Recurrence (core-block) steps spent per generated token, by exit_reason: converged, cap, budget.",
@@ -62,6 +63,10 @@ pub const CATALOG: [(&str, &str); 23] = [
     (TOKENS_PER_ROUND, "Tokens one speculative round emitted (accepted drafts plus the verifier's own token)."),
     (PARALLEL_TOKENS_PER_STEP, "Tokens the parallel sampler froze in one sampler step."),
     (PARALLEL_WAVEFRONT, "Positions in flight (window rows) in one sampler step of the parallel sampler."),
+    (
+        SEQUENCE_FAULTS,
+        "Sequences that failed on their own (their job got a 500; the worker and its other jobs went on), by worker.",
+    ),
 ];
 
 fn describe() {
@@ -88,6 +93,7 @@ fn describe() {
     describe_histogram!(TOKENS_PER_ROUND, Unit::Count, CATALOG[20].1);
     describe_histogram!(PARALLEL_TOKENS_PER_STEP, Unit::Count, CATALOG[21].1);
     describe_histogram!(PARALLEL_WAVEFRONT, Unit::Count, CATALOG[22].1);
+    describe_counter!(SEQUENCE_FAULTS, Unit::Count, CATALOG[23].1);
 }
 
 const STEP_BUCKETS: [f64; 13] = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0];

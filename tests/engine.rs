@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use candle_core::DType;
 use common::*;
+use huginn::engine::job::{EVENTS_PER_CHOICE, EVENTS_PER_TICK};
 use huginn::engine::{Engine, EngineConfig, Event, ExitReason, JobSpec, SchedulerLimits};
 use huginn::generate::{FinishReason, GenerationParams};
 use huginn::model::{CacheStrategy, ExitCriterion, ExitRule, HuginnModel};
@@ -180,10 +181,17 @@ fn a_reader_that_falls_behind_pauses_its_sequence_and_loses_nothing() {
     let mut other = engine.submit(spec(vec![40, 41, 42], params(2, ExitRule::default(), 40))).unwrap();
     let (ids, _, reason) = collect(&mut other);
     assert_eq!((ids.len(), reason), (40, FinishReason::Length));
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    // The channel holds a bounded number of events, whatever the output's length.
-    assert!(slow.events.len() <= huginn::engine::job::EVENTS_PER_CHOICE, "{} events queued", slow.events.len());
-    assert!(slow.events.len() < 120);
+    // The slow job fills its channel up to where a tick no longer fits, then pauses: it stays in
+    // the engine (neither finished nor dropped as too slow) with most of its tokens still to come.
+    let paused_at = EVENTS_PER_CHOICE - EVENTS_PER_TICK + 1;
+    let waited = std::time::Instant::now();
+    while slow.events.len() < paused_at {
+        assert!(waited.elapsed().as_secs() < 120, "the slow job never filled its channel");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(engine.sequences(), 1, "the slow sequence is held, paused");
+    assert!(!slow.events.is_closed());
+    // Nothing lost: once read, every token arrives, exactly the sequence's output alone.
     let (ids, steps, reason) = collect(&mut slow);
     assert_eq!((ids, steps, reason), (expected.token_ids, expected.steps_per_token, expected.finish_reason));
 }

@@ -86,6 +86,10 @@ pub enum EngineFailure {
     /// The worker running the job failed (a model error or a fault); its other jobs failed too.
     #[error("the model worker failed: {0}")]
     Worker(String),
+    /// One of the job's sequences failed on its own (its state, its text, an engine invariant);
+    /// the worker's other jobs went on.
+    #[error("a sequence of the job failed: {0}")]
+    Sequence(String),
 }
 
 /// Room of a job's event channel per choice. A tick sends a choice at most

@@ -1,15 +1,19 @@
 //! The engine: jobs, the depth-level continuous-batching scheduler (the one token loop), the
 //! workers and admission that serve it, and the driver that runs it on the caller's thread.
 
+pub mod decoder;
 pub mod driver;
+pub mod fault;
 pub mod job;
 pub mod running;
 pub mod scheduler;
+pub mod sequence;
 pub mod shared;
 pub mod wavefront;
 pub mod worker;
 
 pub use driver::{Completion, Driver};
+pub use fault::SequenceFault;
 pub use job::{DraftCounts, EngineFailure, Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs, WaveCounts};
 pub use scheduler::{Scheduler, SchedulerLimits};
 pub use worker::{Engine, EngineConfig, EngineError};

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use metrics::{counter, gauge, histogram};
 
+use super::fault::SequenceFault;
 use super::job::{EngineFailure, Event, Job};
 use super::running::{AfterToken, Running, Stage, cat};
 use super::shared::JobShared;
@@ -201,14 +202,21 @@ impl Scheduler {
         self.exit_check_logits(&wants_logits)?;
         for &i in &stepped {
             let r = &mut self.running[i];
-            let converged = checking.contains(&i) && r.check_exit()?;
+            let converged = match checking.contains(&i).then(|| r.check_exit()) {
+                None => false,
+                Some(Ok(converged)) => converged,
+                Some(Err(fault)) => {
+                    self.fail_sequence(i, fault);
+                    continue;
+                }
+            };
             if r.chunk_done(converged) {
                 r.start_coda(converged);
             }
         }
 
         for i in self.run_codas(&order)? {
-            self.finish_token(i)?;
+            self.settle(i);
         }
         Ok(true)
     }
@@ -223,7 +231,7 @@ impl Scheduler {
         let mut prompts = Vec::new();
         for &i in order {
             let r = &self.running[i];
-            if r.stage() != stage || r.remaining() == 0 {
+            if r.is_finished() || r.stage() != stage || r.remaining() == 0 {
                 continue;
             }
             if r.is_prefill() || r.positions().1 > 1 {
@@ -256,7 +264,9 @@ impl Scheduler {
         drop(chunks);
         let mut row = 0;
         for &(i, rows) in &plan {
-            self.running[i].prelude_done(injection.narrow(0, row, rows)?, &self.model)?;
+            if let Err(fault) = self.running[i].prelude_done(injection.narrow(0, row, rows)?, &self.model) {
+                self.fail_sequence(i, fault);
+            }
             row += rows;
         }
         Ok(())
@@ -281,8 +291,10 @@ impl Scheduler {
         let mut stepped = Vec::new();
         let mut row = 0;
         for &(i, rows) in &plan {
-            if self.running[i].core_done(next.narrow(0, row, rows)?)? {
-                stepped.push(i);
+            match self.running[i].core_done(next.narrow(0, row, rows)?) {
+                Ok(true) => stepped.push(i),
+                Ok(false) => {}
+                Err(fault) => self.fail_sequence(i, fault),
             }
             row += rows;
         }
@@ -308,8 +320,11 @@ impl Scheduler {
     /// The coda pieces this tick; returns the sequences whose coda now covers their chunk (their
     /// logits set, ready to sample).
     fn run_codas(&mut self, order: &[usize]) -> Result<Vec<usize>> {
-        let mut complete: Vec<usize> =
-            order.iter().copied().filter(|&i| self.running[i].coda_from_exit_check()).collect();
+        let mut complete: Vec<usize> = order
+            .iter()
+            .copied()
+            .filter(|&i| !self.running[i].is_finished() && self.running[i].coda_from_exit_check())
+            .collect();
         let plan = self.plan(order, Stage::Coda);
         let (all_rows, last_rows): (Plan, Plan) =
             plan.into_iter().partition(|&(i, _)| self.running[i].reports_every_row());
@@ -346,14 +361,24 @@ impl Scheduler {
         Ok(self.model.coda(&cat(states.iter())?, &mut chunks, LogitRows::Last)?.to_vec2::<f32>()?)
     }
 
-    /// Samples and emits the token of sequence `i` (its coda done); the sequence then goes on to
-    /// its next token's chunk or finishes.
-    fn finish_token(&mut self, i: usize) -> Result<()> {
+    /// Settles sequence `i`'s chunk (its coda done): its decoder emits, drafts or freezes, and
+    /// the sequence goes on to its next chunk or finishes.
+    fn settle(&mut self, i: usize) {
         let limit = self.model.config().block_size;
-        if let AfterToken::Finishes(reason) = self.running[i].emit_token(&self.tokenizer, limit)? {
-            self.finish(i, reason);
+        match self.running[i].settle(&self.tokenizer, limit) {
+            Ok(AfterToken::Finishes(reason)) => self.finish(i, reason),
+            Ok(AfterToken::Continues | AfterToken::Dropped) => {}
+            Err(fault) => self.fail_sequence(i, fault),
         }
-        Ok(())
+    }
+
+    /// Sequence `i` failed on its own: its job ends with an error (its other choices leave at
+    /// the end of the tick) and every other job goes on.
+    fn fail_sequence(&mut self, i: usize, fault: SequenceFault) {
+        tracing::error!(worker = %self.worker, choice = self.running[i].choice(), %fault, "a sequence failed; its job ends");
+        counter!(m::SEQUENCE_FAULTS, "worker" => self.worker.to_string()).increment(1);
+        self.release(i);
+        self.running[i].fail(EngineFailure::Sequence(fault.to_string()));
     }
 
     fn drop_cancelled(&mut self) {
@@ -368,7 +393,7 @@ impl Scheduler {
     /// Ends every running job with an error event (the caller logs the failure).
     pub fn fail_all(&mut self, message: &str) {
         for r in &self.running {
-            r.fail(message);
+            r.fail(EngineFailure::Worker(message.to_string()));
         }
         self.running.clear();
     }

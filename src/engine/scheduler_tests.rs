@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 
 use super::*;
-use crate::engine::job::{EVENTS_PER_CHOICE, ExitReason, JobHandle, JobSpec};
+use crate::engine::job::{EVENTS_PER_CHOICE, EngineFailure, ExitReason, JobHandle, JobSpec};
 use crate::engine::shared::kv_reservation;
 use crate::generate::GenerationParams;
 use crate::model::CacheStrategy;
@@ -181,4 +181,57 @@ fn room_counts_slots_and_reserved_bytes_but_an_empty_scheduler_takes_anything() 
     assert!(!s.has_room_for(&big), "beside others it waits");
     let (small, _small_handle) = job(&s, 4, 10);
     assert!(s.has_room_for(&small));
+}
+
+/// The token ids a job's events carry, and whether it failed.
+fn outcome(handle: &mut JobHandle) -> (Vec<u32>, Option<EngineFailure>) {
+    let mut ids = Vec::new();
+    for event in events(handle) {
+        match event {
+            Event::Token { id, .. } => ids.push(id),
+            Event::Error { failure } => return (ids, Some(failure)),
+            _ => {}
+        }
+    }
+    (ids, None)
+}
+
+#[test]
+fn a_fault_in_one_sequence_fails_only_its_job() {
+    let mut alone = scheduler();
+    let (reference, mut reference_handle) = job(&alone, 3, 6);
+    alone.admit(reference).expect("admitted");
+    while alone.tick().expect("tick") {}
+    let (expected, failure) = outcome(&mut reference_handle);
+    assert_eq!((expected.len(), failure), (6, None));
+
+    let mut s = scheduler();
+    let (faulty, mut faulty_handle) = job(&s, 3, 6);
+    let (healthy, mut healthy_handle) = job(&s, 3, 6);
+    s.admit(faulty).expect("admitted");
+    s.admit(healthy).expect("admitted");
+    let (mut faulty_ids, mut healthy_ids, mut failures) = (Vec::new(), Vec::new(), Vec::new());
+    let mut read = |faulty: &mut Vec<u32>, healthy: &mut Vec<u32>, failures: &mut Vec<EngineFailure>| {
+        let (ids, failed) = outcome(&mut faulty_handle);
+        faulty.extend(ids);
+        failures.extend(failed);
+        let (ids, failed) = outcome(&mut healthy_handle);
+        healthy.extend(ids);
+        assert_eq!(failed, None, "the healthy job never fails");
+    };
+    // Two tokens each, then the first sequence's next settle fails.
+    while faulty_ids.len() < 2 {
+        s.tick().expect("tick");
+        read(&mut faulty_ids, &mut healthy_ids, &mut failures);
+    }
+    s.running[0].fault_at_settle = true;
+    while s.tick().expect("the worker goes on") {
+        read(&mut faulty_ids, &mut healthy_ids, &mut failures);
+    }
+    read(&mut faulty_ids, &mut healthy_ids, &mut failures);
+    assert!(matches!(failures.as_slice(), [EngineFailure::Sequence(_)]), "{failures:?}");
+    assert_eq!(faulty_ids.len(), 2, "nothing after the fault");
+    assert!(s.is_idle(), "the failed job left, the other finished");
+    assert_eq!(s.totals(), Totals::default());
+    assert_eq!(healthy_ids, expected, "the other job's tokens are exactly what it produces alone");
 }

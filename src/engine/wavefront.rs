@@ -10,8 +10,11 @@
 use candle_core::{DType, Tensor};
 use rand::Rng;
 
+use super::fault::SequenceFault;
 use crate::generate::parallel::RowStatus;
-use crate::model::{HuginnModel, Result};
+use crate::model::HuginnModel;
+
+type Result<T> = std::result::Result<T, SequenceFault>;
 
 pub struct Wavefront {
     /// Position of row 0.
@@ -100,7 +103,7 @@ impl Wavefront {
             (Some(c), Some(f)) => Tensor::cat(&[&c, &f], 0)?,
             (Some(c), None) => c,
             (None, Some(f)) => f,
-            (None, None) => unreachable_empty()?,
+            (None, None) => return Err(SequenceFault::Invariant("an empty parallel window")),
         };
         if noise <= 0.0 {
             return Ok(state);
@@ -140,10 +143,6 @@ impl Wavefront {
         self.steps.truncate(len);
         self.steps.resize(len, 0);
     }
-}
-
-fn unreachable_empty() -> Result<Tensor> {
-    Err(crate::model::ModelError::InvalidArgument("an empty parallel window".into()))
 }
 
 #[cfg(test)]

@@ -1,0 +1,364 @@
+//! What every running choice has, whatever its decoder: its job, cache, context, sampler, text,
+//! step budget and RNG, and the chunk it iterates (positions, stage, step, cap, state). Decoders
+//! (`engine::decoder`) decide what a chunk is for and what its coda's logits become; the methods
+//! here are the transitions every chunk goes through.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use metrics::{counter, histogram};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use super::fault::SequenceFault;
+use super::job::{EngineFailure, Event, ExitReason, Job, JobSpec, token_logprobs};
+use super::shared::JobShared;
+use crate::generate::sampling::sampler_seed;
+use crate::generate::{FinishReason, Sampler};
+use crate::metrics as m;
+use crate::model::{ExitTracker, HuginnModel, KvCache};
+use crate::text::{TextStream, TextTokenizer};
+
+/// Where a chunk (a prompt, or one new token) is: the prelude, then `cap` core steps, then the
+/// coda. Each stage covers the chunk's positions in order, in pieces that fit a tick's rows (a
+/// decoding token's one row is one piece); a core step is complete when every piece ran it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Prelude,
+    Core,
+    Coda,
+}
+
+/// What became of a sequence after its chunk settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterToken {
+    /// It goes on to its next chunk.
+    Continues,
+    /// It is done: its last event is still to be sent (after its release).
+    Finishes(FinishReason),
+    /// Its reader is gone or too far behind (the job is cancelled).
+    Dropped,
+}
+
+/// The chunk being iterated: its positions, stage, step and cap, and its tensors.
+pub(super) struct ChunkState {
+    /// First position and count.
+    pub start: usize,
+    pub len: usize,
+    /// Steps done on the chunk, and its cap.
+    pub step: usize,
+    pub cap: usize,
+    /// The cap is the remaining step budget rather than the decoder's steps.
+    pub cap_is_budget: bool,
+    pub stage: Stage,
+    /// Positions through the current stage (at the current step, for the core).
+    pub done: usize,
+    /// The iteration ended by the exit criterion (not the cap or budget).
+    pub converged: bool,
+    pub state: Tensor,
+    pub injection: Tensor,
+    /// Outputs of the current stage's pieces so far, joined when the stage covers the chunk.
+    pub pieces: Vec<Tensor>,
+    /// Every coda row's logits so far, for a chunk whose every row is read.
+    pub coda_rows: Vec<Vec<f32>>,
+    pub tracker: ExitTracker,
+    /// Logits of the current state's last row, when already computed.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// One choice of a job while it runs (its decoder aside).
+pub struct Sequence {
+    pub(super) shared: Arc<JobShared>,
+    pub(super) choice: usize,
+    /// This choice's share of the job's K/V reservation.
+    reserved_kv: usize,
+    /// The last event was sent; the sequence leaves at the end of the tick.
+    finished: bool,
+    pub(super) cache: KvCache,
+    pub(super) rng: StdRng,
+    pub(super) sampler: Sampler,
+    text: TextStream,
+    /// Prompt and emitted ids, then the tentative tokens proposed after them.
+    pub(super) context: Vec<u32>,
+    /// Tentative tokens at the end of `context` (see [`Self::propose`]).
+    proposed: usize,
+    pub(super) generated: usize,
+    /// Still prefilling the prompt (the prompt is the chunk).
+    pub(super) prefill: bool,
+    /// Core steps spent so far (prompt prefill included).
+    pub(super) steps_spent: usize,
+    last_token_at: Option<Instant>,
+    pub(super) chunk: ChunkState,
+}
+
+/// One token to emit: the logits that produced it (`raw`), after `steps` steps, why they stopped,
+/// and whether more tokens of the same settle follow.
+pub(super) struct Emitted<'a> {
+    pub token: u32,
+    pub raw: &'a [f32],
+    pub steps: usize,
+    pub exit: ExitReason,
+    pub more: bool,
+}
+
+impl Sequence {
+    pub fn new(shared: Arc<JobShared>, choice: usize, model: &HuginnModel) -> crate::model::Result<Self> {
+        let spec = shared.spec.clone();
+        let seed = spec.params.seed.wrapping_add(choice as u64);
+        // Replaced by the first chunk's prelude before any step reads them.
+        let placeholder = Tensor::zeros((1, 1), model.activation_dtype(), model.device())?;
+        let chunk = ChunkState {
+            start: 0,
+            len: spec.prompt.len(),
+            step: 0,
+            cap: 0,
+            cap_is_budget: false,
+            stage: Stage::Prelude,
+            done: 0,
+            converged: false,
+            state: placeholder.clone(),
+            injection: placeholder,
+            pieces: Vec::new(),
+            coda_rows: Vec::new(),
+            tracker: ExitTracker::new(spec.params.exit, Vec::new()),
+            logits: None,
+        };
+        Ok(Self {
+            choice,
+            reserved_kv: shared.job.kv_reservation / spec.n.max(1),
+            finished: false,
+            cache: model.new_cache(spec.params.cache),
+            rng: StdRng::seed_from_u64(seed),
+            sampler: Sampler::new(spec.params.sampling.clone(), sampler_seed(seed)),
+            text: TextStream::new(spec.stop.clone()),
+            context: spec.prompt.clone(),
+            proposed: 0,
+            generated: 0,
+            prefill: true,
+            steps_spent: 0,
+            last_token_at: None,
+            chunk,
+            shared,
+        })
+    }
+
+    pub fn spec(&self) -> &JobSpec {
+        &self.shared.spec
+    }
+
+    pub fn job(&self) -> &Job {
+        &self.shared.job
+    }
+
+    pub fn reserved_kv(&self) -> usize {
+        self.reserved_kv
+    }
+
+    pub fn kv_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The chunk's prelude covers it: its core steps begin from a fresh initial state (unless
+    /// continuous compute carries the last one) with a fresh exit tracker, at step 0, capped at
+    /// `num_steps` or the budget left.
+    pub(super) fn begin_core(
+        &mut self,
+        num_steps: usize,
+        may_exit: bool,
+        model: &HuginnModel,
+    ) -> crate::model::Result<()> {
+        let params = &self.shared.spec.params;
+        let c = &mut self.chunk;
+        if self.prefill || !params.continuous_compute {
+            c.state = model.init_state(c.len, params.init_scale, &mut self.rng)?;
+        }
+        let rule = params.exit;
+        let initial = if rule.criterion.needs_latent() && may_exit { latent_vec(&c.state)? } else { Vec::new() };
+        c.tracker = ExitTracker::new(rule, initial);
+        (c.stage, c.done, c.step) = (Stage::Core, 0, 0);
+        c.logits = None;
+        self.set_cap(num_steps);
+        Ok(())
+    }
+
+    /// Caps the chunk about to iterate at `num_steps`, or at the budget left when less.
+    fn set_cap(&mut self, num_steps: usize) {
+        let left = self.budget_left();
+        let c = &mut self.chunk;
+        match left {
+            Some(left) if left < num_steps => (c.cap, c.cap_is_budget) = (left.max(1), true),
+            _ => (c.cap, c.cap_is_budget) = (num_steps, false),
+        }
+    }
+
+    /// Core steps left in the request's budget (`None`: no budget).
+    pub(super) fn budget_left(&self) -> Option<usize> {
+        self.spec().max_total_steps.map(|budget| budget.saturating_sub(self.steps_spent))
+    }
+
+    /// The next chunk is `len` positions from `start`, from its prelude.
+    pub(super) fn start_chunk(&mut self, start: usize, len: usize) {
+        let c = &mut self.chunk;
+        (c.start, c.len, c.stage, c.done) = (start, len, Stage::Prelude, 0);
+    }
+
+    /// The next chunk is the token just emitted (the last of the context), one row: the cache is
+    /// cut back to its position, dropping any unaccepted positions of the last chunk.
+    pub(super) fn start_next_token(&mut self) {
+        let position = self.context.len() - 1;
+        self.cache.truncate(position);
+        self.start_chunk(position, 1);
+    }
+
+    /// The logits of the chunk's last row, taken to sample from.
+    pub(super) fn take_logits(&mut self) -> Result<Vec<f32>, SequenceFault> {
+        self.chunk.logits.take().ok_or(SequenceFault::Invariant("a chunk's coda left no logits"))
+    }
+
+    /// A tentative token (a draft, a window's guess): it joins the context, where the next
+    /// chunk's prelude reads it, and the sampler's penalties count it, until
+    /// [`Self::withdraw_proposals`] takes every proposal back. Emitting goes through
+    /// [`Self::push_token`] only.
+    pub(super) fn propose(&mut self, token: u32) {
+        self.sampler.record(token);
+        self.context.push(token);
+        self.proposed += 1;
+    }
+
+    /// Takes back every tentative token (from the context and the penalties), in order.
+    pub(super) fn withdraw_proposals(&mut self) -> Vec<u32> {
+        let withdrawn = self.context.split_off(self.context.len() - self.proposed);
+        for &token in &withdrawn {
+            self.sampler.forget(token);
+        }
+        self.proposed = 0;
+        withdrawn
+    }
+
+    /// Records and sends one emitted token: `None` when the choice goes on, else how it ended.
+    pub(super) fn push_token(
+        &mut self,
+        tokenizer: &TextTokenizer,
+        emitted: Emitted<'_>,
+        limit: usize,
+    ) -> Result<Option<AfterToken>, SequenceFault> {
+        let Emitted { token, raw, steps, exit, more } = emitted;
+        if self.proposed > 0 {
+            return Err(SequenceFault::Invariant("a token emitted over tentative tokens"));
+        }
+        histogram!(m::STEPS_PER_TOKEN, "exit_reason" => exit.label()).record(steps as f64);
+        if self.spec().report_logits && !self.prefill {
+            self.send(Event::Logits { choice: self.choice, rows: vec![raw.to_vec()] });
+        }
+        self.sampler.record(token);
+        self.context.push(token);
+        self.generated += 1;
+        self.prefill = false;
+        counter!(m::GENERATION_TOKENS).increment(1);
+        let now = Instant::now();
+        match self.last_token_at {
+            None => histogram!(m::TIME_TO_FIRST_TOKEN).record(self.shared.job.submitted.elapsed().as_secs_f64()),
+            Some(last) => histogram!(m::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64()),
+        }
+        self.last_token_at = Some(now);
+        let piece = self.text.push(tokenizer, token)?;
+        let logprobs = self.spec().logprobs.map(|top| token_logprobs(raw, token, top));
+        let reason = self.finish_reason_after(token, piece.stopped, limit);
+        let event = Event::Token { choice: self.choice, id: token, text: piece.text, steps, exit, logprobs, more };
+        Ok(match (self.send(event), reason) {
+            (_, Some(reason)) => Some(AfterToken::Finishes(reason)),
+            (true, None) => None,
+            (false, None) => Some(AfterToken::Dropped),
+        })
+    }
+
+    /// Every row's logits of the prompt chunk: reported, the last one kept for sampling.
+    pub(super) fn take_prompt_rows(&mut self, rows: Vec<Vec<f32>>) {
+        let spec = self.shared.spec.clone();
+        if spec.prompt_logprobs {
+            let logprobs = rows
+                .iter()
+                .zip(self.context.iter().skip(1))
+                .map(|(row, &next)| token_logprobs(row, next, spec.logprobs.unwrap_or(0)))
+                .collect();
+            self.send(Event::PromptLogprobs { choice: self.choice, logprobs });
+        }
+        self.chunk.logits = rows.last().cloned();
+        if spec.report_logits {
+            self.send(Event::Logits { choice: self.choice, rows });
+        }
+    }
+
+    /// Why the chunk's iteration stopped.
+    pub(super) fn exit_reason(&self) -> ExitReason {
+        if self.chunk.converged {
+            ExitReason::Converged
+        } else if self.chunk.cap_is_budget {
+            ExitReason::Budget
+        } else {
+            ExitReason::Cap
+        }
+    }
+
+    /// Frees the cache and leaves the running gauge (with the job's last choice) before the last
+    /// event; returns the bytes the cache held.
+    pub fn release(&mut self, model: &HuginnModel) -> usize {
+        let bytes = self.cache.bytes();
+        self.finished = true;
+        self.cache = model.new_cache(self.spec().params.cache);
+        self.shared.choice_done();
+        bytes
+    }
+
+    /// The rest of the text, at the end.
+    pub(super) fn finish_text(&mut self) -> String {
+        self.text.finish()
+    }
+
+    /// Ends the whole job with an error event.
+    pub fn fail(&self, failure: EngineFailure) {
+        self.send(Event::Error { failure });
+        self.shared.job.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Sends an event; false when the receiver is gone or too far behind (the job is then cancelled).
+    pub(super) fn send(&self, event: Event) -> bool {
+        if self.shared.job.events.try_send(event).is_err() {
+            self.shared.job.cancelled.store(true, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn budget_exhausted(&self) -> bool {
+        self.budget_left() == Some(0)
+    }
+
+    fn finish_reason_after(&self, token: u32, stopped_by_text: bool, limit: usize) -> Option<FinishReason> {
+        let spec = self.spec();
+        if stopped_by_text || spec.params.stop_token_ids.contains(&token) {
+            Some(FinishReason::Stop)
+        } else if self.generated >= spec.params.max_tokens || self.context.len() >= limit || self.budget_exhausted() {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+}
+
+/// Tensors joined along the rows (one is returned as it is).
+pub(super) fn cat<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> crate::model::Result<Tensor> {
+    let parts: Vec<&Tensor> = tensors.collect();
+    Ok(if parts.len() == 1 { parts[0].clone() } else { Tensor::cat(&parts, 0)? })
+}
+
+/// A one-row latent state as float32 values (what the exit criteria compare).
+pub(super) fn latent_vec(state: &Tensor) -> crate::model::Result<Vec<f32>> {
+    Ok(state.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
