@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::generate::{FreezeRule, SamplerKind};
-use crate::model::{BackendChoice, CacheStrategy, DTypeChoice, DeviceList, DeviceSpec, ExitCriterion, ExitRule};
+use crate::generate::defaults::Depth;
+pub use crate::generate::defaults::{GenerationSettings, LimitSettings};
+use crate::model::{BackendChoice, DTypeChoice, DeviceList, DeviceSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -128,37 +129,6 @@ impl EngineSettings {
     }
 }
 
-/// Per-request bounds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LimitSettings {
-    pub max_num_steps: usize,
-    pub max_tokens: usize,
-    pub max_n: usize,
-    /// Largest `max_total_steps` (core steps a request's choice may spend in all).
-    pub max_total_steps: usize,
-    /// Unset: the model's context length.
-    pub max_prompt_tokens: Option<usize>,
-    /// Largest `draft_tokens` (tokens drafted per speculation round).
-    pub max_draft_tokens: usize,
-    /// Largest `max_wavefront` (positions the parallel sampler keeps in flight).
-    pub max_wavefront: usize,
-}
-
-impl Default for LimitSettings {
-    fn default() -> Self {
-        Self {
-            max_num_steps: 256,
-            max_tokens: 4096,
-            max_n: 16,
-            max_total_steps: 1 << 20,
-            max_prompt_tokens: None,
-            max_draft_tokens: 16,
-            max_wavefront: 256,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSettings {
@@ -191,70 +161,6 @@ impl ModelSettings {
     pub fn worker_devices(&self) -> crate::model::Result<Vec<DeviceSpec>> {
         let listed = if self.devices.0.is_empty() { vec![self.device] } else { self.devices.0.clone() };
         DeviceSpec::expand(&listed)
-    }
-}
-
-/// Defaults of the per-request compute budget and sampling.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct GenerationSettings {
-    pub max_tokens: usize,
-    /// Recurrence steps per token; unset means the model's `mean_recurrence`.
-    pub num_steps: Option<usize>,
-    pub exit_criterion: ExitCriterion,
-    /// Unset means the criterion's reference default.
-    pub exit_threshold: Option<f64>,
-    pub min_steps: usize,
-    pub init_scale: f64,
-    pub continuous_compute: bool,
-    /// `shared:K` or `full`.
-    pub kv_cache: CacheStrategy,
-    /// Recurrence steps per drafted token: set, every request speculates unless it sets its own.
-    pub draft_steps: Option<usize>,
-    /// Tokens drafted per speculation round.
-    pub draft_tokens: usize,
-    /// `sequential` or `parallel`.
-    pub sampler: SamplerKind,
-    /// Parallel sampler: core steps per sampler step.
-    pub inner_steps: usize,
-    /// Parallel sampler: `latent-diff`, `latent-diff-strict` or `fixed`.
-    pub freeze: FreezeRule,
-    /// Parallel sampler: most positions in flight.
-    pub max_wavefront: usize,
-    /// Parallel sampler: noise mixed into the states each sampler step (damped by steps so far).
-    pub state_noise: f64,
-    /// Parallel sampler: weight of a position's previous input embedding.
-    pub embed_ema: f64,
-    pub temperature: f32,
-    pub top_p: f32,
-    pub top_k: usize,
-    pub seed: u64,
-}
-
-impl Default for GenerationSettings {
-    fn default() -> Self {
-        Self {
-            max_tokens: 32,
-            num_steps: None,
-            exit_criterion: ExitCriterion::None,
-            exit_threshold: None,
-            min_steps: 0,
-            init_scale: 1.0,
-            continuous_compute: false,
-            kv_cache: CacheStrategy::Shared(1),
-            draft_steps: None,
-            draft_tokens: 4,
-            sampler: SamplerKind::Sequential,
-            inner_steps: 4,
-            freeze: FreezeRule::LatentDiff,
-            max_wavefront: 128,
-            state_noise: 0.0,
-            embed_ema: 0.1,
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: 0,
-        }
     }
 }
 
@@ -339,24 +245,23 @@ impl Settings {
             Some(steps) => Depth { steps, source: "generation.num_steps" },
             None => Depth { steps: mean_recurrence, source: "the model's mean_recurrence" },
         };
-        self.generation.validate_at(Some(depth)).map_err(|(key, message)| value(&key, message))
+        self.generation.check_at(depth).map_err(|(key, message)| value(&key, message))
     }
-}
-
-/// Default recurrence steps per token, and where they come from (for messages).
-#[derive(Clone, Copy)]
-struct Depth {
-    steps: usize,
-    source: &'static str,
 }
 
 impl Settings {
     /// The checks no single value's type makes: ranges and combinations.
     fn validate(&self) -> Result<(), (String, String)> {
-        self.generation.validate()?;
         self.engine.validate()?;
         self.server.validate()?;
         self.limits.validate()?;
+        // Before the model is known, the depth is `generation.num_steps` or the most a request
+        // may ask: only what can never run is refused here (the rest at `check_for_model`).
+        let depth = match self.generation.num_steps {
+            Some(steps) => Depth { steps, source: "generation.num_steps" },
+            None => Depth { steps: self.limits.max_num_steps, source: "limits.max_num_steps" },
+        };
+        self.generation.check_at(depth)?;
         let fail = |key: &str, message: String| Err((key.to_string(), message));
         let (generation, limits) = (&self.generation, &self.limits);
         if let Some(steps) = generation.num_steps.filter(|&steps| steps > limits.max_num_steps) {
@@ -420,88 +325,6 @@ fn at_least_one<const N: usize>(section: &str, counts: [(&str, usize); N]) -> Re
     }
 }
 
-impl GenerationSettings {
-    /// The ranges a request's own values must meet (`generate::ranges`), for these defaults:
-    /// `Err((key, message))` for the first bad one.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        self.validate_at(self.num_steps.map(|steps| Depth { steps, source: "generation.num_steps" }))
-    }
-
-    /// [`Self::validate`] for a default depth (`None`: not known yet, the model's).
-    fn validate_at(&self, depth: Option<Depth>) -> Result<(), (String, String)> {
-        use crate::generate::ranges;
-        let key = |name: &str| format!("generation.{name}");
-        let fail = |name: &str, message: String| Err((key(name), message));
-        let checks = [
-            ("temperature", ranges::temperature(f64::from(self.temperature))),
-            ("top_p", ranges::top_p(f64::from(self.top_p))),
-            ("init_scale", ranges::init_scale(self.init_scale)),
-        ];
-        if let Some((name, Err(message))) = checks.into_iter().find(|(_, check)| check.is_err()) {
-            return fail(name, message);
-        }
-        if self.num_steps == Some(0) {
-            return fail("num_steps", "must be at least 1".into());
-        }
-        if let Some(Depth { steps, source }) = depth.filter(|d| self.min_steps > d.steps) {
-            return fail("min_steps", format!("{} exceeds {source} ({steps})", self.min_steps));
-        }
-        if let Err(e) = ExitRule::new(self.exit_criterion, self.exit_threshold, self.min_steps) {
-            return fail("exit_threshold", e.to_string());
-        }
-        if self.draft_tokens == 0 {
-            return fail("draft_tokens", "must be at least 1".into());
-        }
-        if let Some(draft) = self.draft_steps {
-            match depth {
-                _ if draft == 0 => {
-                    return fail("draft_steps", "must be at least 1 (leave it unset for no speculation)".into());
-                }
-                Some(Depth { steps, source }) if draft >= steps => {
-                    return fail("draft_steps", format!("must be below {source} ({steps}), got {draft}"));
-                }
-                _ if self.continuous_compute => {
-                    return fail("draft_steps", "cannot be combined with generation.continuous_compute".into());
-                }
-                _ => {}
-            }
-        }
-        self.validate_parallel(depth)
-    }
-
-    /// The parallel sampler's defaults, and what `sampler = "parallel"` cannot be combined with.
-    fn validate_parallel(&self, depth: Option<Depth>) -> Result<(), (String, String)> {
-        use crate::generate::parallel;
-        let fail = |name: &str, message: String| Err((format!("generation.{name}"), message));
-        if self.inner_steps == 0 {
-            return fail("inner_steps", "must be at least 1".into());
-        }
-        // A request's default inner_steps is capped at its num_steps; only a parallel default
-        // that can never run as configured is refused.
-        let parallel = self.sampler == SamplerKind::Parallel;
-        if let Some(Depth { steps, source }) = depth.filter(|d| parallel && self.inner_steps > d.steps) {
-            return fail("inner_steps", format!("must be at most {source} ({steps}), got {}", self.inner_steps));
-        }
-        if let Err(message) = parallel::state_noise(self.state_noise) {
-            return fail("state_noise", message);
-        }
-        if let Err(message) = parallel::embed_ema(self.embed_ema) {
-            return fail("embed_ema", message);
-        }
-        if self.sampler == SamplerKind::Parallel {
-            let clash = [
-                ("draft_steps", self.draft_steps.is_some()),
-                ("continuous_compute", self.continuous_compute),
-                ("exit_criterion", self.exit_criterion != ExitCriterion::None),
-            ];
-            if let Some((name, _)) = clash.into_iter().find(|(_, set)| *set) {
-                return fail("sampler", format!("`parallel` cannot be combined with generation.{name}"));
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Folder of the default model, shipped in the repository.
 pub const DEFAULT_MODEL: &str = "models/huginn-addition";
 
@@ -516,6 +339,7 @@ pub fn default_model_dir() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{CacheStrategy, ExitCriterion};
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
@@ -599,6 +423,7 @@ mod tests {
             [("HUGINN_GENERATION_DRAFT_TOKENS", "20"), ("HUGINN_LIMITS_MAX_DRAFT_TOKENS", "32")],
             [("HUGINN_GENERATION_MAX_WAVEFRONT", "300"), ("HUGINN_LIMITS_MAX_WAVEFRONT", "512")],
             [("HUGINN_ENGINE_MAX_TICK_ROWS", "16"), ("HUGINN_ENGINE_MAX_ACTIVE_SEQUENCES", "8")],
+            [("HUGINN_ENGINE_MAX_ACTIVE_SEQUENCES", "2"), ("HUGINN_ENGINE_MAX_TICK_ROWS", "3")],
             [("HUGINN_GENERATION_NUM_STEPS", "300"), ("HUGINN_LIMITS_MAX_NUM_STEPS", "512")],
         ];
         for [a, b] in pairs {

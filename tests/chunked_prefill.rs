@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::DType;
 use huginn::engine::{Completion, Driver, JobSpec};
-use huginn::generate::GenerationParams;
+use huginn::generate::{Decoding, GenerationParams};
 use huginn::model::{CacheStrategy, ExitCriterion, ExitRule, HuginnModel};
 use huginn::text::TextTokenizer;
 
@@ -110,7 +110,7 @@ fn adaptive_exit_and_continuous_compute_after_a_chunked_prompt_are_exact() {
         let mut spec = spec(len, CacheStrategy::Shared(1), 4);
         spec.params.num_steps = 8;
         spec.params.max_tokens = 6;
-        spec.params.continuous_compute = true;
+        spec.params.decoding = Decoding::Sequential { continuous_compute: true };
         spec.params.exit = ExitRule::new(ExitCriterion::Kl, Some(5e-4), 1).unwrap();
         spec
     };

@@ -203,7 +203,10 @@ fn bad_arguments_fail_with_a_message() {
         ),
         (vec!["eval", "--model", m, "--digits", "19"], "--digits"),
         (vec!["eval", "--model", m, "--draft", "2:4"], "use draft_steps:draft_tokens:num_steps"),
-        (vec!["eval", "--model", m, "--draft", "8:4:8"], "draft_steps must be between 1 and num_steps - 1"),
+        (
+            vec!["eval", "--model", m, "--draft", "8:4:8"],
+            "`draft_steps` must be between 1 and num_steps - 1 (7), got 8",
+        ),
         (
             vec!["generate", "--model", m, "--prompt", "x", "--num-steps", "4", "--draft-steps", "4"],
             "`draft_steps` must be 0 (no speculation) or between 1 and num_steps - 1 (3)",

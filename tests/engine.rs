@@ -36,6 +36,11 @@ fn spec(prompt: Vec<u32>, params: GenerationParams) -> JobSpec {
     JobSpec::new(prompt, params)
 }
 
+/// Validates `spec` (as every library caller must) and queues it.
+fn submit(engine: &Engine, spec: JobSpec) -> huginn::engine::JobHandle {
+    engine.submit(engine.validate(spec).expect("a valid job")).expect("queued")
+}
+
 /// (token ids, steps per token, finish reason) of choice 0.
 fn collect(handle: &mut huginn::engine::JobHandle) -> (Vec<u32>, Vec<usize>, FinishReason) {
     let (mut ids, mut steps) = (Vec::new(), Vec::new());
@@ -84,7 +89,7 @@ fn concurrent_requests_match_alone(dtype: DType) {
         .collect();
     let engine = engine(model, 64);
     let mut handles: Vec<_> =
-        cases.iter().map(|(prompt, p)| engine.submit(spec(prompt.clone(), p.clone())).unwrap()).collect();
+        cases.iter().map(|(prompt, p)| submit(&engine, spec(prompt.clone(), p.clone()))).collect();
     for (i, handle) in handles.iter_mut().enumerate() {
         let (ids, steps, reason) = collect(handle);
         assert_eq!((ids, steps), expected[i], "{dtype:?} request {i}");
@@ -97,8 +102,8 @@ fn a_short_budget_finishes_while_long_ones_run() {
     let model = load(&fixture_dir(), DType::F32);
     let engine = engine(model, 64);
     let mut long: Vec<_> =
-        (0..4).map(|_| engine.submit(spec(PROMPT.to_vec(), params(64, ExitRule::default(), 8))).unwrap()).collect();
-    let mut short = engine.submit(spec(PROMPT.to_vec(), params(4, ExitRule::default(), 8))).unwrap();
+        (0..4).map(|_| submit(&engine, spec(PROMPT.to_vec(), params(64, ExitRule::default(), 8)))).collect();
+    let mut short = submit(&engine, spec(PROMPT.to_vec(), params(4, ExitRule::default(), 8)));
     let (ids, steps, _) = collect(&mut short);
     assert_eq!(ids.len(), 8);
     assert_eq!(steps, vec![4; 8]);
@@ -118,7 +123,7 @@ fn step_budget_ends_the_choice_with_length() {
     let engine = engine(model, 64);
     let mut job = spec(PROMPT.to_vec(), params(8, ExitRule::default(), 20));
     job.max_total_steps = Some(21);
-    let mut handle = engine.submit(job).unwrap();
+    let mut handle = submit(&engine, job);
     let mut exits = Vec::new();
     let mut steps = Vec::new();
     let reason = loop {
@@ -146,7 +151,7 @@ fn n_choices_differ_by_seed_and_dropping_the_handle_cancels() {
     p.seed = 9;
     let mut job = spec(PROMPT.to_vec(), p.clone());
     job.n = 3;
-    let mut handle = engine.submit(job).unwrap();
+    let mut handle = submit(&engine, job);
     let mut per_choice = vec![Vec::new(); 3];
     let mut finished = 0;
     while finished < 3 {
@@ -159,14 +164,14 @@ fn n_choices_differ_by_seed_and_dropping_the_handle_cancels() {
     // Choice i uses seed + i: choice 1 equals a single request with seed 10.
     let mut alone = p.clone();
     alone.seed = 10;
-    let mut single = engine.submit(spec(PROMPT.to_vec(), alone)).unwrap();
+    let mut single = submit(&engine, spec(PROMPT.to_vec(), alone));
     assert_eq!(collect(&mut single).0, per_choice[1]);
     assert!(per_choice[0] != per_choice[1] || per_choice[1] != per_choice[2]);
 
-    let long = engine.submit(spec(PROMPT.to_vec(), params(64, ExitRule::default(), 200))).unwrap();
+    let long = submit(&engine, spec(PROMPT.to_vec(), params(64, ExitRule::default(), 200)));
     drop(long);
     // The engine keeps serving after a cancellation.
-    let mut after = engine.submit(spec(PROMPT.to_vec(), params(2, ExitRule::default(), 2))).unwrap();
+    let mut after = submit(&engine, spec(PROMPT.to_vec(), params(2, ExitRule::default(), 2)));
     assert_eq!(collect(&mut after).0.len(), 2);
 }
 
@@ -176,9 +181,9 @@ fn a_reader_that_falls_behind_pauses_its_sequence_and_loses_nothing() {
     let engine = engine(model.clone(), 64);
     let slow_params = params(1, ExitRule::default(), 120);
     let expected = generate(&model, &PROMPT, &slow_params).unwrap();
-    let mut slow = engine.submit(spec(PROMPT.to_vec(), slow_params)).unwrap();
+    let mut slow = submit(&engine, spec(PROMPT.to_vec(), slow_params));
     // Another request runs to its end while the slow one's reader does not read.
-    let mut other = engine.submit(spec(vec![40, 41, 42], params(2, ExitRule::default(), 40))).unwrap();
+    let mut other = submit(&engine, spec(vec![40, 41, 42], params(2, ExitRule::default(), 40)));
     let (ids, _, reason) = collect(&mut other);
     assert_eq!((ids.len(), reason), (40, FinishReason::Length));
     // The slow job fills its channel up to where a tick no longer fits, then pauses: it stays in
@@ -203,7 +208,7 @@ fn wait_idle_returns_once_the_last_job_has_left_the_engine() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     // Idle already: returns at once.
     runtime.block_on(engine.wait_idle());
-    let mut handle = engine.submit(spec(PROMPT.to_vec(), params(16, ExitRule::default(), 30))).unwrap();
+    let mut handle = submit(&engine, spec(PROMPT.to_vec(), params(16, ExitRule::default(), 30)));
     let waiter = {
         let engine = engine.clone();
         std::thread::spawn(move || {
@@ -222,7 +227,7 @@ fn wait_idle_returns_once_the_last_job_has_left_the_engine() {
 fn cancelled_then_slow_reader(multi_token: GenerationParams, what: &str) {
     let model = load(&fixture_dir(), DType::F32);
     let engine = engine(model.clone(), 64);
-    let mut handle = engine.submit(spec(PROMPT.to_vec(), multi_token.clone())).unwrap();
+    let mut handle = submit(&engine, spec(PROMPT.to_vec(), multi_token.clone()));
     for _ in 0..3 {
         assert!(matches!(handle.events.blocking_recv(), Some(Event::Token { .. })));
     }
@@ -238,8 +243,8 @@ fn cancelled_then_slow_reader(multi_token: GenerationParams, what: &str) {
     let mut slow_params = multi_token;
     slow_params.max_tokens = 120;
     let expected = generate(&model, &PROMPT, &slow_params).unwrap();
-    let mut slow = engine.submit(spec(PROMPT.to_vec(), slow_params)).unwrap();
-    let mut other = engine.submit(spec(vec![40, 41, 42], params(2, ExitRule::default(), 40))).unwrap();
+    let mut slow = submit(&engine, spec(PROMPT.to_vec(), slow_params));
+    let mut other = submit(&engine, spec(vec![40, 41, 42], params(2, ExitRule::default(), 40)));
     assert_eq!(collect(&mut other).0.len(), 40);
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert!(slow.events.len() < 120, "{} events queued", slow.events.len());
@@ -250,14 +255,15 @@ fn cancelled_then_slow_reader(multi_token: GenerationParams, what: &str) {
 #[test]
 fn a_speculating_job_cancelled_mid_round_frees_everything_and_a_slow_reader_loses_nothing() {
     let mut speculating = params(16, ExitRule::default(), 200);
-    speculating.speculation = Some(huginn::generate::Speculation { draft_steps: 1, draft_tokens: 16 });
+    speculating.decoding =
+        huginn::generate::Decoding::Speculative(huginn::generate::Speculation { draft_steps: 1, draft_tokens: 16 });
     cancelled_then_slow_reader(speculating, "round");
 }
 
 #[test]
 fn a_parallel_job_cancelled_mid_window_frees_everything_and_a_slow_reader_loses_nothing() {
     let mut wide = params(8, ExitRule::default(), 200);
-    wide.parallel = Some(huginn::generate::ParallelSampling {
+    wide.decoding = huginn::generate::Decoding::Parallel(huginn::generate::ParallelSampling {
         inner_steps: 1,
         freeze: huginn::generate::FreezeRule::LatentDiff,
         threshold: 0.5,
@@ -266,4 +272,26 @@ fn a_parallel_job_cancelled_mid_window_frees_everything_and_a_slow_reader_loses_
         embed_ema: 0.1,
     });
     cancelled_then_slow_reader(wide, "window");
+}
+
+#[test]
+fn the_library_cannot_queue_what_the_server_would_refuse() {
+    let model = load(&fixture_dir(), DType::F32);
+    let context = model.config().block_size;
+    let engine = engine(model, 4);
+    let refused = |spec: JobSpec| engine.validate(spec).expect_err("refused").field;
+    assert_eq!(refused(spec(Vec::new(), params(2, ExitRule::default(), 2))), "prompt", "an empty prompt");
+    assert_eq!(refused(spec(vec![1; context], params(2, ExitRule::default(), 2))), "prompt", "no room for a token");
+    assert_eq!(refused(spec(vec![u32::MAX], params(2, ExitRule::default(), 2))), "prompt", "outside the vocabulary");
+    assert_eq!(refused(spec(PROMPT.to_vec(), params(0, ExitRule::default(), 2))), "num_steps");
+    let mut no_choice = spec(PROMPT.to_vec(), params(2, ExitRule::default(), 2));
+    no_choice.n = 0;
+    assert_eq!(refused(no_choice), "n");
+    let mut drafts_too_deep = params(4, ExitRule::default(), 2);
+    drafts_too_deep.decoding =
+        huginn::generate::Decoding::Speculative(huginn::generate::Speculation { draft_steps: 4, draft_tokens: 2 });
+    assert_eq!(refused(spec(PROMPT.to_vec(), drafts_too_deep)), "draft_steps");
+    // The engine still serves a valid job after the refusals.
+    let mut handle = submit(&engine, spec(PROMPT.to_vec(), params(2, ExitRule::default(), 3)));
+    assert_eq!(collect(&mut handle).0.len(), 3);
 }

@@ -13,7 +13,9 @@ use common::*;
 use huginn::checkpoint::{preset, write_random_checkpoint};
 use huginn::engine::shared::kv_reservation;
 use huginn::engine::{Completion, Driver, ExitReason, JobSpec};
-use huginn::generate::{FinishReason, FreezeRule, GenerationParams, ParallelSampling, SamplingParams, Speculation};
+use huginn::generate::{
+    Decoding, FinishReason, FreezeRule, GenerationParams, ParallelSampling, SamplingParams, Speculation,
+};
 use huginn::model::{CacheStrategy, HuginnModel};
 use huginn::text::TextTokenizer;
 
@@ -32,7 +34,7 @@ fn sampler(inner_steps: usize, freeze: FreezeRule, threshold: f64) -> ParallelSa
 
 fn parallel(num_steps: usize, max_tokens: usize, sampling: ParallelSampling) -> GenerationParams {
     let mut p = greedy(num_steps, max_tokens);
-    p.parallel = Some(sampling);
+    p.decoding = Decoding::Parallel(sampling);
     p
 }
 
@@ -132,7 +134,7 @@ fn a_parallel_sequence_gives_the_same_alone_and_beside_others() {
     sampled.init_scale = 1.0;
     sampled.seed = 5;
     let mut speculating = greedy(8, 12);
-    speculating.speculation = Some(Speculation { draft_steps: 2, draft_tokens: 3 });
+    speculating.decoding = Decoding::Speculative(Speculation { draft_steps: 2, draft_tokens: 3 });
     let jobs = [
         parallel(8, 20, sampler(4, FreezeRule::LatentDiff, 0.05)),
         sampled,

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 use common::*;
-use huginn::engine::{Event, ExitReason};
-use huginn::generate::GenerationParams;
-use huginn::model::{CacheStrategy, Chunk, ExitCriterion, ExitRule, HuginnModel, LogitRows, ModelError};
+use huginn::engine::{Event, ExitReason, RunError};
+use huginn::generate::{Decoding, GenerationParams};
+use huginn::model::{CacheStrategy, Chunk, ExitCriterion, ExitRule, HuginnModel, LogitRows};
 
 /// Greedy parameters from a zero state.
 fn greedy(steps: usize, strategy: CacheStrategy, max_tokens: usize) -> GenerationParams {
@@ -142,7 +142,7 @@ fn continuous_compute_starts_from_the_previous_state() {
     let model = load(&fixture_dir(), DType::F32);
     let rows = |continuous| {
         let mut params = greedy(4, CacheStrategy::Shared(1), 2);
-        params.continuous_compute = continuous;
+        params.decoding = Decoding::Sequential { continuous_compute: continuous };
         generate_logits(&model, &PROMPT, &params).token_logits[1].clone()
     };
     let (cold, warm) = (rows(false), rows(true));
@@ -267,13 +267,18 @@ fn bad_inputs_are_errors_not_panics() {
     let model = load(&fixture_dir(), DType::F32);
     let params = GenerationParams::new(2);
     let too_long = vec![5u32; model.config().block_size];
-    assert!(matches!(generate(&model, &too_long, &params), Err(ModelError::ContextOverflow { .. })));
-    assert!(matches!(generate(&model, &[], &params), Err(ModelError::InvalidArgument(_))));
+    // Each refused before anything runs, naming the field.
+    let field = |prompt: &[u32], params: &GenerationParams| match generate(&model, prompt, params) {
+        Err(RunError::Invalid(e)) => e.field,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(field(&too_long, &params), "prompt");
+    assert_eq!(field(&[], &params), "prompt");
     let err = generate(&model, &[1, 384], &params).unwrap_err().to_string();
-    assert_eq!(err, "token id 384 is outside the vocabulary (size 384)");
+    assert_eq!(err, "`prompt`: token id 384 is outside the vocabulary (size 384)");
     let mut zero_steps = params.clone();
     zero_steps.num_steps = 0;
-    assert!(generate(&model, &PROMPT, &zero_steps).is_err());
+    assert_eq!(field(&PROMPT, &zero_steps), "num_steps");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use candle_core::DType;
 use common::*;
 use huginn::checkpoint::{preset, write_random_checkpoint};
 use huginn::engine::{Completion, Driver, JobSpec};
-use huginn::generate::{FinishReason, GenerationParams, SamplingParams, Speculation};
+use huginn::generate::{Decoding, FinishReason, GenerationParams, SamplingParams, Speculation};
 use huginn::model::{CacheStrategy, ExitCriterion, ExitRule, HuginnModel};
 use huginn::text::TextTokenizer;
 
@@ -20,7 +20,7 @@ fn greedy(num_steps: usize, max_tokens: usize, speculation: Option<Speculation>)
     p.max_tokens = max_tokens;
     p.init_scale = 0.0;
     p.cache = CacheStrategy::Full;
-    p.speculation = speculation;
+    p.decoding = speculation.map_or_else(Decoding::default, Decoding::Speculative);
     p
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::load::{engine_with_budget, spec};
+use super::load::{engine_with_budget, queue, spec};
 use crate::engine::Event;
 use crate::model::HuginnModel;
 use crate::text::TextTokenizer;
@@ -52,7 +52,7 @@ pub fn long_prompt(
             .map(|c| {
                 scope.spawn(move || {
                     let mut times = Vec::new();
-                    let Ok(mut handle) = engine.submit(spec(&[84 + c as u32, 104, 101, 32], num_steps, stream_room))
+                    let Some(mut handle) = queue(engine, spec(&[84 + c as u32, 104, 101, 32], num_steps, stream_room))
                     else {
                         return times;
                     };
@@ -83,7 +83,7 @@ pub fn long_prompt(
         }
         let mut ttft = f64::NAN;
         let arrived = started.elapsed().as_secs_f64();
-        if let Ok(mut handle) = engine.submit(spec(&long, num_steps, 1)) {
+        if let Some(mut handle) = queue(engine, spec(&long, num_steps, 1)) {
             let submitted = Instant::now();
             while let Some(event) = handle.events.blocking_recv() {
                 if matches!(event, Event::Token { .. }) {

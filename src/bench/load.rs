@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::engine::{Engine, EngineConfig, Event, JobSpec, SchedulerLimits};
+use crate::engine::{Engine, EngineConfig, Event, JobHandle, JobSpec, SchedulerLimits};
 use crate::generate::GenerationParams;
 use crate::model::{CacheStrategy, HuginnModel};
 use crate::text::TextTokenizer;
@@ -58,6 +58,11 @@ pub fn engine_with_budget(
     )
 }
 
+/// `spec` validated and queued; `None` when refused (the benchmark then records nothing for it).
+pub fn queue(engine: &Engine, spec: JobSpec) -> Option<JobHandle> {
+    engine.submit(engine.validate(spec).ok()?).ok()
+}
+
 /// A greedy job from a zero initial state with the `shared:1` cache, as every benchmark sends.
 pub fn spec(prompt: &[u32], num_steps: usize, tokens: usize) -> JobSpec {
     let mut params = GenerationParams::new(num_steps);
@@ -70,7 +75,7 @@ pub fn spec(prompt: &[u32], num_steps: usize, tokens: usize) -> JobSpec {
 /// Timings of one request: (time to first token, gaps between tokens, tokens).
 fn run_one(engine: &Engine, spec: JobSpec) -> (f64, Vec<f64>, usize) {
     let started = Instant::now();
-    let Ok(mut handle) = engine.submit(spec) else { return (0.0, Vec::new(), 0) };
+    let Some(mut handle) = queue(engine, spec) else { return (0.0, Vec::new(), 0) };
     let (mut first, mut last, mut gaps, mut tokens) = (None, None::<Instant>, Vec::new(), 0);
     while let Some(event) = handle.events.blocking_recv() {
         match event {

@@ -11,9 +11,9 @@ pub mod load;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::engine::{Driver, Event, JobSpec};
+use crate::engine::{Driver, Event, JobSpec, RunError};
 use crate::generate::GenerationParams;
-use crate::model::{CacheStrategy, HuginnModel, Result};
+use crate::model::{CacheStrategy, HuginnModel};
 use crate::text::TextTokenizer;
 
 /// Decode speed of one configuration.
@@ -45,7 +45,7 @@ pub fn decode_speed(
     num_steps: usize,
     tokens: usize,
     repeats: usize,
-) -> Result<DecodeStats> {
+) -> Result<DecodeStats, RunError> {
     let mut params = GenerationParams::new(num_steps);
     params.max_tokens = tokens + 2;
     params.init_scale = 0.0;

@@ -18,7 +18,7 @@ use candle_core::{DType, Device};
 use super::bench_tally::Tally;
 use super::report_section::Section;
 use huginn::engine::{Driver, JobSpec};
-use huginn::generate::{FreezeRule, GenerationParams, ParallelSampling};
+use huginn::generate::{Decoding, FreezeRule, GenerationParams, ParallelSampling};
 use huginn::model::{CacheStrategy, ExitCriterion, ExitRule, HuginnModel};
 use huginn::text::TextTokenizer;
 use huginn::train::addition::TaskFile;
@@ -51,11 +51,11 @@ fn sampling(inner_steps: usize, freeze: FreezeRule, threshold: f64) -> ParallelS
 }
 
 fn name(budget: &Budget) -> String {
-    match (budget.parallel, budget.exit.criterion) {
-        (Some(p), _) if p.freeze == FreezeRule::Fixed => format!("parallel r'={} fixed", p.inner_steps),
-        (Some(p), _) => format!("parallel r'={} {} {}", p.inner_steps, p.freeze, p.threshold),
-        (None, ExitCriterion::None) => "sequential".into(),
-        (None, criterion) => format!("sequential, exit {criterion} {}", BEST_EXIT.1),
+    match (budget.decoding, budget.exit.criterion) {
+        (Decoding::Parallel(p), _) if p.freeze == FreezeRule::Fixed => format!("parallel r'={} fixed", p.inner_steps),
+        (Decoding::Parallel(p), _) => format!("parallel r'={} {} {}", p.inner_steps, p.freeze, p.threshold),
+        (_, ExitCriterion::None) => "sequential".into(),
+        (_, criterion) => format!("sequential, exit {criterion} {}", BEST_EXIT.1),
     }
 }
 
@@ -100,7 +100,7 @@ fn addition_table(md: &mut String, dir: &Path, quick: bool) -> anyhow::Result<()
     let exit = ExitRule::new(BEST_EXIT.0, Some(BEST_EXIT.1), 0)?;
     let mut settings = vec![Budget::fixed(num_steps), Budget { exit, ..Budget::fixed(num_steps) }];
     settings.extend(ADDITION_SAMPLERS.iter().filter(|s| s.0 <= num_steps).map(|&(inner, freeze, threshold)| Budget {
-        parallel: Some(sampling(inner, freeze, threshold)),
+        decoding: Decoding::Parallel(sampling(inner, freeze, threshold)),
         ..Budget::fixed(num_steps)
     }));
     let mut tallies: Vec<Tally> = settings.iter().map(|_| Tally::default()).collect();
@@ -115,9 +115,11 @@ fn addition_table(md: &mut String, dir: &Path, quick: bool) -> anyhow::Result<()
     let (seq, seq_decode) = (sequential.tokens_per_second(), sequential.decode_tokens_per_second());
     let (ex, ex_decode) = (exit.tokens_per_second(), exit.decode_tokens_per_second());
     for (budget, t) in settings.iter().zip(&tallies) {
-        let (per_step, wavefront) = match budget.parallel {
-            Some(_) => (format!("{:.2}", t.waves.tokens_per_step()), format!("{:.2}", t.waves.mean_wavefront())),
-            None => ("-".into(), "-".into()),
+        let (per_step, wavefront) = match budget.decoding {
+            Decoding::Parallel(_) => {
+                (format!("{:.2}", t.waves.tokens_per_step()), format!("{:.2}", t.waves.mean_wavefront()))
+            }
+            _ => ("-".into(), "-".into()),
         };
         let row = format!(
             "| {} | {:.1}% | {:.0} | {:.2}x | {:.2}x | {:.0} | {:.2}x | {:.2}x | {per_step} | {wavefront} | {:.2} |",
@@ -152,17 +154,17 @@ fn large_table(md: &mut String, dir: &Path, quick: bool) -> anyhow::Result<()> {
     writeln!(md, "| concurrency | setting | tokens/s | vs sequential | tokens per sampler step | mean wavefront |")?;
     writeln!(md, "|---:|---|---:|---:|---:|---:|")?;
     for concurrency in [1, 16] {
-        let mut settings = vec![None];
-        settings.extend(LARGE_INNER.iter().map(|&inner| Some(sampling(inner, FreezeRule::Fixed, 0.0))));
+        let mut settings = vec![Decoding::default()];
+        settings.extend(LARGE_INNER.iter().map(|&inner| Decoding::Parallel(sampling(inner, FreezeRule::Fixed, 0.0))));
         let mut tallies: Vec<Tally> = settings.iter().map(|_| Tally::default()).collect();
         for _ in 0..rounds {
-            for (parallel, tally) in settings.iter().zip(&mut tallies) {
+            for (decoding, tally) in settings.iter().zip(&mut tallies) {
                 let mut params = GenerationParams::new(LARGE_STEPS);
                 params.max_tokens = tokens;
                 params.init_scale = 0.0;
                 params.cache = CacheStrategy::Shared(1);
                 params.stop_token_ids.clear();
-                params.parallel = *parallel;
+                params.decoding = *decoding;
                 let specs = vec![JobSpec::new(PROMPT.to_vec(), params); concurrency];
                 let mut driver = Driver::new(model.clone(), tokenizer.clone(), concurrency);
                 let started = Instant::now();
@@ -172,14 +174,14 @@ fn large_table(md: &mut String, dir: &Path, quick: bool) -> anyhow::Result<()> {
             }
         }
         let sequential = tallies[0].tokens_per_second();
-        for (parallel, t) in settings.iter().zip(&tallies) {
-            let (setting, per_step, wavefront) = match parallel {
-                Some(p) => (
+        for (decoding, t) in settings.iter().zip(&tallies) {
+            let (setting, per_step, wavefront) = match decoding {
+                Decoding::Parallel(p) => (
                     format!("parallel r'={} fixed", p.inner_steps),
                     format!("{:.2}", t.waves.tokens_per_step()),
                     format!("{:.2}", t.waves.mean_wavefront()),
                 ),
-                None => ("sequential".into(), "-".into(), "-".into()),
+                _ => ("sequential".into(), "-".into(), "-".into()),
             };
             let row = format!(
                 "| {concurrency} | {setting} | {:.2} | {:.2}x | {per_step} | {wavefront} |",

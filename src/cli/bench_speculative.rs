@@ -16,7 +16,7 @@ use candle_core::{DType, Device};
 use super::bench_tally::Tally;
 use super::report_section::Section;
 use huginn::engine::{Driver, JobSpec};
-use huginn::generate::{GenerationParams, Speculation};
+use huginn::generate::{Decoding, GenerationParams, Speculation};
 use huginn::model::{CacheStrategy, HuginnModel};
 use huginn::text::TextTokenizer;
 use huginn::train::addition::TaskFile;
@@ -85,7 +85,8 @@ fn addition_table(md: &mut String, dir: &Path, quick: bool) -> anyhow::Result<()
         let mut tallies: Vec<Tally> = settings.iter().map(|_| Tally::default()).collect();
         for group in problems.chunks(10) {
             for (speculation, tally) in settings.iter().zip(&mut tallies) {
-                let budget = Budget { speculation: *speculation, ..Budget::fixed(num_steps) };
+                let decoding = speculation.map_or_else(Decoding::default, Decoding::Speculative);
+                let budget = Budget { decoding, ..Budget::fixed(num_steps) };
                 let started = Instant::now();
                 let result = evaluate_in_batches(&model, &tokenizer, group, false, budget, 1)?;
                 tally.add(&result, started.elapsed().as_secs_f64());
@@ -135,7 +136,7 @@ fn large_table(md: &mut String, dir: &Path, quick: bool) -> anyhow::Result<()> {
                 params.max_tokens = tokens;
                 params.init_scale = 0.0;
                 params.cache = CacheStrategy::Shared(1);
-                params.speculation = *speculation;
+                params.decoding = speculation.map_or_else(Decoding::default, Decoding::Speculative);
                 let specs = vec![JobSpec::new(PROMPT.to_vec(), params); concurrency];
                 let mut driver = Driver::new(model.clone(), tokenizer.clone(), concurrency);
                 let started = Instant::now();

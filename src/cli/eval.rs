@@ -7,7 +7,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use clap::Args;
 
-use huginn::generate::{FreezeRule, ParallelSampling, Speculation};
+use huginn::generate::{Decoding, FreezeRule, ParallelSampling, Speculation};
 use huginn::model::{ExitCriterion, ExitRule, HuginnModel};
 use huginn::text::TextTokenizer;
 use huginn::train::addition::TaskFile;
@@ -74,10 +74,11 @@ fn parse_draft(spec: &str) -> anyhow::Result<Budget> {
     let [draft_steps, draft_tokens, num_steps] = parts[..] else {
         anyhow::bail!("--draft `{spec}`: use draft_steps:draft_tokens:num_steps, e.g. 2:4:12");
     };
-    let budget = Budget { speculation: Some(Speculation { draft_steps, draft_tokens }), ..Budget::fixed(num_steps) };
+    let decoding = Decoding::Speculative(Speculation { draft_steps, draft_tokens });
+    let budget = Budget { decoding, ..Budget::fixed(num_steps) };
     let mut params = huginn::generate::GenerationParams::new(num_steps);
-    params.speculation = budget.speculation;
-    params.validate().with_context(|| format!("--draft `{spec}`"))?;
+    params.decoding = budget.decoding;
+    params.check().with_context(|| format!("--draft `{spec}`"))?;
     Ok(budget)
 }
 
@@ -102,10 +103,10 @@ fn parse_parallel(spec: &str) -> anyhow::Result<Budget> {
         state_noise: 0.0,
         embed_ema: huginn::settings::GenerationSettings::default().embed_ema,
     };
-    let budget = Budget { parallel: Some(sampling), ..Budget::fixed(num_steps) };
+    let budget = Budget { decoding: Decoding::Parallel(sampling), ..Budget::fixed(num_steps) };
     let mut params = huginn::generate::GenerationParams::new(num_steps);
-    params.parallel = budget.parallel;
-    params.validate().with_context(|| format!("--parallel `{spec}`"))?;
+    params.decoding = budget.decoding;
+    params.check().with_context(|| format!("--parallel `{spec}`"))?;
     Ok(budget)
 }
 
@@ -150,9 +151,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         );
         println!("{row}");
         writeln!(md, "{row}")?;
-        if budget.speculation.is_some() {
+        if matches!(budget.decoding, Decoding::Speculative(_)) {
             eprintln!("{name}: {:.1}% of the drafts accepted", 100.0 * result.acceptance());
-        } else if budget.parallel.is_some() {
+        } else if matches!(budget.decoding, Decoding::Parallel(_)) {
             let w = result.waves;
             eprintln!(
                 "{name}: {:.2} tokens per sampler step, mean wavefront {:.2}",

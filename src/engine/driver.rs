@@ -8,11 +8,13 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::error::TryRecvError;
 
+use super::job::EngineFailure;
 use super::job::{DraftCounts, Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs, WaveCounts};
 use super::scheduler::{Scheduler, SchedulerLimits};
 use super::shared::kv_reservation;
+use crate::generate::FieldError;
 use crate::generate::FinishReason;
-use crate::model::{HuginnModel, ModelError, Result};
+use crate::model::{HuginnModel, ModelError};
 use crate::text::TextTokenizer;
 
 /// What one choice of a job produced.
@@ -70,6 +72,23 @@ impl Completion {
     }
 }
 
+/// Why a run through the [`Driver`] did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A job's parameters or prompt (the field named).
+    #[error("`{}`: {}", .0.field, .0.message)]
+    Invalid(#[from] FieldError),
+    /// A pass of the model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A job failed inside the engine.
+    #[error("job {job} failed: {failure}")]
+    Failed { job: usize, failure: EngineFailure },
+    /// A job's choices did not all finish (an engine bug).
+    #[error("job {0} ended with choices still open")]
+    Unfinished(usize),
+}
+
 /// Runs jobs to completion through a [`Scheduler`], driven from this thread. Each tick runs on
 /// the driver's compute threads, as a server worker's does, so that the serial parts of a tick
 /// and the parallel kernels share threads instead of this one handing every kernel call over.
@@ -110,12 +129,9 @@ impl Driver {
     }
 
     /// Runs one job of one choice.
-    pub fn run_one(&mut self, spec: JobSpec) -> Result<Completion> {
+    pub fn run_one(&mut self, spec: JobSpec) -> Result<Completion, RunError> {
         let mut outcomes = self.run(vec![spec], |_, _| {})?;
-        outcomes
-            .pop()
-            .and_then(|mut choices| choices.drain(..).next())
-            .ok_or_else(|| ModelError::InvalidArgument("the job ended without a choice".into()))
+        outcomes.pop().and_then(|mut choices| choices.drain(..).next()).ok_or(RunError::Unfinished(0))
     }
 
     /// Runs `specs` together (batched as the server batches them), calling `on_event(job, event)`
@@ -125,17 +141,15 @@ impl Driver {
         &mut self,
         specs: Vec<JobSpec>,
         mut on_event: impl FnMut(usize, &Event),
-    ) -> Result<Vec<Vec<Completion>>> {
+    ) -> Result<Vec<Vec<Completion>>, RunError> {
         let cfg = self.model.config().clone();
-        for spec in &specs {
-            spec.validate(&cfg)?;
-        }
+        let specs = specs.into_iter().map(|spec| spec.validate(&cfg)).collect::<Result<Vec<_>, _>>()?;
         let started = Instant::now();
         let mut waiting = std::collections::VecDeque::new();
         let mut tracked = Vec::with_capacity(specs.len());
         for spec in specs {
-            let n = spec.n;
-            let reservation = kv_reservation(&cfg, self.model.kv_dtype().size_in_bytes(), &spec);
+            let n = spec.spec().n;
+            let reservation = kv_reservation(&cfg, self.model.kv_dtype().size_in_bytes(), spec.spec());
             let (job, handle) = Job::new(spec, reservation);
             waiting.push_back(job);
             tracked.push(Tracked { handle, choices: (0..n).map(|_| Completion::new()).collect(), open: n });
@@ -162,7 +176,7 @@ impl Driver {
         for (index, job) in tracked.iter_mut().enumerate() {
             drain(index, job, started, &mut on_event)?;
             if job.open > 0 {
-                return Err(ModelError::InvalidArgument(format!("job {index} ended with {} open choices", job.open)));
+                return Err(RunError::Unfinished(index));
             }
         }
         Ok(tracked.into_iter().map(|job| job.choices).collect())
@@ -170,7 +184,12 @@ impl Driver {
 }
 
 /// Takes every event of `job` that has arrived.
-fn drain(index: usize, job: &mut Tracked, started: Instant, on_event: &mut impl FnMut(usize, &Event)) -> Result<()> {
+fn drain(
+    index: usize,
+    job: &mut Tracked,
+    started: Instant,
+    on_event: &mut impl FnMut(usize, &Event),
+) -> Result<(), RunError> {
     loop {
         let event = match job.handle.events.try_recv() {
             Ok(event) => event,
@@ -209,9 +228,7 @@ fn drain(index: usize, job: &mut Tracked, started: Instant, on_event: &mut impl 
                 c.seconds = seconds;
                 job.open -= 1;
             }
-            Event::Error { failure } => {
-                return Err(ModelError::InvalidArgument(format!("job {index} failed: {failure}")));
-            }
+            Event::Error { failure } => return Err(RunError::Failed { job: index, failure }),
         }
     }
 }

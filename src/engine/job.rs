@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use crate::generate::{FinishReason, GenerationParams};
+use crate::generate::check::named;
+use crate::generate::{FieldError, FinishReason, GenerationParams, ranges};
 use crate::model::exit::log_softmax;
 
 /// Why a token stopped iterating.
@@ -186,47 +187,79 @@ impl JobSpec {
     /// `draft_tokens + 1` tokens, a parallel sampler step up to `max_wavefront`, each with its
     /// logits when reported.
     pub fn events_per_tick(&self) -> usize {
-        let drafts = self.params.speculation.map_or(0, |s| s.draft_tokens);
-        let window = self.params.parallel.map_or(0, |p| p.max_wavefront);
+        let drafts = self.params.speculation().map_or(0, |s| s.draft_tokens);
+        let window = self.params.parallel().map_or(0, |p| p.max_wavefront);
         EVENTS_PER_TICK + 2 * drafts.max(window)
     }
 
-    /// What the engine itself requires of a job on a model with `cfg` (the HTTP layer checks
-    /// more, naming fields): valid parameters, a prompt inside the context and the vocabulary.
-    pub fn validate(&self, cfg: &crate::model::HuginnConfig) -> crate::model::Result<()> {
-        use crate::model::ModelError;
-        self.params.validate()?;
-        if self.prompt.is_empty() {
-            return Err(ModelError::InvalidArgument("the prompt is empty".into()));
+    /// What the engine requires of a job on a model with `cfg`: the one check of its parameters,
+    /// a prompt inside the context and the vocabulary, at least one choice. The only way to a
+    /// [`ValidJob`], which is all the engine takes, so a library caller cannot queue what the
+    /// server would refuse.
+    pub fn validate(self, cfg: &crate::model::HuginnConfig) -> Result<ValidJob, FieldError> {
+        self.params.check()?;
+        let (len, context, vocab) = (self.prompt.len(), cfg.block_size, cfg.vocab_size);
+        if len == 0 {
+            return Err(FieldError::new("prompt", "the prompt is empty"));
+        }
+        if len >= context {
+            let message =
+                format!("the prompt has {len} tokens; the context length {context} leaves no room for a token");
+            return Err(FieldError::new("prompt", message));
+        }
+        let outside = |ids: &[u32]| ids.iter().copied().find(|&id| id as usize >= vocab);
+        if let Some(id) = outside(&self.prompt) {
+            return Err(FieldError::new("prompt", format!("token id {id} is outside the vocabulary (size {vocab})")));
+        }
+        if let Some(id) = outside(&self.params.stop_token_ids) {
+            let message = format!("`stop_token_ids`: token id {id} is outside the vocabulary (size {vocab})");
+            return Err(FieldError::new("stop_token_ids", message));
         }
         if self.n == 0 {
-            return Err(ModelError::InvalidArgument("a job needs at least one choice".into()));
+            return Err(FieldError::new("n", "`n` must be at least 1"));
         }
-        if self.prompt.len() >= cfg.block_size {
-            return Err(ModelError::ContextOverflow { needed: self.prompt.len() + 1, limit: cfg.block_size });
+        if self.max_total_steps == Some(0) {
+            return Err(FieldError::new("max_total_steps", "`max_total_steps` must be at least 1"));
         }
-        if let Some(&id) = self.prompt.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-            return Err(ModelError::TokenOutOfRange { id, vocab: cfg.vocab_size });
+        if let Some(top) = self.logprobs {
+            named("logprobs", ranges::top_logprobs(top as i64).map(|_| ()))?;
         }
-        Ok(())
+        Ok(ValidJob(self))
+    }
+}
+
+/// A job that passed [`JobSpec::validate`]; nothing else makes one:
+///
+/// ```compile_fail
+/// fn forge(spec: huginn::engine::JobSpec) -> huginn::engine::ValidJob {
+///     huginn::engine::ValidJob(spec)
+/// }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ValidJob(JobSpec);
+
+impl ValidJob {
+    pub fn spec(&self) -> &JobSpec {
+        &self.0
     }
 }
 
 /// A job on its way to a worker.
 pub struct Job {
-    pub spec: JobSpec,
+    pub(crate) spec: JobSpec,
     /// Worst-case K/V bytes of all its choices on its worker (computed once, when submitted): its
     /// worker's load while queued, its admission check, then its sequences' reservation.
-    pub kv_reservation: usize,
-    pub events: mpsc::Sender<Event>,
-    pub cancelled: Arc<AtomicBool>,
-    pub submitted: Instant,
+    pub(crate) kv_reservation: usize,
+    pub(crate) events: mpsc::Sender<Event>,
+    pub(crate) cancelled: Arc<AtomicBool>,
+    pub(crate) submitted: Instant,
 }
 
 impl Job {
-    /// A job for `spec` reserving `kv_reservation` bytes, and its caller's handle (events on a
+    /// A job for `valid` reserving `kv_reservation` bytes, and its caller's handle (events on a
     /// channel of [`EVENTS_PER_CHOICE`] per choice).
-    pub fn new(spec: JobSpec, kv_reservation: usize) -> (Self, JobHandle) {
+    pub fn new(valid: ValidJob, kv_reservation: usize) -> (Self, JobHandle) {
+        let spec = valid.0;
         let per_choice = EVENTS_PER_CHOICE + spec.events_per_tick() - EVENTS_PER_TICK;
         let (events, receiver) = mpsc::channel(per_choice * spec.n.max(1));
         let cancelled = Arc::new(AtomicBool::new(false));

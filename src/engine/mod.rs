@@ -12,8 +12,10 @@ pub mod shared;
 pub mod wavefront;
 pub mod worker;
 
-pub use driver::{Completion, Driver};
+pub use driver::{Completion, Driver, RunError};
 pub use fault::SequenceFault;
-pub use job::{DraftCounts, EngineFailure, Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs, WaveCounts};
+pub use job::{
+    DraftCounts, EngineFailure, Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs, ValidJob, WaveCounts,
+};
 pub use scheduler::{Scheduler, SchedulerLimits};
 pub use worker::{Engine, EngineConfig, EngineError};

@@ -27,7 +27,7 @@ fn job(scheduler: &Scheduler, num_steps: usize, max_tokens: usize) -> (Job, JobH
     params.cache = CacheStrategy::Shared(1);
     let spec = JobSpec::new(PROMPT.to_vec(), params);
     let reservation = kv_reservation(scheduler.model.config(), 4, &spec);
-    Job::new(spec, reservation)
+    Job::new(spec.validate(scheduler.model.config()).expect("valid"), reservation)
 }
 
 fn events(handle: &mut JobHandle) -> Vec<Event> {

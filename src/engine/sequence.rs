@@ -175,7 +175,7 @@ impl Sequence {
     ) -> crate::model::Result<()> {
         let params = &self.shared.spec.params;
         let c = &mut self.chunk;
-        if self.prefill || !params.continuous_compute {
+        if self.prefill || !params.continuous_compute() {
             c.state = model.init_state(c.len, params.init_scale, &mut self.rng)?;
         }
         let rule = params.exit;

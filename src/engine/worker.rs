@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge};
 
-use super::job::{Job, JobHandle, JobSpec};
+use super::job::{Job, JobHandle, JobSpec, ValidJob};
 use super::scheduler::{Scheduler, SchedulerLimits, Totals};
 use super::shared::kv_reservation;
+use crate::generate::FieldError;
 use crate::metrics as m;
 use crate::model::HuginnModel;
 use crate::text::TextTokenizer;
@@ -150,6 +151,7 @@ impl Engine {
                 shared.report_kv(0);
                 gauge!(m::REQUESTS_RUNNING, "worker" => shared.label.clone()).increment(0.0);
                 counter!(m::CORE_STEPS, "worker" => shared.label.clone()).increment(0);
+                counter!(m::SEQUENCE_FAULTS, "worker" => shared.label.clone()).increment(0);
                 let (tokenizer, guard, up) = (tokenizer.clone(), AliveGuard(shared.clone()), up_tx.clone());
                 let replica = model.clone();
                 let thread = std::thread::Builder::new()
@@ -179,14 +181,32 @@ impl Engine {
         }
     }
 
+    /// Checks `spec` against the served model ([`JobSpec::validate`]): the only way to a job
+    /// [`Self::submit`] takes.
+    pub fn validate(&self, spec: JobSpec) -> Result<ValidJob, FieldError> {
+        // Every worker serves the same model (one per device).
+        match self.workers.first() {
+            Some(worker) => spec.validate(worker.model.config()),
+            None => Err(FieldError::new("model", "the engine has no worker")),
+        }
+    }
+
     /// Queues a job on the least-loaded live worker (workers that are up first, then by reserved
     /// K/V bytes, then by jobs and sequences); fails at once when every queue is full. A worker
     /// restarting after a fault still takes jobs: they wait for it in its queue.
-    pub fn submit(&self, spec: JobSpec) -> Result<JobHandle, EngineError> {
+    ///
+    /// Only a [`ValidJob`] is taken; a [`JobSpec`] that was not validated does not compile:
+    ///
+    /// ```compile_fail
+    /// fn queue(engine: &huginn::engine::Engine, spec: huginn::engine::JobSpec) {
+    ///     let _ = engine.submit(spec);
+    /// }
+    /// ```
+    pub fn submit(&self, job: ValidJob) -> Result<JobHandle, EngineError> {
         // One dispatch at a time: the choice of worker and its reservation are one step, so that
         // concurrent submissions see each other's load.
         let _dispatch = self.dispatch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (mut job, handle) = Job::new(spec, 0);
+        let (mut job, handle) = Job::new(job, 0);
         let mut order: Vec<&Worker> = self.workers.iter().filter(|w| w.shared.alive.load(Ordering::SeqCst)).collect();
         if order.is_empty() {
             return Err(EngineError::Unavailable);

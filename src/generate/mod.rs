@@ -3,6 +3,9 @@
 
 pub mod sampling;
 
+pub mod check;
+mod decoding;
+pub mod defaults;
 pub mod parallel;
 pub mod ranges;
 pub mod request;
@@ -10,13 +13,14 @@ pub mod speculative;
 
 use serde::Serialize;
 
-use crate::model::{CacheStrategy, ExitRule, ModelError, Result};
+use crate::model::{CacheStrategy, ExitRule};
+pub use check::FieldError;
 pub use parallel::{FreezeRule, ParallelSampling, SamplerKind};
-pub use request::{FieldError, GenerationRequest, RequestContext, ResolvedGeneration, fit_context};
+pub use request::{GenerationRequest, RequestContext, ResolvedGeneration, fit_context};
 pub use sampling::{GREEDY_TEMPERATURE, Sampler, SamplingParams};
 pub use speculative::Verdict;
 
-/// Everything that shapes one generation.
+/// Everything that shapes one generation. [`Self::check`] is its one check.
 #[derive(Debug, Clone)]
 pub struct GenerationParams {
     pub max_tokens: usize,
@@ -25,17 +29,32 @@ pub struct GenerationParams {
     pub exit: ExitRule,
     /// Scale of the random initial state (0: start from zeros, fully deterministic).
     pub init_scale: f64,
-    /// Start each token from the previous token's final state instead of a fresh one.
-    pub continuous_compute: bool,
     pub cache: CacheStrategy,
-    /// Self-speculative decoding: draft tokens at few steps, verify them at `num_steps`.
-    pub speculation: Option<Speculation>,
-    /// The parallel (diffusion-forcing) sampler instead of one token at a time.
-    pub parallel: Option<ParallelSampling>,
+    /// How tokens are produced.
+    pub decoding: Decoding,
     pub sampling: SamplingParams,
     /// Generation ends after any of these ids (included in `token_ids`).
     pub stop_token_ids: Vec<u32>,
     pub seed: u64,
+}
+
+/// The decoding strategy of one generation, with the parameters only it has: one of them, so that
+/// no two can be asked for together.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decoding {
+    /// One token at a time, each iterated to its exit or cap; `continuous_compute`: each token
+    /// starts from the previous token's final state instead of a fresh one.
+    Sequential { continuous_compute: bool },
+    /// Self-speculative decoding: draft tokens at few steps, verify them at `num_steps`.
+    Speculative(Speculation),
+    /// The parallel (diffusion-forcing) sampler.
+    Parallel(ParallelSampling),
+}
+
+impl Default for Decoding {
+    fn default() -> Self {
+        Decoding::Sequential { continuous_compute: false }
+    }
 }
 
 impl GenerationParams {
@@ -45,53 +64,33 @@ impl GenerationParams {
             num_steps,
             exit: ExitRule::default(),
             init_scale: 1.0,
-            continuous_compute: false,
             cache: CacheStrategy::default(),
-            speculation: None,
-            parallel: None,
+            decoding: Decoding::default(),
             sampling: SamplingParams::default(),
             stop_token_ids: Vec::new(),
             seed: 0,
         }
     }
 
-    pub fn validate(&self) -> Result<()> {
-        if self.num_steps == 0 {
-            return Err(ModelError::InvalidArgument("num_steps must be at least 1".into()));
+    /// The speculation, when decoding speculatively.
+    pub fn speculation(&self) -> Option<Speculation> {
+        match self.decoding {
+            Decoding::Speculative(s) => Some(s),
+            _ => None,
         }
-        if self.exit.min_steps > self.num_steps {
-            return Err(ModelError::InvalidArgument(format!(
-                "min_steps ({}) exceeds num_steps ({})",
-                self.exit.min_steps, self.num_steps
-            )));
+    }
+
+    /// The parallel sampler, when it decodes.
+    pub fn parallel(&self) -> Option<ParallelSampling> {
+        match self.decoding {
+            Decoding::Parallel(p) => Some(p),
+            _ => None,
         }
-        if let Some(s) = self.speculation {
-            if s.draft_steps == 0 || s.draft_steps >= self.num_steps {
-                return Err(ModelError::InvalidArgument(format!(
-                    "draft_steps must be between 1 and num_steps - 1 ({}), got {}",
-                    self.num_steps.saturating_sub(1),
-                    s.draft_steps
-                )));
-            }
-            if s.draft_tokens == 0 {
-                return Err(ModelError::InvalidArgument("draft_tokens must be at least 1".into()));
-            }
-            if self.continuous_compute {
-                return Err(ModelError::InvalidArgument(
-                    "draft_steps cannot be combined with continuous_compute".into(),
-                ));
-            }
-        }
-        if let Some(p) = self.parallel {
-            p.validate(self.num_steps)?;
-            if self.speculation.is_some() || self.continuous_compute {
-                return Err(ModelError::InvalidArgument(
-                    "the parallel sampler cannot be combined with speculation or continuous_compute".into(),
-                ));
-            }
-        }
-        ranges::init_scale(self.init_scale).map_err(|e| ModelError::InvalidArgument(format!("init_scale {e}")))?;
-        self.sampling.validate()
+    }
+
+    /// Whether each token starts from the previous token's final state.
+    pub fn continuous_compute(&self) -> bool {
+        matches!(self.decoding, Decoding::Sequential { continuous_compute: true })
     }
 }
 

@@ -7,9 +7,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::request::{FieldError, GenerationRequest};
-use crate::model::{ExitCriterion, ModelError};
-use crate::settings::{GenerationSettings, LimitSettings};
+use super::check::FieldError;
 
 /// Relative latent change below which a window position counts as converged, unless the request
 /// gives `exit_threshold`.
@@ -40,7 +38,7 @@ pub enum FreezeRule {
 }
 
 macro_rules! named_values {
-    ($t:ty, $what:literal, $($variant:path => $name:literal),+) => {
+    ($t:ty, $field:literal, $what:literal, $($variant:path => $name:literal),+) => {
         impl $t {
             pub fn name(&self) -> &'static str {
                 match self { $($variant => $name),+ }
@@ -52,19 +50,19 @@ macro_rules! named_values {
             }
         }
         impl FromStr for $t {
-            type Err = ModelError;
-            fn from_str(s: &str) -> crate::model::Result<Self> {
+            type Err = FieldError;
+            fn from_str(s: &str) -> Result<Self, FieldError> {
                 match s {
                     $($name => Ok($variant),)+
-                    _ => Err(ModelError::InvalidArgument(format!(
+                    _ => Err(FieldError::new($field, format!(
                         concat!("unknown ", $what, " `{}` (one of {})"), s, [$($name),+].join(", ")
                     ))),
                 }
             }
         }
         impl TryFrom<String> for $t {
-            type Error = ModelError;
-            fn try_from(s: String) -> crate::model::Result<Self> {
+            type Error = FieldError;
+            fn try_from(s: String) -> Result<Self, FieldError> {
                 s.parse()
             }
         }
@@ -76,8 +74,8 @@ macro_rules! named_values {
     };
 }
 
-named_values!(SamplerKind, "sampler", SamplerKind::Sequential => "sequential", SamplerKind::Parallel => "parallel");
-named_values!(FreezeRule, "freeze rule", FreezeRule::LatentDiff => "latent-diff",
+named_values!(SamplerKind, "sampler", "sampler", SamplerKind::Sequential => "sequential", SamplerKind::Parallel => "parallel");
+named_values!(FreezeRule, "freeze", "freeze rule", FreezeRule::LatentDiff => "latent-diff",
     FreezeRule::LatentDiffStrict => "latent-diff-strict", FreezeRule::Fixed => "fixed");
 
 /// The parallel sampler of one generation.
@@ -94,40 +92,6 @@ pub struct ParallelSampling {
     pub state_noise: f64,
     /// η: a position's input embedding is `(1 - η)·new + η·previous` once it has one.
     pub embed_ema: f64,
-}
-
-impl ParallelSampling {
-    /// What the engine requires, for a generation of `num_steps` (the request layer names fields).
-    pub fn validate(&self, num_steps: usize) -> crate::model::Result<()> {
-        let bad = |message: String| Err(ModelError::InvalidArgument(message));
-        if self.inner_steps == 0 || self.inner_steps > num_steps {
-            return bad(format!("inner_steps must be between 1 and num_steps ({num_steps}), got {}", self.inner_steps));
-        }
-        if self.max_wavefront == 0 {
-            return bad("max_wavefront must be at least 1".into());
-        }
-        if !self.threshold.is_finite() || self.threshold < 0.0 {
-            return bad(format!("the freeze threshold must be a finite number >= 0, got {}", self.threshold));
-        }
-        state_noise(self.state_noise).or_else(|e| bad(format!("state_noise {e}")))?;
-        embed_ema(self.embed_ema).or_else(|e| bad(format!("embed_ema {e}")))
-    }
-}
-
-pub fn state_noise(value: f64) -> Result<(), String> {
-    if value.is_finite() && (0.0..=1.0).contains(&value) {
-        Ok(())
-    } else {
-        Err(format!("must be between 0 and 1, got {value}"))
-    }
-}
-
-pub fn embed_ema(value: f64) -> Result<(), String> {
-    if value.is_finite() && (0.0..1.0).contains(&value) {
-        Ok(())
-    } else {
-        Err(format!("must be in [0, 1), got {value}"))
-    }
 }
 
 /// One window row after a sampler step, as the freeze rules see it.
@@ -177,87 +141,6 @@ impl ParallelSampling {
         } else {
             FrozenBy::Carried
         }
-    }
-}
-
-impl GenerationRequest {
-    /// The parallel sampler when `sampler` (the request's, else the settings') is `parallel`: its
-    /// fields from the request, else the settings, checked; the sequential exit fields and the
-    /// features it cannot be combined with are refused by name.
-    pub(super) fn parallel(
-        &self,
-        sampler: SamplerKind,
-        defaults: &GenerationSettings,
-        limits: &LimitSettings,
-        num_steps: usize,
-        speculating: bool,
-        continuous_compute: bool,
-    ) -> Result<Option<ParallelSampling>, FieldError> {
-        let fields = self;
-        if sampler == SamplerKind::Sequential {
-            if let Some(name) = self.parallel_field() {
-                return Err(FieldError::new(name, format!("`{name}` applies to `sampler` `parallel` only")));
-            }
-            return Ok(None);
-        }
-        let refuse = |field: &str, message: &str| Err(FieldError::new(field, message.to_string()));
-        if self.exit_criterion.is_some_and(|c| c != ExitCriterion::None) {
-            return refuse(
-                "exit_criterion",
-                "`exit_criterion` applies to the sequential sampler; `sampler` `parallel` freezes positions by `freeze`",
-            );
-        }
-        // Only the request's own fields get here (a default speculation or continuous_compute
-        // gives way to the parallel sampler): `sampler` is named if the request sent it, else
-        // the other field, which it did send.
-        let clash = |other: &'static str| if self.sampler.is_some() { "sampler" } else { other };
-        if speculating {
-            return refuse(
-                clash("draft_steps"),
-                "`sampler` `parallel` cannot be combined with `draft_steps` (speculation)",
-            );
-        }
-        if continuous_compute {
-            return refuse(
-                clash("continuous_compute"),
-                "`sampler` `parallel` cannot be combined with `continuous_compute`",
-            );
-        }
-        let count = |name: &str, value: i64, high: usize| {
-            usize::try_from(value)
-                .ok()
-                .filter(|v| (1..=high).contains(v))
-                .ok_or_else(|| FieldError::new(name, format!("`{name}` must be between 1 and {high}, got {value}")))
-        };
-        let inner_steps = match fields.inner_steps {
-            Some(v) => count("inner_steps", v, num_steps)?,
-            None => defaults.inner_steps.min(num_steps),
-        };
-        let max_wavefront = match fields.max_wavefront {
-            Some(v) => count("max_wavefront", v, limits.max_wavefront)?,
-            None => defaults.max_wavefront.min(limits.max_wavefront),
-        };
-        let freeze = fields.freeze.unwrap_or(defaults.freeze);
-        let threshold = self.exit_threshold.unwrap_or(DEFAULT_FREEZE_THRESHOLD);
-        if !threshold.is_finite() || threshold < 0.0 {
-            let message = format!("`exit_threshold` must be a finite number >= 0, got {threshold}");
-            return Err(FieldError::new("exit_threshold", message));
-        }
-        if freeze == FreezeRule::Fixed && self.exit_threshold.is_some() {
-            return refuse("exit_threshold", "`exit_threshold` does not apply to `freeze` `fixed`");
-        }
-        let state_noise_value = fields.state_noise.unwrap_or(defaults.state_noise);
-        state_noise(state_noise_value).map_err(|e| FieldError::new("state_noise", format!("`state_noise` {e}")))?;
-        let embed_ema_value = fields.embed_ema.unwrap_or(defaults.embed_ema);
-        embed_ema(embed_ema_value).map_err(|e| FieldError::new("embed_ema", format!("`embed_ema` {e}")))?;
-        Ok(Some(ParallelSampling {
-            inner_steps,
-            freeze,
-            threshold,
-            max_wavefront,
-            state_noise: state_noise_value,
-            embed_ema: embed_ema_value,
-        }))
     }
 }
 

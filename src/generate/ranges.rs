@@ -45,6 +45,59 @@ pub fn logit_bias(value: f64) -> Result<(), String> {
     within(value, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
 }
 
+/// A count that must let something through (`draft_tokens`, `max_wavefront`, ...).
+pub fn at_least_one(value: usize) -> Result<(), String> {
+    if value >= 1 { Ok(()) } else { Err("must be at least 1".into()) }
+}
+
+/// Recurrence steps per drafted token: fewer than the verification's `num_steps`.
+pub fn draft_steps(value: usize, num_steps: usize) -> Result<(), String> {
+    if (1..num_steps).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("must be between 1 and num_steps - 1 ({}), got {value}", num_steps.saturating_sub(1)))
+    }
+}
+
+/// Core steps per sampler step of the parallel sampler: at most `num_steps`.
+pub fn inner_steps(value: usize, num_steps: usize) -> Result<(), String> {
+    if (1..=num_steps).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("must be between 1 and num_steps ({num_steps}), got {value}"))
+    }
+}
+
+/// The parallel sampler's convergence threshold (a relative latent change).
+pub fn freeze_threshold(value: f64) -> Result<(), String> {
+    if value.is_finite() && value >= 0.0 { Ok(()) } else { Err(format!("must be a finite number >= 0, got {value}")) }
+}
+
+/// β of the parallel sampler.
+pub fn state_noise(value: f64) -> Result<(), String> {
+    within(value, 0.0, 1.0)
+}
+
+/// η of the parallel sampler: in [0, 1).
+pub fn embed_ema(value: f64) -> Result<(), String> {
+    if value.is_finite() && (0.0..1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("must be in [0, 1), got {value}"))
+    }
+}
+
+/// Top alternatives per token (`logprobs`, `top_logprobs`).
+pub fn top_logprobs(value: i64) -> Result<usize, String> {
+    usize::try_from(value)
+        .ok()
+        .filter(|&k| k <= MAX_LOGPROBS)
+        .ok_or_else(|| format!("must be between 0 and {MAX_LOGPROBS}, got {value}"))
+}
+
+/// Most alternatives a token may report (OpenAI's limit).
+pub const MAX_LOGPROBS: usize = 20;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use super::check::{FieldError, count, named};
+use super::defaults::{GenerationSettings, LimitSettings};
 use super::parallel::{FreezeRule, SamplerKind};
-use super::{GenerationParams, SamplingParams, Speculation, ranges};
+use super::{GenerationParams, SamplingParams, ranges};
 use crate::model::{CacheStrategy, ExitCriterion, ExitRule};
-use crate::settings::{GenerationSettings, LimitSettings};
 
 /// The generation fields of a request. `None` (or JSON `null`) means "not given".
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -71,33 +72,6 @@ pub struct ResolvedGeneration {
     pub max_tokens_explicit: bool,
 }
 
-/// A bad value, with the field it came from.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{message}")]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
-
-impl FieldError {
-    pub fn new(field: &str, message: impl Into<String>) -> Self {
-        Self { field: field.to_string(), message: message.into() }
-    }
-}
-
-/// `Err` naming `name` when `check` failed.
-fn named(name: &str, check: Result<(), String>) -> Result<(), FieldError> {
-    check.map_err(|e| FieldError::new(name, format!("`{name}` {e}")))
-}
-
-/// `value` as a count between `low` and `high`.
-fn count(name: &str, value: i64, low: usize, high: usize) -> Result<usize, FieldError> {
-    usize::try_from(value)
-        .ok()
-        .filter(|v| (low..=high).contains(v))
-        .ok_or_else(|| FieldError::new(name, format!("`{name}` must be between {low} and {high}, got {value}")))
-}
-
 impl GenerationRequest {
     pub fn resolve(&self, context: &RequestContext) -> Result<ResolvedGeneration, FieldError> {
         let (defaults, limits, vocab) = (context.defaults, context.limits, context.vocab_size);
@@ -141,16 +115,7 @@ impl GenerationRequest {
         let init_scale = self.init_scale.unwrap_or(defaults.init_scale);
         named("init_scale", ranges::init_scale(init_scale))?;
 
-        // The decoder: what the request asks for wins over the settings' defaults, and a default
-        // that cannot apply beside what it asks for gives way (README, "Server-wide defaults").
-        let asks_speculation = self.draft_steps.is_some_and(|steps| steps != 0);
-        let asks_parallel = self.sampler == Some(SamplerKind::Parallel);
-        let continuous_compute =
-            self.continuous_compute.unwrap_or(defaults.continuous_compute && !asks_speculation && !asks_parallel);
-        let sampler = self.sampler_kind(defaults, asks_speculation, continuous_compute);
-        let speculation = self.speculation(defaults, limits, num_steps, continuous_compute, sampler)?;
-        let parallel =
-            self.parallel(sampler, defaults, limits, num_steps, speculation.is_some(), continuous_compute)?;
+        let decoding = self.decoding(defaults, limits, num_steps)?;
 
         let in_vocabulary = |name: &str, id: i64| {
             u32::try_from(id).ok().filter(|&id| (id as usize) < vocab).ok_or_else(|| {
@@ -185,10 +150,8 @@ impl GenerationRequest {
             num_steps,
             exit,
             init_scale,
-            continuous_compute,
             cache: self.kv_cache.unwrap_or(defaults.kv_cache),
-            speculation,
-            parallel,
+            decoding,
             sampling: SamplingParams {
                 temperature: temperature as f32,
                 top_k,
@@ -203,86 +166,10 @@ impl GenerationRequest {
             // A seed is any 64-bit pattern: negative JSON integers are taken as their bits.
             seed: self.seed.map_or(defaults.seed, |s| s as u64),
         };
+        // The one check every generation passes (each field above was checked as the request
+        // spells it; this is what the library and the settings get too).
+        params.check()?;
         Ok(ResolvedGeneration { params, max_total_steps, max_tokens_explicit: max_tokens.is_some() })
-    }
-
-    /// The request's `sampler`, else the settings'; a parallel default gives way to the sequential
-    /// sampler for a request that asks for what only that one does (`draft_steps`,
-    /// `continuous_compute`, an `exit_criterion`) and sets none of the parallel fields.
-    fn sampler_kind(
-        &self,
-        defaults: &GenerationSettings,
-        asks_speculation: bool,
-        continuous_compute: bool,
-    ) -> SamplerKind {
-        let sequential_only =
-            asks_speculation || continuous_compute || self.exit_criterion.is_some_and(|c| c != ExitCriterion::None);
-        match self.sampler {
-            Some(kind) => kind,
-            None if defaults.sampler == SamplerKind::Parallel && sequential_only && self.parallel_field().is_none() => {
-                SamplerKind::Sequential
-            }
-            None => defaults.sampler,
-        }
-    }
-
-    /// The first parallel-sampler field the request gives, if any.
-    pub(super) fn parallel_field(&self) -> Option<&'static str> {
-        [
-            ("inner_steps", self.inner_steps.is_some()),
-            ("freeze", self.freeze.is_some()),
-            ("max_wavefront", self.max_wavefront.is_some()),
-            ("state_noise", self.state_noise.is_some()),
-            ("embed_ema", self.embed_ema.is_some()),
-        ]
-        .into_iter()
-        .find_map(|(name, given)| given.then_some(name))
-    }
-
-    /// `draft_steps` turns speculation on (the request's; 0 turns it off), else
-    /// `generation.draft_steps` where it can apply: below this `num_steps`, with the sequential
-    /// sampler and without `continuous_compute` (otherwise that request does not speculate).
-    /// `draft_tokens` is checked whenever given.
-    fn speculation(
-        &self,
-        defaults: &GenerationSettings,
-        limits: &LimitSettings,
-        num_steps: usize,
-        continuous_compute: bool,
-        sampler: SamplerKind,
-    ) -> Result<Option<Speculation>, FieldError> {
-        let draft_tokens = match self.draft_tokens {
-            Some(v) => count("draft_tokens", v, 1, limits.max_draft_tokens)?,
-            None => defaults.draft_tokens.min(limits.max_draft_tokens),
-        };
-        let draft_steps = match (self.draft_steps, defaults.draft_steps) {
-            (Some(0), _) => return Ok(None),
-            (Some(v), _) => v,
-            (None, Some(v)) if v < num_steps && !continuous_compute && sampler == SamplerKind::Sequential => {
-                return Ok(Some(Speculation { draft_steps: v, draft_tokens }));
-            }
-            (None, _) => return Ok(None),
-        };
-        // From here on the request itself asks to speculate.
-        if num_steps < 2 {
-            let message = format!(
-                "`draft_steps` needs num_steps of at least 2, got num_steps {num_steps} (0 turns speculation off)"
-            );
-            return Err(FieldError::new("draft_steps", message));
-        }
-        let draft_steps =
-            usize::try_from(draft_steps).ok().filter(|v| (1..num_steps).contains(v)).ok_or_else(|| {
-                let message = format!(
-                    "`draft_steps` must be 0 (no speculation) or between 1 and num_steps - 1 ({}), got {draft_steps}",
-                    num_steps - 1
-                );
-                FieldError::new("draft_steps", message)
-            })?;
-        if continuous_compute {
-            let message = "`draft_steps` cannot be combined with `continuous_compute` (verified rows start together)";
-            return Err(FieldError::new("draft_steps", message));
-        }
-        Ok(Some(Speculation { draft_steps, draft_tokens }))
     }
 }
 
@@ -322,6 +209,7 @@ pub fn fit_context(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::generate::Speculation;
 
     fn resolve(request: &GenerationRequest, defaults: &GenerationSettings) -> Result<ResolvedGeneration, FieldError> {
         let limits = LimitSettings::default();
@@ -398,7 +286,7 @@ mod tests {
     #[test]
     fn draft_steps_turn_speculation_on_within_num_steps() {
         let settings = GenerationSettings::default();
-        let spec = |request: GenerationRequest| resolve(&request, &settings).map(|r| r.params.speculation);
+        let spec = |request: GenerationRequest| resolve(&request, &settings).map(|r| r.params.speculation());
         assert_eq!(spec(GenerationRequest::default()), Ok(None));
         let on = spec(GenerationRequest { num_steps: Some(8), draft_steps: Some(2), ..Default::default() });
         assert_eq!(on, Ok(Some(Speculation { draft_steps: 2, draft_tokens: settings.draft_tokens })));
@@ -429,7 +317,7 @@ mod tests {
         // From the settings: every request speculates unless it asks otherwise.
         let speculating = GenerationSettings { draft_steps: Some(3), draft_tokens: 5, ..Default::default() };
         let resolved = resolve(&GenerationRequest::default(), &speculating).unwrap();
-        assert_eq!(resolved.params.speculation, Some(Speculation { draft_steps: 3, draft_tokens: 5 }));
+        assert_eq!(resolved.params.speculation(), Some(Speculation { draft_steps: 3, draft_tokens: 5 }));
         // ...and a default that cannot apply to a request gives way instead of failing it.
         for request in [
             GenerationRequest { draft_steps: Some(0), ..Default::default() },
@@ -439,7 +327,7 @@ mod tests {
             GenerationRequest { sampler: Some(SamplerKind::Parallel), ..Default::default() },
         ] {
             let resolved = resolve(&request, &speculating).unwrap_or_else(|e| panic!("{request:?}: {e}"));
-            assert_eq!(resolved.params.speculation, None, "{request:?}");
+            assert_eq!(resolved.params.speculation(), None, "{request:?}");
         }
         let min_steps = GenerationSettings { min_steps: 6, ..Default::default() };
         let resolved = resolve(&GenerationRequest { num_steps: Some(4), ..Default::default() }, &min_steps).unwrap();

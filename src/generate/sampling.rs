@@ -7,7 +7,6 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::model::exit::argmax;
-use crate::model::{ModelError, Result};
 
 /// Temperatures below this are greedy (argmax): dividing logits by a smaller one only sharpens a
 /// distribution that is already one-hot to f64 precision, and a temperature near zero would
@@ -53,26 +52,6 @@ impl SamplingParams {
     /// Greedy decoding: the argmax, no random number drawn.
     pub fn is_greedy(&self) -> bool {
         self.temperature < GREEDY_TEMPERATURE
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        use super::ranges;
-        let checks = [
-            ("temperature", ranges::temperature(f64::from(self.temperature))),
-            ("top_p", ranges::top_p(f64::from(self.top_p))),
-            ("min_p", ranges::min_p(f64::from(self.min_p))),
-            ("repetition_penalty", ranges::repetition_penalty(f64::from(self.repetition_penalty))),
-            ("presence_penalty", ranges::penalty(f64::from(self.presence_penalty))),
-            ("frequency_penalty", ranges::penalty(f64::from(self.frequency_penalty))),
-        ];
-        for (name, check) in checks {
-            check.map_err(|e| ModelError::InvalidArgument(format!("{name} {e}")))?;
-        }
-        for &(id, bias) in &self.logit_bias {
-            ranges::logit_bias(f64::from(bias))
-                .map_err(|e| ModelError::InvalidArgument(format!("logit_bias of token {id} {e}")))?;
-        }
-        Ok(())
     }
 }
 
@@ -340,9 +319,9 @@ mod tests {
 
     #[test]
     fn invalid_values_are_rejected() {
-        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().is_err());
-        assert!(SamplingParams { temperature: -1.0, ..Default::default() }.validate().is_err());
-        assert!(SamplingParams { temperature: f32::NAN, ..Default::default() }.validate().is_err());
-        assert!(SamplingParams::default().validate().is_ok());
+        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.check().is_err());
+        assert!(SamplingParams { temperature: -1.0, ..Default::default() }.check().is_err());
+        assert!(SamplingParams { temperature: f32::NAN, ..Default::default() }.check().is_err());
+        assert!(SamplingParams::default().check().is_ok());
     }
 }

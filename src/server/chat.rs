@@ -8,14 +8,13 @@ use axum::extract::rejection::BytesRejection;
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::completions::MAX_LOGPROBS;
 use super::error::ApiError;
 use super::handler;
 use super::request::{self, ChatRequest, Content, Message, Request};
 use super::respond::{Choice, ChunkWriter, Streamed, Usage, finish_name, waves_json};
 use super::state::{AppState, unique_id, unix_time};
 use crate::engine::{TokenLogprobs, WaveCounts};
-use crate::generate::FinishReason;
+use crate::generate::{FinishReason, ranges};
 use crate::text::{ChatMessage, TextTokenizer};
 
 const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
@@ -82,13 +81,7 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let with_logprobs = chat.logprobs.unwrap_or(false);
     let top = chat
         .top_logprobs
-        .map(|k| {
-            let message = format!("`top_logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}");
-            usize::try_from(k)
-                .ok()
-                .filter(|k| *k <= MAX_LOGPROBS)
-                .ok_or_else(|| ApiError::param("top_logprobs", message))
-        })
+        .map(|k| ranges::top_logprobs(k).map_err(|e| ApiError::param("top_logprobs", format!("`top_logprobs` {e}"))))
         .transpose()?;
     if top.is_some() && !with_logprobs {
         return Err(ApiError::param("top_logprobs", "`top_logprobs` requires `logprobs` to be true"));
@@ -108,8 +101,8 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let spec = request::job_spec(&state, ids[0].clone(), &common, logprobs, false)?;
     let usage = Usage {
         prompt_tokens: ids[0].len() * common.n,
-        speculative: spec.params.speculation.is_some(),
-        parallel: spec.params.parallel.is_some(),
+        speculative: spec.params.speculation().is_some(),
+        parallel: spec.params.parallel().is_some(),
         ..Default::default()
     };
     let writer = ChatWriter {

@@ -12,10 +12,7 @@ use super::request::{self, CommonParams, CompletionRequest, Prompt, Request};
 use super::respond::{Choice, ChunkWriter, Streamed, Usage, finish_name, waves_json};
 use super::state::{AppState, unique_id, unix_time};
 use crate::engine::{TokenLogprobs, WaveCounts};
-use crate::generate::FinishReason;
-
-/// Most `logprobs` alternatives a completion may ask for (OpenAI's limit).
-pub const MAX_LOGPROBS: usize = 20;
+use crate::generate::{FinishReason, ranges};
 
 /// The prompts as text (to tokenize) or token ids.
 fn prompts(prompt: Option<Prompt>) -> Result<Vec<Result<Vec<u32>, String>>, ApiError> {
@@ -46,11 +43,7 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     }
     let logprobs = completion
         .logprobs
-        .map(|k| {
-            usize::try_from(k).ok().filter(|k| *k <= MAX_LOGPROBS).ok_or_else(|| {
-                ApiError::param("logprobs", format!("`logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}"))
-            })
-        })
+        .map(|k| ranges::top_logprobs(k).map_err(|e| ApiError::param("logprobs", format!("`logprobs` {e}"))))
         .transpose()?;
     let echo = completion.echo.unwrap_or(false);
     let common: CommonParams = request::common(&common, &generation, &state, "max_tokens")?;
@@ -74,8 +67,8 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     });
     let usage = Usage {
         prompt_tokens: ids.iter().map(|p| p.len() * common.n).sum(),
-        speculative: specs.iter().any(|s| s.params.speculation.is_some()),
-        parallel: specs.iter().any(|s| s.params.parallel.is_some()),
+        speculative: specs.iter().any(|s| s.params.speculation().is_some()),
+        parallel: specs.iter().any(|s| s.params.parallel().is_some()),
         ..Default::default()
     };
     let n = common.n;

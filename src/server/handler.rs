@@ -101,7 +101,8 @@ fn submit_all(state: &AppState, specs: Vec<JobSpec>) -> Result<Vec<(JobHandle, u
     let mut base = 0;
     for spec in specs {
         let n = spec.n;
-        jobs.push((state.engine.submit(spec)?, base));
+        let valid = spec.validate(&state.config)?;
+        jobs.push((state.engine.submit(valid)?, base));
         base += n;
     }
     Ok(jobs)

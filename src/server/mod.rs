@@ -83,6 +83,8 @@ pub fn build_state(settings: Settings, dir: &Path) -> Result<AppState, StartErro
         max_kv_bytes: settings.engine.max_kv_bytes,
         max_tick_rows: settings.engine.max_tick_rows,
     };
+    // The recorder first: the workers register their series (at zero) as they start.
+    let metrics = crate::metrics::install();
     let engine = Engine::start(
         models,
         tokenizer.clone(),
@@ -108,7 +110,7 @@ pub fn build_state(settings: Settings, dir: &Path) -> Result<AppState, StartErro
         tokenizer,
         config,
         model_name,
-        metrics: crate::metrics::install(),
+        metrics,
         draining: Arc::new(AtomicBool::new(false)),
         created: state::unix_time(),
         api_keys: Arc::new(api_keys),

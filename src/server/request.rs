@@ -225,10 +225,7 @@ pub fn common(
     })?;
     let max_n = state.settings.limits.max_n;
     let n = common.n.unwrap_or(1);
-    let n = usize::try_from(n)
-        .ok()
-        .filter(|n| (1..=max_n).contains(n))
-        .ok_or_else(|| ApiError::param("n", format!("`n` must be between 1 and {max_n}, got {n}")))?;
+    let n = crate::generate::check::count("n", n, 1, max_n)?;
     let stop = match &common.stop {
         None => Vec::new(),
         Some(Stop::One(text)) => vec![text.clone()],

@@ -6,9 +6,9 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use super::addition::{Formatter, Problem, Split};
-use crate::engine::{DraftCounts, Driver, JobSpec, WaveCounts};
-use crate::generate::{FinishReason, GenerationParams, ParallelSampling, Speculation};
-use crate::model::{ExitRule, HuginnModel, Result};
+use crate::engine::{DraftCounts, Driver, JobSpec, RunError, WaveCounts};
+use crate::generate::{Decoding, FinishReason, GenerationParams};
+use crate::model::{ExitRule, HuginnModel};
 use crate::text::TextTokenizer;
 
 /// `count` problems with operands below `10^digits` from the held-out split (never trained on).
@@ -22,16 +22,13 @@ pub fn held_out_problems(count: usize, digits: u32, seed: u64) -> Vec<Problem> {
 pub struct Budget {
     pub num_steps: usize,
     pub exit: ExitRule,
-    /// Self-speculative decoding, if any.
-    pub speculation: Option<Speculation>,
-    /// The parallel sampler, if any.
-    pub parallel: Option<ParallelSampling>,
+    pub decoding: Decoding,
 }
 
 impl Budget {
     /// `num_steps` fixed, no exit, no speculation, the sequential sampler.
     pub fn fixed(num_steps: usize) -> Self {
-        Self { num_steps, exit: ExitRule::default(), speculation: None, parallel: None }
+        Self { num_steps, exit: ExitRule::default(), decoding: Decoding::default() }
     }
 }
 
@@ -106,7 +103,7 @@ pub fn evaluate(
     problems: &[Problem],
     chat: bool,
     budget: Budget,
-) -> Result<EvalResult> {
+) -> Result<EvalResult, RunError> {
     evaluate_in_batches(model, tokenizer, problems, chat, budget, EVAL_BATCH)
 }
 
@@ -118,14 +115,13 @@ pub fn evaluate_in_batches(
     chat: bool,
     budget: Budget,
     batch: usize,
-) -> Result<EvalResult> {
+) -> Result<EvalResult, RunError> {
     let formatter = Formatter::new(tokenizer)?;
     let mut specs = Vec::with_capacity(problems.len());
     for (i, problem) in problems.iter().enumerate() {
         let mut params = GenerationParams::new(budget.num_steps);
         params.exit = budget.exit;
-        params.speculation = budget.speculation;
-        params.parallel = budget.parallel;
+        params.decoding = budget.decoding;
         params.max_tokens = problem.answer().len() + 2;
         params.stop_token_ids = tokenizer.special().stop.clone();
         params.seed = i as u64;

@@ -82,7 +82,7 @@ pub fn load(dir: &Path, dtype: DType) -> Arc<HuginnModel> {
 
 /// Runs `spec` alone through the scheduler on this thread (what `huginn generate` does), with
 /// the tokenizer of the checkpoint in `dir`.
-pub fn run_in(dir: &Path, model: &Arc<HuginnModel>, spec: JobSpec) -> huginn::model::Result<Completion> {
+pub fn run_in(dir: &Path, model: &Arc<HuginnModel>, spec: JobSpec) -> Result<Completion, huginn::engine::RunError> {
     let tokenizer = Arc::new(TextTokenizer::load(dir, model.config()).unwrap());
     Driver::new(model.clone(), tokenizer, 1).run_one(spec)
 }
@@ -92,7 +92,7 @@ pub fn generate(
     model: &Arc<HuginnModel>,
     prompt: &[u32],
     params: &GenerationParams,
-) -> huginn::model::Result<Completion> {
+) -> Result<Completion, huginn::engine::RunError> {
     run_in(&fixture_dir(), model, JobSpec::new(prompt.to_vec(), params.clone()))
 }
 

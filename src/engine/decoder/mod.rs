@@ -17,6 +17,7 @@ mod speculative;
 use super::fault::SequenceFault;
 use super::job::{DraftCounts, JobSpec, WaveCounts};
 use super::sequence::{AfterToken, Sequence};
+use crate::generate::Decoding;
 use crate::model::HuginnModel;
 use crate::text::TextTokenizer;
 
@@ -76,10 +77,9 @@ pub trait Decoder: Send {
 
 /// The strategy `spec` asks for.
 pub fn for_job(spec: &JobSpec) -> Box<dyn Decoder> {
-    let params = &spec.params;
-    match (params.parallel, params.speculation) {
-        (Some(p), _) => Box::new(Parallel::new(p)),
-        (None, Some(s)) => Box::new(Speculative::new(s)),
-        (None, None) => Box::new(Sequential),
+    match spec.params.decoding {
+        Decoding::Sequential { .. } => Box::new(Sequential),
+        Decoding::Speculative(s) => Box::new(Speculative::new(s)),
+        Decoding::Parallel(p) => Box::new(Parallel::new(p)),
     }
 }

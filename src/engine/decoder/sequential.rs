@@ -34,7 +34,7 @@ pub(super) fn emit_sampled(
 ) -> Result<Option<AfterToken>, SequenceFault> {
     let exit = seq.exit_reason();
     let steps = seq.chunk.step;
-    if seq.prefill && seq.spec().params.continuous_compute {
+    if seq.prefill && seq.spec().params.continuous_compute() {
         seq.chunk.state = seq.chunk.state.narrow(0, seq.chunk.len - 1, 1)?;
     }
     if seq.spec().params.max_tokens == 0 {
