@@ -70,7 +70,11 @@ fn reduces_to_ordinary_decoding(dir: &std::path::Path, num_steps: usize) {
         let gap = max_logit_gap(&out, &plain);
         assert!(gap < 1e-5, "embed_ema {ema}: logits differ by {gap}");
         assert_eq!(out.kv_bytes, plain.kv_bytes, "the cache holds what ordinary decoding's holds");
-        assert_eq!((out.waves.steps, out.waves.frozen, out.waves.rows), (23, 23, 23), "one row, one token a step");
+        assert_eq!(
+            (out.waves().steps, out.waves().frozen, out.waves().rows),
+            (23, 23, 23),
+            "one row, one token a step"
+        );
     }
 }
 
@@ -93,15 +97,15 @@ fn the_fixed_rule_freezes_one_position_per_step_after_num_steps() {
         // is cut short (num_steps is every token's cap, also when inner_steps does not divide it).
         assert!(out.steps_per_token.iter().all(|&s| s == num_steps), "{num_steps}/{inner}: {:?}", out.steps_per_token);
         assert!(out.exits[1..].iter().all(|&e| e == ExitReason::Cap));
-        assert_eq!(out.waves.frozen, 19);
+        assert_eq!(out.waves().frozen, 19);
         let fill = num_steps.div_ceil(inner) - 1;
-        assert!(out.waves.mean_wavefront() > (fill as f64) * 0.8, "{:?}", out.waves);
+        assert!(out.waves().mean_wavefront() > (fill as f64) * 0.8, "{:?}", out.waves());
         if num_steps % inner == 0 {
             // The window fills to num_steps / inner rows, then one token freezes per sampler step.
-            assert_eq!(out.waves.steps, 19 + fill, "{num_steps}/{inner}");
-            assert_eq!(out.waves.row_steps, out.waves.rows * inner);
+            assert_eq!(out.waves().steps, 19 + fill, "{num_steps}/{inner}");
+            assert_eq!(out.waves().row_steps, out.waves().rows * inner);
         } else {
-            assert!(out.waves.row_steps < out.waves.rows * inner, "{num_steps}/{inner}: shortened steps");
+            assert!(out.waves().row_steps < out.waves().rows * inner, "{num_steps}/{inner}: shortened steps");
         }
     }
 }
@@ -120,7 +124,7 @@ fn latent_diff_freezes_converged_positions() {
         assert!(always.steps_per_token[1..].iter().all(|&s| s == 4), "{freeze}: {:?}", always.steps_per_token);
         assert!(always.exits[1..].iter().all(|&e| e == ExitReason::Converged));
         // One row, then two (the head freezing as the new row joins), one again for the last token.
-        assert_eq!((always.waves.steps, always.waves.frozen, always.waves.rows), (16, 15, 1 + 14 * 2 + 1));
+        assert_eq!((always.waves().steps, always.waves().frozen, always.waves().rows), (16, 15, 1 + 14 * 2 + 1));
     }
 }
 
@@ -148,7 +152,7 @@ fn a_parallel_sequence_gives_the_same_alone_and_beside_others() {
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
         assert_eq!(a.token_ids, t.token_ids, "job {i}");
         assert_eq!(a.steps_per_token, t.steps_per_token, "job {i}");
-        assert_eq!(a.waves, t.waves, "job {i}");
+        assert_eq!(a.waves(), t.waves(), "job {i}");
         let bound = batching_bound(&model);
         assert!(max_logit_gap(a, t) <= bound, "job {i}: logits moved by {}", max_logit_gap(a, t));
     }
@@ -181,7 +185,7 @@ fn max_tokens_stop_tokens_and_the_step_budget_end_a_parallel_sequence() {
         let mut spec = with_logits(parallel(8, 200, sampling));
         spec.max_total_steps = Some(budget);
         let out = run_together(&dir, &model, vec![spec]).remove(0);
-        let spent = 8 + out.waves.row_steps;
+        let spent = 8 + out.waves().row_steps;
         assert!(spent <= budget, "budget {budget}: spent {spent}");
         assert_eq!(out.finish_reason, FinishReason::Length, "budget {budget}");
         assert!(budget < 16 || out.token_ids.len() > 1, "budget {budget}: {:?}", out.token_ids);
@@ -201,7 +205,7 @@ fn the_window_stays_inside_the_reservation_and_the_context() {
         let spec = with_logits(params.clone());
         let reserved = kv_reservation(&cfg, model.kv_dtype().size_in_bytes(), &spec);
         let out = run_together(&dir, &model, vec![spec]).remove(0);
-        assert!(out.waves.mean_wavefront() > 4.0, "{:?}", out.waves);
+        assert!(out.waves().mean_wavefront() > 4.0, "{:?}", out.waves());
         assert!(out.kv_bytes <= reserved, "{cache}: {} > {reserved}", out.kv_bytes);
     }
     let long: Vec<u32> = (0..cfg.block_size as u32 - 4).map(|i| 97 + i % 20).collect();

@@ -59,9 +59,9 @@ fn speculation_is_exact(dir: &std::path::Path, model: &Arc<HuginnModel>, num_ste
         assert!(gap < 1e-5, "draft_steps {d}, draft_tokens {k}: logits differ by {gap}");
         assert_eq!(spec.kv_bytes, plain.kv_bytes, "the cache holds exactly the accepted tokens");
         assert_eq!(spec.finish_reason, plain.finish_reason);
-        assert!(spec.drafts.drafted > 0 && spec.drafts.accepted <= spec.drafts.drafted);
-        drafted += spec.drafts.drafted;
-        accepted += spec.drafts.accepted;
+        assert!(spec.drafts().drafted > 0 && spec.drafts().accepted <= spec.drafts().drafted);
+        drafted += spec.drafts().drafted;
+        accepted += spec.drafts().accepted;
         // The steps reported are every core step spent: prompt, drafts and verifications.
         let rounds_steps: usize = spec.steps_per_token.iter().skip(1).sum();
         assert!(rounds_steps >= num_steps * (spec.token_ids.len() - 1) / (k + 1));
@@ -106,7 +106,7 @@ fn penalties_see_the_same_history_with_and_without_speculation() {
     for (d, k) in [(1, 4), (3, 8), (5, 2)] {
         let out = run_together(dir.path(), &model, vec![with_logits(penalized(speculate(d, k)))]).remove(0);
         assert_eq!(out.token_ids, plain.token_ids, "draft_steps {d}, draft_tokens {k}");
-        assert!(out.drafts.accepted < out.drafts.drafted, "rejections are exercised");
+        assert!(out.drafts().accepted < out.drafts().drafted, "rejections are exercised");
     }
 }
 
@@ -127,7 +127,7 @@ fn a_speculating_sequence_gives_the_same_alone_and_beside_others() {
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
         assert_eq!(a.token_ids, t.token_ids, "job {i}");
         assert_eq!(a.steps_per_token, t.steps_per_token, "job {i}");
-        assert_eq!(a.drafts, t.drafts, "job {i}");
+        assert_eq!(a.drafts(), t.drafts(), "job {i}");
         // Bit for bit on the CPU kernels; tensor ops promise the same ids within tolerance.
         let bound = batching_bound(&model);
         assert!(max_logit_gap(a, t) <= bound, "job {i}: logits moved by {}", max_logit_gap(a, t));

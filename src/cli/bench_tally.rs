@@ -36,8 +36,8 @@ impl Tally {
     pub fn add_outputs<'a>(&mut self, outputs: impl IntoIterator<Item = &'a Completion>) {
         for c in outputs {
             self.tokens += c.token_ids.len();
-            self.drafts += c.drafts;
-            self.waves += c.waves;
+            self.drafts += c.drafts();
+            self.waves += c.waves();
             self.steps += c.steps_per_token.iter().sum::<usize>();
         }
     }

@@ -239,9 +239,9 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
                 total_steps as f64 / generated.max(1) as f64,
                 timing["decode_tokens_per_second"].as_f64().unwrap_or(0.0),
                 output.kv_bytes,
-                match output.drafts.drafted {
+                match output.drafts().drafted {
                     0 => String::new(),
-                    drafted => format!(", {} of {drafted} drafts accepted", output.drafts.accepted),
+                    drafted => format!(", {} of {drafted} drafts accepted", output.drafts().accepted),
                 }
             );
         }
@@ -254,11 +254,11 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
                 "mean_steps_per_token": total_steps as f64 / generated.max(1) as f64,
                 "finish_reason": output.finish_reason,
                 "kv_bytes": output.kv_bytes,
-                "draft_tokens": output.drafts.drafted,
-                "accepted_draft_tokens": output.drafts.accepted,
-                "sampler_steps": output.waves.steps,
-                "tokens_per_sampler_step": output.waves.tokens_per_step(),
-                "mean_wavefront": output.waves.mean_wavefront(),
+                "draft_tokens": output.drafts().drafted,
+                "accepted_draft_tokens": output.drafts().accepted,
+                "sampler_steps": output.waves().steps,
+                "tokens_per_sampler_step": output.waves().tokens_per_step(),
+                "mean_wavefront": output.waves().mean_wavefront(),
                 "timing": timing,
             });
             writeln!(stdout, "{}", serde_json::to_string(&body)?)?;

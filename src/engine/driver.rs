@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::error::TryRecvError;
 
 use super::job::EngineFailure;
-use super::job::{DraftCounts, Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs, WaveCounts};
+use super::job::{DraftCounts, Event, ExitReason, Job, JobHandle, JobSpec, StrategyCounts, TokenLogprobs, WaveCounts};
 use super::scheduler::{Scheduler, SchedulerLimits};
 use super::shared::kv_reservation;
 use crate::generate::FieldError;
@@ -29,10 +29,8 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     /// K/V bytes the sequence held when it ended.
     pub kv_bytes: usize,
-    /// Tokens speculation drafted and kept.
-    pub drafts: DraftCounts,
-    /// What the parallel sampler did.
-    pub waves: WaveCounts,
+    /// What its decoding strategy did.
+    pub counts: StrategyCounts,
     /// With `report_logits`: the logits of every prompt position.
     pub prompt_logits: Vec<Vec<f32>>,
     /// With `report_logits`: the logits that produced each token (the first is the prompt's last).
@@ -55,8 +53,7 @@ impl Completion {
             text: String::new(),
             finish_reason: FinishReason::Length,
             kv_bytes: 0,
-            drafts: DraftCounts::default(),
-            waves: WaveCounts::default(),
+            counts: StrategyCounts::default(),
             prompt_logits: Vec::new(),
             token_logits: Vec::new(),
             logprobs: Vec::new(),
@@ -64,6 +61,16 @@ impl Completion {
             first_token_seconds: 0.0,
             seconds: 0.0,
         }
+    }
+
+    /// Tokens speculation drafted and kept.
+    pub fn drafts(&self) -> DraftCounts {
+        self.counts.drafts()
+    }
+
+    /// What the parallel sampler did.
+    pub fn waves(&self) -> WaveCounts {
+        self.counts.waves()
     }
 
     /// Core steps spent after the prompt's pass (the decoded tokens').
@@ -219,9 +226,9 @@ fn drain(
                 c.text.push_str(&text);
                 c.logprobs.extend(logprobs);
             }
-            Event::Finished { choice, reason, text, kv_bytes, drafts, waves } => {
+            Event::Finished { choice, reason, text, kv_bytes, counts } => {
                 let c = &mut job.choices[choice];
-                (c.drafts, c.waves) = (drafts, waves);
+                c.counts = counts;
                 c.text.push_str(&text);
                 c.finish_reason = reason;
                 c.kv_bytes = kv_bytes;

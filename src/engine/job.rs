@@ -61,16 +61,8 @@ pub enum Event {
         more: bool,
     },
     /// The choice ended; `text` is any text released at the end, `kv_bytes` what its K/V cache
-    /// held (freed before this event is sent), `drafts` what speculation drafted and kept, `waves`
-    /// what the parallel sampler did.
-    Finished {
-        choice: usize,
-        reason: FinishReason,
-        text: String,
-        kv_bytes: usize,
-        drafts: DraftCounts,
-        waves: WaveCounts,
-    },
+    /// held (freed before this event is sent), `counts` what its decoding strategy did.
+    Finished { choice: usize, reason: FinishReason, text: String, kv_bytes: usize, counts: StrategyCounts },
     /// Raw next-token logits (only for a job with `report_logits`): every prompt position after
     /// the prompt's pass, then, before each later token's `Token` event, the row that produced it.
     Logits { choice: usize, rows: Vec<Vec<f32>> },
@@ -103,6 +95,62 @@ pub const EVENTS_PER_CHOICE: usize = 16;
 /// plus two per drafted token of a speculative round or window row of the parallel sampler
 /// ([`JobSpec::events_per_tick`]).
 pub const EVENTS_PER_TICK: usize = 4;
+
+/// What a choice's decoding strategy did: the one type its figures reach responses through
+/// (`usage.draft_tokens`, `usage.sampler_steps`, a choice's `parallel` object, `huginn generate`'s
+/// report). Sums of choices of the same strategy add up; a sequential choice adds nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StrategyCounts {
+    #[default]
+    Sequential,
+    Speculative(DraftCounts),
+    Parallel(WaveCounts),
+}
+
+impl StrategyCounts {
+    /// Zero figures of the strategy `decoding` uses (reported even when nothing was drafted).
+    pub fn zero_for(decoding: &crate::generate::Decoding) -> Self {
+        use crate::generate::Decoding;
+        match decoding {
+            Decoding::Sequential { .. } => Self::Sequential,
+            Decoding::Speculative(_) => Self::Speculative(DraftCounts::default()),
+            Decoding::Parallel(_) => Self::Parallel(WaveCounts::default()),
+        }
+    }
+
+    /// The speculative figures (zero for another strategy).
+    pub fn drafts(&self) -> DraftCounts {
+        match self {
+            Self::Speculative(drafts) => *drafts,
+            _ => DraftCounts::default(),
+        }
+    }
+
+    /// The parallel sampler's figures (zero for another strategy).
+    pub fn waves(&self) -> WaveCounts {
+        match self {
+            Self::Parallel(waves) => *waves,
+            _ => WaveCounts::default(),
+        }
+    }
+}
+
+impl std::ops::AddAssign for StrategyCounts {
+    fn add_assign(&mut self, other: Self) {
+        *self = match (*self, other) {
+            (Self::Speculative(mut a), Self::Speculative(b)) => {
+                a += b;
+                Self::Speculative(a)
+            }
+            (Self::Parallel(mut a), Self::Parallel(b)) => {
+                a += b;
+                Self::Parallel(a)
+            }
+            (Self::Sequential, other) => other,
+            (this, _) => this,
+        };
+    }
+}
 
 /// Drafted tokens a choice's verification weighed, and how many of them it kept.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -187,9 +235,7 @@ impl JobSpec {
     /// `draft_tokens + 1` tokens, a parallel sampler step up to `max_wavefront`, each with its
     /// logits when reported.
     pub fn events_per_tick(&self) -> usize {
-        let drafts = self.params.speculation().map_or(0, |s| s.draft_tokens);
-        let window = self.params.parallel().map_or(0, |p| p.max_wavefront);
-        EVENTS_PER_TICK + 2 * drafts.max(window)
+        EVENTS_PER_TICK + 2 * self.params.decoding.extra_tokens_per_settle()
     }
 
     /// What the engine requires of a job on a model with `cfg`: the one check of its parameters,

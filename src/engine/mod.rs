@@ -15,7 +15,8 @@ pub mod worker;
 pub use driver::{Completion, Driver, RunError};
 pub use fault::SequenceFault;
 pub use job::{
-    DraftCounts, EngineFailure, Event, ExitReason, Job, JobHandle, JobSpec, TokenLogprobs, ValidJob, WaveCounts,
+    DraftCounts, EngineFailure, Event, ExitReason, Job, JobHandle, JobSpec, StrategyCounts, TokenLogprobs, ValidJob,
+    WaveCounts,
 };
 pub use scheduler::{Scheduler, SchedulerLimits};
 pub use worker::{Engine, EngineConfig, EngineError};

@@ -251,8 +251,8 @@ impl Running {
     /// The last event, after [`Self::release`]: the rest of the text and how the choice ended.
     pub fn send_finished(&mut self, reason: FinishReason, kv_bytes: usize) {
         let text = self.seq.finish_text();
-        let (drafts, waves) = self.decoder.counts();
-        self.seq.send(Event::Finished { choice: self.seq.choice, reason, text, kv_bytes, drafts, waves });
+        let counts = self.decoder.counts();
+        self.seq.send(Event::Finished { choice: self.seq.choice, reason, text, kv_bytes, counts });
     }
 
     /// Ends the choice's job with an error event.

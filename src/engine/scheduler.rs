@@ -14,7 +14,7 @@ use std::time::Instant;
 use metrics::{counter, gauge, histogram};
 
 use super::fault::SequenceFault;
-use super::job::{EngineFailure, Event, Job};
+use super::job::{EngineFailure, Event, Job, StrategyCounts};
 use super::running::{AfterToken, Running, Stage, cat};
 use super::shared::JobShared;
 use crate::generate::FinishReason;
@@ -137,8 +137,7 @@ impl Scheduler {
                     reason: FinishReason::Length,
                     text: String::new(),
                     kv_bytes: 0,
-                    drafts: Default::default(),
-                    waves: Default::default(),
+                    counts: StrategyCounts::zero_for(&spec.params.decoding),
                 };
                 let _ = shared.job.events.try_send(event);
             }

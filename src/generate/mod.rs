@@ -51,6 +51,18 @@ pub enum Decoding {
     Parallel(ParallelSampling),
 }
 
+impl Decoding {
+    /// A bound on the tokens one settle of a chunk emits beyond the first: a speculative round's
+    /// drafts (then the verifier's own token), a parallel window's rows; none sequentially.
+    pub fn extra_tokens_per_settle(&self) -> usize {
+        match self {
+            Decoding::Sequential { .. } => 0,
+            Decoding::Speculative(s) => s.draft_tokens,
+            Decoding::Parallel(p) => p.max_wavefront,
+        }
+    }
+}
+
 impl Default for Decoding {
     fn default() -> Self {
         Decoding::Sequential { continuous_compute: false }

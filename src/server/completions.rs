@@ -4,86 +4,50 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::response::Response;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::handler;
-use super::request::{self, CommonParams, CompletionRequest, Prompt, Request};
-use super::respond::{Choice, ChunkWriter, Streamed, Usage, finish_name, waves_json};
+use super::request::CompletionRequest;
+use super::respond::{Choice, ChunkWriter, Streamed, Usage};
 use super::state::{AppState, unique_id, unix_time};
-use crate::engine::{TokenLogprobs, WaveCounts};
-use crate::generate::{FinishReason, ranges};
-
-/// The prompts as text (to tokenize) or token ids.
-fn prompts(prompt: Option<Prompt>) -> Result<Vec<Result<Vec<u32>, String>>, ApiError> {
-    let prompts = match prompt.ok_or_else(|| ApiError::param("prompt", "`prompt` is required"))? {
-        Prompt::Text(text) => vec![Err(text)],
-        Prompt::Texts(texts) => texts.into_iter().map(Err).collect(),
-        Prompt::Ids(ids) => vec![Ok(ids)],
-        Prompt::IdLists(lists) => lists.into_iter().map(Ok).collect(),
-    };
-    if prompts.is_empty() {
-        return Err(ApiError::param("prompt", "`prompt` is empty"));
-    }
-    Ok(prompts)
-}
+use super::validate::{self, PromptInput};
+use super::wire::{CompletionChoice, CompletionLogprobs, Envelope, ParallelFigures, UsageBody, finish_name, to_value};
+use crate::engine::{StrategyCounts, TokenLogprobs};
+use crate::generate::FinishReason;
 
 pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let (lease, parsed) = handler::begin::<CompletionRequest>(&state, &body)?;
-    let Request { common, generation, tools, endpoint: completion } = parsed;
-    if let Some(name) = completion.suffix.is_some().then_some("suffix").or(tools.given()) {
-        let message = format!("`{name}` is not supported by this server");
-        return Err(ApiError::Unsupported { param: name.into(), message });
-    }
-    if completion.best_of.is_some_and(|b| b != 1) {
-        return Err(ApiError::Unsupported {
-            param: "best_of".into(),
-            message: "`best_of` other than 1 is not supported".into(),
-        });
-    }
-    let logprobs = completion
-        .logprobs
-        .map(|k| ranges::top_logprobs(k).map_err(|e| ApiError::param("logprobs", format!("`logprobs` {e}"))))
-        .transpose()?;
-    let echo = completion.echo.unwrap_or(false);
-    let common: CommonParams = request::common(&common, &generation, &state, "max_tokens")?;
-    let prompts = prompts(completion.prompt)?;
-    handler::check_prompt_count(&state, prompts.len())?;
+    let valid = validate::completion(&state, parsed)?;
     // The texts as sent, kept only to echo them.
-    let texts: Vec<Option<String>> =
-        if echo { prompts.iter().map(|p| p.as_ref().err().cloned()).collect() } else { Vec::new() };
-    let ids = handler::tokenize_blocking(&state, prompts).await?;
-    let specs = ids
-        .iter()
-        .map(|prompt| request::job_spec(&state, prompt.clone(), &common, logprobs, echo && logprobs.is_some()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let texts: Vec<Option<String>> = if valid.echo {
+        valid.prompts.iter().map(|p| if let PromptInput::Text(t) = p { Some(t.clone()) } else { None }).collect()
+    } else {
+        Vec::new()
+    };
+    let ids = handler::tokenize_blocking(&state, valid.prompts.clone()).await?;
+    let jobs = valid.jobs(&state, &ids)?;
     // Echoing: each prompt's text (as sent, or decoded from its ids) and ids.
-    let echoed = echo.then(|| {
+    let echoed = valid.echo.then(|| {
         texts
             .into_iter()
             .zip(&ids)
             .map(|(text, ids)| (text.unwrap_or_else(|| state.tokenizer.decode(ids).unwrap_or_default()), ids.clone()))
             .collect()
     });
-    let usage = Usage {
-        prompt_tokens: ids.iter().map(|p| p.len() * common.n).sum(),
-        speculative: specs.iter().any(|s| s.params.speculation().is_some()),
-        parallel: specs.iter().any(|s| s.params.parallel().is_some()),
-        ..Default::default()
-    };
-    let n = common.n;
-    let choices = ids.len() * n;
+    let common = &valid.common;
+    let usage = Usage::new(ids.iter().map(|p| p.len() * common.n).sum(), &common.params.decoding);
     let writer = CompletionWriter {
         id: format!("cmpl-{}", unique_id()),
         created: unix_time(),
         model: state.model_name.to_string(),
         echo: echoed,
-        n,
-        with_logprobs: logprobs.is_some(),
-        text_offsets: vec![0; choices],
+        n: common.n,
+        with_logprobs: valid.logprobs.is_some(),
+        text_offsets: vec![0; ids.len() * common.n],
         tokenizer: state.tokenizer.clone(),
     };
-    handler::deliver(&state, lease, specs, &common, writer, usage, |writer, done, usage| writer.body(done, usage)).await
+    handler::deliver(&state, lease, jobs, common, writer, usage, |writer, done, usage| writer.body(done, usage)).await
 }
 
 pub struct CompletionWriter {
@@ -102,14 +66,19 @@ pub struct CompletionWriter {
 }
 
 impl CompletionWriter {
-    fn chunk(&self, choices: Value) -> Value {
-        json!({"id": self.id, "object": "text_completion", "created": self.created, "model": self.model, "choices": choices})
+    fn envelope(&self, choices: Vec<CompletionChoice>, usage: Option<UsageBody>) -> Value {
+        let (id, model) = (&self.id, &self.model);
+        to_value(Envelope { id, object: "text_completion", created: self.created, model, choices, usage })
+    }
+
+    fn chunk(&self, choice: CompletionChoice) -> Value {
+        self.envelope(vec![choice], None)
     }
 
     /// OpenAI's completion `logprobs` object for these positions (`None` entries: no log-probability,
     /// as for the first prompt token).
     /// `offset` is the first entry's `text_offset`; returns the object and the offset after the last.
-    fn logprobs_json(&self, entries: &[(u32, Option<&TokenLogprobs>)], offset: usize) -> (Value, usize) {
+    fn logprobs(&self, entries: &[(u32, Option<&TokenLogprobs>)], offset: usize) -> (CompletionLogprobs, usize) {
         let mut text_offset = Vec::with_capacity(entries.len());
         let mut position = offset;
         let mut tokens = Vec::new();
@@ -119,17 +88,15 @@ impl CompletionWriter {
             position += text.len();
             tokens.push(text);
         }
-        let top = |lp: &TokenLogprobs| -> Value {
-            let map: Map<String, Value> =
-                lp.top.iter().map(|(id, p)| (self.tokenizer.token_text(*id), json!(p))).collect();
-            Value::Object(map)
+        let top = |lp: &TokenLogprobs| -> Map<String, Value> {
+            lp.top.iter().map(|(id, p)| (self.tokenizer.token_text(*id), Value::from(*p))).collect()
         };
-        let body = json!({
-            "tokens": tokens,
-            "token_logprobs": entries.iter().map(|(_, lp)| lp.map(|l| json!(l.logprob)).unwrap_or(Value::Null)).collect::<Vec<_>>(),
-            "top_logprobs": entries.iter().map(|(_, lp)| lp.map(top).unwrap_or(Value::Null)).collect::<Vec<_>>(),
-            "text_offset": text_offset,
-        });
+        let body = CompletionLogprobs {
+            tokens,
+            token_logprobs: entries.iter().map(|(_, lp)| lp.map(|l| f64::from(l.logprob))).collect(),
+            top_logprobs: entries.iter().map(|(_, lp)| lp.map(top)).collect(),
+            text_offset,
+        };
         (body, position)
     }
 
@@ -146,7 +113,7 @@ impl CompletionWriter {
     }
 
     fn body(&self, done: &[Choice], mut usage: Usage) -> Value {
-        let choices: Vec<Value> = done
+        let choices: Vec<CompletionChoice> = done
             .iter()
             .enumerate()
             .map(|(index, c)| {
@@ -162,26 +129,26 @@ impl CompletionWriter {
                         entries = Self::prompt_entries(ids, listed);
                     }
                     entries.extend(c.logprobs.iter().map(|lp| (lp.token, Some(lp))));
-                    self.logprobs_json(&entries, 0).0
+                    self.logprobs(&entries, 0).0
                 });
                 usage.add_choice(c);
-                let mut choice = json!({
-                    "index": index,
-                    "text": text,
-                    "logprobs": logprobs,
-                    "finish_reason": finish_name(c.finish),
-                    "steps_per_token": c.steps,
-                });
-                if usage.parallel {
-                    choice["parallel"] = waves_json(&c.waves);
+                CompletionChoice {
+                    index,
+                    text,
+                    logprobs,
+                    finish_reason: finish_name(c.finish),
+                    steps_per_token: Some(c.steps.clone()),
+                    parallel: ParallelFigures::of(&c.counts),
                 }
-                choice
             })
             .collect();
-        let mut body = self.chunk(Value::Array(choices));
-        body["usage"] = usage.json();
-        body
+        self.envelope(choices, Some(usage.body()))
     }
+}
+
+/// A choice of a chunk: its text so far, nothing else yet.
+fn text_choice(index: usize, text: String) -> CompletionChoice {
+    CompletionChoice { index, text, logprobs: None, finish_reason: None, steps_per_token: None, parallel: None }
 }
 
 impl ChunkWriter for CompletionWriter {
@@ -195,7 +162,7 @@ impl ChunkWriter for CompletionWriter {
         (0..choices)
             .filter_map(|i| {
                 let (text, _) = self.echoed(i)?;
-                Some(self.chunk(json!([{"index": i, "text": text, "logprobs": null, "finish_reason": null}])))
+                Some(self.chunk(text_choice(i, text.clone())))
             })
             .collect()
     }
@@ -203,8 +170,8 @@ impl ChunkWriter for CompletionWriter {
     fn prompt_logprobs(&mut self, choice: usize, logprobs: &[TokenLogprobs]) -> Option<Value> {
         let (text, ids) = self.echoed(choice)?;
         let entries = Self::prompt_entries(ids, logprobs);
-        let (body, end) = self.logprobs_json(&entries, 0);
-        let chunk = self.chunk(json!([{"index": choice, "text": text, "logprobs": body, "finish_reason": null}]));
+        let (body, end) = self.logprobs(&entries, 0);
+        let chunk = self.chunk(CompletionChoice { logprobs: Some(body), ..text_choice(choice, text.clone()) });
         self.text_offsets[choice] = end;
         Some(chunk)
     }
@@ -215,24 +182,23 @@ impl ChunkWriter for CompletionWriter {
         let listed: Vec<(u32, Option<&TokenLogprobs>)> =
             tokens.iter().filter_map(|t| t.logprobs.as_ref()).map(|lp| (lp.token, Some(lp))).collect();
         let logprobs = (!listed.is_empty()).then(|| {
-            let (body, end) = self.logprobs_json(&listed, self.text_offsets[choice]);
+            let (body, end) = self.logprobs(&listed, self.text_offsets[choice]);
             self.text_offsets[choice] = end;
             body
         });
-        self.chunk(json!([{"index": choice, "text": text, "logprobs": logprobs, "finish_reason": null, "steps_per_token": steps}]))
+        self.chunk(CompletionChoice { logprobs, steps_per_token: Some(steps), ..text_choice(choice, text) })
     }
 
-    fn finish(&mut self, choice: usize, text: &str, reason: FinishReason, waves: Option<&WaveCounts>) -> Value {
-        let mut entry = json!({"index": choice, "text": text, "logprobs": null, "finish_reason": finish_name(Some(reason)), "steps_per_token": []});
-        if let Some(waves) = waves {
-            entry["parallel"] = waves_json(waves);
-        }
-        self.chunk(json!([entry]))
+    fn finish(&mut self, choice: usize, text: &str, reason: FinishReason, counts: &StrategyCounts) -> Value {
+        self.chunk(CompletionChoice {
+            finish_reason: finish_name(Some(reason)),
+            steps_per_token: Some(Vec::new()),
+            parallel: ParallelFigures::of(counts),
+            ..text_choice(choice, text.to_string())
+        })
     }
 
     fn usage(&mut self, usage: &Usage) -> Value {
-        let mut chunk = self.chunk(json!([]));
-        chunk["usage"] = usage.json();
-        chunk
+        self.envelope(Vec::new(), Some(usage.body()))
     }
 }

@@ -1,8 +1,9 @@
 //! The steps every generation endpoint takes, in this order: take a lease (a request slot and
 //! its deadline), parse the JSON body into its types (`request.rs`) and check the model name
-//! ([`begin`]), validate the values (`request.rs` and the endpoint's own), tokenize off the runtime
-//! ([`tokenize_blocking`]), build the jobs (`request::job_spec`), then submit them and stream or
-//! collect the answer ([`deliver`]). `completions.rs` and `chat.rs` add only their OpenAI shapes.
+//! ([`begin`]), validate it into a typed valid request (`validate.rs`), tokenize off the runtime
+//! ([`tokenize_blocking`]), make the engine's valid jobs (`validate.rs`), then submit them and
+//! stream or collect the answer ([`deliver`]). `completions.rs` and `chat.rs` add only their OpenAI
+//! shapes (`wire.rs`).
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -11,10 +12,11 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::request::{CommonParams, Request};
+use super::request::Request;
 use super::respond::{self, Choice, ChunkWriter, Usage};
 use super::state::{AppState, Lease};
-use crate::engine::{JobHandle, JobSpec};
+use super::validate::{CommonParams, PromptInput};
+use crate::engine::{JobHandle, ValidJob};
 
 /// The lease and the typed body of a request (whose `model`, if given, must be the served one).
 pub(crate) fn begin<E: DeserializeOwned>(
@@ -34,13 +36,13 @@ pub(crate) fn begin<E: DeserializeOwned>(
 pub(crate) async fn deliver<W: ChunkWriter>(
     state: &AppState,
     lease: Lease,
-    specs: Vec<JobSpec>,
+    jobs: Vec<ValidJob>,
     common: &CommonParams,
     writer: W,
     usage: Usage,
     body: impl FnOnce(&W, &[Choice], Usage) -> Value,
 ) -> Result<Response, ApiError> {
-    let jobs = submit_all(state, specs)?;
+    let jobs = submit_all(state, jobs)?;
     let choices = jobs.len() * common.n;
     if common.stream {
         return Ok(respond::stream(jobs, choices, writer, usage, common.include_usage, lease).into_response());
@@ -74,17 +76,16 @@ pub(crate) fn check_prompt_count(state: &AppState, prompts: usize) -> Result<(),
 }
 
 /// Tokenizes text prompts off the async runtime; `Ok` entries are already token ids.
-pub(crate) async fn tokenize_blocking(
-    state: &AppState,
-    prompts: Vec<Result<Vec<u32>, String>>,
-) -> Result<Vec<Vec<u32>>, ApiError> {
+pub(crate) async fn tokenize_blocking(state: &AppState, prompts: Vec<PromptInput>) -> Result<Vec<Vec<u32>>, ApiError> {
     let tokenizer = state.tokenizer.clone();
     tokio::task::spawn_blocking(move || {
         prompts
             .into_iter()
             .map(|p| match p {
-                Ok(ids) => Ok(ids),
-                Err(text) => tokenizer.encode(&text).map_err(|e| ApiError::param("prompt", e.to_string())),
+                PromptInput::Ids(ids) => Ok(ids),
+                PromptInput::Text(text) => {
+                    tokenizer.encode(&text).map_err(|e| ApiError::param("prompt", e.to_string()))
+                }
             })
             .collect()
     })
@@ -93,16 +94,15 @@ pub(crate) async fn tokenize_blocking(
 }
 
 /// Submits every job (one per prompt); the first refusal fails the request and cancels the rest.
-fn submit_all(state: &AppState, specs: Vec<JobSpec>) -> Result<Vec<(JobHandle, usize)>, ApiError> {
+fn submit_all(state: &AppState, valid: Vec<ValidJob>) -> Result<Vec<(JobHandle, usize)>, ApiError> {
     if state.is_draining() {
         return Err(ApiError::shutting_down());
     }
-    let mut jobs = Vec::with_capacity(specs.len());
+    let mut jobs = Vec::with_capacity(valid.len());
     let mut base = 0;
-    for spec in specs {
-        let n = spec.n;
-        let valid = spec.validate(&state.config)?;
-        jobs.push((state.engine.submit(valid)?, base));
+    for job in valid {
+        let n = job.spec().n;
+        jobs.push((state.engine.submit(job)?, base));
         base += n;
     }
     Ok(jobs)

@@ -7,11 +7,11 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::chat_messages;
 use super::error::ApiError;
 use super::handler::{parse_body, tokenize_blocking};
 use super::request::{DetokenizeRequest, TokenizeRequest, parse};
 use super::state::AppState;
+use super::validate::{PromptInput, messages as chat_messages};
 
 pub async fn models(State(state): State<AppState>) -> Response {
     axum::Json(json!({
@@ -58,7 +58,7 @@ pub async fn tokenize(
     } else {
         request.prompt.ok_or_else(|| ApiError::param("prompt", "give `prompt` or `messages`"))?
     };
-    let ids = tokenize_blocking(&state, vec![Err(text)]).await?.remove(0);
+    let ids = tokenize_blocking(&state, vec![PromptInput::Text(text)]).await?.remove(0);
     Ok(axum::Json(json!({"count": ids.len(), "tokens": ids, "max_model_len": state.config.block_size})).into_response())
 }
 

@@ -10,6 +10,8 @@ mod request;
 mod respond;
 pub mod shutdown;
 pub mod state;
+mod validate;
+mod wire;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,7 +30,6 @@ use crate::metrics as m;
 use crate::model::{DeviceSpec, HuginnModel, dtype_name};
 use crate::settings::Settings;
 use crate::text::TextTokenizer;
-pub(crate) use chat::messages as chat_messages;
 pub use error::{ApiError, StartError};
 pub use shutdown::{serve_until, shutdown_signal};
 pub use state::AppState;

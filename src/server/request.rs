@@ -4,17 +4,14 @@
 //!
 //! The generation fields every endpoint shares are [`GenerationRequest`], resolved (request, else
 //! settings, else model defaults, one set of ranges) by the code `huginn generate` uses too
-//! (`generate::request`); [`common`] adds what only the server has (`n`, stop strings,
-//! streaming) and [`job_spec`] checks a prompt against the context.
+//! (`generate::request`). What the values must be is checked in one place, `validate.rs`.
 
 use serde::Deserialize;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::state::AppState;
-use crate::engine::JobSpec;
-use crate::generate::{FieldError, GenerationParams, GenerationRequest, RequestContext, fit_context};
+use crate::generate::GenerationRequest;
 
 /// What the completion and chat endpoints share besides the generation fields.
 #[derive(Debug, Deserialize)]
@@ -183,105 +180,6 @@ fn param(path: &serde_path_to_error::Path) -> Option<String> {
         }
     }
     Some(param)
-}
-
-/// Most stop strings a request may give (OpenAI's limit).
-const MAX_STOP_STRINGS: usize = 4;
-
-/// What the completion and chat endpoints share: sampling, the compute budget, stops, `n`.
-pub struct CommonParams {
-    pub params: GenerationParams,
-    pub n: usize,
-    pub max_total_steps: Option<usize>,
-    pub stop: Vec<String>,
-    pub stream: bool,
-    pub include_usage: bool,
-    /// `max_tokens` was given explicitly (an over-long request is then an error, not clamped).
-    pub max_tokens_explicit: bool,
-}
-
-/// Resolves the generation fields against the settings and the model (`max_tokens` reported as
-/// `max_tokens_field`, which chat may call `max_completion_tokens`) and checks the shared part.
-pub fn common(
-    common: &CommonRequest,
-    generation: &GenerationRequest,
-    state: &AppState,
-    max_tokens_field: &str,
-) -> Result<CommonParams, ApiError> {
-    let cfg = state.model_config();
-    let context = RequestContext {
-        defaults: &state.settings.generation,
-        limits: &state.settings.limits,
-        mean_recurrence: cfg.mean_recurrence,
-        vocab_size: cfg.vocab_size,
-        stop_token_ids: &state.tokenizer.special().stop,
-    };
-    let resolved = generation.resolve(&context).map_err(|mut e: FieldError| {
-        if e.field == "max_tokens" {
-            e.message = e.message.replace("`max_tokens`", &format!("`{max_tokens_field}`"));
-            e.field = max_tokens_field.to_string();
-        }
-        ApiError::from(e)
-    })?;
-    let max_n = state.settings.limits.max_n;
-    let n = common.n.unwrap_or(1);
-    let n = crate::generate::check::count("n", n, 1, max_n)?;
-    let stop = match &common.stop {
-        None => Vec::new(),
-        Some(Stop::One(text)) => vec![text.clone()],
-        Some(Stop::Many(texts)) if texts.len() > MAX_STOP_STRINGS => {
-            let message = format!("`stop` may hold at most {MAX_STOP_STRINGS} sequences, got {}", texts.len());
-            return Err(ApiError::param("stop", message));
-        }
-        Some(Stop::Many(texts)) => texts.clone(),
-    };
-    let stream = common.stream.unwrap_or(false);
-    let include_usage = match &common.stream_options {
-        None => false,
-        Some(_) if !stream => {
-            return Err(ApiError::param("stream_options", "`stream_options` is only allowed when `stream` is true"));
-        }
-        Some(options) => options.include_usage.unwrap_or(false),
-    };
-    Ok(CommonParams {
-        params: resolved.params,
-        n,
-        max_total_steps: resolved.max_total_steps,
-        stop,
-        stream,
-        include_usage,
-        max_tokens_explicit: resolved.max_tokens_explicit,
-    })
-}
-
-/// Checks the prompt against the vocabulary and context, and fits `max_tokens` into the context.
-pub fn job_spec(
-    state: &AppState,
-    prompt: Vec<u32>,
-    common: &CommonParams,
-    logprobs: Option<usize>,
-    prompt_logprobs: bool,
-) -> Result<JobSpec, ApiError> {
-    let cfg = state.model_config();
-    if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-        return Err(ApiError::param(
-            "prompt",
-            format!("token id {bad} is outside the vocabulary (size {})", cfg.vocab_size),
-        ));
-    }
-    let mut params = common.params.clone();
-    let limit = state.settings.limits.max_prompt_tokens;
-    fit_context(prompt.len(), &mut params.max_tokens, common.max_tokens_explicit, cfg.block_size, limit)?;
-    Ok(JobSpec {
-        prompt,
-        params,
-        n: common.n,
-        max_total_steps: common.max_total_steps,
-        stop: common.stop.clone(),
-        logprobs,
-        prompt_logprobs,
-        report_logits: false,
-    })
 }
 
 #[cfg(test)]

@@ -5,13 +5,14 @@ use std::convert::Infallible;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::{Stream, StreamExt};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
 use super::state::Lease;
-use crate::engine::{DraftCounts, Event, JobHandle, TokenLogprobs, WaveCounts};
-use crate::generate::FinishReason;
+use super::wire::UsageBody;
+use crate::engine::{Event, JobHandle, StrategyCounts, TokenLogprobs};
+use crate::generate::{Decoding, FinishReason};
 
 /// A choice as it accumulates.
 #[derive(Debug, Default)]
@@ -23,8 +24,8 @@ pub struct Choice {
     /// Log-probabilities of the prompt tokens after the first (echo).
     pub prompt_logprobs: Option<Vec<TokenLogprobs>>,
     pub finish: Option<FinishReason>,
-    pub drafts: DraftCounts,
-    pub waves: WaveCounts,
+    /// What its decoding strategy did.
+    pub counts: StrategyCounts,
 }
 
 /// One token of a streamed chunk.
@@ -35,65 +36,41 @@ pub struct Streamed {
     pub logprobs: Option<TokenLogprobs>,
 }
 
-/// What the parallel sampler did for a choice, as reported with it.
-pub fn waves_json(waves: &WaveCounts) -> Value {
-    json!({
-        "sampler_steps": waves.steps,
-        "tokens_per_step": waves.tokens_per_step(),
-        "mean_wavefront": waves.mean_wavefront(),
-    })
-}
-
-#[derive(Debug, Default, Clone, Copy)]
+/// A request's usage as it accumulates.
+#[derive(Debug, Clone, Copy)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub recurrence_steps: usize,
-    /// The request speculates: its usage reports drafted and accepted tokens.
-    pub speculative: bool,
-    pub drafts: DraftCounts,
-    /// The request uses the parallel sampler: its usage (and each choice) reports sampler steps.
-    pub parallel: bool,
-    pub waves: WaveCounts,
+    /// The decoding strategy's figures, summed over the choices.
+    pub strategy: StrategyCounts,
 }
 
 impl Usage {
-    /// Adds a finished choice's tokens, steps and drafts.
+    /// No completion yet: `prompt_tokens`, and zero figures of the strategy `decoding` uses (a
+    /// speculating request reports its drafts even when it made none).
+    pub fn new(prompt_tokens: usize, decoding: &Decoding) -> Self {
+        Self { prompt_tokens, completion_tokens: 0, recurrence_steps: 0, strategy: StrategyCounts::zero_for(decoding) }
+    }
+
+    /// Adds a finished choice's tokens, steps and strategy figures.
     pub fn add_choice(&mut self, choice: &Choice) {
         self.completion_tokens += choice.token_ids.len();
         self.recurrence_steps += choice.steps.iter().sum::<usize>();
-        self.drafts += choice.drafts;
-        self.waves += choice.waves;
+        self.strategy += choice.counts;
     }
 
-    pub fn json(self) -> Value {
+    pub fn body(&self) -> UsageBody {
         let mean =
             if self.completion_tokens > 0 { self.recurrence_steps as f64 / self.completion_tokens as f64 } else { 0.0 };
-        let mut usage = json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "recurrence_steps": self.recurrence_steps,
-            "mean_steps_per_token": mean,
-        });
-        if self.speculative {
-            usage["draft_tokens"] = json!(self.drafts.drafted);
-            usage["accepted_draft_tokens"] = json!(self.drafts.accepted);
+        UsageBody {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.prompt_tokens + self.completion_tokens,
+            recurrence_steps: self.recurrence_steps,
+            mean_steps_per_token: mean,
+            strategy: self.strategy.into(),
         }
-        if self.parallel {
-            usage["sampler_steps"] = json!(self.waves.steps);
-            usage["tokens_per_sampler_step"] = json!(self.waves.tokens_per_step());
-            usage["mean_wavefront"] = json!(self.waves.mean_wavefront());
-        }
-        usage
-    }
-}
-
-pub fn finish_name(reason: Option<FinishReason>) -> Value {
-    match reason {
-        Some(FinishReason::Stop) => json!("stop"),
-        Some(FinishReason::Length) => json!("length"),
-        None => Value::Null,
     }
 }
 
@@ -146,11 +123,11 @@ async fn collect_events(jobs: Vec<(JobHandle, usize)>, choices: usize) -> Result
                 c.steps.push(steps);
                 c.logprobs.extend(logprobs);
             }
-            Event::Finished { choice, reason, text, drafts, waves, .. } => {
+            Event::Finished { choice, reason, text, counts, .. } => {
                 let c = &mut out[base + choice];
                 c.text.push_str(&text);
                 c.finish = Some(reason);
-                (c.drafts, c.waves) = (drafts, waves);
+                c.counts = counts;
             }
             Event::Logits { .. } => {}
             Event::Error { failure } => return Err(failure.into()),
@@ -170,8 +147,8 @@ pub trait ChunkWriter: Send + 'static {
     /// One chunk of the tokens one step emitted (one, or several from a speculative round or a
     /// parallel freeze).
     fn token(&mut self, choice: usize, tokens: &[Streamed]) -> Value;
-    /// The last chunk of a choice; `waves` for a parallel-sampler choice.
-    fn finish(&mut self, choice: usize, text: &str, reason: FinishReason, waves: Option<&WaveCounts>) -> Value;
+    /// The last chunk of a choice, with what its strategy did.
+    fn finish(&mut self, choice: usize, text: &str, reason: FinishReason, counts: &StrategyCounts) -> Value;
     fn usage(&mut self, usage: &Usage) -> Value;
 }
 
@@ -240,15 +217,14 @@ pub fn stream(
                     held.push(Streamed { text, steps, logprobs });
                     (!more).then(|| writer.token(base + choice, &std::mem::take(held)))
                 }
-                Event::Finished { choice, reason, text, drafts, waves, .. } => {
+                Event::Finished { choice, reason, text, counts, .. } => {
                     finished += 1;
-                    usage.drafts += drafts;
-                    usage.waves += waves;
+                    usage.strategy += counts;
                     let held = std::mem::take(&mut pending[base + choice]);
                     if !held.is_empty() && !send(writer.token(base + choice, &held).to_string()).await {
                         return;
                     }
-                    Some(writer.finish(base + choice, &text, reason, usage.parallel.then_some(&waves)))
+                    Some(writer.finish(base + choice, &text, reason, &counts))
                 }
                 Event::Logits { .. } => None,
                 Event::Error { failure } => {
@@ -281,6 +257,8 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
+    use serde_json::json;
+
     use super::*;
     use crate::engine::ExitReason;
 
@@ -296,7 +274,7 @@ mod tests {
         fn token(&mut self, _: usize, tokens: &[Streamed]) -> Value {
             json!(tokens.iter().map(|t| t.text.as_str()).collect::<String>())
         }
-        fn finish(&mut self, _: usize, _: &str, _: FinishReason, _: Option<&WaveCounts>) -> Value {
+        fn finish(&mut self, _: usize, _: &str, _: FinishReason, _: &StrategyCounts) -> Value {
             json!("end")
         }
         fn usage(&mut self, _: &Usage) -> Value {
@@ -314,7 +292,8 @@ mod tests {
         let cancelled = Arc::new(AtomicBool::new(false));
         let handle = JobHandle::new(receiver, cancelled.clone());
         let lease = Lease::new(slot, 0, 1);
-        let sse = stream(vec![(handle, 0)], 1, Plain, Usage::default(), false, lease);
+        let usage = Usage::new(0, &Decoding::default());
+        let sse = stream(vec![(handle, 0)], 1, Plain, usage, false, lease);
         for i in 0..200 {
             let token = Event::Token {
                 choice: 0,

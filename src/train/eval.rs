@@ -136,8 +136,8 @@ pub fn evaluate_in_batches(
     let mut end_token_steps = (0, 0);
     for (problem, choices) in problems.iter().zip(outcomes) {
         for out in choices {
-            drafts += out.drafts;
-            waves += out.waves;
+            drafts += out.drafts();
+            waves += out.waves();
             decode_seconds += out.seconds - out.first_token_seconds;
             let text = tokenizer.decode(&out.token_ids)?;
             correct += usize::from(out.finish_reason == FinishReason::Stop && text == problem.answer());

@@ -15,7 +15,7 @@ mod sequential;
 mod speculative;
 
 use super::fault::SequenceFault;
-use super::job::{DraftCounts, JobSpec, WaveCounts};
+use super::job::{DraftCounts, JobSpec, StrategyCounts, WaveCounts};
 use super::sequence::{AfterToken, Sequence};
 use crate::generate::Decoding;
 use crate::model::HuginnModel;
@@ -70,8 +70,8 @@ pub trait Decoder: Send {
     ) -> Result<AfterToken, SequenceFault>;
 
     /// What the strategy did, reported when the choice ends.
-    fn counts(&self) -> (DraftCounts, WaveCounts) {
-        Default::default()
+    fn counts(&self) -> StrategyCounts {
+        StrategyCounts::Sequential
     }
 }
 

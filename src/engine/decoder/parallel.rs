@@ -16,7 +16,7 @@
 use metrics::histogram;
 
 use super::sequential::emit_sampled;
-use super::{AfterToken, Decoder, DraftCounts, Sequence, SequenceFault, TextTokenizer, WaveCounts};
+use super::{AfterToken, Decoder, Sequence, SequenceFault, StrategyCounts, TextTokenizer, WaveCounts};
 use crate::engine::job::ExitReason;
 use crate::engine::sequence::{Emitted, Stage};
 use crate::engine::wavefront::Wavefront;
@@ -187,7 +187,7 @@ impl Decoder for Parallel {
         })
     }
 
-    fn counts(&self) -> (DraftCounts, WaveCounts) {
-        (DraftCounts::default(), self.counts)
+    fn counts(&self) -> StrategyCounts {
+        StrategyCounts::Parallel(self.counts)
     }
 }

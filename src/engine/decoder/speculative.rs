@@ -14,7 +14,7 @@
 use metrics::{counter, histogram};
 
 use super::sequential::emit_sampled;
-use super::{AfterToken, Decoder, DraftCounts, Sequence, SequenceFault, TextTokenizer};
+use super::{AfterToken, Decoder, DraftCounts, Sequence, SequenceFault, StrategyCounts, TextTokenizer};
 use crate::engine::job::ExitReason;
 use crate::engine::sequence::Emitted;
 use crate::generate::Speculation;
@@ -201,7 +201,7 @@ impl Decoder for Speculative {
         }
     }
 
-    fn counts(&self) -> (DraftCounts, super::WaveCounts) {
-        (self.counts, Default::default())
+    fn counts(&self) -> StrategyCounts {
+        StrategyCounts::Speculative(self.counts)
     }
 }
