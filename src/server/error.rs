@@ -1,9 +1,9 @@
 //! The HTTP layer's errors and their one mapping to status codes and OpenAI error bodies:
 //! `{"error": {"message", "type", "param", "code"}}`.
 
+use super::wire::{ErrorBody, ErrorObject, to_value};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use crate::engine::{EngineError, EngineFailure};
 use crate::model::ModelError;
@@ -97,8 +97,14 @@ impl ApiError {
             tracing::error!(%request_id, %detail, "request failed");
             let message =
                 format!("internal server error (request id {request_id}); the details are in the server's log");
-            return json!({"error": {"message": message, "type": "server_error", "param": null,
-                "code": "internal_error", "request_id": request_id}});
+            let error = ErrorObject {
+                message,
+                kind: "server_error",
+                param: None,
+                code: Some("internal_error"),
+                request_id: Some(request_id),
+            };
+            return to_value(ErrorBody { error });
         }
         let (kind, param, code) = match self {
             ApiError::InvalidParam { param, .. } => ("invalid_request_error", param.clone(), None),
@@ -116,7 +122,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
             ApiError::Internal(_) => ("server_error", None, Some("internal_error")),
         };
-        json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
+        to_value(ErrorBody { error: ErrorObject { message: self.to_string(), kind, param, code, request_id: None } })
     }
 }
 

@@ -5,28 +5,28 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 use super::error::ApiError;
 use super::handler::{parse_body, tokenize_blocking};
 use super::request::{DetokenizeRequest, TokenizeRequest, parse};
 use super::state::AppState;
 use super::validate::{PromptInput, messages as chat_messages};
+use super::wire::{Detokenized, ModelCard, ModelList, Status, Tokenized};
 
 pub async fn models(State(state): State<AppState>) -> Response {
-    axum::Json(json!({
-        "object": "list",
-        "data": [{
-            "id": &*state.model_name, "object": "model", "created": state.created, "owned_by": "huginn",
-            "max_model_len": state.config.block_size,
-        }]
-    }))
-    .into_response()
+    let card = ModelCard {
+        id: &state.model_name,
+        object: "model",
+        created: state.created,
+        owned_by: "huginn",
+        max_model_len: state.config.block_size,
+    };
+    axum::Json(ModelList { object: "list", data: vec![card] }).into_response()
 }
 
 /// Liveness: the process answers.
 pub async fn health() -> Response {
-    axum::Json(json!({"status": "ok"})).into_response()
+    axum::Json(Status { status: "ok" }).into_response()
 }
 
 /// Readiness: the model is loaded, every worker is running and the server is not shutting down.
@@ -37,7 +37,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
         ApiError::Unavailable("not ready: a model worker is starting, restarting or not answering".into())
             .into_response()
     } else {
-        axum::Json(json!({"status": "ready"})).into_response()
+        axum::Json(Status { status: "ready" }).into_response()
     }
 }
 
@@ -59,7 +59,8 @@ pub async fn tokenize(
         request.prompt.ok_or_else(|| ApiError::param("prompt", "give `prompt` or `messages`"))?
     };
     let ids = tokenize_blocking(&state, vec![PromptInput::Text(text)]).await?.remove(0);
-    Ok(axum::Json(json!({"count": ids.len(), "tokens": ids, "max_model_len": state.config.block_size})).into_response())
+    let max_model_len = state.config.block_size;
+    Ok(axum::Json(Tokenized { count: ids.len(), tokens: ids, max_model_len }).into_response())
 }
 
 /// `{"tokens": [...]}` to text.
@@ -79,7 +80,7 @@ pub async fn detokenize(
         .await
         .map_err(|e| ApiError::Internal(format!("tokenizer task failed: {e}")))?
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(axum::Json(json!({"prompt": text})).into_response())
+    Ok(axum::Json(Detokenized { prompt: text }).into_response())
 }
 
 pub async fn not_found() -> Response {

@@ -154,3 +154,57 @@ pub struct ChatTokenLogprob {
 pub fn to_value(value: impl Serialize) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
+
+/// An error answer: OpenAI's `{"error": {...}}`.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    pub error: ErrorObject,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorObject {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    /// An internal error's id in the server's log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Serialize)]
+pub struct ModelList<'a> {
+    pub object: &'static str,
+    pub data: Vec<ModelCard<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelCard<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    pub max_model_len: usize,
+}
+
+/// `/health` and `/ready`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub status: &'static str,
+}
+
+/// `POST /tokenize`.
+#[derive(Debug, Serialize)]
+pub struct Tokenized {
+    pub count: usize,
+    pub tokens: Vec<u32>,
+    pub max_model_len: usize,
+}
+
+/// `POST /detokenize`.
+#[derive(Debug, Serialize)]
+pub struct Detokenized {
+    pub prompt: String,
+}
