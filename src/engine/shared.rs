@@ -60,5 +60,5 @@ pub fn kv_reservation(cfg: &HuginnConfig, dtype_bytes: usize, spec: &JobSpec) ->
         }
     };
     let tokens = (spec.prompt.len() + spec.params.max_tokens).min(cfg.block_size);
-    spec.n * tokens * entries * 2 * cfg.n_embd * dtype_bytes
+    spec.n * tokens * entries * 2 * cfg.kv_heads() * cfg.head_dim() * dtype_bytes
 }

@@ -126,7 +126,7 @@ impl KvCache {
     pub fn new(cfg: &HuginnConfig, strategy: CacheStrategy, backend: Backend, device: &Device) -> Self {
         Self {
             strategy,
-            heads: cfg.num_attention_heads,
+            heads: cfg.kv_heads(),
             head_dim: cfg.head_dim(),
             max_len: cfg.block_size,
             core_layers: cfg.n_layers_in_recurrent_block,

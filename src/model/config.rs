@@ -141,6 +141,12 @@ impl HuginnConfig {
         self.n_embd / self.num_attention_heads
     }
 
+    /// Key/value heads: `num_key_value_heads`, else one per query head. Query head `h` reads
+    /// key/value head `h / (num_attention_heads / kv_heads)` (grouped-query attention).
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
     /// Checks the relations between keys that the architecture needs.
     pub fn validate(&self, file: &str) -> Result<(), ModelError> {
         let bad = |message: String| ModelError::Config { file: file.to_string(), message };

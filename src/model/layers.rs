@@ -117,6 +117,8 @@ struct Attention {
     qk_bias: Option<Tensor>,
     proj: Linear,
     heads: usize,
+    /// Key/value heads (fewer than `heads` with grouped-query attention).
+    kv_heads: usize,
     head_dim: usize,
     backend: Backend,
 }
@@ -124,11 +126,12 @@ struct Attention {
 impl Attention {
     fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig) -> Result<Self> {
         let d = cfg.n_embd;
-        let (h, hd) = (cfg.num_attention_heads, cfg.head_dim());
+        let (h, kv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         // The attention scale 1/sqrt(hd) is folded into the query rows of Wqkv and the query bias:
         // RoPE is linear, so scaling before it equals scaling the rotated queries.
         let scale = 1.0 / (hd as f64).sqrt();
-        let wqkv = w.load_linear_part(&format!("{prefix}.Wqkv.weight"), &[3 * d, d], 0..d, d, scale as f32)?;
+        let rows = (h + 2 * kv) * hd;
+        let wqkv = w.load_linear_part(&format!("{prefix}.Wqkv.weight"), &[rows, d], 0..d, h * hd, scale as f32)?;
         let qk_bias = if cfg.qk_bias {
             let bias = w.load(&format!("{prefix}.qk_bias"), &[2, 1, h, hd])?.reshape(2 * d)?;
             let factors: Vec<f32> = (0..2 * d).map(|i| if i < d { scale as f32 } else { 1.0 }).collect();
@@ -140,8 +143,9 @@ impl Attention {
         Ok(Self {
             wqkv,
             qk_bias,
-            proj: w.load_linear(&format!("{prefix}.proj.weight"), &[d, d])?,
+            proj: w.load_linear(&format!("{prefix}.proj.weight"), &[d, h * hd])?,
             heads: h,
+            kv_heads: kv,
             head_dim: hd,
             backend: w.backend(),
         })
@@ -155,22 +159,22 @@ impl Attention {
         stage: Stage,
         layer: usize,
     ) -> Result<Tensor> {
-        let (tokens, d) = xs.dims2()?;
-        let (h, hd) = (self.heads, self.head_dim);
+        let tokens = xs.dim(0)?;
+        let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let qkv = self.wqkv.forward(xs)?;
-        let qk = qkv.narrow(1, 0, 2 * d)?;
+        let qk = qkv.narrow(1, 0, (h + kv) * hd)?;
         let qk = match &self.qk_bias {
             Some(bias) => qk.broadcast_add(bias)?,
             None => qk.contiguous()?,
         };
-        // RoPE in float32 on q and k together: each row is a "batch" of 2H heads at one position.
+        // RoPE in float32 on q and k together: each row is a "batch" of H + KV heads at one position.
         let dtype = qk.dtype();
-        let qk = qk.to_dtype(DType::F32)?.reshape((tokens, 2 * h, 1, hd))?;
+        let qk = qk.to_dtype(DType::F32)?.reshape((tokens, h + kv, 1, hd))?;
         let qk = candle_nn::rotary_emb::rope_i(&qk, &layout.cos, &layout.sin)?;
-        let qk = qk.to_dtype(dtype)?.reshape((tokens, 2 * h, hd))?;
+        let qk = qk.to_dtype(dtype)?.reshape((tokens, h + kv, hd))?;
         let q = qk.narrow(1, 0, h)?;
-        let k = qk.narrow(1, h, h)?;
-        let v = qkv.narrow(1, 2 * d, d)?.reshape((tokens, h, hd))?;
+        let k = qk.narrow(1, h, kv)?;
+        let v = qkv.narrow(1, (h + kv) * hd, kv * hd)?.reshape((tokens, kv, hd))?;
 
         let slot = |chunk: &Chunk<'_>| match stage {
             Stage::Prelude => LayerSlot::Prelude(layer),

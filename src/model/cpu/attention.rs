@@ -19,8 +19,9 @@ const PARALLEL_MIN_WORK: usize = 1 << 15;
 /// Attention of many query rows in one call, in chunks: chunk `c` holds the `spans[c].1` rows of
 /// `q` after those of the chunks before it (`q`: `[rows, heads, head_dim]`, already scaled; any
 /// row and head strides), and its row `i` attends over the first `spans[c].0 + i + 1` positions of
-/// `kv[c]` (`[heads, positions, head_dim]` views of the cache, float32 or bfloat16, holding at
-/// least that many). Returns `[rows, heads * head_dim]` float32; tensors that are not CPU tensors
+/// `kv[c]` (`[kv_heads, positions, head_dim]` views of the cache, float32 or bfloat16, holding at
+/// least that many; with fewer key/value heads than query heads, query head `h` reads head
+/// `h / (heads / kv_heads)`). Returns `[rows, heads * head_dim]` float32; tensors that are not CPU tensors
 /// of that layout and those dtypes are an error. Every row is computed the same way whatever the
 /// other rows, so a sequence gets the same bits alone or in a batch.
 pub fn attend_rows(q: &Tensor, spans: &[(usize, usize)], kv: &[(Tensor, Tensor)]) -> Result<Tensor> {
@@ -74,6 +75,8 @@ fn attend_rows_of<T: CacheValue>(q: &Tensor, spans: &[(usize, usize)], kv: &[(Te
         ))
     };
     let (rows, heads, dim) = q.dims3()?;
+    // Grouped-query attention: fewer key/value heads than query heads, each read by a group.
+    let kv_heads = kv.first().map_or(heads, |(k, _)| k.dims().first().copied().unwrap_or(0));
     let on_cpu = |t: &Tensor, dtype: DType| t.device().is_cpu() && t.dtype() == dtype;
     if spans.len() != kv.len()
         || spans.iter().map(|&(_, len)| len).sum::<usize>() != rows
@@ -87,7 +90,11 @@ fn attend_rows_of<T: CacheValue>(q: &Tensor, spans: &[(usize, usize)], kv: &[(Te
                 && k.dims() == v.dims()
                 && {
                     let d = k.dims();
-                    d[0] == heads && d[2] == dim && d[1] >= start + len
+                    d[0] == kv_heads
+                        && kv_heads > 0
+                        && heads.is_multiple_of(kv_heads)
+                        && d[2] == dim
+                        && d[1] >= start + len
                 }
         })
     {
@@ -116,6 +123,8 @@ fn attend_rows_of<T: CacheValue>(q: &Tensor, spans: &[(usize, usize)], kv: &[(Te
         views.extend((0..len).map(|i| (chunk, start + i + 1)));
     }
     let (q_start, q_row, q_head) = (q_layout.start_offset(), q_layout.stride()[0], q_layout.stride()[1]);
+    // Query head `h` reads key/value head `h / group`.
+    let group = heads / kv_heads;
     let width = heads * dim;
     let mut out = vec![0.0f32; rows * width];
     let work: usize = views.iter().map(|(_, positions)| positions * width * 2).sum();
@@ -123,8 +132,8 @@ fn attend_rows_of<T: CacheValue>(q: &Tensor, spans: &[(usize, usize)], kv: &[(Te
         let mut scores = vec![0.0f32; positions];
         for h in 0..heads {
             let qh = &q_data[q_start + i * q_row + h * q_head..][..dim];
-            let kh = &view.k[view.k_start + h * view.k_head..][..positions * dim];
-            let vh = &view.v[view.v_start + h * view.v_head..][..positions * dim];
+            let kh = &view.k[view.k_start + (h / group) * view.k_head..][..positions * dim];
+            let vh = &view.v[view.v_start + (h / group) * view.v_head..][..positions * dim];
             attend_head(qh, kh, vh, dim, &mut scores, &mut out[h * dim..(h + 1) * dim]);
         }
     };
@@ -293,6 +302,27 @@ mod tests {
         assert!(attend_rows(&bf16, &spans, &kv).is_err());
         assert!(attend_rows(&q, &spans[..2], &kv[..2]).is_err());
         assert!(attend_rows(&q, &[(0, 1), (4, 1), (9, 1)], &kv).is_err());
+    }
+
+    #[test]
+    fn grouped_query_heads_read_their_group_s_key_value_head() {
+        let dev = Device::Cpu;
+        let (heads, kv_heads, dim) = (4, 2, 16);
+        let q = Tensor::randn(0f32, 1.0, (3, heads, dim), &dev).unwrap();
+        let grouped = |n: usize| Tensor::randn(0f32, 1.0, (kv_heads, n, dim), &dev).unwrap();
+        let kv: Vec<(Tensor, Tensor)> = [4, 9].iter().map(|&n| (grouped(n), grouped(n))).collect();
+        // The same keys and values, one copy per query head (heads 0, 1 read 0; heads 2, 3 read 1).
+        let copies = Tensor::new(&[0u32, 0, 1, 1], &dev).unwrap();
+        let repeat = |t: &Tensor| t.index_select(&copies, 0).unwrap();
+        let full: Vec<(Tensor, Tensor)> = kv.iter().map(|(k, v)| (repeat(k), repeat(v))).collect();
+        let spans = [(1, 2), (8, 1)];
+        let gqa = attend_rows(&q, &spans, &kv).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mha = attend_rows(&q, &spans, &full).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(gqa, mha);
+        // Key/value heads that do not divide the query heads, or differ between chunks, are errors.
+        let three = |n: usize| Tensor::randn(0f32, 1.0, (3, n, dim), &dev).unwrap();
+        assert!(attend_rows(&q, &[(1, 2)], &[(three(4), three(4))]).is_err());
+        assert!(attend_rows(&q, &spans, &[kv[0].clone(), full[1].clone()]).is_err());
     }
 
     #[test]

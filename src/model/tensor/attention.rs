@@ -93,9 +93,20 @@ impl GatherPlan {
 }
 
 /// `q`: `[tokens, heads, head_dim]`, already scaled; `cached[c]`: chunk `c`'s keys and values up
-/// to its last position, `[positions, heads, head_dim]`. Returns `[tokens, heads * head_dim]`.
+/// to its last position, `[positions, kv_heads, head_dim]` (with fewer key/value heads than query
+/// heads, query head `h` reads head `h / (heads / kv_heads)`). Returns `[tokens, heads * head_dim]`.
 pub fn attend(q: &Tensor, cached: &[(Tensor, Tensor)], plan: &GatherPlan) -> Result<Tensor> {
     let (_, heads, head_dim) = q.dims3()?;
+    let kv_heads = match cached.first() {
+        Some((k, _)) => k.dim(1)?,
+        None => heads,
+    };
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(crate::model::ModelError::InvalidArgument(format!(
+            "{kv_heads} key/value heads do not divide {heads} query heads"
+        )));
+    }
+    let per_group = heads / kv_heads;
     let dtype = q.dtype();
     let q = q.contiguous()?;
     let mut outputs = Vec::with_capacity(plan.groups.len());
@@ -108,8 +119,16 @@ pub fn attend(q: &Tensor, cached: &[(Tensor, Tensor)], plan: &GatherPlan) -> Res
                 Some(index) => all.index_select(index, 0)?,
                 None => all,
             };
-            // [G * T, heads, hd] -> [G, heads, T, hd]
-            Ok(all.to_dtype(dtype)?.reshape((count, group.keys, heads, head_dim))?.transpose(1, 2)?.contiguous()?)
+            // [G * T, kv_heads, hd] -> [G, kv_heads, T, hd], each head repeated for its query group
+            // (head h = kv * per_group + g): [G, heads, T, hd].
+            let all = all.to_dtype(dtype)?.reshape((count, group.keys, kv_heads, head_dim))?.transpose(1, 2)?;
+            let all = if per_group == 1 {
+                all
+            } else {
+                let shape = (count, kv_heads, per_group, group.keys, head_dim);
+                all.unsqueeze(2)?.expand(shape)?.reshape((count, heads, group.keys, head_dim))?
+            };
+            Ok(all.contiguous()?)
         };
         let (keys, values) = (gather(|kv| &kv.0)?, gather(|kv| &kv.1)?);
         let queries = match &group.queries {
@@ -155,6 +174,32 @@ mod tests {
             row += len;
         }
         out
+    }
+
+    #[test]
+    fn grouped_query_heads_read_their_group_s_key_value_head() {
+        let dev = Device::Cpu;
+        let (heads, kv_heads, hd) = (4, 2, 8);
+        let spans = [(3, 1), (0, 5)];
+        let tokens: usize = spans.iter().map(|s| s.1).sum();
+        let q = Tensor::randn(0f32, 1.0, (tokens, heads, hd), &dev).unwrap();
+        let grouped = |n: usize| Tensor::randn(0f32, 1.0, (n, kv_heads, hd), &dev).unwrap();
+        let cached: Vec<(Tensor, Tensor)> =
+            spans.iter().map(|&(start, len)| (grouped(start + len), grouped(start + len))).collect();
+        // The same keys and values, one copy per query head (heads 0, 1 read 0; heads 2, 3 read 1).
+        let copies = Tensor::new(&[0u32, 0, 1, 1], &dev).unwrap();
+        let repeat = |t: &Tensor| t.index_select(&copies, 1).unwrap();
+        let full: Vec<(Tensor, Tensor)> = cached.iter().map(|(k, v)| (repeat(k), repeat(v))).collect();
+        let plan = GatherPlan::new(&spans, &dev).unwrap();
+        let gqa = attend(&q, &cached, &plan).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(gqa, attend(&q, &full, &plan).unwrap().to_vec2::<f32>().unwrap());
+        let three: Vec<(Tensor, Tensor)> = spans
+            .iter()
+            .map(|&(s, l)| {
+                (repeat(&grouped(s + l)).narrow(1, 0, 3).unwrap(), repeat(&grouped(s + l)).narrow(1, 0, 3).unwrap())
+            })
+            .collect();
+        assert!(attend(&q, &three, &plan).is_err(), "3 key/value heads do not divide 4");
     }
 
     #[test]
