@@ -262,3 +262,41 @@ fn fixture_tokenizer_matches_the_reference_ids_and_specials() {
     assert_eq!(special.stop, vec![0, 1, 2]);
     assert!(tokenizer.chat_template().is_builtin());
 }
+
+#[test]
+fn families_not_supported_yet_are_refused_by_name() {
+    // Ouro: its own architecture (and config keys).
+    let dir = fixture_copy();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    cfg["architectures"] = serde_json::json!(["OuroForCausalLM"]);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("architecture `OuroForCausalLM` is not supported"), "{err}");
+
+    // The retrofitted OLMo-2 variant: Huginn's format with q/k norms in the attention.
+    let olmo = tempfile::tempdir().unwrap();
+    let llama = repo_root().join("tests/fixtures/retrofit-llama-tiny-ref");
+    for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(llama.join(name), olmo.path().join(name)).unwrap();
+    }
+    let mut tensors = weights(olmo.path());
+    let q_norm = Tensor::ones(64, DType::F32, &Device::Cpu).unwrap();
+    tensors.insert("transformer.core_block.0.attn.q_norm.weight".into(), q_norm);
+    save_weights(olmo.path(), &tensors);
+    let err = load_err(olmo.path());
+    assert!(err.contains("retrofitted OLMo-2 checkpoints"), "{err}");
+
+    // Grouped-query attention is refused only beside Huginn-0125's query/key bias.
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    cfg["architectures"] = serde_json::json!(["RavenForCausalLM"]);
+    cfg["num_key_value_heads"] = serde_json::json!(2);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("a checkpoint with `qk_bias` (Huginn-0125) uses full multi-head attention"), "{err}");
+    cfg["num_key_value_heads"] = serde_json::json!(3);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("`num_key_value_heads` (3) must divide `num_attention_heads` (4)"), "{err}");
+}

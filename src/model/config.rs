@@ -46,6 +46,17 @@ pub struct HuginnConfig {
     pub norm_eps: f64,
     #[serde(default = "defaults::rope_base")]
     pub rope_base: f64,
+    /// The RoPE base of retrofitted checkpoints (they carry the base model's; `rope_base` is
+    /// Huginn-0125's key). Wins over `rope_base` when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// Llama-3 RoPE frequency scaling (retrofitted Llama-3.2 checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// `init_values.embed_scale`: retrofitted checkpoints multiply embeddings by it (1.0);
+    /// Huginn-0125 by sqrt(n_embd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_values: Option<InitValues>,
     #[serde(default)]
     pub torch_dtype: Option<String>,
     #[serde(default)]
@@ -54,6 +65,32 @@ pub struct HuginnConfig {
     pub eos_token_id: Option<TokenIds>,
     #[serde(default)]
     pub pad_token_id: Option<u32>,
+}
+
+/// `rope_scaling` of Llama-3 checkpoints: frequencies with wavelengths past
+/// `original_max_position_embeddings / low_freq_factor` divided by `factor`, those below
+/// `original / high_freq_factor` kept, a smooth blend between.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    pub rope_type: RopeScalingType,
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+/// The one scaling scheme supported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeScalingType {
+    Llama3,
+}
+
+/// The part of `init_values` that shapes inference.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct InitValues {
+    #[serde(default)]
+    pub embed_scale: Option<f64>,
 }
 
 /// A token id or a list of them (HF configs use both forms for `eos_token_id`).
@@ -123,6 +160,9 @@ impl HuginnConfig {
             bias: false,
             norm_eps: 1e-6,
             rope_base: 50_000.0,
+            rope_theta: None,
+            rope_scaling: None,
+            init_values: None,
             torch_dtype: Some("bfloat16".into()),
             bos_token_id: Some(65504),
             eos_token_id: Some(TokenIds::One(65505)),
@@ -131,8 +171,16 @@ impl HuginnConfig {
     }
 
     pub fn from_json_str(text: &str, file: &str) -> Result<Self, ModelError> {
-        let cfg: Self = serde_json::from_str(text)
-            .map_err(|e| ModelError::Config { file: file.to_string(), message: e.to_string() })?;
+        let bad = |message: String| ModelError::Config { file: file.to_string(), message };
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let architectures = value.get("architectures").and_then(|a| a.as_array()).cloned().unwrap_or_default();
+        if let Some(other) = architectures.iter().filter_map(|a| a.as_str()).find(|a| *a != "RavenForCausalLM") {
+            return Err(bad(format!(
+                "architecture `{other}` is not supported: huginn serves RavenForCausalLM checkpoints (Huginn-0125 \
+                 and retrofitted Llama models in its format)"
+            )));
+        }
+        let cfg: Self = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
         cfg.validate(file)?;
         Ok(cfg)
     }
@@ -172,14 +220,25 @@ impl HuginnConfig {
         if !self.head_dim().is_multiple_of(2) {
             return Err(bad(format!("head dim {} must be even for rotary embeddings", self.head_dim())));
         }
-        if let Some(kv) = self.num_key_value_heads
-            && kv != self.num_attention_heads
-        {
+        let kv = self.kv_heads();
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(bad(format!(
-                "`num_key_value_heads` ({kv}) differs from `num_attention_heads` ({}): the \
-                 architecture uses full multi-head attention",
+                "`num_key_value_heads` ({kv}) must divide `num_attention_heads` ({})",
                 self.num_attention_heads
             )));
+        }
+        if self.qk_bias && kv != self.num_attention_heads {
+            return Err(bad(format!(
+                "`num_key_value_heads` ({kv}) differs from `num_attention_heads` ({}): a checkpoint with \
+                 `qk_bias` (Huginn-0125) uses full multi-head attention",
+                self.num_attention_heads
+            )));
+        }
+        if let Some(s) = self.rope_scaling {
+            let positive = [s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings];
+            if positive.iter().any(|v| !v.is_finite() || *v <= 0.0) || s.high_freq_factor <= s.low_freq_factor {
+                return Err(bad("`rope_scaling` needs positive factors and high_freq_factor > low_freq_factor".into()));
+            }
         }
         if self.norm_eps.is_nan() || self.norm_eps <= 0.0 || self.rope_base.is_nan() || self.rope_base <= 0.0 {
             return Err(bad("`norm_eps` and `rope_base` must be positive".into()));

@@ -14,7 +14,7 @@ use super::backend::{Backend, BackendChoice, Linear};
 use super::cache::{CacheStrategy, KvCache};
 use super::config::HuginnConfig;
 use super::error::{ModelError, Result};
-use super::layers::{Chunk, RmsNorm, Rope, SandwichBlock, Stage};
+use super::layers::{Block, BlockShape, Chunk, RmsNorm, Rope, RopeSpec, RopeStyle, Stage};
 use super::weights::{WeightFiles, read_text};
 
 pub struct HuginnModel {
@@ -27,16 +27,77 @@ pub struct HuginnModel {
     /// (the table is held once, in the head's packed form).
     wte: Option<Tensor>,
     lm_head: Linear,
-    prelude: Vec<SandwichBlock>,
+    family: Family,
+    prelude: Vec<Block>,
     /// Adapter columns that multiply the latent state.
     adapter_state: Linear,
     /// Adapter columns that multiply the prelude output (applied once per token: the injection).
     adapter_input: Linear,
     adapter_bias: Option<Tensor>,
-    core: Vec<SandwichBlock>,
-    coda: Vec<SandwichBlock>,
+    core: Vec<Block>,
+    coda: Vec<Block>,
     ln_f: RmsNorm,
     rope: Rope,
+}
+
+/// The checkpoint families in Huginn-0125's format (`RavenForCausalLM`), told apart by their
+/// tensors: where their math differs, the model's parts differ (docs/DESIGN.md, "Checkpoint
+/// families").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Huginn-0125: sandwich blocks (`norm_1`..`norm_4`), `qk_bias`, interleaved RoPE, embeddings
+    /// times sqrt(n_embd), `ln_f` before and after the coda, tied head.
+    Huginn0125,
+    /// Retrofitted Llama / TinyLlama (McLeish et al. 2025): pre-norm blocks (`norm_1`, `norm_2`),
+    /// grouped-query attention, rotate-half RoPE with `rope_theta` (and Llama-3 scaling),
+    /// `init_values.embed_scale`, `ln_f` after the coda only, untied head.
+    RetrofitLlama,
+}
+
+impl Family {
+    /// The family of the checkpoint `w` holds (its first core block's tensors tell).
+    pub fn detect(w: &WeightFiles) -> Result<Self> {
+        let block = "transformer.core_block.0";
+        if w.contains(&format!("{block}.attn.q_norm.weight")) {
+            return Err(ModelError::Config {
+                file: "model.safetensors".into(),
+                message: "retrofitted OLMo-2 checkpoints (q/k norms, post-norm blocks) are not supported yet".into(),
+            });
+        }
+        Ok(if w.contains(&format!("{block}.norm_3.weight")) { Family::Huginn0125 } else { Family::RetrofitLlama })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Family::Huginn0125 => "huginn-0125",
+            Family::RetrofitLlama => "retrofit-llama",
+        }
+    }
+
+    fn block_shape(&self) -> BlockShape {
+        match self {
+            Family::Huginn0125 => BlockShape::Sandwich,
+            Family::RetrofitLlama => BlockShape::PreNorm,
+        }
+    }
+
+    fn rope(&self, cfg: &HuginnConfig) -> RopeSpec {
+        match self {
+            Family::Huginn0125 => RopeSpec::huginn_0125(cfg),
+            Family::RetrofitLlama => RopeSpec {
+                base: cfg.rope_theta.unwrap_or(cfg.rope_base),
+                scaling: cfg.rope_scaling,
+                style: RopeStyle::RotateHalf,
+            },
+        }
+    }
+
+    fn embed_scale(&self, cfg: &HuginnConfig) -> f64 {
+        match self {
+            Family::Huginn0125 => (cfg.n_embd as f64).sqrt(),
+            Family::RetrofitLlama => cfg.init_values.and_then(|v| v.embed_scale).unwrap_or(1.0),
+        }
+    }
 }
 
 /// Which rows of the coda output become logits.
@@ -92,13 +153,16 @@ impl HuginnModel {
         } else {
             (None, w.load_linear("transformer.wte.weight", &[v, d])?)
         };
-        let blocks = |stage: Stage, name: &str, count: usize| -> Result<Vec<SandwichBlock>> {
-            (0..count).map(|i| SandwichBlock::load(w, &format!("transformer.{name}.{i}"), &cfg, stage, i)).collect()
+        let family = Family::detect(w)?;
+        let shape = family.block_shape();
+        let blocks = |stage: Stage, name: &str, count: usize| -> Result<Vec<Block>> {
+            (0..count).map(|i| Block::load(w, &format!("transformer.{name}.{i}"), &cfg, shape, stage, i)).collect()
         };
         let adapter_bias = if cfg.bias { Some(w.load("transformer.adapter.bias", &[d])?) } else { None };
         let device = w.device().clone();
         Ok(Self {
-            embed_scale: (d as f64).sqrt(),
+            embed_scale: family.embed_scale(&cfg),
+            family,
             prelude: blocks(Stage::Prelude, "prelude", cfg.n_layers_in_prelude)?,
             core: blocks(Stage::Core, "core_block", cfg.n_layers_in_recurrent_block)?,
             coda: blocks(Stage::Coda, "coda", cfg.n_layers_in_coda)?,
@@ -106,7 +170,7 @@ impl HuginnModel {
             adapter_input: w.load_linear_part("transformer.adapter.weight", &[d, 2 * d], d..2 * d, 0, 1.0)?,
             adapter_bias,
             ln_f: RmsNorm::load(w, "transformer.ln_f.weight", &cfg)?,
-            rope: Rope::new(&cfg, &device)?,
+            rope: Rope::new(&cfg, family.rope(&cfg), &device)?,
             backend: w.backend(),
             device,
             wte,
@@ -117,6 +181,11 @@ impl HuginnModel {
 
     pub fn config(&self) -> &HuginnConfig {
         &self.cfg
+    }
+
+    /// The checkpoint family the model was loaded as.
+    pub fn family(&self) -> Family {
+        self.family
     }
 
     pub fn device(&self) -> &Device {
@@ -210,11 +279,14 @@ impl HuginnModel {
         Ok(xs)
     }
 
-    /// `ln_f`, the coda, `ln_f` again and the (tied) head; logits in float32.
+    /// `ln_f` (Huginn-0125 only), the coda, `ln_f` again and the head; logits in float32.
     pub fn coda(&self, state: &Tensor, chunks: &mut [Chunk<'_>], rows: LogitRows) -> Result<Tensor> {
         self.check_rows(state.dim(0)?, chunks)?;
         let layout = self.rope.layout(chunks, self.backend)?;
-        let mut xs = self.ln_f.forward(state)?;
+        let mut xs = match self.family {
+            Family::Huginn0125 => self.ln_f.forward(state)?,
+            Family::RetrofitLlama => state.clone(),
+        };
         for block in &self.coda {
             xs = block.forward(&xs, &layout, chunks)?;
         }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::backend::{AttentionPlan, Backend, Linear};
 use super::cache::{KvCache, LayerSlot};
-use super::config::HuginnConfig;
+use super::config::{HuginnConfig, RopeScaling};
 use super::error::Result;
 use super::weights::WeightFiles;
 
@@ -35,22 +35,71 @@ pub struct BatchLayout {
     /// `[tokens, 1, head_dim / 2]` cos and sin of each row's position.
     cos: Tensor,
     sin: Tensor,
+    style: RopeStyle,
     attention: AttentionPlan,
 }
 
-/// Rotary embedding tables (interleaved pairs), float32, `[block_size, head_dim / 2]`.
+/// Which dimensions RoPE rotates together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (2i, 2i + 1): Huginn-0125.
+    Interleaved,
+    /// Dimension i with i + head_dim / 2: Llama (and retrofitted Llama checkpoints).
+    RotateHalf,
+}
+
+/// How a family applies RoPE: its base, its frequency scaling and its layout.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeSpec {
+    pub base: f64,
+    pub scaling: Option<RopeScaling>,
+    pub style: RopeStyle,
+}
+
+impl RopeSpec {
+    /// Huginn-0125's: `rope_base`, no scaling, interleaved pairs.
+    pub fn huginn_0125(cfg: &HuginnConfig) -> Self {
+        Self { base: cfg.rope_base, scaling: None, style: RopeStyle::Interleaved }
+    }
+}
+
+/// Rotary embedding tables, float32, `[block_size, head_dim / 2]`.
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    style: RopeStyle,
+}
+
+/// Llama-3 frequency scaling of one inverse frequency, in float32 as the reference computes it.
+fn llama3_scaled(inv_freq: f32, s: &RopeScaling) -> f32 {
+    let (factor, low, high, original) = (
+        s.factor as f32,
+        s.low_freq_factor as f32,
+        s.high_freq_factor as f32,
+        s.original_max_position_embeddings as f32,
+    );
+    let wavelen = 2.0 * std::f32::consts::PI / inv_freq;
+    if wavelen < original / high {
+        inv_freq
+    } else if wavelen > original / low {
+        inv_freq / factor
+    } else {
+        let smooth = (original / wavelen - low) / (high - low);
+        (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+    }
 }
 
 impl Rope {
-    pub fn new(cfg: &HuginnConfig, device: &Device) -> Result<Self> {
+    pub fn new(cfg: &HuginnConfig, spec: RopeSpec, device: &Device) -> Result<Self> {
         let half = cfg.head_dim() / 2;
         let hd = cfg.head_dim() as f32;
-        let base = cfg.rope_base as f32;
-        // Same float32 recipe as the reference: inv_freq = 1 / base^(2i/hd), angle = pos * inv_freq.
-        let inv: Vec<f32> = (0..half).map(|i| 1.0 / base.powf((2 * i) as f32 / hd)).collect();
+        let base = spec.base as f32;
+        // Same float32 recipe as the references: inv_freq = 1 / base^(2i/hd) (then scaled, for
+        // Llama-3), angle = pos * inv_freq.
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / hd))
+            .map(|f| spec.scaling.as_ref().map_or(f, |s| llama3_scaled(f, s)))
+            .collect();
         let mut cos = Vec::with_capacity(cfg.block_size * half);
         let mut sin = Vec::with_capacity(cfg.block_size * half);
         for pos in 0..cfg.block_size {
@@ -63,6 +112,7 @@ impl Rope {
         Ok(Self {
             cos: Tensor::from_vec(cos, (cfg.block_size, half), device)?,
             sin: Tensor::from_vec(sin, (cfg.block_size, half), device)?,
+            style: spec.style,
         })
     }
 
@@ -84,6 +134,7 @@ impl Rope {
         Ok(BatchLayout {
             cos: gather(&self.cos)?,
             sin: gather(&self.sin)?,
+            style: self.style,
             attention: backend.attention_plan(spans, device)?,
         })
     }
@@ -170,7 +221,10 @@ impl Attention {
         // RoPE in float32 on q and k together: each row is a "batch" of H + KV heads at one position.
         let dtype = qk.dtype();
         let qk = qk.to_dtype(DType::F32)?.reshape((tokens, h + kv, 1, hd))?;
-        let qk = candle_nn::rotary_emb::rope_i(&qk, &layout.cos, &layout.sin)?;
+        let qk = match layout.style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&qk, &layout.cos, &layout.sin)?,
+            RopeStyle::RotateHalf => candle_nn::rotary_emb::rope(&qk, &layout.cos, &layout.sin)?,
+        };
         let qk = qk.to_dtype(dtype)?.reshape((tokens, h + kv, hd))?;
         let q = qk.narrow(1, 0, h)?;
         let k = qk.narrow(1, h, kv)?;
@@ -219,27 +273,47 @@ impl GatedMlp {
     }
 }
 
-/// `a = attn(norm_1(x)); x = norm_2(x + a); x = norm_4(x + mlp(norm_3(x)))`.
-pub struct SandwichBlock {
+/// How a family arranges a block's norms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockShape {
+    /// Huginn-0125: `a = attn(norm_1(x)); x = norm_2(x + a); x = norm_4(x + mlp(norm_3(x)))`.
+    Sandwich,
+    /// Retrofitted Llama: `x = x + attn(norm_1(x)); x = x + mlp(norm_2(x))`.
+    PreNorm,
+}
+
+/// One transformer block of the prelude, the core or the coda.
+pub struct Block {
     norm_1: RmsNorm,
     attn: Attention,
     norm_2: RmsNorm,
     mlp: GatedMlp,
-    norm_3: RmsNorm,
-    norm_4: RmsNorm,
+    /// The sandwich's third and fourth norms (`None`: pre-norm).
+    sandwich: Option<(RmsNorm, RmsNorm)>,
     stage: Stage,
     layer: usize,
 }
 
-impl SandwichBlock {
-    pub fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig, stage: Stage, layer: usize) -> Result<Self> {
+impl Block {
+    pub fn load(
+        w: &WeightFiles,
+        prefix: &str,
+        cfg: &HuginnConfig,
+        shape: BlockShape,
+        stage: Stage,
+        layer: usize,
+    ) -> Result<Self> {
+        let norm = |name: &str| RmsNorm::load(w, &format!("{prefix}.{name}.weight"), cfg);
+        let sandwich = match shape {
+            BlockShape::Sandwich => Some((norm("norm_3")?, norm("norm_4")?)),
+            BlockShape::PreNorm => None,
+        };
         Ok(Self {
-            norm_1: RmsNorm::load(w, &format!("{prefix}.norm_1.weight"), cfg)?,
+            norm_1: norm("norm_1")?,
             attn: Attention::load(w, &format!("{prefix}.attn"), cfg)?,
-            norm_2: RmsNorm::load(w, &format!("{prefix}.norm_2.weight"), cfg)?,
+            norm_2: norm("norm_2")?,
             mlp: GatedMlp::load(w, &format!("{prefix}.mlp"), cfg)?,
-            norm_3: RmsNorm::load(w, &format!("{prefix}.norm_3.weight"), cfg)?,
-            norm_4: RmsNorm::load(w, &format!("{prefix}.norm_4.weight"), cfg)?,
+            sandwich,
             stage,
             layer,
         })
@@ -247,8 +321,17 @@ impl SandwichBlock {
 
     pub fn forward(&self, xs: &Tensor, layout: &BatchLayout, chunks: &mut [Chunk<'_>]) -> Result<Tensor> {
         let attn = self.attn.forward(&self.norm_1.forward(xs)?, layout, chunks, self.stage, self.layer)?;
-        let xs = self.norm_2.forward_sum(xs, &attn)?;
-        let mlp = self.mlp.forward(&self.norm_3.forward(&xs)?)?;
-        self.norm_4.forward_sum(&xs, &mlp)
+        match &self.sandwich {
+            Some((norm_3, norm_4)) => {
+                let xs = self.norm_2.forward_sum(xs, &attn)?;
+                let mlp = self.mlp.forward(&norm_3.forward(&xs)?)?;
+                norm_4.forward_sum(&xs, &mlp)
+            }
+            None => {
+                let xs = (xs + attn)?;
+                let mlp = self.mlp.forward(&self.norm_2.forward(&xs)?)?;
+                Ok((xs + mlp)?)
+            }
+        }
     }
 }

@@ -40,6 +40,6 @@ pub use config::HuginnConfig;
 pub use cpu::bf16_kernel_description;
 pub use error::{ModelError, Result};
 pub use exit::{ExitCheck, ExitCriterion, ExitRule, ExitTracker};
-pub use huginn::{HuginnModel, LogitRows, dtype_name, parse_dtype};
+pub use huginn::{Family, HuginnModel, LogitRows, dtype_name, parse_dtype};
 pub use layers::Chunk;
 pub use placement::{DTypeChoice, DeviceList, DeviceSpec, parse_device};

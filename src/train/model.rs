@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 use crate::model::huginn::truncated_normal;
-use crate::model::layers::Rope;
+use crate::model::layers::{Rope, RopeSpec};
 use crate::model::{HuginnConfig, ModelError, Result};
 
 struct Block {
@@ -137,7 +137,7 @@ impl TrainModel {
         let blocks = |stage: &str, count: usize| -> Result<Vec<Block>> {
             (0..count).map(|i| block(format!("transformer.{stage}.{i}"))).collect()
         };
-        let rope = Rope::new(&cfg, device)?;
+        let rope = Rope::new(&cfg, RopeSpec::huginn_0125(&cfg), device)?;
         Ok(Self {
             wte: get("transformer.wte.weight")?,
             adapter: get("transformer.adapter.weight")?,

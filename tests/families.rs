@@ -1,0 +1,137 @@
+//! Checkpoint families in Huginn-0125's format other than Huginn-0125 itself: parity with their
+//! reference modeling files on their fixtures (see each fixture's README), on both kernel sets, and
+//! batch invariance. `tests/fixtures/retrofit-llama-tiny-ref`: a retrofitted-recurrence Llama
+//! checkpoint (pre-norm blocks, grouped-query attention, rotate-half RoPE with Llama-3 scaling,
+//! embeddings unscaled, no `ln_f` before the coda, untied head, BOS prepended by the tokenizer).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use common::{batching_bound, max_gap, repo_root};
+use huginn::engine::{Completion, Driver, JobSpec};
+use huginn::generate::GenerationParams;
+use huginn::model::{BackendChoice, CacheStrategy, Family, HuginnModel};
+use huginn::text::TextTokenizer;
+use serde_json::Value;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn retrofit_llama() -> PathBuf {
+    repo_root().join("tests/fixtures/retrofit-llama-tiny-ref")
+}
+
+/// The fixture on the CPU kernels and on tensor ops (on `HUGINN_TEST_DEVICE` when set).
+fn models(dir: &Path) -> Vec<Arc<HuginnModel>> {
+    [BackendChoice::Auto, BackendChoice::Tensor]
+        .into_iter()
+        .map(|backend| Arc::new(HuginnModel::load_with(dir, &common::device(), Some(DType::F32), backend).unwrap()))
+        .collect()
+}
+
+fn cases(dir: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(dir.join("cases.json")).unwrap();
+    serde_json::from_str::<Value>(&text).unwrap()["cases"].as_array().unwrap().clone()
+}
+
+fn expected(dir: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn ids(case: &Value, key: &str) -> Vec<u32> {
+    case[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+fn rows(tensor: &Tensor) -> Vec<Vec<f32>> {
+    tensor.to_vec2::<f32>().unwrap()
+}
+
+/// Greedy decoding from a zero state with the full cache, with raw logits: `tokens` tokens at
+/// `num_steps` each.
+fn spec(prompt: Vec<u32>, num_steps: usize, tokens: usize) -> JobSpec {
+    let mut params = GenerationParams::new(num_steps);
+    params.max_tokens = tokens;
+    params.init_scale = 0.0;
+    params.cache = CacheStrategy::Full;
+    params.stop_token_ids.clear();
+    let mut spec = JobSpec::new(prompt, params);
+    spec.report_logits = true;
+    spec
+}
+
+fn run(model: &Arc<HuginnModel>, dir: &Path, specs: Vec<JobSpec>) -> Vec<Completion> {
+    let tokenizer = Arc::new(TextTokenizer::load(dir, model.config()).unwrap());
+    let batch = specs.len();
+    let outcomes = Driver::new(model.clone(), tokenizer, batch).run(specs, |_, _| {}).unwrap();
+    outcomes.into_iter().map(|mut choices| choices.remove(0)).collect()
+}
+
+#[test]
+fn retrofitted_llama_is_detected_and_its_tokenizer_prepends_bos() {
+    let dir = retrofit_llama();
+    let model = &models(&dir)[0];
+    assert_eq!(model.family(), Family::RetrofitLlama);
+    assert_eq!(model.config().kv_heads(), 2);
+    let tokenizer = TextTokenizer::load(&dir, model.config()).unwrap();
+    for case in cases(&dir) {
+        let prompt = case["prompt"].as_str().unwrap();
+        assert_eq!(tokenizer.encode(prompt).unwrap(), ids(&case, "ids"), "{prompt}");
+    }
+}
+
+#[test]
+fn retrofitted_llama_prompt_logits_match_the_reference() {
+    let dir = retrofit_llama();
+    let expected = expected(&dir);
+    for model in models(&dir) {
+        let mut checked = 0;
+        for case in cases(&dir).iter().filter(|c| c["kind"] == "prompt_logits") {
+            let steps = case["num_steps"].as_u64().unwrap() as usize;
+            let out = run(&model, &dir, vec![spec(ids(case, "ids"), steps, 0)]).remove(0);
+            let want = rows(&expected[case["tensor"].as_str().unwrap()]);
+            let gap = max_gap(&out.prompt_logits, &want);
+            assert!(gap < TOLERANCE, "{} {}: max abs diff {gap}", model.backend().name(), case["tensor"]);
+            checked += 1;
+        }
+        assert_eq!(checked, 9);
+    }
+}
+
+#[test]
+fn retrofitted_llama_greedy_decoding_matches_the_reference_alone_and_batched() {
+    let dir = retrofit_llama();
+    let expected = expected(&dir);
+    let decodes: Vec<Value> = cases(&dir).into_iter().filter(|c| c["kind"] == "greedy_decode").collect();
+    assert_eq!(decodes.len(), 9);
+    let specs = || -> Vec<JobSpec> {
+        decodes
+            .iter()
+            .map(|case| {
+                let steps = case["num_steps"].as_u64().unwrap() as usize;
+                // The reference decodes `generated.len()` tokens and reports one more row of logits.
+                spec(ids(case, "ids"), steps, ids(case, "generated_ids").len() + 1)
+            })
+            .collect()
+    };
+    for model in models(&dir) {
+        let backend = model.backend().name();
+        let alone: Vec<Completion> = specs().into_iter().map(|s| run(&model, &dir, vec![s]).remove(0)).collect();
+        for (case, out) in decodes.iter().zip(&alone) {
+            let generated = ids(case, "generated_ids");
+            assert_eq!(out.token_ids[..generated.len()], generated, "{backend} {}: greedy ids", case["tensor"]);
+            let want = rows(&expected[case["tensor"].as_str().unwrap()]);
+            let gap = max_gap(&out.token_logits, &want);
+            assert!(gap < TOLERANCE, "{backend} {}: max abs diff {gap}", case["tensor"]);
+        }
+        // All nine together, at their different depths: each gets what it gets alone.
+        let together = run(&model, &dir, specs());
+        for (a, t) in alone.iter().zip(&together) {
+            assert_eq!(a.token_ids, t.token_ids, "{backend}: batched ids");
+            let gap = max_gap(&a.token_logits, &t.token_logits);
+            assert!(gap <= batching_bound(&model), "{backend}: batched logits drift {gap}");
+        }
+    }
+}
