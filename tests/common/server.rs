@@ -9,7 +9,11 @@ pub struct TestServer {
 }
 
 pub async fn start_with(settings: Settings) -> TestServer {
-    let dir = super::fixture_dir();
+    start_model(super::fixture_dir(), settings).await
+}
+
+/// A server on the checkpoint in `dir`.
+pub async fn start_model(dir: std::path::PathBuf, settings: Settings) -> TestServer {
     let state = tokio::task::spawn_blocking(move || build_state(settings, &dir).unwrap()).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
