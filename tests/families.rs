@@ -3,6 +3,8 @@
 //! batch invariance. `tests/fixtures/retrofit-llama-tiny-ref`: a retrofitted-recurrence Llama
 //! checkpoint (pre-norm blocks, grouped-query attention, rotate-half RoPE with Llama-3 scaling,
 //! embeddings unscaled, no `ln_f` before the coda, untied head, BOS prepended by the tokenizer).
+//! `tests/fixtures/retrofit-olmo-tiny-ref`: the OLMo-2 variant (post-norm blocks, queries and keys
+//! normed before RoPE, no scaling, no BOS).
 
 mod common;
 
@@ -20,8 +22,12 @@ use serde_json::Value;
 
 const TOLERANCE: f32 = 1e-4;
 
-fn retrofit_llama() -> PathBuf {
-    repo_root().join("tests/fixtures/retrofit-llama-tiny-ref")
+/// Each family's fixture, the family it must load as, and its key/value heads.
+const FIXTURES: [(&str, Family, usize); 2] =
+    [("retrofit-llama-tiny-ref", Family::RetrofitLlama, 2), ("retrofit-olmo-tiny-ref", Family::RetrofitOlmo, 4)];
+
+fn fixture(name: &str) -> PathBuf {
+    repo_root().join("tests/fixtures").join(name)
 }
 
 /// The fixture on the CPU kernels and on tensor ops (on `HUGINN_TEST_DEVICE` when set).
@@ -70,30 +76,43 @@ fn run(model: &Arc<HuginnModel>, dir: &Path, specs: Vec<JobSpec>) -> Vec<Complet
 }
 
 #[test]
-fn retrofitted_llama_is_detected_and_its_tokenizer_prepends_bos() {
-    let dir = retrofit_llama();
-    let model = &models(&dir)[0];
-    assert_eq!(model.family(), Family::RetrofitLlama);
-    assert_eq!(model.config().kv_heads(), 2);
-    let tokenizer = TextTokenizer::load(&dir, model.config()).unwrap();
-    for case in cases(&dir) {
-        let prompt = case["prompt"].as_str().unwrap();
-        assert_eq!(tokenizer.encode(prompt).unwrap(), ids(&case, "ids"), "{prompt}");
+fn each_family_is_detected_and_tokenizes_as_its_reference() {
+    for (name, family, kv_heads) in FIXTURES {
+        let dir = fixture(name);
+        let model = &models(&dir)[0];
+        assert_eq!((model.family(), model.config().kv_heads()), (family, kv_heads), "{name}");
+        // The Llama tokenizer prepends BOS; the OLMo one does not.
+        let tokenizer = TextTokenizer::load(&dir, model.config()).unwrap();
+        for case in cases(&dir) {
+            let prompt = case["prompt"].as_str().unwrap();
+            assert_eq!(tokenizer.encode(prompt).unwrap(), ids(&case, "ids"), "{name}: {prompt}");
+        }
     }
 }
 
 #[test]
-fn retrofitted_llama_prompt_logits_match_the_reference() {
-    let dir = retrofit_llama();
-    let expected = expected(&dir);
-    for model in models(&dir) {
+fn prompt_logits_match_the_references() {
+    for (name, ..) in FIXTURES {
+        prompt_logits_match(&fixture(name));
+    }
+}
+
+fn prompt_logits_match(dir: &Path) {
+    let expected = expected(dir);
+    for model in models(dir) {
         let mut checked = 0;
-        for case in cases(&dir).iter().filter(|c| c["kind"] == "prompt_logits") {
+        for case in cases(dir).iter().filter(|c| c["kind"] == "prompt_logits") {
             let steps = case["num_steps"].as_u64().unwrap() as usize;
-            let out = run(&model, &dir, vec![spec(ids(case, "ids"), steps, 0)]).remove(0);
+            let out = run(&model, dir, vec![spec(ids(case, "ids"), steps, 0)]).remove(0);
             let want = rows(&expected[case["tensor"].as_str().unwrap()]);
             let gap = max_gap(&out.prompt_logits, &want);
-            assert!(gap < TOLERANCE, "{} {}: max abs diff {gap}", model.backend().name(), case["tensor"]);
+            assert!(
+                gap < TOLERANCE,
+                "{} {} {}: max abs diff {gap}",
+                dir.display(),
+                model.backend().name(),
+                case["tensor"]
+            );
             checked += 1;
         }
         assert_eq!(checked, 9);
@@ -101,10 +120,15 @@ fn retrofitted_llama_prompt_logits_match_the_reference() {
 }
 
 #[test]
-fn retrofitted_llama_greedy_decoding_matches_the_reference_alone_and_batched() {
-    let dir = retrofit_llama();
-    let expected = expected(&dir);
-    let decodes: Vec<Value> = cases(&dir).into_iter().filter(|c| c["kind"] == "greedy_decode").collect();
+fn greedy_decoding_matches_the_references_alone_and_batched() {
+    for (name, ..) in FIXTURES {
+        greedy_decoding_matches(&fixture(name));
+    }
+}
+
+fn greedy_decoding_matches(dir: &Path) {
+    let expected = expected(dir);
+    let decodes: Vec<Value> = cases(dir).into_iter().filter(|c| c["kind"] == "greedy_decode").collect();
     assert_eq!(decodes.len(), 9);
     let specs = || -> Vec<JobSpec> {
         decodes
@@ -116,9 +140,9 @@ fn retrofitted_llama_greedy_decoding_matches_the_reference_alone_and_batched() {
             })
             .collect()
     };
-    for model in models(&dir) {
-        let backend = model.backend().name();
-        let alone: Vec<Completion> = specs().into_iter().map(|s| run(&model, &dir, vec![s]).remove(0)).collect();
+    for model in models(dir) {
+        let backend = format!("{} {}", dir.display(), model.backend().name());
+        let alone: Vec<Completion> = specs().into_iter().map(|s| run(&model, dir, vec![s]).remove(0)).collect();
         for (case, out) in decodes.iter().zip(&alone) {
             let generated = ids(case, "generated_ids");
             assert_eq!(out.token_ids[..generated.len()], generated, "{backend} {}: greedy ids", case["tensor"]);
@@ -127,7 +151,7 @@ fn retrofitted_llama_greedy_decoding_matches_the_reference_alone_and_batched() {
             assert!(gap < TOLERANCE, "{backend} {}: max abs diff {gap}", case["tensor"]);
         }
         // All nine together, at their different depths: each gets what it gets alone.
-        let together = run(&model, &dir, specs());
+        let together = run(&model, dir, specs());
         for (a, t) in alone.iter().zip(&together) {
             assert_eq!(a.token_ids, t.token_ids, "{backend}: batched ids");
             let gap = max_gap(&a.token_logits, &t.token_logits);

@@ -52,25 +52,29 @@ pub enum Family {
     /// grouped-query attention, rotate-half RoPE with `rope_theta` (and Llama-3 scaling),
     /// `init_values.embed_scale`, `ln_f` after the coda only, untied head.
     RetrofitLlama,
+    /// Retrofitted OLMo-2: as retrofitted Llama, but post-norm blocks whose attention norms its
+    /// queries and keys (`attn.q_norm`, `attn.k_norm`) before RoPE.
+    RetrofitOlmo,
 }
 
 impl Family {
     /// The family of the checkpoint `w` holds (its first core block's tensors tell).
     pub fn detect(w: &WeightFiles) -> Result<Self> {
         let block = "transformer.core_block.0";
-        if w.contains(&format!("{block}.attn.q_norm.weight")) {
-            return Err(ModelError::Config {
-                file: "model.safetensors".into(),
-                message: "retrofitted OLMo-2 checkpoints (q/k norms, post-norm blocks) are not supported yet".into(),
-            });
-        }
-        Ok(if w.contains(&format!("{block}.norm_3.weight")) { Family::Huginn0125 } else { Family::RetrofitLlama })
+        Ok(if w.contains(&format!("{block}.norm_3.weight")) {
+            Family::Huginn0125
+        } else if w.contains(&format!("{block}.attn.q_norm.weight")) {
+            Family::RetrofitOlmo
+        } else {
+            Family::RetrofitLlama
+        })
     }
 
     pub fn name(&self) -> &'static str {
         match self {
             Family::Huginn0125 => "huginn-0125",
             Family::RetrofitLlama => "retrofit-llama",
+            Family::RetrofitOlmo => "retrofit-olmo",
         }
     }
 
@@ -78,13 +82,14 @@ impl Family {
         match self {
             Family::Huginn0125 => BlockShape::Sandwich,
             Family::RetrofitLlama => BlockShape::PreNorm,
+            Family::RetrofitOlmo => BlockShape::PostNorm,
         }
     }
 
     fn rope(&self, cfg: &HuginnConfig) -> RopeSpec {
         match self {
             Family::Huginn0125 => RopeSpec::huginn_0125(cfg),
-            Family::RetrofitLlama => RopeSpec {
+            Family::RetrofitLlama | Family::RetrofitOlmo => RopeSpec {
                 base: cfg.rope_theta.unwrap_or(cfg.rope_base),
                 scaling: cfg.rope_scaling,
                 style: RopeStyle::RotateHalf,
@@ -95,7 +100,7 @@ impl Family {
     fn embed_scale(&self, cfg: &HuginnConfig) -> f64 {
         match self {
             Family::Huginn0125 => (cfg.n_embd as f64).sqrt(),
-            Family::RetrofitLlama => cfg.init_values.and_then(|v| v.embed_scale).unwrap_or(1.0),
+            Family::RetrofitLlama | Family::RetrofitOlmo => cfg.init_values.and_then(|v| v.embed_scale).unwrap_or(1.0),
         }
     }
 }
@@ -285,7 +290,7 @@ impl HuginnModel {
         let layout = self.rope.layout(chunks, self.backend)?;
         let mut xs = match self.family {
             Family::Huginn0125 => self.ln_f.forward(state)?,
-            Family::RetrofitLlama => state.clone(),
+            Family::RetrofitLlama | Family::RetrofitOlmo => state.clone(),
         };
         for block in &self.coda {
             xs = block.forward(&xs, &layout, chunks)?;

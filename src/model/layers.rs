@@ -149,7 +149,17 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(w: &WeightFiles, name: &str, cfg: &HuginnConfig) -> Result<Self> {
-        Ok(Self { weight: w.load(name, &[cfg.n_embd])?, eps: cfg.norm_eps as f32, backend: w.backend() })
+        Self::load_scaled(w, name, cfg.n_embd, 1.0, cfg)
+    }
+
+    /// A norm over `width` values whose weight is multiplied by `scale` (a constant factor after
+    /// the norm, such as the attention scale on queries).
+    fn load_scaled(w: &WeightFiles, name: &str, width: usize, scale: f64, cfg: &HuginnConfig) -> Result<Self> {
+        let mut weight = w.load(name, &[width])?;
+        if scale != 1.0 {
+            weight = (weight * scale)?;
+        }
+        Ok(Self { weight, eps: cfg.norm_eps as f32, backend: w.backend() })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -166,6 +176,8 @@ struct Attention {
     wqkv: Linear,
     /// `[2d]`: query bias then key bias, flattened.
     qk_bias: Option<Tensor>,
+    /// OLMo-2's norms over all query and all key values (the query one carries the attention scale).
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     proj: Linear,
     heads: usize,
     /// Key/value heads (fewer than `heads` with grouped-query attention).
@@ -175,14 +187,23 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig) -> Result<Self> {
+    fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig, with_qk_norm: bool) -> Result<Self> {
         let d = cfg.n_embd;
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        // The attention scale 1/sqrt(hd) is folded into the query rows of Wqkv and the query bias:
-        // RoPE is linear, so scaling before it equals scaling the rotated queries.
+        // The attention scale 1/sqrt(hd) is folded into the query rows of Wqkv and the query bias
+        // (RoPE is linear, so scaling before it equals scaling the rotated queries), or, where a
+        // norm follows the projection (which would undo it), into the query norm's weight.
         let scale = 1.0 / (hd as f64).sqrt();
         let rows = (h + 2 * kv) * hd;
-        let wqkv = w.load_linear_part(&format!("{prefix}.Wqkv.weight"), &[rows, d], 0..d, h * hd, scale as f32)?;
+        let (scaled_rows, wqkv_scale) = if with_qk_norm { (0, 1.0) } else { (h * hd, scale as f32) };
+        let wqkv = w.load_linear_part(&format!("{prefix}.Wqkv.weight"), &[rows, d], 0..d, scaled_rows, wqkv_scale)?;
+        let qk_norm = if with_qk_norm {
+            let q = RmsNorm::load_scaled(w, &format!("{prefix}.q_norm.weight"), h * hd, scale, cfg)?;
+            let k = RmsNorm::load_scaled(w, &format!("{prefix}.k_norm.weight"), kv * hd, 1.0, cfg)?;
+            Some((q, k))
+        } else {
+            None
+        };
         let qk_bias = if cfg.qk_bias {
             let bias = w.load(&format!("{prefix}.qk_bias"), &[2, 1, h, hd])?.reshape(2 * d)?;
             let factors: Vec<f32> = (0..2 * d).map(|i| if i < d { scale as f32 } else { 1.0 }).collect();
@@ -194,6 +215,7 @@ impl Attention {
         Ok(Self {
             wqkv,
             qk_bias,
+            qk_norm,
             proj: w.load_linear(&format!("{prefix}.proj.weight"), &[d, h * hd])?,
             heads: h,
             kv_heads: kv,
@@ -214,9 +236,14 @@ impl Attention {
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let qkv = self.wqkv.forward(xs)?;
         let qk = qkv.narrow(1, 0, (h + kv) * hd)?;
-        let qk = match &self.qk_bias {
-            Some(bias) => qk.broadcast_add(bias)?,
-            None => qk.contiguous()?,
+        let qk = match (&self.qk_bias, &self.qk_norm) {
+            (Some(bias), _) => qk.broadcast_add(bias)?,
+            (None, Some((q_norm, k_norm))) => {
+                let q = q_norm.forward(&qkv.narrow(1, 0, h * hd)?.contiguous()?)?;
+                let k = k_norm.forward(&qkv.narrow(1, h * hd, kv * hd)?.contiguous()?)?;
+                Tensor::cat(&[&q, &k], 1)?
+            }
+            (None, None) => qk.contiguous()?,
         };
         // RoPE in float32 on q and k together: each row is a "batch" of H + KV heads at one position.
         let dtype = qk.dtype();
@@ -280,6 +307,9 @@ pub enum BlockShape {
     Sandwich,
     /// Retrofitted Llama: `x = x + attn(norm_1(x)); x = x + mlp(norm_2(x))`.
     PreNorm,
+    /// Retrofitted OLMo-2: `x = x + norm_1(attn(x)); x = x + norm_2(mlp(x))`, with the queries and
+    /// keys normed (`attn.q_norm`, `attn.k_norm`) before RoPE.
+    PostNorm,
 }
 
 /// One transformer block of the prelude, the core or the coda.
@@ -288,7 +318,8 @@ pub struct Block {
     attn: Attention,
     norm_2: RmsNorm,
     mlp: GatedMlp,
-    /// The sandwich's third and fourth norms (`None`: pre-norm).
+    shape: BlockShape,
+    /// The sandwich's third and fourth norms.
     sandwich: Option<(RmsNorm, RmsNorm)>,
     stage: Stage,
     layer: usize,
@@ -306,13 +337,14 @@ impl Block {
         let norm = |name: &str| RmsNorm::load(w, &format!("{prefix}.{name}.weight"), cfg);
         let sandwich = match shape {
             BlockShape::Sandwich => Some((norm("norm_3")?, norm("norm_4")?)),
-            BlockShape::PreNorm => None,
+            BlockShape::PreNorm | BlockShape::PostNorm => None,
         };
         Ok(Self {
             norm_1: norm("norm_1")?,
-            attn: Attention::load(w, &format!("{prefix}.attn"), cfg)?,
+            attn: Attention::load(w, &format!("{prefix}.attn"), cfg, shape == BlockShape::PostNorm)?,
             norm_2: norm("norm_2")?,
             mlp: GatedMlp::load(w, &format!("{prefix}.mlp"), cfg)?,
+            shape,
             sandwich,
             stage,
             layer,
@@ -320,14 +352,22 @@ impl Block {
     }
 
     pub fn forward(&self, xs: &Tensor, layout: &BatchLayout, chunks: &mut [Chunk<'_>]) -> Result<Tensor> {
-        let attn = self.attn.forward(&self.norm_1.forward(xs)?, layout, chunks, self.stage, self.layer)?;
-        match &self.sandwich {
-            Some((norm_3, norm_4)) => {
+        let (stage, layer) = (self.stage, self.layer);
+        match (self.shape, &self.sandwich) {
+            (BlockShape::Sandwich, Some((norm_3, norm_4))) => {
+                let attn = self.attn.forward(&self.norm_1.forward(xs)?, layout, chunks, stage, layer)?;
                 let xs = self.norm_2.forward_sum(xs, &attn)?;
                 let mlp = self.mlp.forward(&norm_3.forward(&xs)?)?;
                 norm_4.forward_sum(&xs, &mlp)
             }
-            None => {
+            (BlockShape::PostNorm, _) => {
+                let attn = self.attn.forward(xs, layout, chunks, stage, layer)?;
+                let xs = (xs + self.norm_1.forward(&attn)?)?;
+                let mlp = self.mlp.forward(&xs)?;
+                Ok((&xs + self.norm_2.forward(&mlp)?)?)
+            }
+            _ => {
+                let attn = self.attn.forward(&self.norm_1.forward(xs)?, layout, chunks, stage, layer)?;
                 let xs = (xs + attn)?;
                 let mlp = self.mlp.forward(&self.norm_2.forward(&xs)?)?;
                 Ok((xs + mlp)?)
