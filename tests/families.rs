@@ -159,3 +159,26 @@ fn greedy_decoding_matches(dir: &Path) {
         }
     }
 }
+
+/// The random initial state is drawn as the references draw it: a truncated normal of standard
+/// deviation `init_values.std` (these configs carry Huginn-0125's 0.0087, not sqrt(2 / 5d) = 0.079
+/// at their width), times `init_scale` and the embedding scale (1 here).
+#[test]
+fn the_initial_state_follows_init_values_std() {
+    use rand::SeedableRng;
+    for (name, ..) in FIXTURES {
+        let model = &models(&fixture(name))[0];
+        let std = model.config().state_std();
+        assert!((std - 0.008703882797784892).abs() < 1e-12, "{name}: {std}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let state = model.init_state(2000, 2.0, &mut rng).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let n = state.len() as f64;
+        let mean = state.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let sd = (state.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n).sqrt();
+        // A normal truncated at 3 sigma keeps 98.7% of its standard deviation.
+        let want = 2.0 * std * 0.9866;
+        assert!((sd / want - 1.0).abs() < 0.01, "{name}: standard deviation {sd}, expected {want}");
+        let bound = 3.0 * 2.0 * std * (1.0 + 1e-6);
+        assert!(state.iter().all(|&v| f64::from(v).abs() <= bound), "{name}: truncated at 3 sigma");
+    }
+}

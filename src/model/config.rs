@@ -89,6 +89,10 @@ pub enum RopeScalingType {
 /// The part of `init_values` that shapes inference.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct InitValues {
+    /// The initial latent state's standard deviation (before `init_scale` and the embedding
+    /// scale); the references draw it from here. Unset: sqrt(2 / (5 n_embd)), Huginn-0125's value.
+    #[serde(default)]
+    pub std: Option<f64>,
     #[serde(default)]
     pub embed_scale: Option<f64>,
 }
@@ -183,6 +187,12 @@ impl HuginnConfig {
         let cfg: Self = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
         cfg.validate(file)?;
         Ok(cfg)
+    }
+
+    /// Standard deviation of the initial latent state at `init_scale` 1, before the embedding
+    /// scale: `init_values.std`, else sqrt(2 / (5 n_embd)) (what Huginn-0125's config derives).
+    pub fn state_std(&self) -> f64 {
+        self.init_values.and_then(|v| v.std).unwrap_or_else(|| (2.0 / (5.0 * self.n_embd as f64)).sqrt())
     }
 
     pub fn head_dim(&self) -> usize {

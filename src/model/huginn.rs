@@ -261,10 +261,11 @@ impl HuginnModel {
     }
 
     /// Initial latent state for `rows` tokens: truncated normal (±3σ) with
-    /// `σ = sqrt(2 / 5d) · init_scale`, times `sqrt(d)`; zeros when `init_scale` is 0.
+    /// `σ = init_values.std · init_scale` (`init_values.std` defaults to sqrt(2 / 5d)), times the
+    /// embedding scale; zeros when `init_scale` is 0.
     pub fn init_state(&self, rows: usize, init_scale: f64, rng: &mut impl Rng) -> Result<Tensor> {
         let d = self.cfg.n_embd;
-        let std = (2.0 / (5.0 * d as f64)).sqrt() * init_scale;
+        let std = self.cfg.state_std() * init_scale;
         if std <= 0.0 {
             return Ok(Tensor::zeros((rows, d), self.activation_dtype(), &self.device)?);
         }
