@@ -77,6 +77,26 @@ fn random_checkpoint_loads_back_tokenizes_and_generates() {
     assert_eq!(out.token_ids.len(), 6);
     assert!(out.token_ids.iter().all(|&t| (t as usize) < cfg.vocab_size));
     assert_eq!(out.steps_per_token, vec![4; 6]);
+
+    // Grouped-query attention (without Huginn-0125's q/k bias): written, loaded and run, its
+    // cache holding half the bytes of the same shape with one key/value head per query head.
+    let kv_bytes = |kv_heads: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = huginn::model::HuginnConfig {
+            num_key_value_heads: Some(kv_heads),
+            qk_bias: false,
+            ..preset("tiny").unwrap()
+        };
+        write_random_checkpoint(dir.path(), &cfg, 7, DType::F32, 1).unwrap();
+        let model = load(dir.path(), DType::F32);
+        assert_eq!(model.config().kv_heads(), kv_heads);
+        let mut params = GenerationParams::new(3);
+        params.max_tokens = 4;
+        let out = run_in(dir.path(), &model, huginn::engine::JobSpec::new(ids.clone(), params)).unwrap();
+        assert_eq!(out.token_ids.len(), 4);
+        out.kv_bytes
+    };
+    assert_eq!(2 * kv_bytes(2), kv_bytes(4));
 }
 
 #[test]

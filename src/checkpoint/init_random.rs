@@ -37,6 +37,7 @@ struct TensorSpec {
 /// The tensors of a checkpoint of this shape, in the published names.
 fn tensor_specs(cfg: &HuginnConfig) -> Vec<TensorSpec> {
     let (d, i, h, hd) = (cfg.n_embd, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim());
+    let kv = cfg.kv_heads();
     let std = (2.0 / (5.0 * d as f64)).sqrt();
     let depth = cfg.n_layers_in_prelude + cfg.n_layers_in_coda + cfg.n_layers_in_recurrent_block * cfg.mean_recurrence;
     let out_std = std / (2.0 * depth.max(1) as f64).sqrt();
@@ -48,11 +49,11 @@ fn tensor_specs(cfg: &HuginnConfig) -> Vec<TensorSpec> {
     let mut block = |prefix: String| {
         let t = |suffix: &str, shape: Vec<usize>, init| TensorSpec { name: format!("{prefix}.{suffix}"), shape, init };
         specs.push(t("norm_1.weight", vec![d], Init::Ones));
-        specs.push(t("attn.Wqkv.weight", vec![3 * d, d], Init::Normal(std)));
+        specs.push(t("attn.Wqkv.weight", vec![(h + 2 * kv) * hd, d], Init::Normal(std)));
         if cfg.qk_bias {
             specs.push(t("attn.qk_bias", vec![2, 1, h, hd], Init::Zeros));
         }
-        specs.push(t("attn.proj.weight", vec![d, d], Init::Normal(out_std)));
+        specs.push(t("attn.proj.weight", vec![d, h * hd], Init::Normal(out_std)));
         specs.push(t("norm_2.weight", vec![d], Init::Ones));
         specs.push(t("mlp.fc.weight", vec![2 * i, d], Init::Normal(std)));
         specs.push(t("mlp.proj.weight", vec![d, i], Init::Normal(out_std)));
