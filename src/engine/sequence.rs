@@ -68,6 +68,15 @@ pub(super) struct ChunkState {
     pub logits: Option<Vec<f32>>,
 }
 
+impl ChunkState {
+    /// The core steps begin: step 0 of `cap` (`true`: the cap is the budget left).
+    pub fn enter_core(&mut self, (cap, cap_is_budget): (usize, bool)) {
+        (self.stage, self.done, self.step) = (Stage::Core, 0, 0);
+        (self.cap, self.cap_is_budget) = (cap, cap_is_budget);
+        self.logits = None;
+    }
+}
+
 /// One choice of a job while it runs (its decoder aside).
 pub struct Sequence {
     pub(super) shared: Arc<JobShared>,
@@ -181,20 +190,13 @@ impl Sequence {
         let rule = params.exit;
         let initial = if rule.criterion.needs_latent() && may_exit { latent_vec(&c.state)? } else { Vec::new() };
         c.tracker = ExitTracker::new(rule, initial);
-        (c.stage, c.done, c.step) = (Stage::Core, 0, 0);
-        c.logits = None;
-        self.set_cap(num_steps);
+        // Capped at `num_steps`, or at the budget left when less.
+        let cap = match self.budget_left() {
+            Some(left) if left < num_steps => (left.max(1), true),
+            _ => (num_steps, false),
+        };
+        self.chunk.enter_core(cap);
         Ok(())
-    }
-
-    /// Caps the chunk about to iterate at `num_steps`, or at the budget left when less.
-    fn set_cap(&mut self, num_steps: usize) {
-        let left = self.budget_left();
-        let c = &mut self.chunk;
-        match left {
-            Some(left) if left < num_steps => (c.cap, c.cap_is_budget) = (left.max(1), true),
-            _ => (c.cap, c.cap_is_budget) = (num_steps, false),
-        }
     }
 
     /// Core steps left in the request's budget (`None`: no budget).

@@ -133,12 +133,12 @@ impl GenerationSettings {
             }
             (format!("generation.{}", e.field), message)
         };
-        let exit = ExitRule::new(self.exit_criterion, self.exit_threshold, self.min_steps.min(depth.steps))
+        let exit = ExitRule::new(self.exit_criterion, self.exit_threshold, self.min_steps)
             .map_err(|e| (String::from("generation.exit_threshold"), e.to_string()))?;
         let params = |decoding: Decoding| GenerationParams {
             max_tokens: self.max_tokens,
             num_steps: depth.steps,
-            exit: ExitRule { min_steps: self.min_steps, ..exit },
+            exit,
             init_scale: self.init_scale,
             cache: self.kv_cache,
             decoding,

@@ -172,12 +172,19 @@ impl RmsNorm {
     }
 }
 
+/// What a family does to the projected queries and keys before RoPE.
+enum QkStep {
+    Nothing,
+    /// Huginn-0125's bias, `[2d]`: query bias (scaled) then key bias, flattened.
+    Bias(Tensor),
+    /// OLMo-2's norms over all query and all key values (the query one carries the attention scale).
+    Norm(RmsNorm, RmsNorm),
+}
+
 struct Attention {
     wqkv: Linear,
-    /// `[2d]`: query bias then key bias, flattened.
-    qk_bias: Option<Tensor>,
-    /// OLMo-2's norms over all query and all key values (the query one carries the attention scale).
-    qk_norm: Option<(RmsNorm, RmsNorm)>,
+    /// What the queries and keys get before RoPE.
+    qk: QkStep,
     proj: Linear,
     heads: usize,
     /// Key/value heads (fewer than `heads` with grouped-query attention).
@@ -197,25 +204,21 @@ impl Attention {
         let rows = (h + 2 * kv) * hd;
         let (scaled_rows, wqkv_scale) = if with_qk_norm { (0, 1.0) } else { (h * hd, scale as f32) };
         let wqkv = w.load_linear_part(&format!("{prefix}.Wqkv.weight"), &[rows, d], 0..d, scaled_rows, wqkv_scale)?;
-        let qk_norm = if with_qk_norm {
-            let q = RmsNorm::load_scaled(w, &format!("{prefix}.q_norm.weight"), h * hd, scale, cfg)?;
-            let k = RmsNorm::load_scaled(w, &format!("{prefix}.k_norm.weight"), kv * hd, 1.0, cfg)?;
-            Some((q, k))
-        } else {
-            None
-        };
-        let qk_bias = if cfg.qk_bias {
+        let qk = if cfg.qk_bias {
             let bias = w.load(&format!("{prefix}.qk_bias"), &[2, 1, h, hd])?.reshape(2 * d)?;
             let factors: Vec<f32> = (0..2 * d).map(|i| if i < d { scale as f32 } else { 1.0 }).collect();
             let factors = Tensor::from_vec(factors, 2 * d, bias.device())?.to_dtype(bias.dtype())?;
-            Some((bias * factors)?)
+            QkStep::Bias((bias * factors)?)
+        } else if with_qk_norm {
+            let q = RmsNorm::load_scaled(w, &format!("{prefix}.q_norm.weight"), h * hd, scale, cfg)?;
+            let k = RmsNorm::load_scaled(w, &format!("{prefix}.k_norm.weight"), kv * hd, 1.0, cfg)?;
+            QkStep::Norm(q, k)
         } else {
-            None
+            QkStep::Nothing
         };
         Ok(Self {
             wqkv,
-            qk_bias,
-            qk_norm,
+            qk,
             proj: w.load_linear(&format!("{prefix}.proj.weight"), &[d, h * hd])?,
             heads: h,
             kv_heads: kv,
@@ -235,15 +238,14 @@ impl Attention {
         let tokens = xs.dim(0)?;
         let (h, kv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let qkv = self.wqkv.forward(xs)?;
-        let qk = qkv.narrow(1, 0, (h + kv) * hd)?;
-        let qk = match (&self.qk_bias, &self.qk_norm) {
-            (Some(bias), _) => qk.broadcast_add(bias)?,
-            (None, Some((q_norm, k_norm))) => {
+        let qk = match &self.qk {
+            QkStep::Nothing => qkv.narrow(1, 0, (h + kv) * hd)?.contiguous()?,
+            QkStep::Bias(bias) => qkv.narrow(1, 0, (h + kv) * hd)?.broadcast_add(bias)?,
+            QkStep::Norm(q_norm, k_norm) => {
                 let q = q_norm.forward(&qkv.narrow(1, 0, h * hd)?.contiguous()?)?;
                 let k = k_norm.forward(&qkv.narrow(1, h * hd, kv * hd)?.contiguous()?)?;
                 Tensor::cat(&[&q, &k], 1)?
             }
-            (None, None) => qk.contiguous()?,
         };
         // RoPE in float32 on q and k together: each row is a "batch" of H + KV heads at one position.
         let dtype = qk.dtype();
@@ -318,11 +320,17 @@ pub struct Block {
     attn: Attention,
     norm_2: RmsNorm,
     mlp: GatedMlp,
-    shape: BlockShape,
-    /// The sandwich's third and fourth norms.
-    sandwich: Option<(RmsNorm, RmsNorm)>,
+    /// The shape, with the norms only the sandwich has.
+    shape: Norms,
     stage: Stage,
     layer: usize,
+}
+
+/// [`BlockShape`] with the sandwich's third and fourth norms.
+enum Norms {
+    Sandwich { norm_3: RmsNorm, norm_4: RmsNorm },
+    PreNorm,
+    PostNorm,
 }
 
 impl Block {
@@ -335,17 +343,17 @@ impl Block {
         layer: usize,
     ) -> Result<Self> {
         let norm = |name: &str| RmsNorm::load(w, &format!("{prefix}.{name}.weight"), cfg);
-        let sandwich = match shape {
-            BlockShape::Sandwich => Some((norm("norm_3")?, norm("norm_4")?)),
-            BlockShape::PreNorm | BlockShape::PostNorm => None,
+        let norms = match shape {
+            BlockShape::Sandwich => Norms::Sandwich { norm_3: norm("norm_3")?, norm_4: norm("norm_4")? },
+            BlockShape::PreNorm => Norms::PreNorm,
+            BlockShape::PostNorm => Norms::PostNorm,
         };
         Ok(Self {
             norm_1: norm("norm_1")?,
             attn: Attention::load(w, &format!("{prefix}.attn"), cfg, shape == BlockShape::PostNorm)?,
             norm_2: norm("norm_2")?,
             mlp: GatedMlp::load(w, &format!("{prefix}.mlp"), cfg)?,
-            shape,
-            sandwich,
+            shape: norms,
             stage,
             layer,
         })
@@ -353,20 +361,20 @@ impl Block {
 
     pub fn forward(&self, xs: &Tensor, layout: &BatchLayout, chunks: &mut [Chunk<'_>]) -> Result<Tensor> {
         let (stage, layer) = (self.stage, self.layer);
-        match (self.shape, &self.sandwich) {
-            (BlockShape::Sandwich, Some((norm_3, norm_4))) => {
+        match &self.shape {
+            Norms::Sandwich { norm_3, norm_4 } => {
                 let attn = self.attn.forward(&self.norm_1.forward(xs)?, layout, chunks, stage, layer)?;
                 let xs = self.norm_2.forward_sum(xs, &attn)?;
                 let mlp = self.mlp.forward(&norm_3.forward(&xs)?)?;
                 norm_4.forward_sum(&xs, &mlp)
             }
-            (BlockShape::PostNorm, _) => {
+            Norms::PostNorm => {
                 let attn = self.attn.forward(xs, layout, chunks, stage, layer)?;
                 let xs = (xs + self.norm_1.forward(&attn)?)?;
                 let mlp = self.mlp.forward(&xs)?;
                 Ok((&xs + self.norm_2.forward(&mlp)?)?)
             }
-            _ => {
+            Norms::PreNorm => {
                 let attn = self.attn.forward(&self.norm_1.forward(xs)?, layout, chunks, stage, layer)?;
                 let xs = (xs + attn)?;
                 let mlp = self.mlp.forward(&self.norm_2.forward(&xs)?)?;

@@ -23,8 +23,9 @@ use crate::text::TextTokenizer;
 
 pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let (lease, parsed) = handler::begin::<ChatRequest>(&state, &body)?;
-    let valid = validate::chat(&state, parsed)?;
-    let mut ids = handler::tokenize_blocking(&state, vec![PromptInput::Text(valid.prompt.clone())]).await?;
+    let mut valid = validate::chat(&state, parsed)?;
+    let prompt = std::mem::take(&mut valid.prompt);
+    let mut ids = handler::tokenize_blocking(&state, vec![PromptInput::Text(prompt)]).await?;
     let prompt = ids.pop().unwrap_or_default();
     let common = &valid.common;
     let usage = Usage::new(prompt.len() * common.n, &common.params.decoding);

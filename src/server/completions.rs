@@ -18,14 +18,14 @@ use crate::generate::FinishReason;
 
 pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let (lease, parsed) = handler::begin::<CompletionRequest>(&state, &body)?;
-    let valid = validate::completion(&state, parsed)?;
+    let mut valid = validate::completion(&state, parsed)?;
     // The texts as sent, kept only to echo them.
     let texts: Vec<Option<String>> = if valid.echo {
         valid.prompts.iter().map(|p| if let PromptInput::Text(t) = p { Some(t.clone()) } else { None }).collect()
     } else {
         Vec::new()
     };
-    let ids = handler::tokenize_blocking(&state, valid.prompts.clone()).await?;
+    let ids = handler::tokenize_blocking(&state, std::mem::take(&mut valid.prompts)).await?;
     let jobs = valid.jobs(&state, &ids)?;
     // Echoing: each prompt's text (as sent, or decoded from its ids) and ids.
     let echoed = valid.echo.then(|| {

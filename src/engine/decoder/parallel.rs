@@ -18,7 +18,7 @@ use metrics::histogram;
 use super::sequential::emit_sampled;
 use super::{AfterToken, Decoder, Sequence, SequenceFault, StrategyCounts, TextTokenizer, WaveCounts};
 use crate::engine::job::ExitReason;
-use crate::engine::sequence::{Emitted, Stage};
+use crate::engine::sequence::Emitted;
 use crate::engine::wavefront::Wavefront;
 use crate::generate::parallel::{FrozenBy, ParallelSampling};
 use crate::metrics as m;
@@ -132,20 +132,17 @@ impl Decoder for Parallel {
         let c = &mut seq.chunk;
         c.injection = wave.mix_injection(&c.injection, p.embed_ema)?;
         c.state = wave.starting_state(model, init_scale, p.state_noise, &mut seq.rng)?;
-        (c.stage, c.done, c.step) = (Stage::Core, 0, 0);
-        c.logits = None;
         // No position passes `num_steps`: the head (the row with the most steps, below the cap
         // since every freeze rule freezes the rows at it) gets at most the steps it lacks.
         let head_steps = wave.steps().first().copied().unwrap_or(0);
         let inner = p.inner_steps.min(num_steps.saturating_sub(head_steps)).max(1);
         // Every row's step counts against the budget: fewer steps when it does not cover them.
-        let len = c.len;
-        (c.cap, c.cap_is_budget) = (inner, false);
-        if let Some(left) = seq.budget_left()
-            && left < inner * len
-        {
-            (seq.chunk.cap, seq.chunk.cap_is_budget) = ((left / len).max(1), true);
-        }
+        let len = seq.chunk.len;
+        let cap = match seq.budget_left() {
+            Some(left) if left < inner * len => ((left / len).max(1), true),
+            _ => (inner, false),
+        };
+        seq.chunk.enter_core(cap);
         Ok(())
     }
 
@@ -177,13 +174,9 @@ impl Decoder for Parallel {
         if self.window.is_some() {
             return self.settle_window(seq, tokenizer, limit);
         }
-        Ok(match emit_sampled(seq, tokenizer, limit)? {
-            Some(after) => after,
-            None => {
-                seq.start_next_token();
-                self.window = Some(Wavefront::new(seq.chunk.start));
-                AfterToken::Continues
-            }
+        emit_sampled(seq, tokenizer, limit, |seq| {
+            seq.start_next_token();
+            self.window = Some(Wavefront::new(seq.chunk.start));
         })
     }
 

@@ -14,24 +14,19 @@ impl Decoder for Sequential {
         tokenizer: &TextTokenizer,
         limit: usize,
     ) -> Result<AfterToken, SequenceFault> {
-        Ok(match emit_sampled(seq, tokenizer, limit)? {
-            Some(after) => after,
-            None => {
-                seq.start_next_token();
-                AfterToken::Continues
-            }
-        })
+        emit_sampled(seq, tokenizer, limit, Sequence::start_next_token)
     }
 }
 
-/// Samples the chunk's token from its last row's logits and emits it: `None` when the choice
-/// goes on (the caller sets up its next chunk), else how it ended. Every strategy emits its
-/// plain tokens (a prompt's first token, a token no speculative round fits) through this.
+/// Samples the chunk's token from its last row's logits and emits it; when the choice goes on,
+/// `next` sets up its next chunk. Every strategy emits its plain tokens (a prompt's first token,
+/// a token no speculative round fits) through this.
 pub(super) fn emit_sampled(
     seq: &mut Sequence,
     tokenizer: &TextTokenizer,
     limit: usize,
-) -> Result<Option<AfterToken>, SequenceFault> {
+    next: impl FnOnce(&mut Sequence),
+) -> Result<AfterToken, SequenceFault> {
     let exit = seq.exit_reason();
     let steps = seq.chunk.step;
     if seq.prefill && seq.spec().params.continuous_compute() {
@@ -39,10 +34,16 @@ pub(super) fn emit_sampled(
     }
     if seq.spec().params.max_tokens == 0 {
         // Prompt log-probabilities (or logits) only.
-        return Ok(Some(AfterToken::Finishes(FinishReason::Length)));
+        return Ok(AfterToken::Finishes(FinishReason::Length));
     }
     let raw = seq.take_logits()?;
     let mut logits = raw.clone();
     let token = seq.sampler.sample(&mut logits, &seq.context);
-    seq.push_token(tokenizer, Emitted { token, raw: &raw, steps, exit, more: false }, limit)
+    Ok(match seq.push_token(tokenizer, Emitted { token, raw: &raw, steps, exit, more: false }, limit)? {
+        Some(after) => after,
+        None => {
+            next(seq);
+            AfterToken::Continues
+        }
+    })
 }

@@ -189,13 +189,7 @@ impl Decoder for Speculative {
         limit: usize,
     ) -> Result<AfterToken, SequenceFault> {
         match std::mem::replace(&mut self.round, Round::Plain) {
-            Round::Plain => Ok(match emit_sampled(seq, tokenizer, limit)? {
-                Some(after) => after,
-                None => {
-                    self.next_chunk(seq, limit);
-                    AfterToken::Continues
-                }
-            }),
+            Round::Plain => emit_sampled(seq, tokenizer, limit, |seq| self.next_chunk(seq, limit)),
             Round::Drafting(round) => self.take_draft(seq, round),
             Round::Verifying(round) => self.settle_round(seq, round, tokenizer, limit),
         }
