@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::generate::defaults::Depth;
 pub use crate::generate::defaults::{GenerationSettings, LimitSettings};
-use crate::model::{BackendChoice, DTypeChoice, DeviceList, DeviceSpec};
+use crate::model::{BackendChoice, DTypeChoice, DeviceList, DeviceSpec, HuginnConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -228,8 +228,11 @@ impl Settings {
 
     /// The rules that need the loaded model: `generation.num_steps` unset means its
     /// `mean_recurrence`, which the defaults that depend on the depth must fit, as must
-    /// `limits.max_num_steps`; checked when `serve` and `generate` start.
-    pub fn check_for_model(&self, mean_recurrence: usize) -> Result<(), SettingsError> {
+    /// `limits.max_num_steps`, and what the model itself allows (the `gate` criterion, the
+    /// parallel sampler and continuous compute: [`crate::generate::GenerationParams::check_model`]);
+    /// checked when `serve` and `generate` start.
+    pub fn check_for_model(&self, cfg: &HuginnConfig) -> Result<(), SettingsError> {
+        let mean_recurrence = cfg.mean_recurrence;
         let value = |key: &str, message: String| self.error(key.to_string(), message);
         if self.generation.num_steps.is_none() && mean_recurrence > self.limits.max_num_steps {
             return Err(value(
@@ -245,7 +248,8 @@ impl Settings {
             Some(steps) => Depth { steps, source: "generation.num_steps" },
             None => Depth { steps: mean_recurrence, source: "the model's mean_recurrence" },
         };
-        self.generation.check_at(depth).map_err(|(key, message)| value(&key, message))
+        self.generation.check_at(depth).map_err(|(key, message)| value(&key, message))?;
+        self.generation.check_model(cfg).map_err(|(key, message)| value(&key, message))
     }
 }
 
@@ -472,12 +476,14 @@ mod tests {
     #[test]
     fn defaults_that_depend_on_the_depth_are_checked_against_the_model() {
         let load = |file: &str| Settings::from_sources(file, Path::new("f.toml"), env(&[])).unwrap();
-        let model_default = 8;
+        let model_default = &HuginnConfig { mean_recurrence: 8, ..crate::checkpoint::preset("tiny").unwrap() };
         for (file, key) in [
             ("[generation]\ndraft_steps = 8\n", "generation.draft_steps"),
             ("[generation]\nmin_steps = 100\n", "generation.min_steps"),
             ("[generation]\nsampler = \"parallel\"\ninner_steps = 9\n", "generation.inner_steps"),
             ("[limits]\nmax_num_steps = 4\n", "limits.max_num_steps"),
+            // The gate criterion needs a model with an exit gate (this one has none).
+            ("[generation]\nexit_criterion = \"gate\"\n", "generation.exit_criterion"),
         ] {
             let settings = load(file);
             let err = settings.check_for_model(model_default).unwrap_err().to_string();
@@ -487,7 +493,8 @@ mod tests {
         let set = load("[generation]\nnum_steps = 4\n[limits]\nmax_num_steps = 4\n");
         assert!(set.check_for_model(model_default).is_ok(), "generation.num_steps replaces the model's depth");
         let vars = env(&[("HUGINN_GENERATION_DRAFT_STEPS", "8")]);
-        let err = Settings::from_sources("", Path::new("f.toml"), vars).unwrap().check_for_model(8).unwrap_err();
+        let err =
+            Settings::from_sources("", Path::new("f.toml"), vars).unwrap().check_for_model(model_default).unwrap_err();
         assert!(err.to_string().starts_with("environment variable HUGINN_GENERATION_DRAFT_STEPS"), "{err}");
     }
 

@@ -16,6 +16,8 @@ mod chunked_prefill;
 mod engine;
 #[path = "families.rs"]
 mod families;
+#[path = "ouro.rs"]
+mod ouro;
 #[path = "parallel.rs"]
 mod parallel;
 #[path = "parity.rs"]

@@ -5,7 +5,7 @@ mod common;
 use async_openai::types::chat::{ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs};
 use async_openai::types::completions::{CreateCompletionRequestArgs, CreateCompletionResponse};
 use candle_core::DType;
-use common::server::{data_chunks, openai, settings, start, steps_of};
+use common::server::{openai, start};
 use common::*;
 use futures::StreamExt;
 use huginn::generate::GenerationParams;
@@ -476,43 +476,4 @@ async fn the_cli_and_http_give_the_same_completion() {
         assert_eq!(http["usage"]["recurrence_steps"], steps, "{body}");
         assert_eq!(http["choices"][0]["finish_reason"], cli["finish_reason"], "{body}");
     }
-}
-
-/// A retrofitted-recurrence Llama checkpoint through the whole server: completions (greedy,
-/// speculative drafts giving the same text), chat through the default template, and streaming.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_retrofitted_llama_checkpoint_serves_completions_chat_and_streams() {
-    let server =
-        common::server::start_model(repo_root().join("tests/fixtures/retrofit-llama-tiny-ref"), settings()).await;
-    let greedy = json!({"prompt": "12+34=", "max_tokens": 8, "temperature": 0, "num_steps": 3, "init_scale": 0,
-        "ignore_eos": true});
-    let (status, plain) = post(&server.base, "/v1/completions", greedy.clone()).await;
-    assert_eq!(status, 200, "{plain}");
-    assert_eq!(plain["usage"]["prompt_tokens"], 5, "the tokenizer prepends BOS");
-    assert_eq!(plain["usage"]["completion_tokens"], 8);
-    assert_eq!(steps_of(&plain["choices"][0]), vec![3; 8]);
-    let mut drafting = greedy.clone();
-    drafting["draft_steps"] = json!(1);
-    drafting["draft_tokens"] = json!(3);
-    let (status, drafted) = post(&server.base, "/v1/completions", drafting).await;
-    assert_eq!(status, 200, "{drafted}");
-    assert_eq!(drafted["choices"][0]["text"], plain["choices"][0]["text"], "greedy speculation is exact");
-    assert!(drafted["usage"]["draft_tokens"].as_u64().unwrap() > 0);
-
-    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "num_steps": 2});
-    let (status, answer) = post(&server.base, "/v1/chat/completions", chat).await;
-    assert_eq!(status, 200, "{answer}");
-    assert_eq!(answer["choices"][0]["message"]["role"], "assistant");
-
-    let mut streamed = greedy;
-    streamed["stream"] = json!(true);
-    let response =
-        reqwest::Client::new().post(format!("{}/v1/completions", server.base)).json(&streamed).send().await.unwrap();
-    let text = response.text().await.unwrap();
-    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
-    let joined: String = data_chunks(&text)
-        .iter()
-        .filter_map(|c| c["choices"].get(0).and_then(|ch| ch["text"].as_str()).map(str::to_string))
-        .collect();
-    assert_eq!(joined, plain["choices"][0]["text"].as_str().unwrap());
 }

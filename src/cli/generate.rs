@@ -9,7 +9,7 @@ use serde_json::json;
 
 use huginn::engine::{Driver, Event, JobSpec};
 use huginn::generate::{FreezeRule, GenerationRequest, RequestContext, SamplerKind, fit_context};
-use huginn::model::{BackendChoice, CacheStrategy, DTypeChoice, DeviceSpec, ExitCriterion, HuginnModel};
+use huginn::model::{BackendChoice, CacheStrategy, DTypeChoice, DeviceSpec, ExitCriterion, ExitKv, HuginnModel};
 use huginn::settings::Settings;
 use huginn::text::{ChatMessage, TextTokenizer};
 
@@ -38,7 +38,7 @@ pub struct GenerateArgs {
     /// Recurrence steps per token (the cap when an exit criterion is set). Default: the model's mean_recurrence.
     #[arg(long)]
     num_steps: Option<usize>,
-    /// none, latent-diff, cosine, kl, minp-kl, entropy-diff, argmax-stability.
+    /// none, latent-diff, cosine, kl, minp-kl, entropy-diff, argmax-stability, gate (Ouro).
     #[arg(long)]
     exit_criterion: Option<ExitCriterion>,
     /// Threshold of the exit criterion (default: the reference's for that criterion).
@@ -47,6 +47,10 @@ pub struct GenerateArgs {
     /// Steps before the exit criterion is first checked.
     #[arg(long)]
     min_steps: Option<usize>,
+    /// What an early exit does to the K/V of the loops it skips: skip (stop computing) or fill
+    /// (run them for their K/V; the output stays the exit loop's).
+    #[arg(long)]
+    exit_kv: Option<ExitKv>,
     /// Scale of the random initial latent state (0: zeros, deterministic).
     #[arg(long)]
     init_scale: Option<f64>,
@@ -143,7 +147,7 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
     let dtype = args.dtype.unwrap_or(settings.model.dtype).fixed();
     let backend = args.backend.unwrap_or(settings.model.backend);
     let model = HuginnModel::load_with(&dir, &device, dtype, backend).context("loading the model")?;
-    settings.check_for_model(model.config().mean_recurrence)?;
+    settings.check_for_model(model.config())?;
     let tokenizer = TextTokenizer::load(&dir, model.config()).context("loading the tokenizer")?;
     let prompt_ids = match (&args.prompt, &args.prompt_ids) {
         (Some(text), _) if args.chat => {
@@ -159,6 +163,7 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
         num_steps: args.num_steps.map(count),
         exit_criterion: args.exit_criterion,
         exit_threshold: args.exit_threshold,
+        exit_kv: args.exit_kv,
         min_steps: args.min_steps.map(count),
         max_total_steps: None,
         init_scale: args.init_scale,

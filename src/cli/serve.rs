@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
-use huginn::model::{BackendChoice, DeviceList};
+use huginn::model::{BackendChoice, DeviceList, ExitKv};
 use huginn::server::{StartError, build_state, serve_until, shutdown_signal};
 use huginn::settings::Settings;
 
@@ -25,6 +25,10 @@ pub struct ServeArgs {
     /// auto (CPU kernels on the CPU, tensor ops elsewhere) or tensor (default: `model.backend`).
     #[arg(long)]
     backend: Option<BackendChoice>,
+    /// What an early exit does to the K/V of the loops a token skips, for requests that do not
+    /// say: skip or fill (default: `generation.exit_kv`).
+    #[arg(long)]
+    exit_kv: Option<ExitKv>,
 }
 
 pub fn run(args: ServeArgs, mut settings: Settings) -> anyhow::Result<()> {
@@ -42,6 +46,9 @@ pub fn run(args: ServeArgs, mut settings: Settings) -> anyhow::Result<()> {
     }
     if let Some(backend) = args.backend {
         settings.model.backend = backend;
+    }
+    if let Some(exit_kv) = args.exit_kv {
+        settings.generation.exit_kv = exit_kv;
     }
     if settings.model.path.is_none() {
         settings.model.path = huginn::settings::default_model_dir();

@@ -244,6 +244,7 @@ impl JobSpec {
     /// server would refuse.
     pub fn validate(self, cfg: &crate::model::HuginnConfig) -> Result<ValidJob, FieldError> {
         self.params.check()?;
+        self.params.check_model(cfg)?;
         let (len, context, vocab) = (self.prompt.len(), cfg.block_size, cfg.vocab_size);
         if len == 0 {
             return Err(FieldError::new("prompt", "the prompt is empty"));

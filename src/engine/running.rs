@@ -18,7 +18,7 @@ pub use super::sequence::{AfterToken, Sequence, Stage};
 use super::shared::JobShared;
 use crate::generate::FinishReason;
 use crate::metrics as m;
-use crate::model::{Chunk, HuginnModel};
+use crate::model::{Chunk, ExitKv, HuginnModel};
 use crate::text::TextTokenizer;
 
 pub struct Running {
@@ -146,10 +146,14 @@ impl Running {
         Ok(true)
     }
 
-    /// The chunk stopped iterating (`converged`: by its exit criterion): the coda follows.
-    pub fn start_coda(&mut self, converged: bool) {
+    /// The chunk stopped iterating (`converged`: by its exit criterion): the coda follows, from
+    /// the state each row exited with (rows held while their loops filled the K/V take theirs
+    /// back).
+    pub fn start_coda(&mut self, converged: bool) -> Result<(), SequenceFault> {
         let c = &mut self.seq.chunk;
-        (c.stage, c.done, c.converged) = (Stage::Coda, 0, converged);
+        let held_exit = c.restore_held()?;
+        (c.stage, c.done, c.converged) = (Stage::Coda, 0, converged || held_exit);
+        Ok(())
     }
 
     /// The coda is already done when an exit check computed the chunk's logits this step (a
@@ -199,10 +203,16 @@ impl Running {
         complete
     }
 
-    /// The exit rule is checked after the step just done (never while prefilling, nor on a chunk
-    /// its decoder runs to the cap).
+    /// The exit rule is checked after the step just done: never on a chunk its decoder runs to
+    /// the cap, nor after its exit while its loops fill the K/V. The gate is tracked on every
+    /// step, prompts too (a prompt runs every loop; each row's output is its exit loop's); other
+    /// criteria never check a prompt.
     pub fn checks_exit(&self) -> bool {
-        !self.seq.prefill && self.decoder.may_exit() && self.seq.chunk.tracker.checks_at(self.seq.chunk.step - 1)
+        let c = &self.seq.chunk;
+        if self.spec().params.exit.criterion.needs_gate() {
+            return self.seq.prefill || self.decoder.may_exit();
+        }
+        !self.seq.prefill && self.decoder.may_exit() && c.held.is_none() && c.tracker.checks_at(c.step - 1)
     }
 
     /// Whether the exit check needs this step's logits.
@@ -210,13 +220,31 @@ impl Running {
         self.spec().params.exit.criterion.needs_logits()
     }
 
-    /// Checks the exit rule on the current state (and logits, where the criterion reads them):
-    /// true when the token has converged.
-    pub fn check_exit(&mut self) -> Result<bool, SequenceFault> {
+    /// Checks the exit rule on the current state (and logits, or the model's exit gate, where the
+    /// criterion reads them): true when the chunk stops iterating now. With `exit_kv: fill` (and
+    /// on a prompt) the rows that exit are held instead and the loops go on to the cap.
+    pub fn check_exit(&mut self, model: &HuginnModel) -> Result<bool, SequenceFault> {
+        let params = &self.seq.shared.spec.params;
+        let (rule, fill) = (params.exit, params.exit_kv == ExitKv::Fill || self.seq.prefill);
         let c = &mut self.seq.chunk;
-        let latent =
-            if self.seq.shared.spec.params.exit.criterion.needs_latent() { latent_vec(&c.state)? } else { Vec::new() };
-        Ok(c.tracker.check(&latent, c.logits.as_deref())?.exit)
+        let exited = if rule.criterion.needs_gate() {
+            let lambdas =
+                model.exit_gate(&c.state)?.ok_or(SequenceFault::Invariant("the gate criterion on a gateless model"))?;
+            // The last loop is every remaining row's anyway.
+            let decide = c.step < c.cap && c.tracker.checks_at(c.step - 1);
+            c.gate.push(&lambdas, rule.threshold, decide)
+        } else {
+            let latent = if rule.criterion.needs_latent() { latent_vec(&c.state)? } else { Vec::new() };
+            vec![c.tracker.check(&latent, c.logits.as_deref())?.exit]
+        };
+        if !exited.contains(&true) {
+            return Ok(false);
+        }
+        if !fill && c.held.is_none() && !exited.contains(&false) {
+            return Ok(true);
+        }
+        c.hold(&exited)?;
+        Ok(false)
     }
 
     /// The chunk stops iterating: it converged, or reached its cap.

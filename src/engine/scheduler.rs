@@ -201,7 +201,7 @@ impl Scheduler {
         self.exit_check_logits(&wants_logits)?;
         for &i in &stepped {
             let r = &mut self.running[i];
-            let converged = match checking.contains(&i).then(|| r.check_exit()) {
+            let converged = match checking.contains(&i).then(|| r.check_exit(&self.model)) {
                 None => false,
                 Some(Ok(converged)) => converged,
                 Some(Err(fault)) => {
@@ -209,8 +209,10 @@ impl Scheduler {
                     continue;
                 }
             };
-            if r.chunk_done(converged) {
-                r.start_coda(converged);
+            if r.chunk_done(converged)
+                && let Err(fault) = r.start_coda(converged)
+            {
+                self.fail_sequence(i, fault);
             }
         }
 

@@ -18,7 +18,7 @@ use super::shared::JobShared;
 use crate::generate::sampling::sampler_seed;
 use crate::generate::{FinishReason, Sampler};
 use crate::metrics as m;
-use crate::model::{ExitTracker, HuginnModel, KvCache};
+use crate::model::{ExitTracker, GateExit, HuginnModel, KvCache};
 use crate::text::{TextStream, TextTokenizer};
 
 /// Where a chunk (a prompt, or one new token) is: the prelude, then `cap` core steps, then the
@@ -64,8 +64,30 @@ pub(super) struct ChunkState {
     /// Every coda row's logits so far, for a chunk whose every row is read.
     pub coda_rows: Vec<Vec<f32>>,
     pub tracker: ExitTracker,
+    /// The exit gate's cumulative probabilities per row (the `gate` criterion).
+    pub gate: GateExit,
+    /// Rows that exited while the chunk still runs its loops for their K/V (`exit_kv: fill`,
+    /// and a prompt under the gate, which runs every loop).
+    pub held: Option<Held>,
     /// Logits of the current state's last row, when already computed.
     pub logits: Option<Vec<f32>>,
+}
+
+/// What the rows that exited early had when they exited, kept until the chunk's last loop.
+pub(super) struct Held {
+    /// The state rows of the exited rows (the others' rows are not read).
+    pub state: Tensor,
+    pub exited: Vec<bool>,
+    /// The last row's logits at its exit, when the criterion had computed them.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// Row `r` of `on` where `pick[r]`, else of `off` (exact: rows are copied).
+fn pick_rows(pick: &[bool], on: &Tensor, off: &Tensor) -> crate::model::Result<Tensor> {
+    let rows = pick.len();
+    let index: Vec<u32> = pick.iter().enumerate().map(|(r, &p)| if p { r as u32 } else { (rows + r) as u32 }).collect();
+    let index = Tensor::new(index.as_slice(), on.device())?;
+    Ok(Tensor::cat(&[on, off], 0)?.index_select(&index, 0)?)
 }
 
 impl ChunkState {
@@ -74,6 +96,42 @@ impl ChunkState {
         (self.stage, self.done, self.step) = (Stage::Core, 0, 0);
         (self.cap, self.cap_is_budget) = (cap, cap_is_budget);
         self.logits = None;
+        self.held = None;
+    }
+
+    /// Rows `exited` (newly) exit at the current state while the loops go on: their state (and,
+    /// for the last row, its logits) is kept for the coda.
+    pub fn hold(&mut self, exited: &[bool]) -> crate::model::Result<()> {
+        let logits = if exited.last() == Some(&true) { self.logits.clone() } else { None };
+        match &mut self.held {
+            None => self.held = Some(Held { state: self.state.clone(), exited: exited.to_vec(), logits }),
+            Some(held) => {
+                held.state = pick_rows(exited, &self.state, &held.state)?;
+                for (was, &now) in held.exited.iter_mut().zip(exited) {
+                    *was |= now;
+                }
+                held.logits = held.logits.take().or(logits);
+            }
+        }
+        Ok(())
+    }
+
+    /// The loops are over: the rows that exited early take back the state they exited with
+    /// (their K/V stays the deeper loops'); true when the last row had exited early.
+    pub fn restore_held(&mut self) -> crate::model::Result<bool> {
+        let Some(held) = self.held.take() else {
+            return Ok(false);
+        };
+        let last_exited = held.exited.last() == Some(&true);
+        if held.exited.iter().all(|&e| e) {
+            self.state = held.state;
+        } else if held.exited.iter().any(|&e| e) {
+            self.state = pick_rows(&held.exited, &held.state, &self.state)?;
+        }
+        if last_exited && held.logits.is_some() {
+            self.logits = held.logits;
+        }
+        Ok(last_exited)
     }
 }
 
@@ -132,6 +190,8 @@ impl Sequence {
             pieces: Vec::new(),
             coda_rows: Vec::new(),
             tracker: ExitTracker::new(spec.params.exit, Vec::new()),
+            gate: GateExit::default(),
+            held: None,
             logits: None,
         };
         Ok(Self {
@@ -185,11 +245,12 @@ impl Sequence {
         let params = &self.shared.spec.params;
         let c = &mut self.chunk;
         if self.prefill || !params.continuous_compute() {
-            c.state = model.init_state(c.len, params.init_scale, &mut self.rng)?;
+            c.state = model.initial_state(&c.injection, params.init_scale, &mut self.rng)?;
         }
         let rule = params.exit;
         let initial = if rule.criterion.needs_latent() && may_exit { latent_vec(&c.state)? } else { Vec::new() };
         c.tracker = ExitTracker::new(rule, initial);
+        c.gate = if rule.criterion.needs_gate() { GateExit::new(c.len) } else { GateExit::default() };
         // Capped at `num_steps`, or at the budget left when less.
         let cap = match self.budget_left() {
             Some(left) if left < num_steps => (left.max(1), true),

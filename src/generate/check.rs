@@ -6,6 +6,7 @@
 use super::parallel::ParallelSampling;
 use super::sampling::SamplingParams;
 use super::{Decoding, GenerationParams, ranges};
+use crate::model::{ExitCriterion, HuginnConfig};
 
 /// A bad value, with the field it came from.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -63,6 +64,32 @@ impl GenerationParams {
             Decoding::Parallel(p) => p.check(num_steps)?,
         }
         self.sampling.check()
+    }
+}
+
+impl GenerationParams {
+    /// What the model itself allows: the `gate` criterion needs a model with an exit gate; the
+    /// parallel sampler and continuous compute need Huginn's input injection at every step,
+    /// which a looped model (Ouro) does not have.
+    pub fn check_model(&self, cfg: &HuginnConfig) -> Result<(), FieldError> {
+        if self.exit.criterion == ExitCriterion::Gate && !cfg.has_exit_gate() {
+            let message = "`exit_criterion` `gate` needs a model with a learned exit gate (Ouro); this model has none";
+            return Err(FieldError::new("exit_criterion", message));
+        }
+        if !cfg.injects_input() {
+            let looped = "a looped model (Ouro) has no prelude injection to start each step from";
+            match self.decoding {
+                Decoding::Parallel(_) => {
+                    return Err(FieldError::new("sampler", format!("`sampler` `parallel` is not available: {looped}")));
+                }
+                Decoding::Sequential { continuous_compute: true } => {
+                    let message = format!("`continuous_compute` is not available: {looped}");
+                    return Err(FieldError::new("continuous_compute", message));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::check::FieldError;
 use super::parallel::{DEFAULT_FREEZE_THRESHOLD, FreezeRule, ParallelSampling, SamplerKind};
 use super::{Decoding, GenerationParams, SamplingParams, Speculation};
-use crate::model::{CacheStrategy, ExitCriterion, ExitRule};
+use crate::model::{CacheStrategy, ExitCriterion, ExitKv, ExitRule, HuginnConfig};
 
 /// Per-request bounds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +52,8 @@ pub struct GenerationSettings {
     /// Unset means the criterion's reference default.
     pub exit_threshold: Option<f64>,
     pub min_steps: usize,
+    /// `skip` or `fill`: what an early exit does to the K/V of the loops it skips.
+    pub exit_kv: ExitKv,
     pub init_scale: f64,
     pub continuous_compute: bool,
     /// `shared:K` or `full`.
@@ -86,6 +88,7 @@ impl Default for GenerationSettings {
             exit_criterion: ExitCriterion::None,
             exit_threshold: None,
             min_steps: 0,
+            exit_kv: ExitKv::Skip,
             init_scale: 1.0,
             continuous_compute: false,
             kv_cache: CacheStrategy::Shared(1),
@@ -139,6 +142,7 @@ impl GenerationSettings {
             max_tokens: self.max_tokens,
             num_steps: depth.steps,
             exit,
+            exit_kv: self.exit_kv,
             init_scale: self.init_scale,
             cache: self.kv_cache,
             decoding,
@@ -169,6 +173,16 @@ impl GenerationSettings {
         deep.check().map_err(named)?;
         deep.decoding = Decoding::Speculative(speculation);
         deep.check().map_err(named)
+    }
+
+    /// What the model allows of these defaults (see [`GenerationParams::check_model`]).
+    /// `Err((key, message))` names `generation.<field>`.
+    pub fn check_model(&self, cfg: &HuginnConfig) -> Result<(), (String, String)> {
+        let named = |e: FieldError| (format!("generation.{}", e.field), e.reason().to_string());
+        let mut params = GenerationParams::new(cfg.mean_recurrence.max(1));
+        params.exit.criterion = self.exit_criterion;
+        params.decoding = self.decoding().map_err(named)?;
+        params.check_model(cfg).map_err(named)
     }
 
     /// The decoding these defaults give a request that asks for none.

@@ -13,7 +13,7 @@ pub mod speculative;
 
 use serde::Serialize;
 
-use crate::model::{CacheStrategy, ExitRule};
+use crate::model::{CacheStrategy, ExitKv, ExitRule};
 pub use check::FieldError;
 pub use parallel::{FreezeRule, ParallelSampling, SamplerKind};
 pub use request::{GenerationRequest, RequestContext, ResolvedGeneration, fit_context};
@@ -27,6 +27,8 @@ pub struct GenerationParams {
     /// Recurrence cap per token (and the depth of the prompt prefill).
     pub num_steps: usize,
     pub exit: ExitRule,
+    /// What an early exit does to the K/V of the loops it skips.
+    pub exit_kv: ExitKv,
     /// Scale of the random initial state (0: start from zeros, fully deterministic).
     pub init_scale: f64,
     pub cache: CacheStrategy,
@@ -75,6 +77,7 @@ impl GenerationParams {
             max_tokens: 16,
             num_steps,
             exit: ExitRule::default(),
+            exit_kv: ExitKv::default(),
             init_scale: 1.0,
             cache: CacheStrategy::default(),
             decoding: Decoding::default(),

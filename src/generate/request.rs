@@ -12,7 +12,7 @@ use super::check::{FieldError, count, named};
 use super::defaults::{GenerationSettings, LimitSettings};
 use super::parallel::{FreezeRule, SamplerKind};
 use super::{GenerationParams, SamplingParams, ranges};
-use crate::model::{CacheStrategy, ExitCriterion, ExitRule};
+use crate::model::{CacheStrategy, ExitCriterion, ExitKv, ExitRule};
 
 /// The generation fields of a request. `None` (or JSON `null`) means "not given".
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -21,6 +21,8 @@ pub struct GenerationRequest {
     pub num_steps: Option<i64>,
     pub exit_criterion: Option<ExitCriterion>,
     pub exit_threshold: Option<f64>,
+    /// `skip` or `fill`: what an early exit does to the K/V of the loops it skips.
+    pub exit_kv: Option<ExitKv>,
     pub min_steps: Option<i64>,
     pub max_total_steps: Option<i64>,
     pub init_scale: Option<f64>,
@@ -149,6 +151,7 @@ impl GenerationRequest {
             max_tokens: max_tokens.unwrap_or(defaults.max_tokens.min(limits.max_tokens)),
             num_steps,
             exit,
+            exit_kv: self.exit_kv.unwrap_or(defaults.exit_kv),
             init_scale,
             cache: self.kv_cache.unwrap_or(defaults.kv_cache),
             decoding,

@@ -6,10 +6,14 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::ModelError;
+use super::ouro_config::OuroConfig;
 
 /// Shape and numerics of a recurrent-depth model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HuginnConfig {
+    /// The checkpoint format the description was read from (not a key of either format).
+    #[serde(skip)]
+    pub architecture: Architecture,
     /// Model width d.
     pub n_embd: usize,
     /// Attention heads H (head dim = d / H).
@@ -65,6 +69,26 @@ pub struct HuginnConfig {
     pub eos_token_id: Option<TokenIds>,
     #[serde(default)]
     pub pad_token_id: Option<u32>,
+}
+
+/// The published checkpoint formats: Huginn-0125's (`RavenForCausalLM`: Huginn-0125 and the
+/// retrofitted models converted into it) and Ouro's (`OuroForCausalLM`, read by
+/// [`super::ouro_config::OuroConfig`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Architecture {
+    #[default]
+    Raven,
+    Ouro,
+}
+
+impl Architecture {
+    /// The name in `config.json`'s `architectures`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Architecture::Raven => "RavenForCausalLM",
+            Architecture::Ouro => "OuroForCausalLM",
+        }
+    }
 }
 
 /// `rope_scaling` of Llama-3 checkpoints: frequencies with wavelengths past
@@ -148,6 +172,7 @@ impl HuginnConfig {
     /// The published Huginn-0125 shape.
     pub fn huginn_0125() -> Self {
         Self {
+            architecture: Architecture::Raven,
             n_embd: 5280,
             num_attention_heads: 55,
             num_key_value_heads: Some(55),
@@ -178,13 +203,18 @@ impl HuginnConfig {
         let bad = |message: String| ModelError::Config { file: file.to_string(), message };
         let value: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         let architectures = value.get("architectures").and_then(|a| a.as_array()).cloned().unwrap_or_default();
-        if let Some(other) = architectures.iter().filter_map(|a| a.as_str()).find(|a| *a != "RavenForCausalLM") {
+        let names: Vec<&str> = architectures.iter().filter_map(|a| a.as_str()).collect();
+        let cfg = if names.contains(&Architecture::Ouro.name()) {
+            let ouro: OuroConfig = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+            ouro.to_huginn(file)?
+        } else if let Some(other) = names.iter().find(|a| **a != Architecture::Raven.name()) {
             return Err(bad(format!(
                 "architecture `{other}` is not supported: huginn serves RavenForCausalLM checkpoints (Huginn-0125 \
-                 and retrofitted Llama models in its format)"
+                 and retrofitted models in its format) and OuroForCausalLM looped models"
             )));
-        }
-        let cfg: Self = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        } else {
+            serde_json::from_value(value).map_err(|e| bad(e.to_string()))?
+        };
         cfg.validate(file)?;
         Ok(cfg)
     }
@@ -193,6 +223,18 @@ impl HuginnConfig {
     /// scale: `init_values.std`, else sqrt(2 / (5 n_embd)) (what Huginn-0125's config derives).
     pub fn state_std(&self) -> f64 {
         self.init_values.and_then(|v| v.std).unwrap_or_else(|| (2.0 / (5.0 * self.n_embd as f64)).sqrt())
+    }
+
+    /// Whether a core step's input is formed from the token's prelude output (Huginn's adapter
+    /// over state and injection); false for Ouro, whose loop input is the last loop's output.
+    /// The parallel sampler and continuous compute need the injection.
+    pub fn injects_input(&self) -> bool {
+        self.architecture == Architecture::Raven
+    }
+
+    /// Whether the model has a learned exit gate (the `gate` exit criterion): Ouro's.
+    pub fn has_exit_gate(&self) -> bool {
+        self.architecture == Architecture::Ouro
     }
 
     pub fn head_dim(&self) -> usize {

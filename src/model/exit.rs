@@ -24,10 +24,13 @@ pub enum ExitCriterion {
     EntropyDiff,
     /// The argmax unchanged for τ consecutive steps.
     ArgmaxStability,
+    /// Ouro's learned exit gate (Q-exit): the first loop whose cumulative exit probability
+    /// reaches τ. Only on a model with a gate.
+    Gate,
 }
 
 impl ExitCriterion {
-    pub const ALL: [ExitCriterion; 7] = [
+    pub const ALL: [ExitCriterion; 8] = [
         ExitCriterion::None,
         ExitCriterion::LatentDiff,
         ExitCriterion::Cosine,
@@ -35,6 +38,7 @@ impl ExitCriterion {
         ExitCriterion::MinpKl,
         ExitCriterion::EntropyDiff,
         ExitCriterion::ArgmaxStability,
+        ExitCriterion::Gate,
     ];
 
     pub fn name(&self) -> &'static str {
@@ -46,6 +50,7 @@ impl ExitCriterion {
             ExitCriterion::MinpKl => "minp-kl",
             ExitCriterion::EntropyDiff => "entropy-diff",
             ExitCriterion::ArgmaxStability => "argmax-stability",
+            ExitCriterion::Gate => "gate",
         }
     }
 
@@ -59,6 +64,7 @@ impl ExitCriterion {
             ExitCriterion::MinpKl => 1e-5,
             ExitCriterion::EntropyDiff => 1e-3,
             ExitCriterion::ArgmaxStability => 5.0,
+            ExitCriterion::Gate => 0.5,
         }
     }
 
@@ -68,6 +74,11 @@ impl ExitCriterion {
             self,
             ExitCriterion::Kl | ExitCriterion::MinpKl | ExitCriterion::EntropyDiff | ExitCriterion::ArgmaxStability
         )
+    }
+
+    /// Whether the criterion reads the model's exit gate (tracked on every step, prompts too).
+    pub fn needs_gate(&self) -> bool {
+        *self == ExitCriterion::Gate
     }
 
     /// Whether the criterion compares latent states.
@@ -116,6 +127,11 @@ impl ExitRule {
         if !threshold.is_finite() || threshold < 0.0 {
             return Err(ModelError::InvalidArgument(format!(
                 "exit threshold must be a finite number >= 0, got {threshold}"
+            )));
+        }
+        if criterion == ExitCriterion::Gate && threshold > 1.0 {
+            return Err(ModelError::InvalidArgument(format!(
+                "the gate's threshold is a cumulative probability, at most 1, got {threshold}"
             )));
         }
         Ok(Self { criterion, threshold, min_steps })
@@ -169,6 +185,9 @@ impl ExitTracker {
         let need_logits = || ModelError::InvalidArgument(format!("criterion {} needs logits", self.rule.criterion));
         let (value, exit) = match self.rule.criterion {
             ExitCriterion::None => (0.0, false),
+            ExitCriterion::Gate => {
+                return Err(ModelError::InvalidArgument("the gate criterion is tracked by `GateExit`".into()));
+            }
             ExitCriterion::LatentDiff => {
                 let (mut diff, mut norm) = (0.0f64, 0.0f64);
                 for (a, b) in latent.iter().zip(&self.prev_latent) {
@@ -221,6 +240,86 @@ impl ExitTracker {
             }
         };
         Ok(ExitCheck { exit, value })
+    }
+}
+
+/// What happens to the loops a token skips by exiting early (`exit_kv`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ExitKv {
+    /// The token stops computing; later tokens read its deepest K/V entry.
+    #[default]
+    Skip,
+    /// The token's remaining loops still run, for their K/V only; its output is the exit loop's
+    /// (what the Ouro reference computes). Spends every step.
+    Fill,
+}
+
+impl ExitKv {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ExitKv::Skip => "skip",
+            ExitKv::Fill => "fill",
+        }
+    }
+}
+
+string_setting!(ExitKv);
+
+impl fmt::Display for ExitKv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ExitKv {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "skip" => Ok(ExitKv::Skip),
+            "fill" => Ok(ExitKv::Fill),
+            other => Err(ModelError::InvalidArgument(format!("unknown exit_kv `{other}` (one of skip, fill)"))),
+        }
+    }
+}
+
+/// Ouro's Q-exit over the rows of a chunk: each row's cumulative exit probability over its loops,
+/// computed as the reference does (float32 products; the cumulative sum accumulated in float64
+/// and each partial sum rounded to float32, as torch's CPU `cumsum`), and which rows exited.
+#[derive(Debug, Clone, Default)]
+pub struct GateExit {
+    /// Per row: probability mass not yet spent, cumulative probability so far, exited.
+    rows: Vec<(f32, f64, bool)>,
+}
+
+impl GateExit {
+    pub fn new(rows: usize) -> Self {
+        Self { rows: vec![(1.0, 0.0, false); rows] }
+    }
+
+    /// Each row's `λ` after a loop. With `decide`, rows whose cumulative probability reaches `q`
+    /// exit at this loop (false at the last loop, which every remaining row takes anyway, and
+    /// before `min_steps`); returns the rows that exited now.
+    pub fn push(&mut self, lambdas: &[f32], q: f64, decide: bool) -> Vec<bool> {
+        self.rows
+            .iter_mut()
+            .zip(lambdas)
+            .map(|((remaining, cdf, exited), &lambda)| {
+                let p = lambda * *remaining;
+                *remaining *= 1.0 - lambda;
+                *cdf += p as f64;
+                // Compared as float32 values, as the reference compares its float32 cdf.
+                let now = decide && !*exited && *cdf as f32 >= q as f32;
+                *exited |= now;
+                now
+            })
+            .collect()
+    }
+
+    /// Each row's cumulative exit probability so far.
+    pub fn cdf(&self) -> Vec<f32> {
+        self.rows.iter().map(|r| r.1 as f32).collect()
     }
 }
 

@@ -14,7 +14,8 @@ use super::backend::{Backend, BackendChoice, Linear};
 use super::cache::{CacheStrategy, KvCache};
 use super::config::HuginnConfig;
 use super::error::{ModelError, Result};
-use super::layers::{Block, BlockShape, Chunk, RmsNorm, Rope, RopeSpec, RopeStyle, Stage};
+use super::family::{Family, FinalNorm};
+use super::layers::{Block, Chunk, RmsNorm, Rope, Stage};
 use super::weights::{WeightFiles, read_text};
 
 pub struct HuginnModel {
@@ -29,80 +30,31 @@ pub struct HuginnModel {
     lm_head: Linear,
     family: Family,
     prelude: Vec<Block>,
-    /// Adapter columns that multiply the latent state.
-    adapter_state: Linear,
-    /// Adapter columns that multiply the prelude output (applied once per token: the injection).
-    adapter_input: Linear,
-    adapter_bias: Option<Tensor>,
+    /// Huginn's adapter (`None`: Ouro's loops take the state alone).
+    adapter: Option<Adapter>,
     core: Vec<Block>,
     coda: Vec<Block>,
     ln_f: RmsNorm,
+    /// Ouro's learned exit gate.
+    gate: Option<ExitGate>,
     rope: Rope,
 }
 
-/// The checkpoint families in Huginn-0125's format (`RavenForCausalLM`), told apart by their
-/// tensors: where their math differs, the model's parts differ (docs/DESIGN.md, "Checkpoint
-/// families").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// Huginn-0125: sandwich blocks (`norm_1`..`norm_4`), `qk_bias`, interleaved RoPE, embeddings
-    /// times sqrt(n_embd), `ln_f` before and after the coda, tied head.
-    Huginn0125,
-    /// Retrofitted Llama / TinyLlama (McLeish et al. 2025): pre-norm blocks (`norm_1`, `norm_2`),
-    /// grouped-query attention, rotate-half RoPE with `rope_theta` (and Llama-3 scaling),
-    /// `init_values.embed_scale`, `ln_f` after the coda only, untied head.
-    RetrofitLlama,
-    /// Retrofitted OLMo-2: as retrofitted Llama, but post-norm blocks whose attention norms its
-    /// queries and keys (`attn.q_norm`, `attn.k_norm`) before RoPE.
-    RetrofitOlmo,
+/// The adapter `W [s, e] + b` of Huginn's core step, split by the columns it multiplies.
+struct Adapter {
+    /// Columns that multiply the latent state.
+    state: Linear,
+    /// Columns that multiply the prelude output (applied once per token: the injection).
+    input: Linear,
+    bias: Option<Tensor>,
 }
 
-impl Family {
-    /// The family of the checkpoint `w` holds (its first core block's tensors tell).
-    pub fn detect(w: &WeightFiles) -> Result<Self> {
-        let block = "transformer.core_block.0";
-        Ok(if w.contains(&format!("{block}.norm_3.weight")) {
-            Family::Huginn0125
-        } else if w.contains(&format!("{block}.attn.q_norm.weight")) {
-            Family::RetrofitOlmo
-        } else {
-            Family::RetrofitLlama
-        })
-    }
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            Family::Huginn0125 => "huginn-0125",
-            Family::RetrofitLlama => "retrofit-llama",
-            Family::RetrofitOlmo => "retrofit-olmo",
-        }
-    }
-
-    fn block_shape(&self) -> BlockShape {
-        match self {
-            Family::Huginn0125 => BlockShape::Sandwich,
-            Family::RetrofitLlama => BlockShape::PreNorm,
-            Family::RetrofitOlmo => BlockShape::PostNorm,
-        }
-    }
-
-    fn rope(&self, cfg: &HuginnConfig) -> RopeSpec {
-        match self {
-            Family::Huginn0125 => RopeSpec::huginn_0125(cfg),
-            Family::RetrofitLlama | Family::RetrofitOlmo => RopeSpec {
-                base: cfg.rope_theta.unwrap_or(cfg.rope_base),
-                scaling: cfg.rope_scaling,
-                style: RopeStyle::RotateHalf,
-            },
-        }
-    }
-
-    fn embed_scale(&self, cfg: &HuginnConfig) -> f64 {
-        match self {
-            Family::Huginn0125 => (cfg.n_embd as f64).sqrt(),
-            Family::RetrofitLlama | Family::RetrofitOlmo => cfg.init_values.and_then(|v| v.embed_scale).unwrap_or(1.0),
-        }
-    }
+/// `λ = sigmoid(w · h + b)`, the probability of exiting after the loop whose output is h, in
+/// float32.
+struct ExitGate {
+    /// `[d, 1]`, float32.
+    weight: Tensor,
+    bias: f32,
 }
 
 /// Which rows of the coda output become logits.
@@ -153,28 +105,44 @@ impl HuginnModel {
 
     pub fn from_weights(cfg: HuginnConfig, w: &WeightFiles) -> Result<Self> {
         let (d, v) = (cfg.n_embd, cfg.vocab_size);
+        let family = Family::detect(&cfg, w)?;
+        let names = family.names();
         let (wte, lm_head) = if w.contains("lm_head.weight") || !cfg.tie_embeddings {
-            (Some(w.load_embedding("transformer.wte.weight", &[v, d])?), w.load_linear("lm_head.weight", &[v, d])?)
+            (Some(w.load_embedding(names.embedding, &[v, d])?), w.load_linear("lm_head.weight", &[v, d])?)
         } else {
-            (None, w.load_linear("transformer.wte.weight", &[v, d])?)
+            (None, w.load_linear(names.embedding, &[v, d])?)
         };
-        let family = Family::detect(w)?;
         let shape = family.block_shape();
-        let blocks = |stage: Stage, name: &str, count: usize| -> Result<Vec<Block>> {
-            (0..count).map(|i| Block::load(w, &format!("transformer.{name}.{i}"), &cfg, shape, stage, i)).collect()
+        let blocks = |stage: Stage, count: usize| -> Result<Vec<Block>> {
+            (0..count).map(|i| Block::load(w, &family.block_prefix(stage, i), &cfg, shape, stage, i)).collect()
         };
-        let adapter_bias = if cfg.bias { Some(w.load("transformer.adapter.bias", &[d])?) } else { None };
+        let adapter = if family.has_adapter() {
+            let name = "transformer.adapter.weight";
+            Some(Adapter {
+                state: w.load_linear_part(name, &[d, 2 * d], 0..d, 0, 1.0)?,
+                input: w.load_linear_part(name, &[d, 2 * d], d..2 * d, 0, 1.0)?,
+                bias: if cfg.bias { Some(w.load("transformer.adapter.bias", &[d])?) } else { None },
+            })
+        } else {
+            None
+        };
+        let gate = match names.gate {
+            Some((weight, bias)) => Some(ExitGate {
+                weight: w.load_as(weight, &[1, d], DType::F32)?.reshape((d, 1))?,
+                bias: w.load_as(bias, &[1], DType::F32)?.to_vec1::<f32>()?[0],
+            }),
+            None => None,
+        };
         let device = w.device().clone();
         Ok(Self {
             embed_scale: family.embed_scale(&cfg),
             family,
-            prelude: blocks(Stage::Prelude, "prelude", cfg.n_layers_in_prelude)?,
-            core: blocks(Stage::Core, "core_block", cfg.n_layers_in_recurrent_block)?,
-            coda: blocks(Stage::Coda, "coda", cfg.n_layers_in_coda)?,
-            adapter_state: w.load_linear_part("transformer.adapter.weight", &[d, 2 * d], 0..d, 0, 1.0)?,
-            adapter_input: w.load_linear_part("transformer.adapter.weight", &[d, 2 * d], d..2 * d, 0, 1.0)?,
-            adapter_bias,
-            ln_f: RmsNorm::load(w, "transformer.ln_f.weight", &cfg)?,
+            prelude: blocks(Stage::Prelude, cfg.n_layers_in_prelude)?,
+            core: blocks(Stage::Core, cfg.n_layers_in_recurrent_block)?,
+            coda: blocks(Stage::Coda, cfg.n_layers_in_coda)?,
+            adapter,
+            ln_f: RmsNorm::load(w, names.final_norm, &cfg)?,
+            gate,
             rope: Rope::new(&cfg, family.rope(&cfg), &device)?,
             backend: w.backend(),
             device,
@@ -226,7 +194,8 @@ impl HuginnModel {
 
     /// Embeds `ids` (the tokens of all chunks, in chunk order), runs the prelude and returns each
     /// token's injection `[tokens, d]`: the prelude output through the adapter's input columns,
-    /// which every core step of that token adds to the state's projection.
+    /// which every core step of that token adds to the state's projection. Without an adapter
+    /// (Ouro), the embeddings: the first loop's input ([`Self::initial_state`]).
     pub fn prelude(&self, ids: &[u32], chunks: &mut [Chunk<'_>]) -> Result<Tensor> {
         self.check_rows(ids.len(), chunks)?;
         for &id in ids {
@@ -253,11 +222,24 @@ impl HuginnModel {
         for block in &self.prelude {
             xs = block.forward(&xs, &layout, chunks)?;
         }
-        let injection = self.adapter_input.forward(&xs)?;
-        Ok(match &self.adapter_bias {
+        let Some(adapter) = &self.adapter else {
+            return Ok(xs);
+        };
+        let injection = adapter.input.forward(&xs)?;
+        Ok(match &adapter.bias {
             Some(bias) => injection.broadcast_add(bias)?,
             None => injection,
         })
+    }
+
+    /// The state the core steps of a chunk start from, given its injection: a draw of
+    /// [`Self::init_state`] (Huginn's random or zero state), or, without an adapter (Ouro), the
+    /// embeddings themselves (`init_scale` does not apply).
+    pub fn initial_state(&self, injection: &Tensor, init_scale: f64, rng: &mut impl Rng) -> Result<Tensor> {
+        match self.adapter {
+            Some(_) => self.init_state(injection.dim(0)?, init_scale, rng),
+            None => Ok(injection.clone()),
+        }
     }
 
     /// Initial latent state for `rows` tokens: truncated normal (±3σ) with
@@ -273,25 +255,48 @@ impl HuginnModel {
         Ok(Tensor::from_vec(values, (rows, d), &self.device)?.to_dtype(self.activation_dtype())?)
     }
 
-    /// One recurrence step for every row: `s = core(adapter([s, e]))`, each chunk at its own
-    /// `step` (which picks its cache slot).
+    /// One recurrence step for every row: `s = core(adapter([s, e]))` (Ouro: `s = norm(core(s))`),
+    /// each chunk at its own `step` (which picks its cache slot).
     pub fn core_step(&self, state: &Tensor, injection: &Tensor, chunks: &mut [Chunk<'_>]) -> Result<Tensor> {
         self.check_rows(state.dim(0)?, chunks)?;
         let layout = self.rope.layout(chunks, self.backend)?;
-        let mut xs = (self.adapter_state.forward(state)? + injection)?;
+        let mut xs = match &self.adapter {
+            Some(adapter) => (adapter.state.forward(state)? + injection)?,
+            None => state.clone(),
+        };
         for block in &self.core {
             xs = block.forward(&xs, &layout, chunks)?;
         }
-        Ok(xs)
+        match self.family.final_norm() {
+            FinalNorm::AfterEachStep => self.ln_f.forward(&xs),
+            FinalNorm::AroundCoda | FinalNorm::AfterCoda => Ok(xs),
+        }
     }
 
-    /// `ln_f` (Huginn-0125 only), the coda, `ln_f` again and the head; logits in float32.
+    /// Whether the model has a learned exit gate ([`Self::exit_gate`]).
+    pub fn has_exit_gate(&self) -> bool {
+        self.gate.is_some()
+    }
+
+    /// The exit gate's probability `λ` for each row of a core step's output, in float32; `None`
+    /// on a model without a gate.
+    pub fn exit_gate(&self, state: &Tensor) -> Result<Option<Vec<f32>>> {
+        let Some(gate) = &self.gate else {
+            return Ok(None);
+        };
+        let logits = state.to_dtype(DType::F32)?.matmul(&gate.weight)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Some(logits.into_iter().map(|g| 1.0 / (1.0 + (-(g + gate.bias)).exp())).collect()))
+    }
+
+    /// `ln_f` (Huginn-0125 only), the coda, `ln_f` again (not for Ouro, whose state is normed
+    /// already) and the head; logits in float32.
     pub fn coda(&self, state: &Tensor, chunks: &mut [Chunk<'_>], rows: LogitRows) -> Result<Tensor> {
         self.check_rows(state.dim(0)?, chunks)?;
         let layout = self.rope.layout(chunks, self.backend)?;
-        let mut xs = match self.family {
-            Family::Huginn0125 => self.ln_f.forward(state)?,
-            Family::RetrofitLlama | Family::RetrofitOlmo => state.clone(),
+        let final_norm = self.family.final_norm();
+        let mut xs = match final_norm {
+            FinalNorm::AroundCoda => self.ln_f.forward(state)?,
+            FinalNorm::AfterCoda | FinalNorm::AfterEachStep => state.clone(),
         };
         for block in &self.coda {
             xs = block.forward(&xs, &layout, chunks)?;
@@ -314,7 +319,10 @@ impl HuginnModel {
                 }
             }
         };
-        let xs = self.ln_f.forward(&xs)?;
+        let xs = match final_norm {
+            FinalNorm::AroundCoda | FinalNorm::AfterCoda => self.ln_f.forward(&xs)?,
+            FinalNorm::AfterEachStep => xs,
+        };
         Ok(self.lm_head.forward(&xs)?.to_dtype(DType::F32)?)
     }
 

@@ -194,16 +194,33 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig, with_qk_norm: bool) -> Result<Self> {
+    /// The attention of block `prefix`, in the tensor names of its shape's family: Huginn's
+    /// fused `attn.Wqkv` and `attn.proj`, or Ouro's `self_attn.{q,k,v,o}_proj` (stacked into one
+    /// layer as they load).
+    fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig, shape: BlockShape) -> Result<Self> {
         let d = cfg.n_embd;
         let (h, kv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let with_qk_norm = shape == BlockShape::PostNorm;
         // The attention scale 1/sqrt(hd) is folded into the query rows of Wqkv and the query bias
         // (RoPE is linear, so scaling before it equals scaling the rotated queries), or, where a
         // norm follows the projection (which would undo it), into the query norm's weight.
         let scale = 1.0 / (hd as f64).sqrt();
-        let rows = (h + 2 * kv) * hd;
         let (scaled_rows, wqkv_scale) = if with_qk_norm { (0, 1.0) } else { (h * hd, scale as f32) };
-        let wqkv = w.load_linear_part(&format!("{prefix}.Wqkv.weight"), &[rows, d], 0..d, scaled_rows, wqkv_scale)?;
+        let (wqkv, proj) = if shape == BlockShape::FourNorm {
+            let name = |p: &str| format!("{prefix}.self_attn.{p}_proj.weight");
+            let (q, k, v) = (name("q"), name("k"), name("v"));
+            let parts = [(q.as_str(), h * hd), (k.as_str(), kv * hd), (v.as_str(), kv * hd)];
+            (w.load_linear_stacked(&parts, d, scaled_rows, wqkv_scale)?, name("o"))
+        } else {
+            let rows = (h + 2 * kv) * hd;
+            let name = format!("{prefix}.attn.Wqkv.weight");
+            (
+                w.load_linear_part(&name, &[rows, d], 0..d, scaled_rows, wqkv_scale)?,
+                format!("{prefix}.attn.proj.weight"),
+            )
+        };
+        let prefix = format!("{prefix}.attn");
+        let prefix = prefix.as_str();
         let qk = if cfg.qk_bias {
             let bias = w.load(&format!("{prefix}.qk_bias"), &[2, 1, h, hd])?.reshape(2 * d)?;
             let factors: Vec<f32> = (0..2 * d).map(|i| if i < d { scale as f32 } else { 1.0 }).collect();
@@ -219,7 +236,7 @@ impl Attention {
         Ok(Self {
             wqkv,
             qk,
-            proj: w.load_linear(&format!("{prefix}.proj.weight"), &[d, h * hd])?,
+            proj: w.load_linear(&proj, &[d, h * hd])?,
             heads: h,
             kv_heads: kv,
             head_dim: hd,
@@ -286,13 +303,18 @@ struct GatedMlp {
 }
 
 impl GatedMlp {
-    fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig) -> Result<Self> {
+    /// The MLP of block `prefix`: Huginn's fused `mlp.fc` (gate rows, then up rows) and
+    /// `mlp.proj`, or Ouro's `mlp.{gate,up,down}_proj`.
+    fn load(w: &WeightFiles, prefix: &str, cfg: &HuginnConfig, shape: BlockShape) -> Result<Self> {
         let (d, i) = (cfg.n_embd, cfg.intermediate_size);
-        Ok(Self {
-            fc: w.load_linear(&format!("{prefix}.fc.weight"), &[2 * i, d])?,
-            proj: w.load_linear(&format!("{prefix}.proj.weight"), &[d, i])?,
-            backend: w.backend(),
-        })
+        let (fc, proj) = if shape == BlockShape::FourNorm {
+            let name = |p: &str| format!("{prefix}.mlp.{p}_proj.weight");
+            let (gate, up) = (name("gate"), name("up"));
+            (w.load_linear_stacked(&[(gate.as_str(), i), (up.as_str(), i)], d, 0, 1.0)?, name("down"))
+        } else {
+            (w.load_linear(&format!("{prefix}.mlp.fc.weight"), &[2 * i, d])?, format!("{prefix}.mlp.proj.weight"))
+        };
+        Ok(Self { fc, proj: w.load_linear(&proj, &[d, i])?, backend: w.backend() })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -312,6 +334,9 @@ pub enum BlockShape {
     /// Retrofitted OLMo-2: `x = x + norm_1(attn(x)); x = x + norm_2(mlp(x))`, with the queries and
     /// keys normed (`attn.q_norm`, `attn.k_norm`) before RoPE.
     PostNorm,
+    /// Ouro: `x = x + input_layernorm_2(attn(input_layernorm(x)));
+    /// x = x + post_attention_layernorm_2(mlp(post_attention_layernorm(x)))`.
+    FourNorm,
 }
 
 /// One transformer block of the prelude, the core or the coda.
@@ -326,11 +351,19 @@ pub struct Block {
     layer: usize,
 }
 
-/// [`BlockShape`] with the sandwich's third and fourth norms.
+/// [`BlockShape`] with the third and fourth norms of the shapes that have four.
 enum Norms {
-    Sandwich { norm_3: RmsNorm, norm_4: RmsNorm },
+    Sandwich {
+        norm_3: RmsNorm,
+        norm_4: RmsNorm,
+    },
     PreNorm,
     PostNorm,
+    /// `norm_1`, `norm_2` are `input_layernorm`, `post_attention_layernorm`; these the `_2` ones.
+    FourNorm {
+        attn_out: RmsNorm,
+        mlp_out: RmsNorm,
+    },
 }
 
 impl Block {
@@ -343,16 +376,23 @@ impl Block {
         layer: usize,
     ) -> Result<Self> {
         let norm = |name: &str| RmsNorm::load(w, &format!("{prefix}.{name}.weight"), cfg);
-        let norms = match shape {
-            BlockShape::Sandwich => Norms::Sandwich { norm_3: norm("norm_3")?, norm_4: norm("norm_4")? },
-            BlockShape::PreNorm => Norms::PreNorm,
-            BlockShape::PostNorm => Norms::PostNorm,
+        let (norms, first, second) = match shape {
+            BlockShape::Sandwich => {
+                (Norms::Sandwich { norm_3: norm("norm_3")?, norm_4: norm("norm_4")? }, "norm_1", "norm_2")
+            }
+            BlockShape::PreNorm => (Norms::PreNorm, "norm_1", "norm_2"),
+            BlockShape::PostNorm => (Norms::PostNorm, "norm_1", "norm_2"),
+            BlockShape::FourNorm => (
+                Norms::FourNorm { attn_out: norm("input_layernorm_2")?, mlp_out: norm("post_attention_layernorm_2")? },
+                "input_layernorm",
+                "post_attention_layernorm",
+            ),
         };
         Ok(Self {
-            norm_1: norm("norm_1")?,
-            attn: Attention::load(w, &format!("{prefix}.attn"), cfg, shape == BlockShape::PostNorm)?,
-            norm_2: norm("norm_2")?,
-            mlp: GatedMlp::load(w, &format!("{prefix}.mlp"), cfg)?,
+            norm_1: norm(first)?,
+            attn: Attention::load(w, prefix, cfg, shape)?,
+            norm_2: norm(second)?,
+            mlp: GatedMlp::load(w, prefix, cfg, shape)?,
             shape: norms,
             stage,
             layer,
@@ -373,6 +413,12 @@ impl Block {
                 let xs = (xs + self.norm_1.forward(&attn)?)?;
                 let mlp = self.mlp.forward(&xs)?;
                 Ok((&xs + self.norm_2.forward(&mlp)?)?)
+            }
+            Norms::FourNorm { attn_out, mlp_out } => {
+                let attn = self.attn.forward(&self.norm_1.forward(xs)?, layout, chunks, stage, layer)?;
+                let xs = (xs + attn_out.forward(&attn)?)?;
+                let mlp = self.mlp.forward(&self.norm_2.forward(&xs)?)?;
+                Ok((&xs + mlp_out.forward(&mlp)?)?)
             }
             Norms::PreNorm => {
                 let attn = self.attn.forward(&self.norm_1.forward(xs)?, layout, chunks, stage, layer)?;

@@ -203,38 +203,53 @@ impl WeightFiles {
             }
             return self.linear(weight);
         }
-        let (file, element) = (stored.file, stored.dtype.size_in_bytes());
         let k = columns.len();
-        let at = |first: usize| (stored.offset + first * width * element) as u64;
         self.backend.linear_from_bf16_rows(n, k, |first, rows| {
-            if stored.dtype == DType::BF16 && k == width {
-                // Straight into the packer's buffer, then scaled in place.
-                // SAFETY: u16 has no invalid bit patterns; the byte view covers `rows` exactly.
-                let bytes = unsafe { std::slice::from_raw_parts_mut(rows.as_mut_ptr().cast::<u8>(), rows.len() * 2) };
-                read_exact_at(&file.file, bytes, at(first)).map_err(|e| file.read_error(name, e))?;
-                if cfg!(target_endian = "big") {
-                    rows.iter_mut().for_each(|bits| *bits = u16::from_le(*bits));
-                }
-                let scaled = scaled_rows.saturating_sub(first).min(rows.len() / k);
-                for bits in &mut rows[..scaled * k] {
-                    *bits = to_bf16(widen(*bits) * scale);
-                }
-                return Ok(());
+            read_bf16_rows(&stored, name, width, &columns, first, rows, scaled_rows, scale)
+        })
+    }
+
+    /// The linear layer whose rows are those of the `[rows, k]` tensors `parts` (name, rows),
+    /// stacked in order: separate projections (queries, keys, values; gate and up) run as one
+    /// fused layer. Its first `scaled_rows` rows are multiplied by `scale` (in float32, before the
+    /// weights are rounded to their dtype).
+    pub fn load_linear_stacked(
+        &self,
+        parts: &[(&str, usize)],
+        k: usize,
+        scaled_rows: usize,
+        scale: f32,
+    ) -> Result<Linear> {
+        if let [(name, n)] = parts {
+            return self.load_linear_part(name, &[*n, k], 0..k, scaled_rows, scale);
+        }
+        let stored: Vec<StoredTensor<'_>> =
+            parts.iter().map(|&(name, n)| self.locate(name, &[n, k])).collect::<Result<_>>()?;
+        let total: usize = parts.iter().map(|&(_, n)| n).sum();
+        if !self.backend.packs_bf16_rows() || stored.iter().any(|s| s.dtype == DType::F64) {
+            let tensors: Vec<Tensor> =
+                parts.iter().map(|&(name, n)| self.load_as(name, &[n, k], DType::F32)).collect::<Result<_>>()?;
+            let mut weight = Tensor::cat(&tensors, 0)?;
+            if scaled_rows > 0 {
+                let factors: Vec<f32> = (0..total).map(|i| if i < scaled_rows { scale } else { 1.0 }).collect();
+                weight = weight.broadcast_mul(&Tensor::from_vec(factors, (total, 1), &self.device)?)?;
             }
-            let count = rows.len() / k.max(1);
-            let mut bytes = vec![0u8; count * width * element];
-            read_exact_at(&file.file, &mut bytes, at(first)).map_err(|e| file.read_error(name, e))?;
-            for (r, row) in rows.chunks_exact_mut(k.max(1)).enumerate() {
-                let factor = if first + r < scaled_rows { scale } else { 1.0 };
-                let source = &bytes[(r * width + columns.start) * element..][..k * element];
-                for (bits, value) in row.iter_mut().zip(source.chunks_exact(element)) {
-                    let value = match stored.dtype {
-                        DType::BF16 => bf16::from_le_bytes([value[0], value[1]]).to_f32(),
-                        DType::F16 => f16::from_le_bytes([value[0], value[1]]).to_f32(),
-                        _ => f32::from_le_bytes([value[0], value[1], value[2], value[3]]),
-                    };
-                    *bits = bf16::from_f32(value * factor).to_bits();
+            return self.linear(weight.to_dtype(self.backend.weights_dtype())?);
+        }
+        self.backend.linear_from_bf16_rows(total, k, |first, rows| {
+            // The block of rows `first..` may span several parts: each reads its share.
+            let (mut row, mut offset, mut written) = (first, 0, 0);
+            for ((&(name, n), part), part_start) in parts.iter().zip(&stored).zip(starts(parts)) {
+                let end = part_start + n;
+                let wanted = rows.len() / k.max(1) - written;
+                if wanted == 0 || row >= end {
+                    continue;
                 }
+                let count = (end - row).min(wanted);
+                let local = row - part_start;
+                let block = &mut rows[offset..offset + count * k];
+                read_bf16_rows(part, name, k, &(0..k), local, block, scaled_rows.saturating_sub(part_start), scale)?;
+                (row, offset, written) = (row + count, offset + count * k, written + count);
             }
             Ok(())
         })
@@ -286,6 +301,64 @@ struct StoredTensor<'a> {
     /// Bytes from the start of the file.
     offset: usize,
     len: usize,
+}
+
+/// First row of each part in the stacked layer.
+fn starts<'a>(parts: &'a [(&str, usize)]) -> impl Iterator<Item = usize> + 'a {
+    parts.iter().scan(0, |next, &(_, n)| {
+        let start = *next;
+        *next += n;
+        Some(start)
+    })
+}
+
+/// Reads rows `first..` of the stored `[_, width]` tensor `name`, columns `columns`, into `rows`
+/// as bfloat16 bits (whole rows of `columns.len()` values), the rows before `scaled_rows`
+/// multiplied by `scale`.
+#[allow(clippy::too_many_arguments)]
+fn read_bf16_rows(
+    stored: &StoredTensor<'_>,
+    name: &str,
+    width: usize,
+    columns: &std::ops::Range<usize>,
+    first: usize,
+    rows: &mut [u16],
+    scaled_rows: usize,
+    scale: f32,
+) -> Result<()> {
+    let (file, element) = (stored.file, stored.dtype.size_in_bytes());
+    let k = columns.len();
+    let at = |first: usize| (stored.offset + first * width * element) as u64;
+    if stored.dtype == DType::BF16 && k == width {
+        // Straight into the packer's buffer, then scaled in place.
+        // SAFETY: u16 has no invalid bit patterns; the byte view covers `rows` exactly.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(rows.as_mut_ptr().cast::<u8>(), rows.len() * 2) };
+        read_exact_at(&file.file, bytes, at(first)).map_err(|e| file.read_error(name, e))?;
+        if cfg!(target_endian = "big") {
+            rows.iter_mut().for_each(|bits| *bits = u16::from_le(*bits));
+        }
+        let scaled = scaled_rows.saturating_sub(first).min(rows.len() / k.max(1));
+        for bits in &mut rows[..scaled * k] {
+            *bits = to_bf16(widen(*bits) * scale);
+        }
+        return Ok(());
+    }
+    let count = rows.len() / k.max(1);
+    let mut bytes = vec![0u8; count * width * element];
+    read_exact_at(&file.file, &mut bytes, at(first)).map_err(|e| file.read_error(name, e))?;
+    for (r, row) in rows.chunks_exact_mut(k.max(1)).enumerate() {
+        let factor = if first + r < scaled_rows { scale } else { 1.0 };
+        let source = &bytes[(r * width + columns.start) * element..][..k * element];
+        for (bits, value) in row.iter_mut().zip(source.chunks_exact(element)) {
+            let value = match stored.dtype {
+                DType::BF16 => bf16::from_le_bytes([value[0], value[1]]).to_f32(),
+                DType::F16 => f16::from_le_bytes([value[0], value[1]]).to_f32(),
+                _ => f32::from_le_bytes([value[0], value[1], value[2], value[3]]),
+            };
+            *bits = bf16::from_f32(value * factor).to_bits();
+        }
+    }
+    Ok(())
 }
 
 /// `model.safetensors` if present, else the distinct files of the shard index's `weight_map`.

@@ -76,7 +76,7 @@ pub fn build_state(settings: Settings, dir: &Path) -> Result<AppState, StartErro
     }
     let models = load_replicas(&settings, dir)?;
     let model = models.first().cloned().ok_or(StartError::NoDevice)?;
-    settings.check_for_model(model.config().mean_recurrence)?;
+    settings.check_for_model(model.config())?;
     let tokenizer = Arc::new(TextTokenizer::load(dir, model.config())?);
     let config = Arc::new(model.config().clone());
     let limits = SchedulerLimits {

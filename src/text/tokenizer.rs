@@ -27,7 +27,8 @@ const FILE: &str = "tokenizer.json";
 
 impl TextTokenizer {
     /// Loads `tokenizer.json` and resolves special tokens from `config.json`, then
-    /// `generation_config.json`, then `tokenizer_config.json`, then well-known token names.
+    /// `generation_config.json`, then `tokenizer_config.json`, then well-known token names; the
+    /// end-of-text ids also take `tokenizer_config.json`'s `eos_token`.
     pub fn load(dir: &Path, cfg: &HuginnConfig) -> Result<Self> {
         let path = dir.join(FILE);
         if !path.is_file() {
@@ -62,6 +63,14 @@ impl TextTokenizer {
         }
         if eos.is_empty() {
             eos = named_in(&tok_config, "eos_token").or_else(|| by_name("<|end_text|>")).into_iter().collect();
+        }
+        // The chat format's end of turn, which `tokenizer_config.json` names as its `eos_token`,
+        // ends generation too where `config.json` names another id (Ouro's configs say
+        // `<|endoftext|>`, 0; its ChatML turns end with `<|im_end|>`).
+        if let Some(id) = named_in(&tok_config, "eos_token")
+            && !eos.contains(&id)
+        {
+            eos.push(id);
         }
         let pad = cfg
             .pad_token_id
