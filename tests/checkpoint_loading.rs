@@ -284,15 +284,19 @@ fn fixture_tokenizer_matches_the_reference_ids_and_specials() {
 }
 
 #[test]
-fn ouro_and_impossible_head_counts_are_refused_by_name() {
-    // Ouro: its own architecture (and config keys).
+fn other_architectures_and_impossible_head_counts_are_refused_by_name() {
+    // An architecture of neither format is named; an Ouro config must have Ouro's keys.
     let dir = fixture_copy();
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    cfg["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("architecture `LlamaForCausalLM` is not supported"), "{err}");
     cfg["architectures"] = serde_json::json!(["OuroForCausalLM"]);
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
     let err = load_err(dir.path());
-    assert!(err.contains("architecture `OuroForCausalLM` is not supported"), "{err}");
+    assert!(err.contains("hidden_size"), "{err}");
 
     // Grouped-query attention is refused only beside Huginn-0125's query/key bias.
     let mut cfg: serde_json::Value =
@@ -306,4 +310,45 @@ fn ouro_and_impossible_head_counts_are_refused_by_name() {
     std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
     let err = load_err(dir.path());
     assert!(err.contains("`num_key_value_heads` (3) must divide `num_attention_heads` (4)"), "{err}");
+}
+
+/// Every family's preset writes a checkpoint in that family's tensor names and format (shrunk to
+/// a test size, the rest of its config as published) that loads as that family and generates,
+/// with the family's own features: Ouro's exit gate, the retrofitted models' grouped K/V heads.
+#[test]
+fn every_family_preset_writes_a_checkpoint_that_loads_as_its_family_and_generates() {
+    use huginn::checkpoint::{preset_family, write_random_family_checkpoint};
+    use huginn::model::{ExitCriterion, ExitRule};
+    for name in ["ouro-1.4b", "ouro-2.6b", "recurrent-llama-3.2-1b", "recurrent-tinyllama-1.1b"] {
+        let published = preset(name).unwrap();
+        let groups = published.num_attention_heads / published.kv_heads();
+        let heads = 8;
+        let cfg = huginn::model::HuginnConfig {
+            n_embd: 64,
+            num_attention_heads: heads,
+            num_key_value_heads: Some(heads / groups.min(heads)),
+            intermediate_size: 96,
+            vocab_size: 320,
+            block_size: 128,
+            n_layers_in_prelude: published.n_layers_in_prelude.min(1),
+            n_layers_in_recurrent_block: 2,
+            n_layers_in_coda: published.n_layers_in_coda.min(1),
+            ..published.clone()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        write_random_family_checkpoint(dir.path(), &cfg, preset_family(name), 3, DType::BF16, 2).unwrap();
+        let model = std::sync::Arc::new(HuginnModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap());
+        assert_eq!(model.family(), preset_family(name), "{name}");
+        assert_eq!(model.config().architecture, published.architecture, "{name}");
+        assert_eq!(model.config().kv_heads(), heads / groups.min(heads), "{name}");
+        assert_eq!(model.has_exit_gate(), name.starts_with("ouro"), "{name}");
+        let mut params = GenerationParams::new(3);
+        params.max_tokens = 4;
+        params.stop_token_ids.clear();
+        if model.has_exit_gate() {
+            params.exit = ExitRule::new(ExitCriterion::Gate, Some(0.5), 0).unwrap();
+        }
+        let out = run_in(dir.path(), &model, huginn::engine::JobSpec::new(vec![1, 2, 3], params)).unwrap();
+        assert_eq!(out.token_ids.len(), 4, "{name}");
+    }
 }

@@ -295,3 +295,25 @@ fn the_library_cannot_queue_what_the_server_would_refuse() {
     let mut handle = submit(&engine, spec(PROMPT.to_vec(), params(2, ExitRule::default(), 3)));
     assert_eq!(collect(&mut handle).0.len(), 3);
 }
+
+/// `exit_kv: fill`, for any criterion: a token that converges keeps its exit step's output (the
+/// first decoded token's logits equal `skip`'s bit for bit, the criterion reading the state or
+/// the coda's logits) while its remaining steps run for their K/V: every token spends the cap
+/// and reports it converged where `skip` stopped.
+#[test]
+fn fill_keeps_the_exit_steps_output_and_spends_every_step() {
+    use huginn::model::ExitKv;
+    let model = load(&fixture_dir(), DType::F32);
+    for (criterion, threshold) in [(ExitCriterion::LatentDiff, 0.2), (ExitCriterion::Kl, 1e-2)] {
+        let rule = ExitRule::new(criterion, Some(threshold), 0).unwrap();
+        let skip = generate_logits(&model, &PROMPT, &params(16, rule, 6));
+        let mut filling = params(16, rule, 6);
+        filling.exit_kv = ExitKv::Fill;
+        let fill = generate_logits(&model, &PROMPT, &filling);
+        assert!(skip.steps_per_token[1] < 16, "{criterion}: the first decoded token should exit early");
+        assert_eq!(fill.token_ids[..2], skip.token_ids[..2], "{criterion}");
+        assert_eq!(fill.token_logits[1], skip.token_logits[1], "{criterion}: the exit step's logits");
+        assert!(fill.steps_per_token.iter().all(|&s| s == 16), "{criterion}: {:?}", fill.steps_per_token);
+        assert_eq!(fill.exits[1], ExitReason::Converged, "{criterion}");
+    }
+}

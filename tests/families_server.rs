@@ -8,6 +8,14 @@ use common::repo_root;
 use common::server::{data_chunks, settings, steps_of};
 use serde_json::{Value, json};
 
+/// The default settings with the `full` cache, under which greedy self-speculation gives exactly
+/// plain decoding's output (docs/DESIGN.md, "When outputs equal plain decoding").
+fn full_cache() -> huginn::settings::Settings {
+    let mut settings = settings();
+    settings.generation.kv_cache = huginn::model::CacheStrategy::Full;
+    settings
+}
+
 async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
     let response = reqwest::Client::new().post(format!("{base}{path}")).json(&body).send().await.unwrap();
     let status = response.status().as_u16();
@@ -26,17 +34,28 @@ async fn streamed_text(base: &str, mut body: Value) -> String {
         .collect()
 }
 
-/// A retrofitted-recurrence Llama checkpoint through the whole server: completions (greedy,
-/// speculative drafts giving the same text), chat through the default template, and streaming.
+/// Retrofitted-recurrence checkpoints through the whole server.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retrofitted_llama_checkpoint_serves_completions_chat_and_streams() {
-    let server =
-        common::server::start_model(repo_root().join("tests/fixtures/retrofit-llama-tiny-ref"), settings()).await;
+    // The Llama tokenizer prepends BOS.
+    retrofitted_checkpoint_serves("retrofit-llama-tiny-ref", 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retrofitted_olmo_checkpoint_serves_completions_chat_and_streams() {
+    retrofitted_checkpoint_serves("retrofit-olmo-tiny-ref", 4).await;
+}
+
+/// Completions (greedy, speculative drafts giving the same text), chat through the checkpoint's
+/// template (or the default one), and streaming, on fixture `name`, whose tokenizer makes
+/// `prompt_tokens` tokens of "12+34=".
+async fn retrofitted_checkpoint_serves(name: &str, prompt_tokens: u64) {
+    let server = common::server::start_model(repo_root().join("tests/fixtures").join(name), full_cache()).await;
     let greedy = json!({"prompt": "12+34=", "max_tokens": 8, "temperature": 0, "num_steps": 3, "init_scale": 0,
         "ignore_eos": true});
     let (status, plain) = post(&server.base, "/v1/completions", greedy.clone()).await;
     assert_eq!(status, 200, "{plain}");
-    assert_eq!(plain["usage"]["prompt_tokens"], 5, "the tokenizer prepends BOS");
+    assert_eq!(plain["usage"]["prompt_tokens"], prompt_tokens, "{name}");
     assert_eq!(plain["usage"]["completion_tokens"], 8);
     assert_eq!(steps_of(&plain["choices"][0]), vec![3; 8]);
     let mut drafting = greedy.clone();
@@ -61,7 +80,7 @@ async fn a_retrofitted_llama_checkpoint_serves_completions_chat_and_streams() {
 /// 400s of what it cannot run.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_ouro_checkpoint_serves_with_its_exit_gate() {
-    let server = common::server::start_model(repo_root().join("tests/fixtures/ouro-tiny-ref"), settings()).await;
+    let server = common::server::start_model(repo_root().join("tests/fixtures/ouro-tiny-ref"), full_cache()).await;
     let base = server.base.as_str();
     let greedy = json!({"prompt": "The looped model refines its latent state", "max_tokens": 12,
         "temperature": 0, "ignore_eos": true});
@@ -74,6 +93,13 @@ async fn an_ouro_checkpoint_serves_with_its_exit_gate() {
     let (status, shallow) = post(base, "/v1/completions", two).await;
     assert_eq!(status, 200, "{shallow}");
     assert_eq!(steps_of(&shallow["choices"][0]), vec![2; 12]);
+    // Self-speculation drafts at fewer loops; greedy, it gives the plain text.
+    let mut drafting = greedy.clone();
+    drafting["draft_steps"] = json!(1);
+    let (status, drafted) = post(base, "/v1/completions", drafting).await;
+    assert_eq!(status, 200, "{drafted}");
+    assert_eq!(drafted["choices"][0]["text"], plain["choices"][0]["text"], "greedy speculation is exact");
+    assert!(drafted["usage"]["draft_tokens"].as_u64().unwrap() > 0);
 
     let mut skip = greedy.clone();
     skip["exit_criterion"] = json!("gate");

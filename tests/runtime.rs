@@ -87,7 +87,12 @@ fn min_steps_delays_the_first_exit_check() {
 #[test]
 fn every_criterion_spends_at_most_the_cap_and_reports_steps() {
     let model = load(&fixture_dir(), DType::F32);
-    for criterion in ExitCriterion::ALL {
+    // The gate needs a model with one (Ouro: `tests/ouro.rs`); here it is refused by name.
+    let mut gated = GenerationParams::new(24);
+    gated.exit = ExitRule::new(ExitCriterion::Gate, None, 0).unwrap();
+    let refused = huginn::engine::JobSpec::new(PROMPT.to_vec(), gated).validate(model.config()).unwrap_err();
+    assert_eq!(refused.field, "exit_criterion");
+    for criterion in ExitCriterion::ALL.into_iter().filter(|c| *c != ExitCriterion::Gate) {
         let mut params = GenerationParams::new(24);
         params.max_tokens = 6;
         params.init_scale = 0.0;

@@ -70,15 +70,22 @@ pub fn decode_speed(
 
 /// Weights of one sandwich block: Wqkv, attention proj, MLP fc and proj, four norms, q/k bias.
 fn block_params(cfg: &crate::model::HuginnConfig) -> usize {
-    let d = cfg.n_embd;
-    3 * d * d + d * d + 3 * cfg.intermediate_size * d + 4 * d + 2 * d
+    let (d, hd) = (cfg.n_embd, cfg.head_dim());
+    let (h, kv) = (cfg.num_attention_heads, cfg.kv_heads());
+    // Queries, keys and values (grouped), the output projection, the gated MLP, up to four norms.
+    (h + 2 * kv) * hd * d + d * h * hd + 3 * cfg.intermediate_size * d + 4 * d
+}
+
+/// The adapter's `d x d` half that a step (or a token) reads, where the family has an adapter.
+fn adapter_half(model: &HuginnModel) -> usize {
+    let d = model.config().n_embd;
+    if model.family().has_adapter() { d * d } else { 0 }
 }
 
 /// Bytes of weights one core step reads: the adapter's state half and the core layers.
 pub fn core_step_weight_bytes(model: &HuginnModel) -> usize {
     let cfg = model.config();
-    let d = cfg.n_embd;
-    (d * d + cfg.n_layers_in_recurrent_block * block_params(cfg)) * model.dtype().size_in_bytes()
+    (adapter_half(model) + cfg.n_layers_in_recurrent_block * block_params(cfg)) * model.dtype().size_in_bytes()
 }
 
 /// Bytes of weights one token reads outside the recurrence: embedding row, prelude, adapter input
@@ -87,7 +94,18 @@ pub fn per_token_weight_bytes(model: &HuginnModel) -> usize {
     let cfg = model.config();
     let d = cfg.n_embd;
     let layers = cfg.n_layers_in_prelude + cfg.n_layers_in_coda;
-    (d + d * d + layers * block_params(cfg) + cfg.vocab_size * d) * model.dtype().size_in_bytes()
+    (d + adapter_half(model) + layers * block_params(cfg) + cfg.vocab_size * d) * model.dtype().size_in_bytes()
+}
+
+/// Bytes of the model's weights as held for serving: the embedding table and the head (once
+/// when tied), every block, the adapter, the final norm and the exit gate.
+pub fn serving_weight_bytes(model: &HuginnModel) -> usize {
+    let cfg = model.config();
+    let (d, v) = (cfg.n_embd, cfg.vocab_size);
+    let layers = cfg.n_layers_in_prelude + cfg.n_layers_in_recurrent_block + cfg.n_layers_in_coda;
+    let tables = if cfg.tie_embeddings { 1 } else { 2 };
+    let gate = if model.has_exit_gate() { d + 1 } else { 0 };
+    (tables * v * d + layers * block_params(cfg) + 2 * adapter_half(model) + d + gate) * model.dtype().size_in_bytes()
 }
 
 /// Read bandwidth in bytes per second: `threads` threads summing disjoint parts of a `bytes`-sized

@@ -17,7 +17,9 @@ use serde_json::json;
 
 use super::byte_tokenizer::{SPECIAL_TOKENS, byte_level_tokenizer_json, special_base};
 use crate::model::huginn::truncated_normal;
-use crate::model::{HuginnConfig, ModelError, Result, dtype_name};
+use crate::model::layers::Stage;
+use crate::model::ouro_config::OuroConfig;
+use crate::model::{Architecture, Family, HuginnConfig, ModelError, Result, dtype_name};
 use crate::text::HUGINN_CHAT_TEMPLATE;
 
 /// How one tensor is initialised.
@@ -34,56 +36,74 @@ struct TensorSpec {
     init: Init,
 }
 
-/// The tensors of a checkpoint of this shape, in the published names.
-fn tensor_specs(cfg: &HuginnConfig) -> Vec<TensorSpec> {
+/// The tensors of a checkpoint of this shape, in the published names of `family`.
+fn tensor_specs(cfg: &HuginnConfig, family: Family) -> Vec<TensorSpec> {
     let (d, i, h, hd) = (cfg.n_embd, cfg.intermediate_size, cfg.num_attention_heads, cfg.head_dim());
     let kv = cfg.kv_heads();
     let std = (2.0 / (5.0 * d as f64)).sqrt();
     let depth = cfg.n_layers_in_prelude + cfg.n_layers_in_coda + cfg.n_layers_in_recurrent_block * cfg.mean_recurrence;
     let out_std = std / (2.0 * depth.max(1) as f64).sqrt();
-    let mut specs = vec![TensorSpec {
-        name: "transformer.wte.weight".into(),
-        shape: vec![cfg.vocab_size, d],
-        init: Init::Normal(std),
-    }];
+    let names = family.names();
+    let mut specs =
+        vec![TensorSpec { name: names.embedding.into(), shape: vec![cfg.vocab_size, d], init: Init::Normal(std) }];
     let mut block = |prefix: String| {
         let t = |suffix: &str, shape: Vec<usize>, init| TensorSpec { name: format!("{prefix}.{suffix}"), shape, init };
+        if family == Family::Ouro {
+            for norm in
+                ["input_layernorm", "input_layernorm_2", "post_attention_layernorm", "post_attention_layernorm_2"]
+            {
+                specs.push(t(&format!("{norm}.weight"), vec![d], Init::Ones));
+            }
+            for (name, rows) in [("q", h * hd), ("k", kv * hd), ("v", kv * hd)] {
+                specs.push(t(&format!("self_attn.{name}_proj.weight"), vec![rows, d], Init::Normal(std)));
+            }
+            specs.push(t("self_attn.o_proj.weight", vec![d, h * hd], Init::Normal(out_std)));
+            specs.push(t("mlp.gate_proj.weight", vec![i, d], Init::Normal(std)));
+            specs.push(t("mlp.up_proj.weight", vec![i, d], Init::Normal(std)));
+            specs.push(t("mlp.down_proj.weight", vec![d, i], Init::Normal(out_std)));
+            return;
+        }
         specs.push(t("norm_1.weight", vec![d], Init::Ones));
         specs.push(t("attn.Wqkv.weight", vec![(h + 2 * kv) * hd, d], Init::Normal(std)));
         if cfg.qk_bias {
             specs.push(t("attn.qk_bias", vec![2, 1, h, hd], Init::Zeros));
         }
+        if family == Family::RetrofitOlmo {
+            specs.push(t("attn.q_norm.weight", vec![h * hd], Init::Ones));
+            specs.push(t("attn.k_norm.weight", vec![kv * hd], Init::Ones));
+        }
         specs.push(t("attn.proj.weight", vec![d, h * hd], Init::Normal(out_std)));
         specs.push(t("norm_2.weight", vec![d], Init::Ones));
         specs.push(t("mlp.fc.weight", vec![2 * i, d], Init::Normal(std)));
         specs.push(t("mlp.proj.weight", vec![d, i], Init::Normal(out_std)));
-        specs.push(t("norm_3.weight", vec![d], Init::Ones));
-        specs.push(t("norm_4.weight", vec![d], Init::Ones));
+        if family == Family::Huginn0125 {
+            specs.push(t("norm_3.weight", vec![d], Init::Ones));
+            specs.push(t("norm_4.weight", vec![d], Init::Ones));
+        }
     };
-    for n in 0..cfg.n_layers_in_prelude {
-        block(format!("transformer.prelude.{n}"));
+    for (stage, count) in [
+        (Stage::Prelude, cfg.n_layers_in_prelude),
+        (Stage::Core, cfg.n_layers_in_recurrent_block),
+        (Stage::Coda, cfg.n_layers_in_coda),
+    ] {
+        for n in 0..count {
+            block(family.block_prefix(stage, n));
+        }
     }
-    for n in 0..cfg.n_layers_in_recurrent_block {
-        block(format!("transformer.core_block.{n}"));
+    let spec = |name: &str, shape: Vec<usize>, init| TensorSpec { name: name.into(), shape, init };
+    if family.has_adapter() {
+        specs.push(spec("transformer.adapter.weight", vec![d, 2 * d], Init::Normal(std)));
+        if cfg.bias {
+            specs.push(spec("transformer.adapter.bias", vec![d], Init::Zeros));
+        }
     }
-    for n in 0..cfg.n_layers_in_coda {
-        block(format!("transformer.coda.{n}"));
+    specs.push(spec(names.final_norm, vec![d], Init::Ones));
+    if let Some((weight, bias)) = names.gate {
+        specs.push(spec(weight, vec![1, d], Init::Normal(std)));
+        specs.push(spec(bias, vec![1], Init::Zeros));
     }
-    specs.push(TensorSpec {
-        name: "transformer.adapter.weight".into(),
-        shape: vec![d, 2 * d],
-        init: Init::Normal(std),
-    });
-    if cfg.bias {
-        specs.push(TensorSpec { name: "transformer.adapter.bias".into(), shape: vec![d], init: Init::Zeros });
-    }
-    specs.push(TensorSpec { name: "transformer.ln_f.weight".into(), shape: vec![d], init: Init::Ones });
     if !cfg.tie_embeddings {
-        specs.push(TensorSpec {
-            name: "lm_head.weight".into(),
-            shape: vec![cfg.vocab_size, d],
-            init: Init::Normal(std),
-        });
+        specs.push(spec("lm_head.weight", vec![cfg.vocab_size, d], Init::Normal(std)));
     }
     specs
 }
@@ -143,15 +163,36 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// Writes config.json, weights (one file or `shards` files plus an index), tokenizer.json,
-/// tokenizer_config.json and generation_config.json into `dir`.
+/// tokenizer_config.json and generation_config.json into `dir`: a Huginn-0125 checkpoint (an
+/// Ouro one for an Ouro description).
 pub fn write_random_checkpoint(dir: &Path, cfg: &HuginnConfig, seed: u64, dtype: DType, shards: usize) -> Result<()> {
+    let family = if cfg.architecture == Architecture::Ouro { Family::Ouro } else { Family::Huginn0125 };
+    write_random_family_checkpoint(dir, cfg, family, seed, dtype, shards)
+}
+
+/// [`write_random_checkpoint`] in the tensor names and block shape of `family`.
+pub fn write_random_family_checkpoint(
+    dir: &Path,
+    cfg: &HuginnConfig,
+    family: Family,
+    seed: u64,
+    dtype: DType,
+    shards: usize,
+) -> Result<()> {
     cfg.validate("config")?;
+    if (family == Family::Ouro) != (cfg.architecture == Architecture::Ouro) {
+        return Err(ModelError::InvalidArgument(format!(
+            "a {} checkpoint needs a config of its own format ({})",
+            family.name(),
+            cfg.architecture.name()
+        )));
+    }
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         return Err(ModelError::UnsupportedDtype(format!("{dtype:?}")));
     }
     let cfg = write_metadata(dir, cfg, dtype)?;
 
-    let specs = tensor_specs(&cfg);
+    let specs = tensor_specs(&cfg, family);
     let shards = shards.clamp(1, specs.len());
     let total: usize = specs.iter().map(|s| s.shape.iter().product::<usize>()).sum();
     let mut groups: Vec<Vec<&TensorSpec>> = vec![Vec::new(); shards];
@@ -200,9 +241,22 @@ pub fn write_metadata(dir: &Path, cfg: &HuginnConfig, dtype: DType) -> Result<Hu
     cfg.eos_token_id = Some(crate::model::config::TokenIds::One(eos));
     cfg.pad_token_id = Some(pad);
     cfg.torch_dtype = Some(dtype_name(dtype).into());
-    let mut config = serde_json::to_value(&cfg).map_err(|e| ModelError::InvalidArgument(e.to_string()))?;
-    config["architectures"] = json!(["RavenForCausalLM"]);
-    config["model_type"] = json!("huginn_raven");
+    let json = |value: std::result::Result<serde_json::Value, serde_json::Error>| {
+        value.map_err(|e| ModelError::InvalidArgument(e.to_string()))
+    };
+    let mut config = match cfg.architecture {
+        Architecture::Raven => {
+            let mut config = json(serde_json::to_value(&cfg))?;
+            config["model_type"] = json!("huginn_raven");
+            config
+        }
+        Architecture::Ouro => {
+            let mut config = json(serde_json::to_value(OuroConfig::from_huginn(&cfg)))?;
+            config["model_type"] = json!("ouro");
+            config
+        }
+    };
+    config["architectures"] = json!([cfg.architecture.name()]);
     write_json(&dir.join("config.json"), &config)?;
     write_json(&dir.join("tokenizer.json"), &tokenizer)?;
     write_json(

@@ -40,6 +40,19 @@ pub struct BenchArgs {
     /// bfloat16 (about 7 GB) and rewrite that section of the report.
     #[arg(long)]
     full_size: bool,
+    /// Only the checkpoint-families section: write (once) and load the published shapes of Ouro
+    /// and the retrofitted Llama models in bfloat16 (about 13 GB) and rewrite that section.
+    #[arg(long)]
+    families: bool,
+    /// With `--families`: only these presets (comma-separated; default all four).
+    #[arg(long, value_delimiter = ',')]
+    family_presets: Vec<String>,
+    /// Measures one checkpoint folder for `--families` and prints its row (run by it, one process each).
+    #[arg(long, hide = true)]
+    family_measure: Option<PathBuf>,
+    /// Where the families' checkpoints are written (reused when present).
+    #[arg(long, default_value = "target/bench-models/families")]
+    families_dir: PathBuf,
     /// Only the long-prompt interference section (rewritten in the report).
     #[arg(long)]
     interference: bool,
@@ -67,6 +80,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     if args.full_size {
         return super::bench_full_size::run(&args.full_size_model, &args.out);
+    }
+    if let Some(folder) = &args.family_measure {
+        return super::bench_families::measure(folder);
+    }
+    if args.families {
+        return super::bench_families::run(&args.families_dir, &args.out, &args.family_presets);
     }
     if args.speculative {
         ensure_large_model(&args.large_model)?;
@@ -123,6 +142,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let report = render(&args, threads, &tiny_rows, &large, &large_rows, bandwidth)?
         + &serving
         + &super::bench_full_size::kept_section(&args.out)
+        + &super::bench_families::kept_section(&args.out)
         + &super::bench_interference::kept_section(&args.out)
         + &super::bench_speculative::kept_section(&args.out)
         + &super::bench_parallel::kept_section(&args.out);

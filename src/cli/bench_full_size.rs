@@ -13,7 +13,9 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 
 use super::report_section::Section;
-use huginn::bench::{core_step_weight_bytes, decode_speed, per_token_weight_bytes, read_pattern_tokens_per_second};
+use huginn::bench::{
+    core_step_weight_bytes, decode_speed, per_token_weight_bytes, read_pattern_tokens_per_second, serving_weight_bytes,
+};
 use huginn::checkpoint::{preset, write_random_checkpoint};
 use huginn::model::{BackendChoice, HuginnModel, dtype_name};
 
@@ -168,7 +170,7 @@ fn ensure_checkpoint(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn weight_files(dir: &Path) -> anyhow::Result<Vec<std::fs::File>> {
+pub(super) fn weight_files(dir: &Path) -> anyhow::Result<Vec<std::fs::File>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -180,7 +182,7 @@ fn weight_files(dir: &Path) -> anyhow::Result<Vec<std::fs::File>> {
 }
 
 /// Seconds to read every file once, front to back, into an 8 MiB buffer.
-fn read_once(files: &[std::fs::File]) -> anyhow::Result<f64> {
+pub(super) fn read_once(files: &[std::fs::File]) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut buffer = vec![0u8; 8 << 20];
     for file in files {
@@ -267,22 +269,12 @@ fn first_touch_seconds(bytes: usize) -> f64 {
     seconds
 }
 
-/// Bytes of the model's weights as held for serving.
-fn serving_weight_bytes(model: &HuginnModel) -> usize {
-    let cfg = model.config();
-    let (d, v, i) = (cfg.n_embd, cfg.vocab_size, cfg.intermediate_size);
-    let layers = cfg.n_layers_in_prelude + cfg.n_layers_in_recurrent_block + cfg.n_layers_in_coda;
-    let block = 4 * d * d + 3 * d * i + 4 * d + 2 * d;
-    let tables = if cfg.tie_embeddings { 1 } else { 2 };
-    (tables * v * d + layers * block + 2 * d * d + d) * model.dtype().size_in_bytes()
-}
-
 /// Resets the peak resident set (`VmHWM`) to the current one (Linux).
-fn reset_peak_rss() {
+pub(super) fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-fn rss_kb(field: &str) -> u64 {
+pub(super) fn rss_kb(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
-use huginn::checkpoint::{preset, write_random_checkpoint};
+use huginn::checkpoint::{preset, preset_family, write_random_family_checkpoint};
 use huginn::model::weights::read_text;
+use huginn::model::{Architecture, Family};
 use huginn::model::{HuginnConfig, parse_dtype};
 
 #[derive(Args)]
@@ -16,7 +17,9 @@ pub struct InitRandomArgs {
     out: PathBuf,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// huginn-0125, tiny (the fixture's shape) or width-1024 (the benchmark model).
+    /// huginn-0125, tiny (the fixture's shape), width-1024 (the benchmark model), addition,
+    /// ouro-1.4b, ouro-2.6b, recurrent-llama-3.2-1b or recurrent-tinyllama-1.1b (the published
+    /// shapes, written in their family's tensor names).
     #[arg(long, conflicts_with = "config")]
     preset: Option<String>,
     /// A config.json to take the shape from.
@@ -72,11 +75,17 @@ pub fn run(args: InitRandomArgs) -> anyhow::Result<()> {
     set(&mut cfg.block_size, args.block_size);
     set(&mut cfg.mean_recurrence, args.mean_recurrence);
     let dtype = parse_dtype(&args.dtype)?;
-    write_random_checkpoint(&args.out, &cfg, args.seed, dtype, args.shards)
+    let family = match (&args.preset, cfg.architecture) {
+        (_, Architecture::Ouro) => Family::Ouro,
+        (Some(name), _) if args.config.is_none() => preset_family(name),
+        _ => Family::Huginn0125,
+    };
+    write_random_family_checkpoint(&args.out, &cfg, family, args.seed, dtype, args.shards)
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(
-        "wrote {} (d={}, heads={}, layers {}/{}/{}, mlp {}, vocab {}, {})",
+        "wrote {} ({}, d={}, heads={}, layers {}/{}/{}, mlp {}, vocab {}, {})",
         args.out.display(),
+        family.name(),
         cfg.n_embd,
         cfg.num_attention_heads,
         cfg.n_layers_in_prelude,
