@@ -402,6 +402,11 @@ mod tests {
         let err = Settings::from_sources("", Path::new("f.toml"), env(&[("HUGINN_GENERATION_KV_CACHE", "bogus")]))
             .unwrap_err();
         assert!(err.to_string().starts_with("environment variable HUGINN_GENERATION_KV_CACHE"), "{err}");
+        let s = Settings::from_sources("[generation]\nexit_kv = \"fill\"\n", Path::new("f.toml"), env(&[])).unwrap();
+        assert_eq!(s.generation.exit_kv, crate::model::ExitKv::Fill);
+        let err = Settings::from_sources("", Path::new("f.toml"), env(&[("HUGINN_GENERATION_EXIT_KV", "sometimes")]))
+            .unwrap_err();
+        assert!(err.to_string().starts_with("environment variable HUGINN_GENERATION_EXIT_KV"), "{err}");
         for (file, key) in [
             ("[generation]\ntemperature = 2.5\n", "generation.temperature"),
             ("[generation]\ntop_p = 0\n", "generation.top_p"),
@@ -409,6 +414,7 @@ mod tests {
             ("[generation]\nnum_steps = 0\n", "generation.num_steps"),
             ("[generation]\nnum_steps = 4\nmin_steps = 5\n", "generation.min_steps"),
             ("[generation]\nexit_criterion = \"kl\"\nexit_threshold = -1\n", "generation.exit_threshold"),
+            ("[generation]\nexit_criterion = \"gate\"\nexit_threshold = 1.5\n", "generation.exit_threshold"),
             ("[generation]\nnum_steps = 4\ndraft_steps = 4\n", "generation.draft_steps"),
             ("[generation]\ndraft_steps = 0\n", "generation.draft_steps"),
             ("[generation]\ndraft_steps = 2\ncontinuous_compute = true\n", "generation.draft_steps"),

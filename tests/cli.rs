@@ -168,6 +168,36 @@ fn init_random_writes_a_checkpoint_generate_can_use() {
     assert_eq!(prompt[0], 288, "the chat template starts with <|begin_text|>");
 }
 
+/// An Ouro preset (shrunk by the shape flags) is written in Ouro's format and generates with its
+/// exit gate: with `--exit-kv fill` every token spends every loop.
+#[test]
+fn an_ouro_preset_generates_with_its_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ouro");
+    let o = out.to_str().unwrap();
+    let shape = ["--n-embd", "32", "--heads", "2", "--intermediate-size", "48", "--vocab-size", "320"];
+    let mut args =
+        vec!["init-random", "--out", o, "--preset", "ouro-1.4b", "--core-layers", "2", "--block-size", "128"];
+    args.extend(shape);
+    let made = huginn(&args);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "OuroForCausalLM");
+    assert_eq!((cfg["hidden_size"].as_u64(), cfg["total_ut_steps"].as_u64()), (Some(32), Some(4)));
+    let generate =
+        ["generate", "--model", o, "--prompt", "hello", "--max-tokens", "4", "--ignore-eos", "--format", "json"];
+    let mut gated = generate.to_vec();
+    gated.extend(["--exit-criterion", "gate", "--exit-threshold", "0.3", "--exit-kv", "fill"]);
+    let body = json_out(&huginn(&gated));
+    let steps: Vec<u64> = body["steps_per_token"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![4; 4]);
+    let mut refused = generate.to_vec();
+    refused.push("--continuous-compute");
+    let out = huginn(&refused);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("continuous_compute"));
+}
+
 #[test]
 fn bad_arguments_fail_with_a_message() {
     let model = fixture_dir();
@@ -175,6 +205,8 @@ fn bad_arguments_fail_with_a_message() {
     for (args, needle) in [
         (vec!["generate", "--model", m, "--prompt", "x", "--kv-cache", "ring"], "kv cache strategy `ring`"),
         (vec!["generate", "--model", m, "--prompt", "x", "--exit-criterion", "soon"], "unknown exit criterion `soon`"),
+        (vec!["generate", "--model", m, "--prompt", "x", "--exit-kv", "sometimes"], "unknown exit_kv `sometimes`"),
+        (vec!["generate", "--model", m, "--prompt", "x", "--exit-criterion", "gate"], "learned exit gate"),
         (vec!["generate", "--model", m, "--prompt", "x", "--top-p", "0"], "`top_p` must be in (0, 1]"),
         // The server's ranges and limits, from the same resolution.
         (
