@@ -31,9 +31,13 @@ pub const TOKENS_PER_ROUND: &str = "huginn_speculation_tokens_per_round";
 pub const PARALLEL_TOKENS_PER_STEP: &str = "huginn_parallel_tokens_per_step";
 pub const PARALLEL_WAVEFRONT: &str = "huginn_parallel_wavefront_rows";
 pub const SEQUENCE_FAULTS: &str = "huginn_sequence_faults_total";
+pub const PREFIX_QUERIES: &str = "huginn_prefix_cache_queries_total";
+pub const PREFIX_HITS: &str = "huginn_prefix_cache_hits_total";
+pub const PREFIX_BYTES: &str = "huginn_prefix_cache_bytes";
+pub const PREFIX_EVICTIONS: &str = "huginn_prefix_cache_evictions_total";
 
 /// (name, help) of every metric, for the README table and the exporter's descriptions.
-pub const CATALOG: [(&str, &str); 24] = [
+pub const CATALOG: [(&str, &str); 28] = [
     (
         STEPS_PER_TOKEN,
         "Recurrence (core-block) steps spent per generated token, by exit_reason: converged, cap, budget.",
@@ -67,6 +71,10 @@ pub const CATALOG: [(&str, &str); 24] = [
         SEQUENCE_FAULTS,
         "Sequences that failed on their own (their job got a 500; the worker and its other jobs went on), by worker.",
     ),
+    (PREFIX_QUERIES, "Prompt tokens looked up in the prefix cache (every prompt that starts a prefill), by worker."),
+    (PREFIX_HITS, "Prompt tokens whose prefill the prefix cache supplied, by worker."),
+    (PREFIX_BYTES, "Bytes of prompt K/V blocks the prefix cache holds (part of engine.max_kv_bytes), by worker."),
+    (PREFIX_EVICTIONS, "Prefix cache blocks evicted (least recently used, never one in use), by worker."),
 ];
 
 fn describe() {
@@ -94,6 +102,10 @@ fn describe() {
     describe_histogram!(PARALLEL_TOKENS_PER_STEP, Unit::Count, CATALOG[21].1);
     describe_histogram!(PARALLEL_WAVEFRONT, Unit::Count, CATALOG[22].1);
     describe_counter!(SEQUENCE_FAULTS, Unit::Count, CATALOG[23].1);
+    describe_counter!(PREFIX_QUERIES, Unit::Count, CATALOG[24].1);
+    describe_counter!(PREFIX_HITS, Unit::Count, CATALOG[25].1);
+    describe_gauge!(PREFIX_BYTES, Unit::Bytes, CATALOG[26].1);
+    describe_counter!(PREFIX_EVICTIONS, Unit::Count, CATALOG[27].1);
 }
 
 const STEP_BUCKETS: [f64; 13] = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0];

@@ -91,6 +91,9 @@ pub struct EngineSettings {
     /// Rows (token positions) one prelude, core-step or coda pass of a worker may hold; 0 is
     /// unlimited. Decoding rows go first; prompts fill the rest and are prefilled in pieces.
     pub max_tick_rows: usize,
+    /// Bytes of prompt K/V (every step of a prefill) a worker keeps for reuse by later prompts
+    /// with the same beginning; part of `max_kv_bytes`. 0 turns prefix caching off.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineSettings {
@@ -101,6 +104,7 @@ impl Default for EngineSettings {
             max_kv_bytes: 4 << 30,
             restart_backoff_ms: 1000,
             max_tick_rows: DEFAULT_MAX_TICK_ROWS,
+            prefix_cache_bytes: 1 << 30,
         }
     }
 }
@@ -115,6 +119,16 @@ impl EngineSettings {
             "engine",
             [("queue_capacity", self.queue_capacity), ("max_active_sequences", self.max_active_sequences)],
         )?;
+        if self.prefix_cache_bytes > self.max_kv_bytes {
+            return Err((
+                "engine.prefix_cache_bytes".into(),
+                format!(
+                    "must be at most engine.max_kv_bytes ({}): the cache's blocks are part of the worker's K/V \
+                     memory, got {}",
+                    self.max_kv_bytes, self.prefix_cache_bytes
+                ),
+            ));
+        }
         if self.max_tick_rows != 0 && self.max_tick_rows < self.max_active_sequences {
             return Err((
                 "engine.max_tick_rows".into(),
@@ -424,6 +438,22 @@ mod tests {
         ] {
             let err = Settings::from_sources(file, Path::new("f.toml"), env(&[])).unwrap_err();
             assert!(err.to_string().starts_with(&format!("setting `{key}`")), "{file}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_prefix_cache_fits_in_the_kv_budget() {
+        let load = |file: &str, vars: &[(&str, &str)]| Settings::from_sources(file, Path::new("f.toml"), env(vars));
+        assert_eq!(load("", &[]).unwrap().engine.prefix_cache_bytes, 1 << 30);
+        let s = load("[engine]\nprefix_cache_bytes = 0\n", &[]).unwrap();
+        assert_eq!(s.engine.prefix_cache_bytes, 0);
+        let s = load("", &[("HUGINN_ENGINE_PREFIX_CACHE_BYTES", "1048576")]).unwrap();
+        assert_eq!(s.engine.prefix_cache_bytes, 1 << 20);
+        let err = load("[engine]\nmax_kv_bytes = 1000\nprefix_cache_bytes = 1001\n", &[]).unwrap_err().to_string();
+        assert!(err.starts_with("setting `engine.prefix_cache_bytes`: must be at most engine.max_kv_bytes"), "{err}");
+        for value in ["-1", "lots"] {
+            let err = load("", &[("HUGINN_ENGINE_PREFIX_CACHE_BYTES", value)]).unwrap_err().to_string();
+            assert!(err.starts_with("environment variable HUGINN_ENGINE_PREFIX_CACHE_BYTES"), "{value}: {err}");
         }
     }
 

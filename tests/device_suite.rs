@@ -1,6 +1,6 @@
 //! The model suites, in one test binary: fixture parity (Huginn-0125 and the other checkpoint
-//! families), the engine (alone vs batched), chunked prefill, speculation and the parallel
-//! sampler. `cargo test` runs them here (one binary builds in half the time of five: 13.6 s
+//! families), the engine (alone vs batched), chunked prefill, prefix caching, speculation and the
+//! parallel sampler. `cargo test` runs them here (one binary builds in half the time of five: 13.6 s
 //! against 28.1 s, measured on this 2-core machine), and the GPU
 //! check carries it as its single program besides `huginn` (`scripts/gpu-bundle.sh`,
 //! `scripts/gpu-check.sh`). Each suite runs on `HUGINN_TEST_DEVICE` (default the CPU); each file
@@ -22,5 +22,7 @@ mod ouro;
 mod parallel;
 #[path = "parity.rs"]
 mod parity;
+#[path = "prefix_cache.rs"]
+mod prefix_cache;
 #[path = "speculation.rs"]
 mod speculation;

@@ -15,7 +15,12 @@ use huginn::text::TextTokenizer;
 
 fn engine(model: Arc<HuginnModel>, max_active: usize) -> Engine {
     let tokenizer = Arc::new(TextTokenizer::load(&fixture_dir(), model.config()).unwrap());
-    let limits = SchedulerLimits { max_active_sequences: max_active, max_kv_bytes: 1 << 30, max_tick_rows: 0 };
+    let limits = SchedulerLimits {
+        max_active_sequences: max_active,
+        max_kv_bytes: 1 << 30,
+        max_tick_rows: 0,
+        prefix_cache_bytes: 0,
+    };
     Engine::start(
         vec![model],
         tokenizer,

@@ -50,7 +50,12 @@ pub fn engine_with_budget(
     max_active: usize,
     max_tick_rows: usize,
 ) -> Engine {
-    let limits = SchedulerLimits { max_active_sequences: max_active, max_kv_bytes: usize::MAX, max_tick_rows };
+    let limits = SchedulerLimits {
+        max_active_sequences: max_active,
+        max_kv_bytes: usize::MAX,
+        max_tick_rows,
+        prefix_cache_bytes: 0,
+    };
     Engine::start(
         vec![model],
         tokenizer,

@@ -29,6 +29,8 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     /// K/V bytes the sequence held when it ended.
     pub kv_bytes: usize,
+    /// Prompt positions the prefix cache supplied.
+    pub cached_tokens: usize,
     /// What its decoding strategy did.
     pub counts: StrategyCounts,
     /// With `report_logits`: the logits of every prompt position.
@@ -53,6 +55,7 @@ impl Completion {
             text: String::new(),
             finish_reason: FinishReason::Length,
             kv_bytes: 0,
+            cached_tokens: 0,
             counts: StrategyCounts::default(),
             prompt_logits: Vec::new(),
             token_logits: Vec::new(),
@@ -130,9 +133,22 @@ impl Driver {
             max_active_sequences: max_active_sequences.max(1),
             max_kv_bytes: usize::MAX,
             max_tick_rows,
+            prefix_cache_bytes: 0,
         };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(crate::cpu_threads::configured()).build().ok();
         Self { scheduler: Scheduler::new(model.clone(), tokenizer, limits, "driver"), model, pool }
+    }
+
+    /// Keeps up to `bytes` of prompt K/V in a prefix cache across the runs of this driver (0:
+    /// none, the default).
+    pub fn with_prefix_cache(mut self, bytes: usize) -> Self {
+        self.scheduler.set_prefix_cache(bytes);
+        self
+    }
+
+    /// Bytes the prefix cache holds.
+    pub fn prefix_cache_bytes(&self) -> usize {
+        self.scheduler.prefix_cache_bytes()
     }
 
     /// Runs one job of one choice.
@@ -226,8 +242,9 @@ fn drain(
                 c.text.push_str(&text);
                 c.logprobs.extend(logprobs);
             }
-            Event::Finished { choice, reason, text, kv_bytes, counts } => {
+            Event::Finished { choice, reason, text, kv_bytes, counts, cached_tokens } => {
                 let c = &mut job.choices[choice];
+                c.cached_tokens = cached_tokens;
                 c.counts = counts;
                 c.text.push_str(&text);
                 c.finish_reason = reason;

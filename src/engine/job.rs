@@ -61,8 +61,16 @@ pub enum Event {
         more: bool,
     },
     /// The choice ended; `text` is any text released at the end, `kv_bytes` what its K/V cache
-    /// held (freed before this event is sent), `counts` what its decoding strategy did.
-    Finished { choice: usize, reason: FinishReason, text: String, kv_bytes: usize, counts: StrategyCounts },
+    /// held (freed before this event is sent), `counts` what its decoding strategy did,
+    /// `cached_tokens` the prompt positions the prefix cache supplied to its prefill.
+    Finished {
+        choice: usize,
+        reason: FinishReason,
+        text: String,
+        kv_bytes: usize,
+        counts: StrategyCounts,
+        cached_tokens: usize,
+    },
     /// Raw next-token logits (only for a job with `report_logits`): every prompt position after
     /// the prompt's pass, then, before each later token's `Token` event, the row that produced it.
     Logits { choice: usize, rows: Vec<Vec<f32>> },

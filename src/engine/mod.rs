@@ -5,6 +5,7 @@ pub mod decoder;
 pub mod driver;
 pub mod fault;
 pub mod job;
+pub mod prefix;
 pub mod running;
 pub mod scheduler;
 pub mod sequence;

@@ -14,11 +14,11 @@ use super::fault::SequenceFault;
 use super::job::{EngineFailure, Event, Job, JobSpec};
 pub(super) use super::sequence::cat;
 use super::sequence::latent_vec;
-pub use super::sequence::{AfterToken, Sequence, Stage};
+pub use super::sequence::{AfterToken, PrefillStart, Sequence, Stage};
 use super::shared::JobShared;
 use crate::generate::FinishReason;
 use crate::metrics as m;
-use crate::model::{Chunk, ExitKv, HuginnModel};
+use crate::model::{Chunk, ExitKv, HuginnModel, PrefixCapture};
 use crate::text::TextTokenizer;
 
 pub struct Running {
@@ -68,6 +68,45 @@ impl Running {
     /// Still prefilling its prompt (the prompt is its chunk).
     pub fn is_prefill(&self) -> bool {
         self.seq.prefill
+    }
+
+    /// Whether `other` is a choice of the same job.
+    pub fn same_job(&self, other: &JobShared) -> bool {
+        std::ptr::eq(Arc::as_ptr(&self.seq.shared), other)
+    }
+
+    pub fn shared(&self) -> &Arc<JobShared> {
+        &self.seq.shared
+    }
+
+    /// The prompt's prefill starts: from cached positions, recording blocks (see [`PrefillStart`]).
+    pub fn begin_prefill(&mut self, start: PrefillStart) -> crate::model::Result<()> {
+        self.seq.begin_prefill(start)
+    }
+
+    /// The choice waits for another choice of its job to prefill the prompt (see
+    /// [`Stage::Waiting`]).
+    pub fn wait(&mut self) {
+        self.seq.wait();
+    }
+
+    /// The prompt's blocks recorded for the prefix cache, once its prefill is over.
+    pub fn take_capture(&mut self) -> Option<PrefixCapture> {
+        if self.seq.prefill && self.seq.chunk.stage == Stage::Coda && self.seq.chunk.done >= self.seq.chunk.len {
+            self.seq.take_capture()
+        } else {
+            None
+        }
+    }
+
+    /// Bytes set aside in the prefix cache for the blocks this prefill records.
+    pub fn capture_bytes(&self) -> usize {
+        self.seq.capture_bytes
+    }
+
+    /// Prompt positions the prefix cache supplied.
+    pub fn cached_tokens(&self) -> usize {
+        self.seq.cached_tokens
     }
 
     /// Positions of the chunk being iterated: first and count.
@@ -143,6 +182,9 @@ impl Running {
         c.step += 1;
         c.logits = None;
         self.seq.steps_spent += cost;
+        if let (true, Some(capture)) = (self.seq.prefill, &mut self.seq.capture) {
+            self.seq.cache.record_step(capture, self.seq.chunk.step - 1)?;
+        }
         Ok(true)
     }
 
@@ -153,6 +195,17 @@ impl Running {
         let c = &mut self.seq.chunk;
         let held_exit = c.restore_held()?;
         (c.stage, c.done, c.converged) = (Stage::Coda, 0, converged || held_exit);
+        if self.seq.prefill {
+            if let Some(capture) = &mut self.seq.capture {
+                capture.record_states(c.start, &c.state)?;
+            }
+            // Positions the cache supplied have their rows reported too: their coda runs again
+            // from their cached final states (rewriting the same coda entries).
+            if let Some(states) = self.seq.prefix_states.take() {
+                c.state = Tensor::cat(&[&states, &c.state], 0)?;
+                (c.start, c.len) = (0, c.start + c.len);
+            }
+        }
         Ok(())
     }
 
@@ -191,6 +244,16 @@ impl Running {
         let c = &mut self.seq.chunk;
         c.done += rows;
         let complete = c.done >= c.len;
+        if complete && self.seq.prefill {
+            self.seq.cache.detach_prefix();
+            if let Some(capture) = &mut self.seq.capture
+                && let Err(e) = self.seq.cache.record_ends(capture)
+            {
+                tracing::warn!(%e, "a prompt's blocks could not be recorded for the prefix cache");
+                self.seq.take_capture();
+            }
+        }
+        let c = &mut self.seq.chunk;
         if every_row {
             c.coda_rows.extend(logits);
             if complete && self.seq.prefill {
@@ -280,7 +343,8 @@ impl Running {
     pub fn send_finished(&mut self, reason: FinishReason, kv_bytes: usize) {
         let text = self.seq.finish_text();
         let counts = self.decoder.counts();
-        self.seq.send(Event::Finished { choice: self.seq.choice, reason, text, kv_bytes, counts });
+        let cached_tokens = self.seq.cached_tokens;
+        self.seq.send(Event::Finished { choice: self.seq.choice, reason, text, kv_bytes, counts, cached_tokens });
     }
 
     /// Ends the choice's job with an error event.

@@ -15,6 +15,7 @@ use metrics::{counter, gauge, histogram};
 
 use super::fault::SequenceFault;
 use super::job::{EngineFailure, Event, Job, StrategyCounts};
+use super::prefix::{Digest32, PrefixCache};
 use super::running::{AfterToken, Running, Stage, cat};
 use super::shared::JobShared;
 use crate::generate::FinishReason;
@@ -30,6 +31,8 @@ pub struct SchedulerLimits {
     /// Rows (token positions) one prelude, core-step or coda pass may hold; 0: unlimited. A
     /// prompt larger than what is left is prefilled in pieces, step-major (exact).
     pub max_tick_rows: usize,
+    /// Bytes of prompt K/V the prefix cache may keep (0: no cache), within `max_kv_bytes`.
+    pub prefix_cache_bytes: usize,
 }
 
 /// What a worker holds: running sequences, their K/V bytes and their K/V reservation (sequences
@@ -57,17 +60,24 @@ pub struct Scheduler {
     reporter: Option<Reporter>,
     /// The prompt rows waiting last published to the gauge.
     published_waiting: Option<usize>,
+    /// Prompt blocks kept for reuse (`None`: caching off).
+    prefix: Option<PrefixCache>,
+    /// What identifies the model in the prefix cache's keys.
+    fingerprint: Digest32,
 }
 
 impl Scheduler {
     /// A scheduler for the worker labelled `worker` in the metrics.
     pub fn new(model: Arc<HuginnModel>, tokenizer: Arc<TextTokenizer>, limits: SchedulerLimits, worker: &str) -> Self {
+        let worker: Arc<str> = worker.into();
         Self {
+            fingerprint: prefill::fingerprint(&model),
+            prefix: PrefixCache::new(limits.prefix_cache_bytes.min(limits.max_kv_bytes), worker.clone()),
             model,
             tokenizer,
             limits,
             running: Vec::new(),
-            worker: worker.into(),
+            worker,
             reporter: None,
             published_waiting: None,
         }
@@ -78,6 +88,17 @@ impl Scheduler {
     pub fn with_reporter(mut self, reporter: Reporter) -> Self {
         self.reporter = Some(reporter);
         self
+    }
+
+    /// Replaces the prefix cache by an empty one of `bytes` (0: none).
+    pub fn set_prefix_cache(&mut self, bytes: usize) {
+        self.limits.prefix_cache_bytes = bytes;
+        self.prefix = PrefixCache::new(bytes.min(self.limits.max_kv_bytes), self.worker.clone());
+    }
+
+    /// Bytes the prefix cache holds.
+    pub fn prefix_cache_bytes(&self) -> usize {
+        self.prefix.as_ref().map_or(0, PrefixCache::bytes)
     }
 
     /// Sequences, K/V bytes and reservations of the sequences still running.
@@ -119,7 +140,8 @@ impl Scheduler {
         }
         let reserved: usize = self.running.iter().map(Running::reserved_kv).sum();
         self.running.len() + job.spec.n <= self.limits.max_active_sequences
-            && reserved.saturating_add(job.kv_reservation) <= self.limits.max_kv_bytes
+            && reserved.saturating_add(job.kv_reservation).saturating_add(self.prefix_held())
+                <= self.limits.max_kv_bytes
     }
 
     /// Starts a job: its choices' prompt preludes run now; they iterate from the next tick. A job
@@ -127,12 +149,13 @@ impl Scheduler {
     pub fn admit(&mut self, job: Job) -> Result<()> {
         histogram!(m::QUEUE_WAIT).record(job.submitted.elapsed().as_secs_f64());
         counter!(m::PROMPT_TOKENS).increment((job.spec.prompt.len() * job.spec.n) as u64);
-        let shared = Arc::new(JobShared::new(job, self.worker.clone()));
+        let shared = Arc::new(JobShared::new(job, self.worker.clone(), self.block_keys()));
         let spec = shared.spec.clone();
         if spec.params.max_tokens == 0 && !spec.prompt_logprobs && !spec.report_logits {
             for choice in 0..spec.n {
                 shared.choice_done();
                 let event = Event::Finished {
+                    cached_tokens: 0,
                     choice,
                     reason: FinishReason::Length,
                     text: String::new(),
@@ -144,9 +167,10 @@ impl Scheduler {
             return Ok(());
         }
         let started = (0..spec.n).map(|c| Running::new(shared.clone(), c, &self.model)).collect::<Result<Vec<_>>>();
-        match started {
+        match started.and_then(|fresh| self.start_prefills(&shared, fresh)) {
             Ok(fresh) => {
                 self.running.extend(fresh);
+                self.fit_prefix_cache();
                 Ok(())
             }
             Err(e) => {
@@ -217,6 +241,9 @@ impl Scheduler {
         }
 
         for i in self.run_codas(&order)? {
+            if self.running[i].is_prefill() {
+                self.prefill_done(i);
+            }
             self.settle(i);
         }
         Ok(true)
@@ -436,6 +463,9 @@ fn planned<'a>(
         _ => None,
     })
 }
+
+#[path = "scheduler_prefill.rs"]
+mod prefill;
 
 #[cfg(test)]
 #[path = "scheduler_tests.rs"]

@@ -16,7 +16,8 @@ fn scheduler() -> Scheduler {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/huginn-tiny-ref");
     let model = Arc::new(HuginnModel::load(&dir, DType::F32, &Device::Cpu).expect("fixture"));
     let tokenizer = Arc::new(TextTokenizer::load(&dir, model.config()).expect("tokenizer"));
-    let limits = SchedulerLimits { max_active_sequences: 8, max_kv_bytes: 1 << 30, max_tick_rows: 0 };
+    let limits =
+        SchedulerLimits { max_active_sequences: 8, max_kv_bytes: 1 << 30, max_tick_rows: 0, prefix_cache_bytes: 0 };
     Scheduler::new(model, tokenizer, limits, "test")
 }
 

@@ -18,7 +18,7 @@ use super::shared::JobShared;
 use crate::generate::sampling::sampler_seed;
 use crate::generate::{FinishReason, Sampler};
 use crate::metrics as m;
-use crate::model::{ExitTracker, GateExit, HuginnModel, KvCache};
+use crate::model::{ExitTracker, GateExit, HuginnModel, KvCache, PrefixBlock, PrefixCapture, PrefixLayout};
 use crate::text::{TextStream, TextTokenizer};
 
 /// Where a chunk (a prompt, or one new token) is: the prelude, then `cap` core steps, then the
@@ -26,6 +26,9 @@ use crate::text::{TextStream, TextTokenizer};
 /// decoding token's one row is one piece); a core step is complete when every piece ran it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
+    /// A choice waiting for another choice of its job to prefill the prompt it then takes from
+    /// the prefix cache.
+    Waiting,
     Prelude,
     Core,
     Coda,
@@ -135,6 +138,17 @@ impl ChunkState {
     }
 }
 
+/// How a prompt's prefill starts: from `len` positions of cached blocks (a prefill of `layout`),
+/// and recording blocks for the prefix cache (`capture`, whose bytes the cache set aside).
+#[derive(Default)]
+pub struct PrefillStart {
+    pub blocks: Vec<Arc<PrefixBlock>>,
+    pub len: usize,
+    pub layout: Option<PrefixLayout>,
+    pub capture: Option<PrefixCapture>,
+    pub capture_bytes: usize,
+}
+
 /// One choice of a job while it runs (its decoder aside).
 pub struct Sequence {
     pub(super) shared: Arc<JobShared>,
@@ -158,6 +172,14 @@ pub struct Sequence {
     pub(super) steps_spent: usize,
     last_token_at: Option<Instant>,
     pub(super) chunk: ChunkState,
+    /// Prompt positions the prefix cache supplied.
+    pub(super) cached_tokens: usize,
+    /// The final states of those positions, while the prompt's coda still has to report their
+    /// rows (`echo` with log-probabilities).
+    pub(super) prefix_states: Option<Tensor>,
+    /// The prompt's blocks being recorded for the prefix cache, and the bytes set aside for them.
+    pub(super) capture: Option<PrefixCapture>,
+    pub(super) capture_bytes: usize,
 }
 
 /// One token to emit: the logits that produced it (`raw`), after `steps` steps, why they stopped,
@@ -210,7 +232,40 @@ impl Sequence {
             last_token_at: None,
             chunk,
             shared,
+            cached_tokens: 0,
+            prefix_states: None,
+            capture: None,
+            capture_bytes: 0,
         })
+    }
+
+    /// The prompt's prefill starts as `start` says: after the cached positions, recording what
+    /// it captures.
+    pub(super) fn begin_prefill(&mut self, start: PrefillStart) -> crate::model::Result<()> {
+        let PrefillStart { blocks, len, layout, capture, capture_bytes } = start;
+        if let (true, Some(layout)) = (len > 0, layout) {
+            let spec = self.spec();
+            if spec.prompt_logprobs || spec.report_logits {
+                self.prefix_states = Some(cat(blocks.iter().map(|b| b.states()))?.narrow(0, 0, len)?);
+            }
+            self.cache.attach_prefix(blocks, len, layout)?;
+            self.cached_tokens = len;
+        }
+        (self.capture, self.capture_bytes) = (capture, capture_bytes);
+        let prompt = self.spec().prompt.len();
+        self.start_chunk(len, prompt - len);
+        Ok(())
+    }
+
+    /// The choice waits for another choice of its job to prefill the prompt.
+    pub(super) fn wait(&mut self) {
+        self.chunk.stage = Stage::Waiting;
+    }
+
+    /// The prompt's blocks recorded (its prefill is over), with the bytes set aside for them.
+    pub(super) fn take_capture(&mut self) -> Option<PrefixCapture> {
+        self.capture_bytes = 0;
+        self.capture.take()
     }
 
     pub fn spec(&self) -> &JobSpec {
@@ -244,7 +299,11 @@ impl Sequence {
     ) -> crate::model::Result<()> {
         let params = &self.shared.spec.params;
         let c = &mut self.chunk;
-        if self.prefill || !params.continuous_compute() {
+        if self.prefill {
+            // Content-addressed: a prompt's encoding does not depend on the request.
+            let seeds = self.shared.chain.noise_seeds(c.start..c.start + c.len);
+            c.state = model.initial_state_seeded(&c.injection, params.init_scale, &seeds)?;
+        } else if !params.continuous_compute() {
             c.state = model.initial_state(&c.injection, params.init_scale, &mut self.rng)?;
         }
         let rule = params.exit;

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::job::{Job, JobSpec};
+use super::prefix::{Digest32, PromptChain};
 use crate::model::{CacheStrategy, HuginnConfig};
 
 /// State shared by the choices of one job; counted in its worker's running-requests gauge while
@@ -15,14 +16,21 @@ pub struct JobShared {
     worker: Arc<str>,
     /// Choices that have not sent their last event.
     open_choices: AtomicUsize,
+    /// The prompt's hash chain (its initial states' noise seeds).
+    pub chain: PromptChain,
+    /// The keys of the prompt's complete blocks in the worker's prefix cache (none without one).
+    pub block_keys: Vec<Digest32>,
 }
 
 impl JobShared {
-    pub fn new(job: Job, worker: Arc<str>) -> Self {
+    /// `keys` gives the prompt's block keys from its hash chain (when the worker caches prefixes).
+    pub fn new(job: Job, worker: Arc<str>, keys: impl FnOnce(&JobSpec, &PromptChain) -> Vec<Digest32>) -> Self {
         metrics::gauge!(crate::metrics::REQUESTS_RUNNING, "worker" => worker.to_string()).increment(1.0);
         let spec = Arc::new(job.spec.clone());
         let open_choices = AtomicUsize::new(spec.n.max(1));
-        Self { job, spec, worker, open_choices }
+        let chain = PromptChain::new(&spec.prompt);
+        let block_keys = keys(&spec, &chain);
+        Self { job, spec, worker, open_choices, chain, block_keys }
     }
 
     /// A choice is about to send its last event: the job leaves the running gauge with its last

@@ -152,6 +152,10 @@ impl Engine {
                 gauge!(m::REQUESTS_RUNNING, "worker" => shared.label.clone()).increment(0.0);
                 counter!(m::CORE_STEPS, "worker" => shared.label.clone()).increment(0);
                 counter!(m::SEQUENCE_FAULTS, "worker" => shared.label.clone()).increment(0);
+                for series in [m::PREFIX_QUERIES, m::PREFIX_HITS, m::PREFIX_EVICTIONS] {
+                    counter!(series, "worker" => shared.label.clone()).increment(0);
+                }
+                gauge!(m::PREFIX_BYTES, "worker" => shared.label.clone()).set(0.0);
                 let (tokenizer, guard, up) = (tokenizer.clone(), AliveGuard(shared.clone()), up_tx.clone());
                 let replica = model.clone();
                 let thread = std::thread::Builder::new()

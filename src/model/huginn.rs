@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use rand::{Rng, RngExt};
+use rand::{Rng, RngExt, SeedableRng};
 
 use super::backend::{Backend, BackendChoice, Linear};
 use super::cache::{CacheStrategy, KvCache};
@@ -240,6 +240,26 @@ impl HuginnModel {
             Some(_) => self.init_state(injection.dim(0)?, init_scale, rng),
             None => Ok(injection.clone()),
         }
+    }
+
+    /// The initial latent state of prompt positions whose noise is content-addressed: row `i` is
+    /// drawn from a generator seeded with `seeds[i]` (a hash of the prompt up to and including
+    /// the position), so a prompt's encoding does not depend on the request (Ouro: the embeddings).
+    pub fn initial_state_seeded(&self, injection: &Tensor, init_scale: f64, seeds: &[u64]) -> Result<Tensor> {
+        if self.adapter.is_none() {
+            return Ok(injection.clone());
+        }
+        let d = self.cfg.n_embd;
+        let std = self.cfg.state_std() * init_scale;
+        if std <= 0.0 {
+            return Ok(Tensor::zeros((seeds.len(), d), self.activation_dtype(), &self.device)?);
+        }
+        let mut values = Vec::with_capacity(seeds.len() * d);
+        for &seed in seeds {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            values.extend((0..d).map(|_| (truncated_normal(&mut rng) * std * self.embed_scale) as f32));
+        }
+        Ok(Tensor::from_vec(values, (seeds.len(), d), &self.device)?.to_dtype(self.activation_dtype())?)
     }
 
     /// Initial latent state for `rows` tokens: truncated normal (±3σ) with

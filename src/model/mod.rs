@@ -37,7 +37,7 @@ mod tensor;
 pub mod weights;
 
 pub use backend::{Backend, BackendChoice};
-pub use cache::{CacheStrategy, KvCache, LayerSlot};
+pub use cache::{CacheStrategy, KvCache, LayerSlot, PREFIX_BLOCK_TOKENS, PrefixBlock, PrefixCapture, PrefixLayout};
 pub use config::{Architecture, HuginnConfig};
 pub use cpu::bf16_kernel_description;
 pub use error::{ModelError, Result};

@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
 use super::state::Lease;
-use super::wire::UsageBody;
+use super::wire::{PromptTokensDetails, UsageBody};
 use crate::engine::{Event, JobHandle, StrategyCounts, TokenLogprobs};
 use crate::generate::{Decoding, FinishReason};
 
@@ -26,6 +26,8 @@ pub struct Choice {
     pub finish: Option<FinishReason>,
     /// What its decoding strategy did.
     pub counts: StrategyCounts,
+    /// Prompt tokens the prefix cache supplied.
+    pub cached_tokens: usize,
 }
 
 /// One token of a streamed chunk.
@@ -40,6 +42,8 @@ pub struct Streamed {
 #[derive(Debug, Clone, Copy)]
 pub struct Usage {
     pub prompt_tokens: usize,
+    /// Prompt tokens the prefix cache supplied (`prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub recurrence_steps: usize,
     /// The decoding strategy's figures, summed over the choices.
@@ -50,12 +54,19 @@ impl Usage {
     /// No completion yet: `prompt_tokens`, and zero figures of the strategy `decoding` uses (a
     /// speculating request reports its drafts even when it made none).
     pub fn new(prompt_tokens: usize, decoding: &Decoding) -> Self {
-        Self { prompt_tokens, completion_tokens: 0, recurrence_steps: 0, strategy: StrategyCounts::zero_for(decoding) }
+        Self {
+            prompt_tokens,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            recurrence_steps: 0,
+            strategy: StrategyCounts::zero_for(decoding),
+        }
     }
 
     /// Adds a finished choice's tokens, steps and strategy figures.
     pub fn add_choice(&mut self, choice: &Choice) {
         self.completion_tokens += choice.token_ids.len();
+        self.cached_tokens += choice.cached_tokens;
         self.recurrence_steps += choice.steps.iter().sum::<usize>();
         self.strategy += choice.counts;
     }
@@ -65,6 +76,7 @@ impl Usage {
             if self.completion_tokens > 0 { self.recurrence_steps as f64 / self.completion_tokens as f64 } else { 0.0 };
         UsageBody {
             prompt_tokens: self.prompt_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens: self.cached_tokens },
             completion_tokens: self.completion_tokens,
             total_tokens: self.prompt_tokens + self.completion_tokens,
             recurrence_steps: self.recurrence_steps,
@@ -123,8 +135,9 @@ async fn collect_events(jobs: Vec<(JobHandle, usize)>, choices: usize) -> Result
                 c.steps.push(steps);
                 c.logprobs.extend(logprobs);
             }
-            Event::Finished { choice, reason, text, counts, .. } => {
+            Event::Finished { choice, reason, text, counts, cached_tokens, .. } => {
                 let c = &mut out[base + choice];
+                c.cached_tokens = cached_tokens;
                 c.text.push_str(&text);
                 c.finish = Some(reason);
                 c.counts = counts;
@@ -217,9 +230,10 @@ pub fn stream(
                     held.push(Streamed { text, steps, logprobs });
                     (!more).then(|| writer.token(base + choice, &std::mem::take(held)))
                 }
-                Event::Finished { choice, reason, text, counts, .. } => {
+                Event::Finished { choice, reason, text, counts, cached_tokens, .. } => {
                     finished += 1;
                     usage.strategy += counts;
+                    usage.cached_tokens += cached_tokens;
                     let held = std::mem::take(&mut pending[base + choice]);
                     if !held.is_empty() && !send(writer.token(base + choice, &held).to_string()).await {
                         return;

@@ -23,12 +23,19 @@ pub struct Envelope<'a, C> {
 #[derive(Debug, Serialize)]
 pub struct UsageBody {
     pub prompt_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
     pub completion_tokens: usize,
     pub total_tokens: usize,
     pub recurrence_steps: usize,
     pub mean_steps_per_token: f64,
     #[serde(flatten)]
     pub strategy: StrategyUsage,
+}
+
+/// `usage.prompt_tokens_details` (OpenAI's): prompt tokens the prefix cache supplied.
+#[derive(Debug, Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }
 
 /// The strategy's own usage figures (none for sequential decoding).

@@ -20,6 +20,9 @@ use super::backend::Backend;
 use super::config::HuginnConfig;
 use super::error::{ModelError, Result};
 
+mod prefix;
+pub use prefix::{PREFIX_BLOCK_TOKENS, PrefixBlock, PrefixCapture, PrefixLayout};
+
 /// How many recurrence slots of K/V a token keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -119,6 +122,8 @@ pub struct KvCache {
     coda: Vec<Option<KvBuffer>>,
     /// Per position: the recurrence slot written by the token's latest core step.
     deepest_slot: Vec<u32>,
+    /// A cached prompt prefix this cache started from, while its prefill runs.
+    prefix: Option<prefix::AttachedPrefix>,
 }
 
 impl KvCache {
@@ -137,6 +142,7 @@ impl KvCache {
             core: Vec::new(),
             coda: (0..cfg.n_layers_in_coda).map(|_| None).collect(),
             deepest_slot: Vec::new(),
+            prefix: None,
         }
     }
 
@@ -214,6 +220,7 @@ impl KvCache {
                 self.len()
             )));
         }
+        self.load_prefix(slot, end)?;
         if let LayerSlot::Core { layer, step } = slot {
             let rslot = self.strategy.slot_of_step(step);
             self.fill_missing(rslot, layer, start)?;

@@ -1,0 +1,154 @@
+//! The prefix cache of one worker: blocks of a prompt's K/V at every step of its prefill (see
+//! `model::cache::prefix`), keyed by a hash chain over the tokens and everything else the K/V
+//! depends on ([`PrefillKey`]), so that a prompt whose beginning was prefilled before skips that
+//! part and computes exactly what a cold prefill computes.
+//!
+//! A block is reference-counted: the cache holds one `Arc`, and every sequence prefilling from it
+//! holds another until its prefill ends; a block some sequence holds is never evicted. Unused
+//! blocks go least recently used first, a chain from its end (a lookup touches a chain's blocks so
+//! that its last is the oldest), within the budget `engine.prefix_cache_bytes`. The scheduler counts
+//! the cache's bytes in the worker's K/V accounting (`engine.max_kv_bytes`).
+
+pub mod hash;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use metrics::{counter, gauge};
+
+pub use hash::{Digest32, PrefillKey, PromptChain, model_fingerprint};
+
+use crate::metrics as m;
+use crate::model::PrefixBlock;
+
+struct Entry {
+    block: Arc<PrefixBlock>,
+    /// When it was last used (a logical clock).
+    used: u64,
+}
+
+pub struct PrefixCache {
+    budget: usize,
+    bytes: usize,
+    blocks: HashMap<Digest32, Entry>,
+    clock: u64,
+    worker: Arc<str>,
+}
+
+impl PrefixCache {
+    /// A cache of at most `budget` bytes (`None` for 0: caching off).
+    pub fn new(budget: usize, worker: Arc<str>) -> Option<Self> {
+        (budget > 0).then(|| {
+            let cache = Self { budget, bytes: 0, blocks: HashMap::new(), clock: 0, worker };
+            cache.publish();
+            cache
+        })
+    }
+
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Bytes of the blocks held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Bytes of the blocks a running sequence holds (which cannot be evicted).
+    pub fn pinned_bytes(&self) -> usize {
+        self.blocks.values().filter(|e| Arc::strong_count(&e.block) > 1).map(|e| e.block.bytes()).sum()
+    }
+
+    fn publish(&self) {
+        gauge!(m::PREFIX_BYTES, "worker" => self.worker.to_string()).set(self.bytes as f64);
+    }
+
+    /// The cached blocks of `keys` from the first, as far as they run without a gap; they count
+    /// as used now, the last of the run least recently.
+    pub fn lookup(&mut self, keys: &[Digest32]) -> Vec<Arc<PrefixBlock>> {
+        let found: Vec<Arc<PrefixBlock>> =
+            keys.iter().map_while(|key| self.blocks.get(key).map(|e| e.block.clone())).collect();
+        self.touch(&keys[..found.len()]);
+        found
+    }
+
+    fn touch(&mut self, keys: &[Digest32]) {
+        for key in keys.iter().rev() {
+            self.clock += 1;
+            if let Some(entry) = self.blocks.get_mut(key) {
+                entry.used = self.clock;
+            }
+        }
+    }
+
+    /// Evicts unused blocks, least recently used first, until the cache holds at most `limit`
+    /// bytes; false when the blocks in use alone exceed it.
+    pub fn shrink_to(&mut self, limit: usize) -> bool {
+        let mut evicted = 0u64;
+        while self.bytes > limit {
+            let victim = self
+                .blocks
+                .iter()
+                .filter(|(_, e)| Arc::strong_count(&e.block) == 1)
+                .min_by_key(|(_, e)| e.used)
+                .map(|(key, _)| *key);
+            let Some(key) = victim else { break };
+            if let Some(entry) = self.blocks.remove(&key) {
+                self.bytes -= entry.block.bytes();
+                evicted += 1;
+            }
+        }
+        if evicted > 0 {
+            counter!(m::PREFIX_EVICTIONS, "worker" => self.worker.to_string()).increment(evicted);
+            self.publish();
+        }
+        self.bytes <= limit
+    }
+
+    /// Adds the blocks of a prompt (`keys[i]` is block `i`'s key), in order, those not yet held,
+    /// while the cache stays within `limit` bytes (and its budget), evicting unused blocks for
+    /// room; a block that does not fit ends the insertion (the later ones would be unreachable).
+    /// Returns how many were added.
+    pub fn insert(&mut self, keys: &[Digest32], blocks: Vec<(usize, PrefixBlock)>, limit: usize) -> usize {
+        let limit = limit.min(self.budget);
+        let mut added = 0;
+        let mut end = 0;
+        // The chain's blocks are held while it grows, so that room for a later block is never
+        // made by evicting an earlier one.
+        let mut held: Vec<Arc<PrefixBlock>> = keys
+            .iter()
+            .take(blocks.first().map_or(0, |(index, _)| *index))
+            .map_while(|key| self.blocks.get(key).map(|e| e.block.clone()))
+            .collect();
+        for (index, block) in blocks {
+            let Some(&key) = keys.get(index) else { break };
+            if let Some(entry) = self.blocks.get(&key) {
+                held.push(entry.block.clone());
+                end = index + 1;
+                continue;
+            }
+            let size = block.bytes();
+            if size > limit || !self.shrink_to(limit - size) {
+                break;
+            }
+            self.bytes += size;
+            let block = Arc::new(block);
+            held.push(block.clone());
+            self.blocks.insert(key, Entry { block, used: 0 });
+            added += 1;
+            end = index + 1;
+        }
+        drop(held);
+        self.touch(&keys[..end]);
+        self.publish();
+        added
+    }
+}
