@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// Only the long-prompt interference section (rewritten in the report).
     #[arg(long)]
     interference: bool,
+    /// Only the prefix-cache section (rewritten in the report).
+    #[arg(long)]
+    prefix_cache: bool,
     /// Only the self-speculative decoding section (rewritten in the report).
     #[arg(long)]
     speculative: bool,
@@ -86,6 +89,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.families {
         return super::bench_families::run(&args.families_dir, &args.out, &args.family_presets);
+    }
+    if args.prefix_cache {
+        ensure_large_model(&args.large_model)?;
+        let default_model = huginn::settings::default_model_dir().context("the default model's folder is missing")?;
+        return super::bench_prefix::run(&default_model, &args.large_model, &args.out, args.quick);
     }
     if args.speculative {
         ensure_large_model(&args.large_model)?;
@@ -144,6 +152,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         + &super::bench_full_size::kept_section(&args.out)
         + &super::bench_families::kept_section(&args.out)
         + &super::bench_interference::kept_section(&args.out)
+        + &super::bench_prefix::kept_section(&args.out)
         + &super::bench_speculative::kept_section(&args.out)
         + &super::bench_parallel::kept_section(&args.out);
     if let Some(parent) = args.out.parent() {

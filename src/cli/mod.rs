@@ -5,6 +5,7 @@ mod bench_families;
 mod bench_full_size;
 mod bench_interference;
 mod bench_parallel;
+mod bench_prefix;
 mod bench_serving;
 mod bench_speculative;
 mod bench_tally;

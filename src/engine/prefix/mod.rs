@@ -152,3 +152,58 @@ impl PrefixCache {
         added
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u8) -> Digest32 {
+        [i; 32]
+    }
+
+    fn blocks(range: std::ops::Range<usize>) -> Vec<(usize, PrefixBlock)> {
+        range.map(|i| (i, PrefixBlock::sized(100))).collect()
+    }
+
+    #[test]
+    fn a_block_in_use_is_never_evicted() {
+        let mut cache = PrefixCache::new(1000, "w".into()).unwrap();
+        let chain: Vec<Digest32> = (0..4).map(key).collect();
+        assert_eq!(cache.insert(&chain, blocks(0..4), 1000), 4);
+        let held = cache.lookup(&chain[..2]);
+        assert_eq!((held.len(), cache.pinned_bytes()), (2, 200));
+        // Asked for nothing, it keeps the two blocks a prefill holds.
+        assert!(!cache.shrink_to(0));
+        assert_eq!((cache.bytes(), cache.len()), (200, 2));
+        assert_eq!(cache.lookup(&chain).len(), 2, "the held blocks are still found");
+        drop(held);
+        assert!(cache.shrink_to(0));
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn eviction_takes_the_least_recently_used_chain_from_its_end() {
+        let mut cache = PrefixCache::new(600, "w".into()).unwrap();
+        let a: Vec<Digest32> = (0..3).map(key).collect();
+        let b: Vec<Digest32> = (10..13).map(key).collect();
+        cache.insert(&a, blocks(0..3), 600);
+        cache.insert(&b, blocks(0..3), 600);
+        drop(cache.lookup(&a));
+        // Room for one more block: b's last goes, and b's beginning stays reachable.
+        assert!(cache.shrink_to(500));
+        assert_eq!(cache.lookup(&a).len(), 3);
+        assert_eq!(cache.lookup(&b).len(), 2);
+        // A new chain's insertion evicts unused blocks but stops where the limit would break.
+        let c: Vec<Digest32> = (20..26).map(key).collect();
+        let held = cache.lookup(&a);
+        assert_eq!(cache.insert(&c, blocks(0..6), 600), 3);
+        assert_eq!(cache.bytes(), 600);
+        assert_eq!(cache.lookup(&a).len(), 3, "a block in use was evicted");
+        drop(held);
+    }
+
+    #[test]
+    fn a_zero_budget_turns_the_cache_off() {
+        assert!(PrefixCache::new(0, "w".into()).is_none());
+    }
+}

@@ -83,6 +83,14 @@ impl PrefixBlock {
     pub fn states(&self) -> &Tensor {
         &self.states
     }
+
+    /// A block that only has a size, for tests of the cache's bookkeeping.
+    #[cfg(test)]
+    pub(crate) fn sized(bytes: usize) -> Self {
+        let states =
+            Tensor::zeros((0, 1), candle_core::DType::F32, &candle_core::Device::Cpu).expect("an empty tensor");
+        Self { entries: Vec::new(), states, bytes }
+    }
 }
 
 fn tensor_bytes(t: &Tensor) -> usize {
