@@ -4,6 +4,7 @@
 pub mod sampling;
 
 pub mod check;
+pub mod constraint;
 mod decoding;
 pub mod defaults;
 pub mod parallel;
