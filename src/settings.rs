@@ -321,6 +321,7 @@ impl LimitSettings {
                 ("max_prompt_tokens", self.max_prompt_tokens.unwrap_or(1)),
                 ("max_draft_tokens", self.max_draft_tokens),
                 ("max_wavefront", self.max_wavefront),
+                ("max_constraint_bytes", self.max_constraint_bytes),
             ],
         )
     }
@@ -489,6 +490,7 @@ mod tests {
             "limits.max_n",
             "limits.max_total_steps",
             "limits.max_prompt_tokens",
+            "limits.max_constraint_bytes",
             "engine.queue_capacity",
             "engine.max_active_sequences",
             "server.max_concurrent_requests",

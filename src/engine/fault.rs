@@ -9,6 +9,9 @@ pub enum SequenceFault {
     /// The sequence's own tensor or text work failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The output's constraint failed (a mask that could not be computed, a token it refused).
+    #[error("structured output: {0}")]
+    Constraint(#[from] crate::generate::constraint::ConstraintError),
     /// The engine reached a state it should never reach (a bug, reported rather than guessed past).
     #[error("engine invariant broken: {0}")]
     Invariant(&'static str),

@@ -8,6 +8,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::generate::check::named;
+use crate::generate::constraint::Constraint;
 use crate::generate::{FieldError, FinishReason, GenerationParams, ranges};
 use crate::model::exit::log_softmax;
 
@@ -222,6 +223,8 @@ pub struct JobSpec {
     pub prompt_logprobs: bool,
     /// Send raw logits ([`Event::Logits`]): for tests and tools, never set by the HTTP layer.
     pub report_logits: bool,
+    /// What the output must match (structured outputs), compiled; each choice matches its own copy.
+    pub constraint: Option<Constraint>,
 }
 
 impl JobSpec {
@@ -236,6 +239,7 @@ impl JobSpec {
             logprobs: None,
             prompt_logprobs: false,
             report_logits: false,
+            constraint: None,
         }
     }
 
@@ -278,6 +282,10 @@ impl JobSpec {
         }
         if let Some(top) = self.logprobs {
             named("logprobs", ranges::top_logprobs(top as i64).map(|_| ()))?;
+        }
+        if self.constraint.is_some() && !matches!(self.params.decoding, crate::generate::Decoding::Sequential { .. }) {
+            let message = "structured outputs run with sequential decoding only for now: drop `draft_tokens`/`sampler`";
+            return Err(FieldError::new("response_format", message));
         }
         Ok(ValidJob(self))
     }

@@ -15,6 +15,7 @@ use rand::rngs::StdRng;
 use super::fault::SequenceFault;
 use super::job::{EngineFailure, Event, ExitReason, Job, JobSpec, token_logprobs};
 use super::shared::JobShared;
+use crate::generate::constraint::Constraint;
 use crate::generate::sampling::sampler_seed;
 use crate::generate::{FinishReason, Sampler};
 use crate::metrics as m;
@@ -180,6 +181,8 @@ pub struct Sequence {
     /// The prompt's blocks being recorded for the prefix cache, and the bytes set aside for them.
     pub(super) capture: Option<PrefixCapture>,
     pub(super) capture_bytes: usize,
+    /// What the output must match, advanced by every emitted token.
+    pub(super) constraint: Option<Constraint>,
 }
 
 /// One token to emit: the logits that produced it (`raw`), after `steps` steps, why they stopped,
@@ -236,6 +239,7 @@ impl Sequence {
             prefix_states: None,
             capture: None,
             capture_bytes: 0,
+            constraint: spec.constraint.clone(),
         })
     }
 
@@ -417,6 +421,25 @@ impl Sequence {
         }
     }
 
+    /// `row` (a chunk's logits) under the output's constraint: the tokens it refuses at minus
+    /// infinity, so that sampling, its transforms and the reported log-probabilities all see the
+    /// constrained distribution.
+    pub(super) fn constrained(&mut self, mut row: Vec<f32>) -> Result<Vec<f32>, SequenceFault> {
+        if let Some(constraint) = &mut self.constraint {
+            constraint.allowed()?.apply(&mut row);
+        }
+        Ok(row)
+    }
+
+    /// The constraint takes `token` (an end-of-sequence token ends the output instead).
+    pub(super) fn constrain_to(&mut self, token: u32) -> Result<(), SequenceFault> {
+        let ends = self.spec().params.stop_token_ids.contains(&token);
+        match &mut self.constraint {
+            Some(constraint) if !ends => Ok(constraint.accept(token)?),
+            _ => Ok(()),
+        }
+    }
+
     /// Why the chunk's iteration stopped.
     pub(super) fn exit_reason(&self) -> ExitReason {
         if self.chunk.converged {
@@ -464,7 +487,8 @@ impl Sequence {
 
     fn finish_reason_after(&self, token: u32, stopped_by_text: bool, limit: usize) -> Option<FinishReason> {
         let spec = self.spec();
-        if stopped_by_text || spec.params.stop_token_ids.contains(&token) {
+        let complete = self.constraint.as_ref().is_some_and(Constraint::must_end);
+        if stopped_by_text || complete || spec.params.stop_token_ids.contains(&token) {
             Some(FinishReason::Stop)
         } else if self.generated >= spec.params.max_tokens || self.context.len() >= limit || self.budget_exhausted() {
             Some(FinishReason::Length)

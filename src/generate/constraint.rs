@@ -219,6 +219,12 @@ pub struct Constraint {
     width: usize,
 }
 
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constraint").field("width", &self.width).field("stopped", &self.matcher.is_stopped()).finish()
+    }
+}
+
 impl Constraint {
     /// Whether the output so far is complete: the grammar allows it to end here.
     pub fn can_end(&mut self) -> bool {

@@ -25,6 +25,8 @@ pub struct LimitSettings {
     pub max_draft_tokens: usize,
     /// Largest `max_wavefront` (positions the parallel sampler keeps in flight).
     pub max_wavefront: usize,
+    /// Largest structured-output constraint (schema, regex, choices, grammar), in bytes.
+    pub max_constraint_bytes: usize,
 }
 
 impl Default for LimitSettings {
@@ -37,6 +39,7 @@ impl Default for LimitSettings {
             max_prompt_tokens: None,
             max_draft_tokens: 16,
             max_wavefront: 256,
+            max_constraint_bytes: 1 << 16,
         }
     }
 }

@@ -13,6 +13,7 @@ use super::handler;
 use super::request::ChatRequest;
 use super::respond::{Choice, ChunkWriter, Streamed, Usage};
 use super::state::{AppState, unique_id, unix_time};
+use super::structured;
 use super::validate::{self, PromptInput};
 use super::wire::{
     ChatChoice, ChatLogprobs, ChatText, ChatTokenLogprob, Envelope, ParallelFigures, UsageBody, finish_name, to_value,
@@ -27,6 +28,7 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let prompt = std::mem::take(&mut valid.prompt);
     let mut ids = handler::tokenize_blocking(&state, vec![PromptInput::Text(prompt)]).await?;
     let prompt = ids.pop().unwrap_or_default();
+    valid.common.compiled = structured::compile(&state, valid.common.constraint.take()).await?;
     let common = &valid.common;
     let usage = Usage::new(prompt.len() * common.n, &common.params.decoding);
     let job = valid.job(&state, prompt)?;

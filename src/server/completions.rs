@@ -11,6 +11,7 @@ use super::handler;
 use super::request::CompletionRequest;
 use super::respond::{Choice, ChunkWriter, Streamed, Usage};
 use super::state::{AppState, unique_id, unix_time};
+use super::structured;
 use super::validate::{self, PromptInput};
 use super::wire::{CompletionChoice, CompletionLogprobs, Envelope, ParallelFigures, UsageBody, finish_name, to_value};
 use crate::engine::{StrategyCounts, TokenLogprobs};
@@ -26,6 +27,7 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
         Vec::new()
     };
     let ids = handler::tokenize_blocking(&state, std::mem::take(&mut valid.prompts)).await?;
+    valid.common.compiled = structured::compile(&state, valid.common.constraint.take()).await?;
     let jobs = valid.jobs(&state, &ids)?;
     // Echoing: each prompt's text (as sent, or decoded from its ids) and ids.
     let echoed = valid.echo.then(|| {

@@ -10,6 +10,7 @@ mod request;
 mod respond;
 pub mod shutdown;
 pub mod state;
+mod structured;
 mod validate;
 mod wire;
 
@@ -26,6 +27,7 @@ use axum::routing::{get, post};
 use metrics::{counter, histogram};
 
 use crate::engine::{Engine, EngineConfig, SchedulerLimits};
+use crate::generate::constraint::ConstraintVocab;
 use crate::metrics as m;
 use crate::model::{DeviceSpec, HuginnModel, dtype_name};
 use crate::settings::Settings;
@@ -78,6 +80,12 @@ pub fn build_state(settings: Settings, dir: &Path) -> Result<AppState, StartErro
     let model = models.first().cloned().ok_or(StartError::NoDevice)?;
     settings.check_for_model(model.config())?;
     let tokenizer = Arc::new(TextTokenizer::load(dir, model.config())?);
+    let constraints = ConstraintVocab::load(dir, tokenizer.clone(), model.config().vocab_size, Default::default())
+        .map(Arc::new)
+        .map_err(|e| {
+            tracing::warn!("structured outputs are unavailable: {e}");
+            Arc::<str>::from(e.0.as_str())
+        });
     let config = Arc::new(model.config().clone());
     let limits = SchedulerLimits {
         max_active_sequences: settings.engine.max_active_sequences,
@@ -117,6 +125,7 @@ pub fn build_state(settings: Settings, dir: &Path) -> Result<AppState, StartErro
         created: state::unix_time(),
         api_keys: Arc::new(api_keys),
         request_slots: Arc::new(tokio::sync::Semaphore::new(settings_slots)),
+        constraints,
     })
 }
 

@@ -90,7 +90,6 @@ pub struct ChatRequest {
     pub top_logprobs: Option<i64>,
     /// OpenAI's newer name for `max_tokens`; wins when both are given.
     pub max_completion_tokens: Option<i64>,
-    pub response_format: Option<ResponseFormat>,
     pub audio: Option<IgnoredAny>,
     pub prediction: Option<IgnoredAny>,
 }
@@ -115,10 +114,41 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
+/// The structured-output fields (both endpoints): OpenAI's `response_format`, vLLM's
+/// `structured_outputs` and its older `guided_*` spellings.
+#[derive(Debug, Deserialize)]
+pub struct StructuredFields {
+    pub response_format: Option<ResponseFormat>,
+    pub structured_outputs: Option<StructuredOutputs>,
+    /// A schema, as an object or a JSON string.
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub guided_grammar: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 pub struct ResponseFormat {
     #[serde(rename = "type")]
     pub kind: Option<String>,
+    pub json_schema: Option<JsonSchemaFormat>,
+}
+
+/// `response_format.json_schema`.
+#[derive(Debug, Deserialize)]
+pub struct JsonSchemaFormat {
+    pub name: Option<String>,
+    /// (`description` and `strict` are accepted and ignored: the constraint is always enforced.)
+    pub schema: Option<Value>,
+}
+
+/// vLLM's `structured_outputs`: one of these.
+#[derive(Debug, Deserialize)]
+pub struct StructuredOutputs {
+    pub json: Option<Value>,
+    pub regex: Option<String>,
+    pub choice: Option<Vec<String>>,
+    pub grammar: Option<String>,
 }
 
 /// `POST /tokenize`: a prompt, or chat messages rendered with the template.
@@ -140,12 +170,19 @@ pub struct Request<E> {
     pub common: CommonRequest,
     pub generation: GenerationRequest,
     pub tools: ToolFields,
+    pub structured: StructuredFields,
     pub endpoint: E,
 }
 
 impl<E: DeserializeOwned> Request<E> {
     pub fn parse(body: &Value) -> Result<Self, ApiError> {
-        Ok(Self { common: parse(body)?, generation: parse(body)?, tools: parse(body)?, endpoint: parse(body)? })
+        Ok(Self {
+            common: parse(body)?,
+            generation: parse(body)?,
+            tools: parse(body)?,
+            structured: parse(body)?,
+            endpoint: parse(body)?,
+        })
     }
 }
 

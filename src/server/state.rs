@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::error::ApiError;
 
 use crate::engine::Engine;
+use crate::generate::constraint::ConstraintVocab;
 use crate::model::HuginnConfig;
 use crate::settings::Settings;
 use crate::text::TextTokenizer;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub api_keys: Arc<super::auth::ApiKeys>,
     /// Slots for generation requests in flight (`server.max_concurrent_requests`).
     pub request_slots: Arc<Semaphore>,
+    /// The model's vocabulary for structured outputs, or why it could not be built.
+    pub constraints: Result<Arc<ConstraintVocab>, Arc<str>>,
 }
 
 /// A generation request's hold on the server: its concurrency slot (released when the lease is

@@ -8,7 +8,9 @@ use super::error::ApiError;
 use super::handler::check_prompt_count;
 use super::request::{ChatRequest, CommonRequest, CompletionRequest, Content, Message, Prompt, Request, Stop};
 use super::state::AppState;
+use super::structured::{self, Requested};
 use crate::engine::{JobSpec, ValidJob};
+use crate::generate::constraint::Constraint;
 use crate::generate::{FieldError, GenerationParams, GenerationRequest, RequestContext, fit_context, ranges};
 use crate::text::ChatMessage;
 
@@ -53,7 +55,7 @@ impl ValidChat {
 
 /// Checks a completion request.
 pub fn completion(state: &AppState, request: Request<CompletionRequest>) -> Result<ValidCompletion, ApiError> {
-    let Request { common, generation, tools, endpoint: completion } = request;
+    let Request { common, generation, tools, structured, endpoint: completion } = request;
     if let Some(name) = completion.suffix.is_some().then_some("suffix").or(tools.given()) {
         let message = format!("`{name}` is not supported by this server");
         return Err(ApiError::Unsupported { param: name.into(), message });
@@ -69,7 +71,9 @@ pub fn completion(state: &AppState, request: Request<CompletionRequest>) -> Resu
         .map(|k| ranges::top_logprobs(k).map_err(|e| ApiError::param("logprobs", format!("`logprobs` {e}"))))
         .transpose()?;
     let echo = completion.echo.unwrap_or(false);
-    let common = self::common(&common, &generation, state, "max_tokens")?;
+    let mut common = self::common(&common, &generation, state, "max_tokens")?;
+    common.constraint =
+        structured::requested(structured, state.settings.limits.max_constraint_bytes, &common.params.decoding)?;
     let prompts = prompts(completion.prompt)?;
     check_prompt_count(state, prompts.len())?;
     Ok(ValidCompletion { common, prompts, logprobs, echo })
@@ -77,17 +81,11 @@ pub fn completion(state: &AppState, request: Request<CompletionRequest>) -> Resu
 
 /// Checks a chat request and renders its messages.
 pub fn chat(state: &AppState, request: Request<ChatRequest>) -> Result<ValidChat, ApiError> {
-    let Request { common, mut generation, tools, endpoint: chat } = request;
+    let Request { common, mut generation, tools, structured, endpoint: chat } = request;
     let refused = [("audio", chat.audio.is_some()), ("prediction", chat.prediction.is_some())];
     if let Some(name) = tools.given().or(refused.into_iter().find_map(|(name, given)| given.then_some(name))) {
         let message = format!("`{name}` is not supported by this server");
         return Err(ApiError::Unsupported { param: name.into(), message });
-    }
-    if let Some(format) = &chat.response_format
-        && format.kind.as_deref() != Some("text")
-    {
-        let message = "only `response_format` of type `text` is supported".into();
-        return Err(ApiError::Unsupported { param: "response_format".into(), message });
     }
     let with_logprobs = chat.logprobs.unwrap_or(false);
     let top = chat
@@ -104,7 +102,9 @@ pub fn chat(state: &AppState, request: Request<ChatRequest>) -> Result<ValidChat
     } else {
         "max_tokens"
     };
-    let common = self::common(&common, &generation, state, max_tokens_field)?;
+    let mut common = self::common(&common, &generation, state, max_tokens_field)?;
+    common.constraint =
+        structured::requested(structured, state.settings.limits.max_constraint_bytes, &common.params.decoding)?;
     let messages = messages(chat.messages)?;
     let prompt =
         state.tokenizer.apply_chat_template(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
@@ -185,6 +185,9 @@ pub struct CommonParams {
     pub include_usage: bool,
     /// `max_tokens` was given explicitly (an over-long request is then an error, not clamped).
     pub max_tokens_explicit: bool,
+    /// The structured-output constraint asked for, and once compiled (`structured::compile`), it.
+    pub constraint: Option<Requested>,
+    pub compiled: Option<Constraint>,
 }
 
 /// Resolves the generation fields against the settings and the model (`max_tokens` reported as
@@ -238,6 +241,8 @@ fn common(
         stream,
         include_usage,
         max_tokens_explicit: resolved.max_tokens_explicit,
+        constraint: None,
+        compiled: None,
     })
 }
 
@@ -263,6 +268,7 @@ fn job(
         logprobs,
         prompt_logprobs,
         report_logits: false,
+        constraint: common.compiled.clone(),
     };
     Ok(spec.validate(cfg)?)
 }

@@ -37,8 +37,10 @@ pub(super) fn emit_sampled(
         return Ok(AfterToken::Finishes(FinishReason::Length));
     }
     let raw = seq.take_logits()?;
+    let raw = seq.constrained(raw)?;
     let mut logits = raw.clone();
     let token = seq.sampler.sample(&mut logits, &seq.context);
+    seq.constrain_to(token)?;
     Ok(match seq.push_token(tokenizer, Emitted { token, raw: &raw, steps, exit, more: false }, limit)? {
         Some(after) => after,
         None => {

@@ -1,0 +1,119 @@
+//! Structured outputs through the API: `response_format` (JSON object and schema),
+//! `structured_outputs` and the `guided_*` fields constrain what the fixture model (random
+//! weights: it never wants JSON) writes, whatever the seed and sampling; bad constraints are 400s
+//! naming their field with the compiler's reason.
+
+mod common;
+
+use common::server::{post_json, start};
+use serde_json::{Value, json};
+
+fn schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {"sum": {"type": "integer", "minimum": -5, "maximum": 999}, "word": {"type": "string", "maxLength": 5}},
+        "required": ["sum", "word"],
+        "additionalProperties": false
+    })
+}
+
+fn text(body: &Value) -> &str {
+    body["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("no text in {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outputs_match_their_constraint_whatever_the_sampling() {
+    let server = start().await;
+    let base = &server.base;
+    let format = json!({"type": "json_schema", "json_schema": {"name": "answer", "schema": schema()}});
+    let mut complete = 0;
+    for (seed, temperature, top_p) in [(1, 1.0, 1.0), (2, 1.0, 0.9), (3, 0.7, 1.0), (4, 0.0, 1.0), (5, 1.5, 1.0)] {
+        let body = json!({"prompt": "12+30=", "max_tokens": 40, "num_steps": 2, "seed": seed,
+            "temperature": temperature, "top_p": top_p, "response_format": format});
+        let (status, answer) = post_json(base, "/v1/completions", &body).await;
+        assert_eq!(status, 200, "{answer}");
+        let finish = answer["choices"][0]["finish_reason"].as_str().unwrap();
+        let out = text(&answer);
+        if finish == "stop" {
+            let value: Value = serde_json::from_str(out).unwrap_or_else(|e| panic!("{out:?}: {e}"));
+            assert!(value["sum"].as_f64().is_some_and(|n| n.fract() == 0.0 && (-5.0..=999.0).contains(&n)), "{out}");
+            complete += 1;
+            assert!(value["word"].as_str().is_some_and(|w| w.chars().count() <= 5), "{out}");
+        } else {
+            // Out of tokens: what was produced is a beginning of such an object.
+            assert_eq!(finish, "length");
+            assert!(out.starts_with("{\"sum\": ") || "{\"sum\": ".starts_with(out), "{out}");
+        }
+    }
+    assert!(complete > 0, "no output completed its object within 40 tokens");
+    for seed in 0..4 {
+        let body = json!({"prompt": "pick:", "max_tokens": 10, "seed": seed, "num_steps": 2,
+            "guided_choice": ["red", "green", "blue"]});
+        let (status, answer) = post_json(base, "/v1/completions", &body).await;
+        assert_eq!(status, 200, "{answer}");
+        assert!(["red", "green", "blue"].contains(&text(&answer)), "{answer}");
+        assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+        let body = json!({"prompt": "n:", "max_tokens": 10, "seed": seed, "num_steps": 2, "logprobs": 3,
+            "structured_outputs": {"regex": "[0-9]{3}"}});
+        let (status, answer) = post_json(base, "/v1/completions", &body).await;
+        assert_eq!(status, 200, "{answer}");
+        let out = text(&answer);
+        assert!(out.len() == 3 && out.bytes().all(|b| b.is_ascii_digit()), "{out:?}");
+        // The reported distribution is the constrained one: every alternative is digits.
+        for top in answer["choices"][0]["logprobs"]["top_logprobs"].as_array().unwrap() {
+            for (token, logprob) in top.as_object().unwrap() {
+                let allowed = (1..=3).contains(&token.len()) && token.bytes().all(|b| b.is_ascii_digit());
+                assert!(allowed || logprob.as_f64() == Some(f64::NEG_INFINITY) || logprob.is_null(), "{top}");
+            }
+        }
+    }
+    // Chat: any JSON object.
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "num_steps": 2, "seed": 3,
+        "response_format": {"type": "json_object"}});
+    let (status, answer) = post_json(base, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    if answer["choices"][0]["finish_reason"] == "stop" {
+        assert!(serde_json::from_str::<Value>(content).unwrap().is_object(), "{content}");
+    } else {
+        assert!(content.starts_with('{'), "{content}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_constraints_are_400s_naming_the_field() {
+    let server = start().await;
+    let base = &server.base;
+    let big = "a".repeat(70_000);
+    let cases = [
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}}),
+            "response_format",
+        ),
+        (json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}), "response_format"),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}),
+            "response_format",
+        ),
+        (json!({"response_format": {"type": "yaml"}}), "response_format"),
+        (json!({"guided_regex": "(unclosed"}), "guided_regex"),
+        (json!({"guided_json": "{not json"}), "guided_json"),
+        (json!({"guided_choice": []}), "guided_choice"),
+        (json!({"guided_grammar": "start: missing_rule"}), "guided_grammar"),
+        (json!({"structured_outputs": {"regex": "a", "choice": ["a"]}}), "structured_outputs"),
+        (json!({"guided_regex": "a+", "guided_choice": ["a"]}), "guided_choice"),
+        (json!({"guided_regex": big}), "guided_regex"),
+        (json!({"guided_regex": "a+", "draft_tokens": 2, "draft_steps": 1}), "guided_regex"),
+    ];
+    for (fields, param) in cases {
+        let mut body = json!({"prompt": "x", "max_tokens": 4});
+        body.as_object_mut().unwrap().extend(fields.as_object().unwrap().clone());
+        let (status, answer) = post_json(base, "/v1/completions", &body).await;
+        assert_eq!(status, 400, "{fields}: {answer}");
+        assert_eq!(answer["error"]["param"], param, "{fields}: {answer}");
+        assert!(!answer["error"]["message"].as_str().unwrap().is_empty());
+    }
+    // The server goes on serving.
+    let (status, _) = post_json(base, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2})).await;
+    assert_eq!(status, 200);
+}
