@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::server::{post_json, start};
+use common::server::{eventually, post_json, start, stream_until_first_chunk};
 use serde_json::{Value, json};
 
 fn schema() -> Value {
@@ -116,4 +116,21 @@ async fn bad_constraints_are_400s_naming_the_field() {
     // The server goes on serving.
     let (status, _) = post_json(base, "/v1/completions", &json!({"prompt": "x", "max_tokens": 2})).await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_constrained_stream_dropped_midway_frees_its_sequence() {
+    let server = start().await;
+    let body = json!({"prompt": "x", "max_tokens": 200, "num_steps": 64, "stream": true, "ignore_eos": true,
+        "guided_regex": "[a-z]{150,300}"});
+    let running = stream_until_first_chunk(&server.base, &body).await;
+    assert_eq!(server.state.engine.in_flight(), 1);
+    drop(running);
+    assert!(eventually(10, || server.state.engine.in_flight() == 0).await, "the dropped request kept running");
+    assert_eq!(server.state.engine.kv_bytes(), 0);
+    let (status, answer) =
+        post_json(&server.base, "/v1/completions", &json!({"prompt": "x", "max_tokens": 3, "guided_regex": "[0-9]+"}))
+            .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(text(&answer).bytes().all(|b| b.is_ascii_digit()));
 }
