@@ -59,6 +59,12 @@ pub struct BenchArgs {
     /// Only the prefix-cache section (rewritten in the report).
     #[arg(long)]
     prefix_cache: bool,
+    /// Only the structured-outputs section (rewritten in the report).
+    #[arg(long)]
+    structured: bool,
+    /// Where `--structured` writes the width-1024 shape with a 65,536-entry vocabulary (reused).
+    #[arg(long, default_value = "target/bench-models/width-1024-v65536")]
+    wide_vocab_model: PathBuf,
     /// Only the self-speculative decoding section (rewritten in the report).
     #[arg(long)]
     speculative: bool,
@@ -94,6 +100,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         ensure_large_model(&args.large_model)?;
         let default_model = huginn::settings::default_model_dir().context("the default model's folder is missing")?;
         return super::bench_prefix::run(&default_model, &args.large_model, &args.out, args.quick);
+    }
+    if args.structured {
+        ensure_large_model(&args.large_model)?;
+        return super::bench_structured::run(&args.large_model, &args.wide_vocab_model, &args.out, args.quick);
     }
     if args.speculative {
         ensure_large_model(&args.large_model)?;
@@ -153,6 +163,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         + &super::bench_families::kept_section(&args.out)
         + &super::bench_interference::kept_section(&args.out)
         + &super::bench_prefix::kept_section(&args.out)
+        + &super::bench_structured::kept_section(&args.out)
         + &super::bench_speculative::kept_section(&args.out)
         + &super::bench_parallel::kept_section(&args.out);
     if let Some(parent) = args.out.parent() {

@@ -8,6 +8,7 @@ mod bench_parallel;
 mod bench_prefix;
 mod bench_serving;
 mod bench_speculative;
+mod bench_structured;
 mod bench_tally;
 mod eval;
 mod generate;
