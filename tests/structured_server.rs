@@ -103,7 +103,7 @@ async fn bad_constraints_are_400s_naming_the_field() {
         (json!({"structured_outputs": {"regex": "a", "choice": ["a"]}}), "structured_outputs"),
         (json!({"guided_regex": "a+", "guided_choice": ["a"]}), "guided_choice"),
         (json!({"guided_regex": big}), "guided_regex"),
-        (json!({"guided_regex": "a+", "draft_tokens": 2, "draft_steps": 1}), "guided_regex"),
+        (json!({"guided_regex": "a+", "sampler": "parallel"}), "guided_regex"),
     ];
     for (fields, param) in cases {
         let mut body = json!({"prompt": "x", "max_tokens": 4});

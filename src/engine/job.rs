@@ -283,8 +283,8 @@ impl JobSpec {
         if let Some(top) = self.logprobs {
             named("logprobs", ranges::top_logprobs(top as i64).map(|_| ()))?;
         }
-        if self.constraint.is_some() && !matches!(self.params.decoding, crate::generate::Decoding::Sequential { .. }) {
-            let message = "structured outputs run with sequential decoding only for now: drop `draft_tokens`/`sampler`";
+        if self.constraint.is_some() && matches!(self.params.decoding, crate::generate::Decoding::Parallel(_)) {
+            let message = "structured outputs do not run with the parallel sampler yet: drop `sampler`";
             return Err(FieldError::new("response_format", message));
         }
         Ok(ValidJob(self))

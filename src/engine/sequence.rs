@@ -395,7 +395,7 @@ impl Sequence {
         self.last_token_at = Some(now);
         let piece = self.text.push(tokenizer, token)?;
         let logprobs = self.spec().logprobs.map(|top| token_logprobs(raw, token, top));
-        let reason = self.finish_reason_after(token, piece.stopped, limit);
+        let reason = self.finish_reason_after(token, piece.stopped, more, limit);
         let event = Event::Token { choice: self.choice, id: token, text: piece.text, steps, exit, logprobs, more };
         Ok(match (self.send(event), reason) {
             (_, Some(reason)) => Some(AfterToken::Finishes(reason)),
@@ -431,13 +431,35 @@ impl Sequence {
         Ok(row)
     }
 
-    /// The constraint takes `token` (an end-of-sequence token ends the output instead).
-    pub(super) fn constrain_to(&mut self, token: u32) -> Result<(), SequenceFault> {
+    /// The constraint takes `token` (an end-of-sequence token ends the output instead); whether
+    /// it took it.
+    pub(super) fn constrain_to(&mut self, token: u32) -> Result<bool, SequenceFault> {
         let ends = self.spec().params.stop_token_ids.contains(&token);
         match &mut self.constraint {
-            Some(constraint) if !ends => Ok(constraint.accept(token)?),
+            Some(constraint) if !ends => {
+                constraint.accept(token)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// The constraint forgets the last `tokens` it took (drafts about to be verified).
+    pub(super) fn unconstrain(&mut self, tokens: usize) -> Result<(), SequenceFault> {
+        match &mut self.constraint {
+            Some(constraint) if tokens > 0 => Ok(constraint.rollback(tokens)?),
             _ => Ok(()),
         }
+    }
+
+    /// The output's grammar is complete: nothing more may follow.
+    pub(super) fn constraint_complete(&self) -> bool {
+        self.constraint.as_ref().is_some_and(Constraint::must_end)
+    }
+
+    /// Tentative tokens at the end of the context.
+    pub(super) fn proposed_count(&self) -> usize {
+        self.proposed
     }
 
     /// Why the chunk's iteration stopped.
@@ -485,9 +507,11 @@ impl Sequence {
         self.budget_left() == Some(0)
     }
 
-    fn finish_reason_after(&self, token: u32, stopped_by_text: bool, limit: usize) -> Option<FinishReason> {
+    /// Why the choice ends after `token`, if it does. The constraint has taken every token of the
+    /// settle already, so its completion counts at the settle's last token (`more` false).
+    fn finish_reason_after(&self, token: u32, stopped_by_text: bool, more: bool, limit: usize) -> Option<FinishReason> {
         let spec = self.spec();
-        let complete = self.constraint.as_ref().is_some_and(Constraint::must_end);
+        let complete = !more && self.constraint_complete();
         if stopped_by_text || complete || spec.params.stop_token_ids.contains(&token) {
             Some(FinishReason::Stop)
         } else if self.generated >= spec.params.max_tokens || self.context.len() >= limit || self.budget_exhausted() {

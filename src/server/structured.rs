@@ -129,9 +129,9 @@ pub fn requested(
             format!("`{field}` is {size} bytes; at most {max_bytes} are allowed (limits.max_constraint_bytes)");
         return Err(ApiError::param(field, message));
     }
-    if !matches!(decoding, Decoding::Sequential { .. }) {
+    if matches!(decoding, Decoding::Parallel(_)) {
         let field = requested.field;
-        let message = format!("`{field}` runs with sequential decoding only for now: drop `draft_tokens` or `sampler`");
+        let message = format!("`{field}` does not run with the parallel sampler yet: drop `sampler`");
         return Err(ApiError::param(field, message));
     }
     Ok(Some(requested))

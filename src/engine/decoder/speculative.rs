@@ -45,6 +45,8 @@ struct Drafts {
     target: usize,
     /// The distribution each draft was drawn from.
     distributions: Vec<Vec<(u32, f64)>>,
+    /// Drafts the output's constraint took (rolled back before the verification is weighed).
+    constrained: usize,
     steps_at_start: usize,
 }
 
@@ -62,6 +64,7 @@ impl Speculative {
                 base,
                 target,
                 distributions: Vec::with_capacity(target),
+                constrained: 0,
                 steps_at_start: seq.steps_spent,
             }),
             None => Round::Plain,
@@ -88,12 +91,18 @@ impl Speculative {
     /// A draft's coda is done: draws the draft and goes on to the next one, or, with the round's
     /// drafts made (or a stop token drafted), to the verification.
     fn take_draft(&mut self, seq: &mut Sequence, mut round: Drafts) -> Result<AfterToken, SequenceFault> {
-        let mut logits = seq.take_logits()?;
+        // A constrained draft is drawn from the masked draft distribution, and the constraint
+        // takes it (to be rolled back before the verification).
+        let logits = seq.take_logits()?;
+        let mut logits = seq.constrained(logits)?;
         let distribution = seq.sampler.distribution(&mut logits, &seq.context);
         let draft = seq.sampler.draw(&distribution);
+        if seq.constrain_to(draft)? {
+            round.constrained += 1;
+        }
         seq.propose(draft);
         round.distributions.push(distribution);
-        let stop = seq.spec().params.stop_token_ids.contains(&draft);
+        let stop = seq.spec().params.stop_token_ids.contains(&draft) || seq.constraint_complete();
         if round.distributions.len() < round.target && !stop {
             seq.start_chunk(seq.context.len() - 1, 1);
             self.round = Round::Drafting(round);
@@ -115,14 +124,20 @@ impl Speculative {
         tokenizer: &TextTokenizer,
         limit: usize,
     ) -> Result<AfterToken, SequenceFault> {
-        let rows = std::mem::take(&mut seq.chunk.coda_rows);
+        let raw_rows = std::mem::take(&mut seq.chunk.coda_rows);
         // Row `i` is verified with the context and penalty counts after `t` and the drafts before
-        // `i`: the drafts are withdrawn, then proposed again as they are accepted.
+        // `i`: the drafts are withdrawn, then proposed again as they are accepted. Under a
+        // constraint, the drafts it took are rolled back and row `i` is masked in the state after
+        // the accepted drafts before it.
         let drafts = seq.withdraw_proposals();
+        seq.unconstrain(round.constrained)?;
         let mut tokens = Vec::with_capacity(drafts.len() + 1);
-        for (i, row) in rows.iter().enumerate() {
+        let mut rows = Vec::with_capacity(raw_rows.len());
+        for (i, row) in raw_rows.into_iter().enumerate() {
+            let row = seq.constrained(row)?;
             let mut logits = row.clone();
             let verifier = seq.sampler.distribution(&mut logits, &seq.context);
+            rows.push(row);
             let Some(&draft) = drafts.get(i) else {
                 // Every draft stood: the verifier's bonus token.
                 tokens.push(seq.sampler.draw(&verifier));
@@ -134,6 +149,17 @@ impl Speculative {
             }
             tokens.push(draft);
             seq.propose(draft);
+            seq.constrain_to(draft)?;
+            if seq.constraint_complete() {
+                break;
+            }
+        }
+        // The verifier's own token (when the constraint is not complete) joins the constraint too.
+        if tokens.len() > seq.proposed_count()
+            && !seq.constraint_complete()
+            && let Some(&last) = tokens.last()
+        {
+            seq.constrain_to(last)?;
         }
         // Taken back: emitting the tokens records them.
         let accepted = seq.withdraw_proposals().len();
