@@ -134,3 +134,43 @@ async fn a_constrained_stream_dropped_midway_frees_its_sequence() {
     assert_eq!(status, 200, "{answer}");
     assert!(text(&answer).bytes().all(|b| b.is_ascii_digit()));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openai_sdk_gets_json_of_its_schema() {
+    use async_openai::types::chat::{
+        ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs, ResponseFormat, ResponseFormatJsonSchema,
+    };
+    let server = start().await;
+    let client = common::server::openai(&server);
+    let format = ResponseFormat::JsonSchema {
+        json_schema: ResponseFormatJsonSchema {
+            description: Some("the answer".into()),
+            name: "answer".into(),
+            schema: schema(),
+            strict: Some(true),
+        },
+    };
+    let mut complete = 0;
+    for seed in 0..4 {
+        let message = ChatCompletionRequestUserMessageArgs::default().content("12+30=").build().unwrap();
+        let request = CreateChatCompletionRequestArgs::default()
+            .model("huginn-tiny-ref")
+            .messages([message.into()])
+            .max_completion_tokens(40u32)
+            .seed(seed)
+            .response_format(format.clone())
+            .build()
+            .unwrap();
+        let response = client.chat().create(request).await.unwrap();
+        let choice = &response.choices[0];
+        let content = choice.message.content.clone().unwrap_or_default();
+        if format!("{:?}", choice.finish_reason).contains("Stop") {
+            let value: Value = serde_json::from_str(&content).unwrap_or_else(|e| panic!("{content:?}: {e}"));
+            assert!(value["word"].is_string() && value["sum"].is_number(), "{content}");
+            complete += 1;
+        } else {
+            assert!(content.starts_with("{\"sum\": ") || "{\"sum\": ".starts_with(content.as_str()), "{content}");
+        }
+    }
+    assert!(complete > 0, "no answer completed its object within 40 tokens");
+}

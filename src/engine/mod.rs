@@ -1,6 +1,7 @@
 //! The engine: jobs, the depth-level continuous-batching scheduler (the one token loop), the
 //! workers and admission that serve it, and the driver that runs it on the caller's thread.
 
+mod constrained;
 pub mod decoder;
 pub mod driver;
 pub mod fault;
