@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, ensure};
 use candle_core::{DType, Device};
 
+use super::bench_tally::median;
 use super::report_section::Section;
 use huginn::engine::{Completion, Driver, JobSpec};
 use huginn::generate::GenerationParams;
@@ -134,18 +135,6 @@ fn block_sizes(md: &mut String, large: &Loaded) -> anyhow::Result<()> {
     }
     writeln!(md)?;
     Ok(())
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
 }
 
 /// Runs `jobs` one after another on `driver`; their completions and the seconds it took.

@@ -15,6 +15,7 @@ use candle_core::{DType, Device};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 
+use super::bench_tally::median;
 use super::report_section::Section;
 use huginn::checkpoint::{preset, write_random_checkpoint};
 use huginn::engine::{Completion, Driver, JobSpec};
@@ -147,17 +148,6 @@ fn tokens_per_second(loaded: &Loaded, clients: usize, tokens: usize, constrained
     let done: Vec<Completion> = driver.run(specs, |_, _| {})?.into_iter().flatten().collect();
     let generated: usize = done.iter().map(|c| c.token_ids.len()).sum();
     Ok(generated as f64 / started.elapsed().as_secs_f64())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        0.0
-    } else if v.len() % 2 == 1 {
-        v[v.len() / 2]
-    } else {
-        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-    }
 }
 
 pub fn run(large_model: &Path, wide_vocab_dir: &Path, out: &Path, quick: bool) -> anyhow::Result<()> {

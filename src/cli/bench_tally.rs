@@ -1,7 +1,21 @@
-//! One benchmark setting's totals over the runs it had, shared by the decoding benchmarks.
+//! One benchmark setting's totals over the runs it had, shared by the decoding benchmarks, and
+//! the median the benchmarks report.
 
 use huginn::engine::{Completion, DraftCounts, WaveCounts};
 use huginn::train::eval::EvalResult;
+
+/// The median of `values` (0 for none; the mean of the middle two for an even count).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
 
 #[derive(Default)]
 pub struct Tally {

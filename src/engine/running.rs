@@ -90,13 +90,9 @@ impl Running {
         self.seq.wait();
     }
 
-    /// The prompt's blocks recorded for the prefix cache, once its prefill is over.
+    /// The prompt's blocks recorded for the prefix cache (its prefill's coda is complete).
     pub fn take_capture(&mut self) -> Option<PrefixCapture> {
-        if self.seq.prefill && self.seq.chunk.stage == Stage::Coda && self.seq.chunk.done >= self.seq.chunk.len {
-            self.seq.take_capture()
-        } else {
-            None
-        }
+        self.seq.take_capture()
     }
 
     /// Bytes set aside in the prefix cache for the blocks this prefill records.

@@ -421,11 +421,6 @@ impl Sequence {
         }
     }
 
-    /// Tentative tokens at the end of the context.
-    pub(super) fn proposed_count(&self) -> usize {
-        self.proposed
-    }
-
     /// Why the chunk's iteration stopped.
     pub(super) fn exit_reason(&self) -> ExitReason {
         if self.chunk.converged {

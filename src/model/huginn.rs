@@ -249,17 +249,14 @@ impl HuginnModel {
         if self.adapter.is_none() {
             return Ok(injection.clone());
         }
-        let d = self.cfg.n_embd;
-        let std = self.cfg.state_std() * init_scale;
-        if std <= 0.0 {
-            return Ok(Tensor::zeros((seeds.len(), d), self.activation_dtype(), &self.device)?);
+        if init_scale <= 0.0 {
+            return self.init_state(seeds.len(), init_scale, &mut rand::rngs::StdRng::seed_from_u64(0));
         }
-        let mut values = Vec::with_capacity(seeds.len() * d);
-        for &seed in seeds {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            values.extend((0..d).map(|_| (truncated_normal(&mut rng) * std * self.embed_scale) as f32));
-        }
-        Ok(Tensor::from_vec(values, (seeds.len(), d), &self.device)?.to_dtype(self.activation_dtype())?)
+        let rows = seeds
+            .iter()
+            .map(|&seed| self.init_state(1, init_scale, &mut rand::rngs::StdRng::seed_from_u64(seed)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
     }
 
     /// Initial latent state for `rows` tokens: truncated normal (±3σ) with

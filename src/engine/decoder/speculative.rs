@@ -132,6 +132,8 @@ impl Speculative {
         let drafts = seq.withdraw_proposals();
         seq.unconstrain(round.constrained)?;
         let mut tokens = Vec::with_capacity(drafts.len() + 1);
+        // The verifier's own token (a correction or the bonus), when the round ends with one.
+        let mut own = None;
         let mut rows = Vec::with_capacity(raw_rows.len());
         for (i, row) in raw_rows.into_iter().enumerate() {
             let row = seq.constrained(row)?;
@@ -140,11 +142,11 @@ impl Speculative {
             rows.push(row);
             let Some(&draft) = drafts.get(i) else {
                 // Every draft stood: the verifier's bonus token.
-                tokens.push(seq.sampler.draw(&verifier));
+                own = Some(seq.sampler.draw(&verifier));
                 break;
             };
             if let Verdict::Replace(token) = verify(&mut seq.sampler, &verifier, &round.distributions[i], draft) {
-                tokens.push(token);
+                own = Some(token);
                 break;
             }
             tokens.push(draft);
@@ -154,12 +156,10 @@ impl Speculative {
                 break;
             }
         }
-        // The verifier's own token (when the constraint is not complete) joins the constraint too.
-        if tokens.len() > seq.proposed_count()
-            && !seq.constraint_complete()
-            && let Some(&last) = tokens.last()
-        {
-            seq.constrain_to(last)?;
+        // The verifier's own token follows the accepted drafts, and joins the constraint too.
+        if let Some(token) = own {
+            tokens.push(token);
+            seq.constrain_to(token)?;
         }
         // Taken back: emitting the tokens records them.
         let accepted = seq.withdraw_proposals().len();

@@ -93,17 +93,22 @@ impl PrefixCache {
     /// bytes; false when the blocks in use alone exceed it.
     pub fn shrink_to(&mut self, limit: usize) -> bool {
         let mut evicted = 0u64;
-        while self.bytes > limit {
-            let victim = self
+        if self.bytes > limit {
+            let mut unused: Vec<(u64, Digest32)> = self
                 .blocks
                 .iter()
                 .filter(|(_, e)| Arc::strong_count(&e.block) == 1)
-                .min_by_key(|(_, e)| e.used)
-                .map(|(key, _)| *key);
-            let Some(key) = victim else { break };
-            if let Some(entry) = self.blocks.remove(&key) {
-                self.bytes -= entry.block.bytes();
-                evicted += 1;
+                .map(|(key, e)| (e.used, *key))
+                .collect();
+            unused.sort_unstable();
+            for (_, key) in unused {
+                if self.bytes <= limit {
+                    break;
+                }
+                if let Some(entry) = self.blocks.remove(&key) {
+                    self.bytes -= entry.block.bytes();
+                    evicted += 1;
+                }
             }
         }
         if evicted > 0 {

@@ -116,11 +116,6 @@ impl PrefixCapture {
         }
     }
 
-    /// The block indices recorded.
-    pub fn blocks(&self) -> std::ops::Range<usize> {
-        self.first..self.first + self.states.len()
-    }
-
     fn block_positions(&self) -> impl Iterator<Item = (usize, usize)> + use<> {
         let first = self.first;
         (0..self.states.len()).map(move |b| (b, (first + b) * PREFIX_BLOCK_TOKENS))
