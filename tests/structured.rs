@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::DType;
 use huginn::engine::{Driver, JobSpec};
 use huginn::generate::constraint::{ConstraintLimits, ConstraintSpec, ConstraintVocab};
-use huginn::generate::{Decoding, FinishReason, GenerationParams, Speculation};
+use huginn::generate::{Decoding, FinishReason, FreezeRule, GenerationParams, ParallelSampling, Speculation};
 use huginn::model::CacheStrategy;
 use huginn::text::TextTokenizer;
 use proptest::prelude::*;
@@ -169,4 +169,58 @@ fn speculation_under_a_constraint_is_exact() {
         }
     }
     assert!(rounds > 0, "nothing was drafted");
+}
+
+/// The parallel sampler under a constraint: every token it emits (the guesses it freezes with a
+/// row included) is one the grammar accepts in that order, and a choice that stops on its own is
+/// a document of the schema; windows do freeze guesses.
+#[test]
+fn the_parallel_sampler_emits_only_what_the_grammar_accepts() {
+    let s = setup();
+    let mut guesses_frozen = 0;
+    let rules = [
+        (FreezeRule::LatentDiff, 0.5, 0.0),
+        (FreezeRule::LatentDiff, 0.5, 1.0),
+        (FreezeRule::LatentDiffStrict, 0.4, 0.7),
+        (FreezeRule::Fixed, 0.0, 1.0),
+    ];
+    for seed in 0..6 {
+        for (freeze, threshold, temperature) in rules {
+            let mut params = GenerationParams::new(8);
+            params.max_tokens = 40;
+            params.seed = seed;
+            params.sampling.temperature = temperature;
+            params.decoding = Decoding::Parallel(ParallelSampling {
+                inner_steps: 2,
+                freeze,
+                threshold,
+                max_wavefront: 8,
+                state_noise: 0.0,
+                embed_ema: 0.1,
+            });
+            let stops = params.stop_token_ids.clone();
+            let constraint = s.vocab.compile(&ConstraintSpec::JsonSchema(schema())).unwrap();
+            let mut spec = JobSpec::new(format!("p{seed}:").bytes().map(u32::from).collect(), params);
+            spec.constraint = Some(constraint.clone());
+            let out = Driver::new(s.model.clone(), s.tokenizer.clone(), 1).run_one(spec).unwrap();
+            let case = format!("seed {seed}, {freeze} {threshold}, t={temperature}: {:?}", out.text);
+            let mut check = constraint;
+            for (i, &token) in out.token_ids.iter().enumerate() {
+                if stops.contains(&token) {
+                    assert_eq!(i + 1, out.token_ids.len(), "{case}");
+                    break;
+                }
+                check.accept(token).unwrap_or_else(|e| panic!("token {i} ({token}) refused: {e}; {case}"));
+            }
+            if out.finish_reason == FinishReason::Stop {
+                assert!(check.can_end(), "{case}");
+                let value: Value = serde_json::from_str(&out.text).unwrap_or_else(|e| panic!("{e}; {case}"));
+                assert!(matches(&value), "{case}");
+            } else {
+                assert_eq!(out.finish_reason, FinishReason::Length, "{case}");
+            }
+            guesses_frozen += out.waves().guesses_frozen;
+        }
+    }
+    assert!(guesses_frozen > 0, "no window froze a guess");
 }

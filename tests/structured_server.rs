@@ -66,6 +66,14 @@ async fn outputs_match_their_constraint_whatever_the_sampling() {
                 assert!(allowed || logprob.as_f64() == Some(f64::NEG_INFINITY) || logprob.is_null(), "{top}");
             }
         }
+        // The parallel sampler keeps the same constraint.
+        let parallel = json!({"prompt": "n:", "max_tokens": 10, "seed": seed, "num_steps": 4, "sampler": "parallel",
+            "inner_steps": 2, "exit_threshold": 2.0, "guided_regex": "[0-9]{3}x"});
+        let (status, answer) = post_json(base, "/v1/completions", &parallel).await;
+        assert_eq!(status, 200, "{answer}");
+        let out = text(&answer);
+        assert!(out.len() == 4 && out[..3].bytes().all(|b| b.is_ascii_digit()) && out.ends_with('x'), "{out:?}");
+        assert_eq!(answer["choices"][0]["finish_reason"], "stop");
     }
     // Chat: any JSON object.
     let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 60, "num_steps": 2, "seed": 3,
@@ -103,7 +111,6 @@ async fn bad_constraints_are_400s_naming_the_field() {
         (json!({"structured_outputs": {"regex": "a", "choice": ["a"]}}), "structured_outputs"),
         (json!({"guided_regex": "a+", "guided_choice": ["a"]}), "guided_choice"),
         (json!({"guided_regex": big}), "guided_regex"),
-        (json!({"guided_regex": "a+", "sampler": "parallel"}), "guided_regex"),
     ];
     for (fields, param) in cases {
         let mut body = json!({"prompt": "x", "max_tokens": 4});
@@ -173,4 +180,216 @@ async fn the_openai_sdk_gets_json_of_its_schema() {
         }
     }
     assert!(complete > 0, "no answer completed its object within 40 tokens");
+}
+
+fn weather_tool() -> Value {
+    json!({"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+            "required": ["city"], "additionalProperties": false}}})
+}
+
+/// The arguments of a call of `get_weather` or `get_time`, checked against its schema.
+fn check_arguments(name: &str, arguments: &str) {
+    let value: Value = serde_json::from_str(arguments).unwrap_or_else(|e| panic!("{arguments:?}: {e}"));
+    match name {
+        "get_weather" => {
+            assert_eq!(value.as_object().map(|o| o.len()), Some(1), "{arguments}");
+            assert!(value["city"].as_str().is_some_and(|c| c.chars().count() <= 8), "{arguments}");
+        }
+        "get_time" => assert_eq!(value, json!({}), "{arguments}"),
+        other => panic!("a call of `{other}`"),
+    }
+}
+
+/// A choice's call as the stream told it: id, name and the arguments' fragments joined.
+#[derive(Debug, Default, PartialEq)]
+struct StreamedCall {
+    id: String,
+    name: String,
+    arguments: String,
+    finish: String,
+}
+
+async fn stream_call(base: &str, body: &Value) -> StreamedCall {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let response = reqwest::Client::new().post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    let mut call = StreamedCall::default();
+    for data in text.lines().filter_map(|l| l.strip_prefix("data: ")).filter(|d| *d != "[DONE]") {
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        let choice = &chunk["choices"][0];
+        assert!(choice["delta"]["content"].is_null(), "a call streams no content: {chunk}");
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            call.finish = reason.to_string();
+        }
+        for part in choice["delta"]["tool_calls"].as_array().into_iter().flatten() {
+            assert_eq!(part["index"], 0);
+            if let Some(id) = part["id"].as_str() {
+                assert!(call.id.is_empty(), "the id comes once: {chunk}");
+                call.id = id.to_string();
+                assert_eq!(part["type"], "function");
+                call.name = part["function"]["name"].as_str().unwrap().to_string();
+            }
+            call.arguments += part["function"]["arguments"].as_str().unwrap();
+        }
+    }
+    call
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tool_choice_constrains_the_output_to_a_call() {
+    let server = start().await;
+    let base = &server.base;
+    let time_tool = json!({"type": "function", "function": {"name": "get_time"}});
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let mut calls = 0;
+    for (tool_choice, seed) in [("required", 1), ("required", 2), ("required", 3), ("named", 1), ("named", 4)] {
+        let choice = if tool_choice == "named" { named.clone() } else { json!("required") };
+        let body = json!({"messages": [{"role": "user", "content": "weather in Oslo?"}], "max_tokens": 40,
+            "num_steps": 2, "seed": seed, "tools": [weather_tool(), time_tool], "tool_choice": choice});
+        let (status, answer) = post_json(base, "/v1/chat/completions", &body).await;
+        assert_eq!(status, 200, "{answer}");
+        let choice = &answer["choices"][0];
+        let message = &choice["message"];
+        let streamed = stream_call(base, &body).await;
+        match choice["finish_reason"].as_str().unwrap() {
+            "tool_calls" => {
+                assert!(message["content"].is_null(), "{answer}");
+                let call = &message["tool_calls"][0];
+                assert_eq!(message["tool_calls"].as_array().unwrap().len(), 1);
+                assert!(call["id"].as_str().unwrap().starts_with("call_"), "{call}");
+                assert_eq!(call["type"], "function");
+                let (name, arguments) =
+                    (call["function"]["name"].as_str().unwrap(), call["function"]["arguments"].as_str().unwrap());
+                if tool_choice == "named" {
+                    assert_eq!(name, "get_weather");
+                }
+                check_arguments(name, arguments);
+                // Streamed, the same call arrives in pieces.
+                assert_eq!((streamed.name.as_str(), streamed.arguments.as_str()), (name, arguments));
+                assert!(streamed.id.starts_with("call_"));
+                calls += 1;
+            }
+            "length" => assert_eq!(streamed.finish, "length"),
+            other => panic!("finish_reason {other}: {answer}"),
+        }
+        assert_eq!(streamed.finish, choice["finish_reason"].as_str().unwrap());
+    }
+    assert!(calls > 0, "no call completed within 40 tokens");
+    // `none`: text, no call.
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "num_steps": 2,
+        "tools": [weather_tool()], "tool_choice": "none"});
+    let (status, answer) = post_json(base, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["choices"][0]["message"]["content"].is_string());
+    assert!(answer["choices"][0]["message"]["tool_calls"].is_null());
+    // Refusals name their field, and the server goes on serving.
+    let cases = [
+        (json!({"tools": [weather_tool()]}), "tool_choice"),
+        (json!({"tools": [weather_tool()], "tool_choice": "auto"}), "tool_choice"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"tools": [weather_tool()], "tool_choice": "required", "guided_regex": "a"}), "tool_choice"),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+            "tool_choice": "required"}),
+            "tools",
+        ),
+        (
+            json!({"tools": [weather_tool()], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}),
+            "tool_choice",
+        ),
+    ];
+    for (fields, param) in cases {
+        let mut body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+        body.as_object_mut().unwrap().extend(fields.as_object().unwrap().clone());
+        let (status, answer) = post_json(base, "/v1/chat/completions", &body).await;
+        assert_eq!(status, 400, "{fields}: {answer}");
+        assert_eq!(answer["error"]["param"], param, "{fields}: {answer}");
+    }
+    let (status, answer) = post_json(base, "/v1/completions", &json!({"prompt": "x", "tools": []})).await;
+    assert_eq!((status, answer["error"]["param"].as_str()), (400, Some("tools")), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openai_sdk_gets_tool_calls() {
+    use async_openai::types::chat::{
+        ChatCompletionMessageToolCalls, ChatCompletionNamedToolChoice, ChatCompletionRequestUserMessageArgs,
+        ChatCompletionTool, ChatCompletionToolChoiceOption, ChatCompletionTools, CreateChatCompletionRequest,
+        CreateChatCompletionRequestArgs, FinishReason, FunctionName, FunctionObject, ToolChoiceOptions,
+    };
+    use futures::StreamExt;
+    let server = start().await;
+    let client = common::server::openai(&server);
+    let weather = weather_tool();
+    let tools = vec![
+        ChatCompletionTools::Function(ChatCompletionTool {
+            function: FunctionObject {
+                name: "get_weather".into(),
+                description: Some("The weather in a city".into()),
+                parameters: Some(weather["function"]["parameters"].clone()),
+                strict: Some(true),
+            },
+        }),
+        ChatCompletionTools::Function(ChatCompletionTool {
+            function: FunctionObject { name: "get_time".into(), description: None, parameters: None, strict: None },
+        }),
+    ];
+    let choices = [
+        ChatCompletionToolChoiceOption::Mode(ToolChoiceOptions::Required),
+        ChatCompletionToolChoiceOption::Function(ChatCompletionNamedToolChoice {
+            function: FunctionName { name: "get_time".into() },
+        }),
+    ];
+    let mut calls = 0;
+    for (i, tool_choice) in choices.into_iter().enumerate() {
+        for seed in 0..3 {
+            let message = ChatCompletionRequestUserMessageArgs::default().content("what now?").build().unwrap();
+            let request = CreateChatCompletionRequestArgs::default()
+                .model("huginn-tiny-ref")
+                .messages([message.into()])
+                .max_completion_tokens(40u32)
+                .seed(seed)
+                .tools(tools.clone())
+                .tool_choice(tool_choice.clone())
+                .build()
+                .unwrap();
+            let response = client.chat().create(request.clone()).await.unwrap();
+            let choice = &response.choices[0];
+            let mut streamed = (String::new(), String::new());
+            let mut stream = client
+                .chat()
+                .create_stream(CreateChatCompletionRequest { stream: Some(true), ..request })
+                .await
+                .unwrap();
+            let mut finish = None;
+            while let Some(chunk) = stream.next().await {
+                for c in chunk.unwrap().choices {
+                    finish = finish.or(c.finish_reason);
+                    for part in c.delta.tool_calls.into_iter().flatten() {
+                        let function = part.function.unwrap_or_default();
+                        streamed.0 += function.name.as_deref().unwrap_or_default();
+                        streamed.1 += function.arguments.as_deref().unwrap_or_default();
+                    }
+                }
+            }
+            assert_eq!(finish, choice.finish_reason);
+            if choice.finish_reason != Some(FinishReason::ToolCalls) {
+                assert_eq!(choice.finish_reason, Some(FinishReason::Length));
+                continue;
+            }
+            let listed = choice.message.tool_calls.clone().unwrap_or_default();
+            let [ChatCompletionMessageToolCalls::Function(call)] = listed.as_slice() else {
+                panic!("not one function call: {listed:?}");
+            };
+            if i == 1 {
+                assert_eq!(call.function.name, "get_time");
+            }
+            check_arguments(&call.function.name, &call.function.arguments);
+            assert_eq!(streamed, (call.function.name.clone(), call.function.arguments.clone()));
+            calls += 1;
+        }
+    }
+    assert!(calls > 0, "no call completed within 40 tokens");
 }

@@ -175,12 +175,14 @@ impl std::ops::AddAssign for DraftCounts {
     }
 }
 
-/// What the parallel sampler did for one choice: sampler steps, the tokens they froze, the
-/// window rows they iterated and the core steps of those rows (each summed over the steps).
+/// What the parallel sampler did for one choice: sampler steps, the tokens they froze (and of
+/// those, the guesses frozen as the window ran them, not drawn again), the window rows they
+/// iterated and the core steps of those rows (each summed over the steps).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WaveCounts {
     pub steps: usize,
     pub frozen: usize,
+    pub guesses_frozen: usize,
     pub rows: usize,
     pub row_steps: usize,
 }
@@ -201,6 +203,7 @@ impl std::ops::AddAssign for WaveCounts {
     fn add_assign(&mut self, other: Self) {
         self.steps += other.steps;
         self.frozen += other.frozen;
+        self.guesses_frozen += other.guesses_frozen;
         self.rows += other.rows;
         self.row_steps += other.row_steps;
     }
@@ -282,10 +285,6 @@ impl JobSpec {
         }
         if let Some(top) = self.logprobs {
             named("logprobs", ranges::top_logprobs(top as i64).map(|_| ()))?;
-        }
-        if self.constraint.is_some() && matches!(self.params.decoding, crate::generate::Decoding::Parallel(_)) {
-            let message = "structured outputs do not run with the parallel sampler yet: drop `sampler`";
-            return Err(FieldError::new("response_format", message));
         }
         Ok(ValidJob(self))
     }

@@ -11,6 +11,7 @@ mod respond;
 pub mod shutdown;
 pub mod state;
 mod structured;
+mod tools;
 mod validate;
 mod wire;
 

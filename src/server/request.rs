@@ -59,11 +59,13 @@ pub enum Prompt {
     IdLists(Vec<Vec<u32>>),
 }
 
-/// Tool calling, which no Huginn checkpoint is trained for.
+/// Tool calling (chat: `server::tools`; refused on completions). The tools are kept as sent: the
+/// chat template receives them as they are.
 #[derive(Debug, Deserialize)]
 pub struct ToolFields {
-    pub tools: Option<IgnoredAny>,
-    pub tool_choice: Option<IgnoredAny>,
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub functions: Option<IgnoredAny>,
     pub function_call: Option<IgnoredAny>,
 }
@@ -74,6 +76,7 @@ impl ToolFields {
         [
             ("tools", self.tools.is_some()),
             ("tool_choice", self.tool_choice.is_some()),
+            ("parallel_tool_calls", self.parallel_tool_calls.is_some()),
             ("functions", self.functions.is_some()),
             ("function_call", self.function_call.is_some()),
         ]

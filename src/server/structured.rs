@@ -9,7 +9,6 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::request::{ResponseFormat, StructuredFields};
 use super::state::AppState;
-use crate::generate::Decoding;
 use crate::generate::constraint::{Constraint, ConstraintSpec};
 
 /// A constraint as requested, and the field that asked for it (named in its errors).
@@ -66,11 +65,7 @@ fn choice(field: &'static str, options: Vec<String>) -> Result<ConstraintSpec, A
 }
 
 /// The one constraint `fields` ask for, if any (two or more: a 400 naming the second).
-pub fn requested(
-    fields: StructuredFields,
-    max_bytes: usize,
-    decoding: &Decoding,
-) -> Result<Option<Requested>, ApiError> {
+pub fn requested(fields: StructuredFields, max_bytes: usize) -> Result<Option<Requested>, ApiError> {
     let StructuredFields {
         response_format: format,
         structured_outputs,
@@ -127,11 +122,6 @@ pub fn requested(
         let field = requested.field;
         let message =
             format!("`{field}` is {size} bytes; at most {max_bytes} are allowed (limits.max_constraint_bytes)");
-        return Err(ApiError::param(field, message));
-    }
-    if matches!(decoding, Decoding::Parallel(_)) {
-        let field = requested.field;
-        let message = format!("`{field}` does not run with the parallel sampler yet: drop `sampler`");
         return Err(ApiError::param(field, message));
     }
     Ok(Some(requested))

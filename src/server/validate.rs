@@ -9,6 +9,7 @@ use super::handler::check_prompt_count;
 use super::request::{ChatRequest, CommonRequest, CompletionRequest, Content, Message, Prompt, Request, Stop};
 use super::state::AppState;
 use super::structured::{self, Requested};
+use super::tools::{self, ToolCalls, ToolRequest};
 use crate::engine::{JobSpec, ValidJob};
 use crate::generate::constraint::Constraint;
 use crate::generate::{FieldError, GenerationParams, GenerationRequest, RequestContext, fit_context, ranges};
@@ -36,6 +37,8 @@ pub struct ValidChat {
     pub prompt: String,
     /// `logprobs: true`, with `top_logprobs` alternatives.
     pub logprobs: Option<usize>,
+    /// How the output becomes a tool call, when `tool_choice` asks for one.
+    pub tool_calls: Option<ToolCalls>,
 }
 
 impl ValidCompletion {
@@ -72,8 +75,7 @@ pub fn completion(state: &AppState, request: Request<CompletionRequest>) -> Resu
         .transpose()?;
     let echo = completion.echo.unwrap_or(false);
     let mut common = self::common(&common, &generation, state, "max_tokens")?;
-    common.constraint =
-        structured::requested(structured, state.settings.limits.max_constraint_bytes, &common.params.decoding)?;
+    common.constraint = structured::requested(structured, state.settings.limits.max_constraint_bytes)?;
     let prompts = prompts(completion.prompt)?;
     check_prompt_count(state, prompts.len())?;
     Ok(ValidCompletion { common, prompts, logprobs, echo })
@@ -83,10 +85,12 @@ pub fn completion(state: &AppState, request: Request<CompletionRequest>) -> Resu
 pub fn chat(state: &AppState, request: Request<ChatRequest>) -> Result<ValidChat, ApiError> {
     let Request { common, mut generation, tools, structured, endpoint: chat } = request;
     let refused = [("audio", chat.audio.is_some()), ("prediction", chat.prediction.is_some())];
-    if let Some(name) = tools.given().or(refused.into_iter().find_map(|(name, given)| given.then_some(name))) {
+    if let Some(name) = refused.into_iter().find_map(|(name, given)| given.then_some(name)) {
         let message = format!("`{name}` is not supported by this server");
         return Err(ApiError::Unsupported { param: name.into(), message });
     }
+    let max_constraint_bytes = state.settings.limits.max_constraint_bytes;
+    let tools = tools::requested(tools, max_constraint_bytes)?;
     let with_logprobs = chat.logprobs.unwrap_or(false);
     let top = chat
         .top_logprobs
@@ -103,12 +107,25 @@ pub fn chat(state: &AppState, request: Request<ChatRequest>) -> Result<ValidChat
         "max_tokens"
     };
     let mut common = self::common(&common, &generation, state, max_tokens_field)?;
-    common.constraint =
-        structured::requested(structured, state.settings.limits.max_constraint_bytes, &common.params.decoding)?;
+    common.constraint = structured::requested(structured, max_constraint_bytes)?;
+    let (tools, tool_calls) = match tools {
+        None => (None, None),
+        Some(ToolRequest { tools, calls: None }) => (Some(tools), None),
+        Some(ToolRequest { tools, calls: Some((constraint, calls)) }) => {
+            if let Some(other) = &common.constraint {
+                let message = format!("`{}` and `tool_choice` both constrain the output: give one", other.field);
+                return Err(ApiError::param("tool_choice", message));
+            }
+            common.constraint = Some(constraint);
+            (Some(tools), Some(calls))
+        }
+    };
     let messages = messages(chat.messages)?;
-    let prompt =
-        state.tokenizer.apply_chat_template(&messages, true).map_err(|e| ApiError::param("messages", e.to_string()))?;
-    Ok(ValidChat { common, prompt, logprobs })
+    let prompt = state
+        .tokenizer
+        .apply_chat_template_with_tools(&messages, tools.as_deref(), true)
+        .map_err(|e| ApiError::param("messages", e.to_string()))?;
+    Ok(ValidChat { common, prompt, logprobs, tool_calls })
 }
 
 /// The prompts as text (to tokenize) or token ids.

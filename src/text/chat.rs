@@ -93,12 +93,25 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders with the request's `tools` (OpenAI's list of `{"type": "function", "function":
+    /// {...}}`) passed to the template as `tools`, as Hugging Face's `apply_chat_template` does;
+    /// a template that does not use them ignores them.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let env = self.environment()?;
         let template = env.get_template("chat").map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
         template
             .render(context! {
                 messages => messages.iter().map(|m| context! { role => &m.role, content => &m.content }).collect::<Vec<_>>(),
                 add_generation_prompt => add_generation_prompt,
+                tools => tools.map(|t| minijinja::Value::from(minijinja::value::Serde(t))),
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             })
@@ -139,6 +152,23 @@ mod tests {
         let t = ChatTemplate::from_tokenizer_config(Some(&config)).unwrap();
         assert!(!t.is_builtin());
         assert_eq!(t.render(&[ChatMessage::new("user", "  hi ")], true).unwrap(), "<s>[USER] hi\n[A] ");
+    }
+
+    #[test]
+    fn a_template_that_uses_tools_sees_them() {
+        let config = serde_json::json!({
+            "chat_template": "{% if tools %}{% for t in tools %}<tool>{{ t.function.name }} {{ t.function.parameters | tojson }}</tool>{% endfor %}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}"
+        });
+        let t = ChatTemplate::from_tokenizer_config(Some(&config)).unwrap();
+        let tools = [
+            serde_json::json!({"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}),
+        ];
+        let messages = [ChatMessage::new("user", "now?")];
+        assert_eq!(
+            t.render_with_tools(&messages, Some(&tools), true).unwrap(),
+            "<tool>get_time {\"type\": \"object\"}</tool>now?"
+        );
+        assert_eq!(t.render(&messages, true).unwrap(), "now?");
     }
 
     #[test]

@@ -129,6 +129,16 @@ impl TextTokenizer {
         self.chat.render(messages, add_generation_prompt)
     }
 
+    /// [`Self::apply_chat_template`] with the request's tools given to the template as `tools`.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.chat.render_with_tools(messages, tools, add_generation_prompt)
+    }
+
     pub fn chat_template(&self) -> &ChatTemplate {
         &self.chat
     }

@@ -11,7 +11,9 @@
 //! `c + 1..c + f` that this step's K/V was computed from, and a token drawn from row `f - 1` for
 //! `c + f`. The cache is cut back to `c + f`, every later guess is redrawn from its row, one
 //! position is added (up to `max_wavefront`, the tokens left, the context and the step budget;
-//! never past a guessed stop token) and the next step runs the new window.
+//! never past a guessed stop token or a guess that completes the output's grammar) and the next step
+//! runs the new window. Under a constraint every guess and every frozen token is drawn masked in
+//! the grammar's state after the tokens before it.
 
 use metrics::histogram;
 
@@ -28,12 +30,14 @@ pub struct Parallel {
     params: ParallelSampling,
     /// The window, once the prompt's first token is out (the prompt is an ordinary chunk).
     window: Option<Wavefront>,
+    /// Guesses the output's constraint took (rolled back when the window settles).
+    constrained: usize,
     counts: WaveCounts,
 }
 
 impl Parallel {
     pub fn new(params: ParallelSampling) -> Self {
-        Self { params, window: None, counts: WaveCounts::default() }
+        Self { params, window: None, constrained: 0, counts: WaveCounts::default() }
     }
 
     /// The window's coda is done: freezes rows, emits their tokens, redraws the guesses and sets
@@ -69,19 +73,29 @@ impl Parallel {
         histogram!(m::PARALLEL_WAVEFRONT).record(w as f64);
 
         // The guesses this step ran on (positions c + 1..c + w); the context is the frozen tokens.
+        // Under a constraint, the guesses it took are rolled back and each frozen row is masked in
+        // the state after the tokens frozen before it: a guess was drawn under that same state, so
+        // it stands; a row after a guess that completes the grammar is not frozen.
         let guesses = seq.withdraw_proposals();
+        seq.unconstrain(std::mem::take(&mut self.constrained))?;
         for (i, row) in status.iter().enumerate().take(frozen) {
+            let raw = seq.constrained(rows[i].clone())?;
             let token = match guesses.get(i) {
-                Some(&guess) if i + 1 < frozen => guess,
-                _ => seq.sampler.sample(&mut rows[i].clone(), &seq.context),
+                Some(&guess) if i + 1 < frozen => {
+                    self.counts.guesses_frozen += 1;
+                    guess
+                }
+                _ => seq.sampler.sample(&mut raw.clone(), &seq.context),
             };
+            seq.constrain_to(token)?;
             let exit = match p.frozen_by(row, num_steps, min_steps) {
                 FrozenBy::Converged => ExitReason::Converged,
                 FrozenBy::Cap => ExitReason::Cap,
                 FrozenBy::Carried if out_of_budget => ExitReason::Budget,
                 FrozenBy::Carried => ExitReason::Carried,
             };
-            let emitted = Emitted { token, raw: &rows[i], steps: row.steps, exit, more: i + 1 < frozen };
+            let more = i + 1 < frozen && !seq.constraint_complete();
+            let emitted = Emitted { token, raw: &raw, steps: row.steps, exit, more };
             if let Some(after) = seq.push_token(tokenizer, emitted, limit)? {
                 return Ok(after);
             }
@@ -98,13 +112,21 @@ impl Parallel {
             len = len.min(left);
         }
         let stops = params.stop_token_ids.clone();
-        // Row `j` (from `frozen`) guesses position `c + j + 1`, the next window's row `j - frozen + 1`.
+        // Row `j` (from `frozen`) guesses position `c + j + 1`, the next window's row `j - frozen + 1`,
+        // drawn (under a constraint) in the state after the guesses before it.
         for row in rows.iter().skip(frozen).take(len.saturating_sub(1)) {
-            let guess = seq.sampler.sample(&mut row.clone(), &seq.context);
+            let mut logits = seq.constrained(row.clone())?;
+            let guess = seq.sampler.sample(&mut logits, &seq.context);
             if stops.contains(&guess) {
                 break;
             }
+            if seq.constrain_to(guess)? {
+                self.constrained += 1;
+            }
             seq.propose(guess);
+            if seq.constraint_complete() {
+                break;
+            }
         }
         let len = seq.context.len() - head;
         seq.cache.truncate(head);
