@@ -35,9 +35,11 @@ pub const PREFIX_QUERIES: &str = "huginn_prefix_cache_queries_total";
 pub const PREFIX_HITS: &str = "huginn_prefix_cache_hits_total";
 pub const PREFIX_BYTES: &str = "huginn_prefix_cache_bytes";
 pub const PREFIX_EVICTIONS: &str = "huginn_prefix_cache_evictions_total";
+pub const DEPTH_FACTOR: &str = "huginn_depth_factor";
+pub const ELASTIC_STEPS_SHED: &str = "huginn_elastic_steps_shed_total";
 
 /// (name, help) of every metric, for the README table and the exporter's descriptions.
-pub const CATALOG: [(&str, &str); 28] = [
+pub const CATALOG: [(&str, &str); 30] = [
     (
         STEPS_PER_TOKEN,
         "Recurrence (core-block) steps spent per generated token, by exit_reason: converged, cap, budget.",
@@ -75,6 +77,14 @@ pub const CATALOG: [(&str, &str); 28] = [
     (PREFIX_HITS, "Prompt tokens whose prefill the prefix cache supplied, by worker."),
     (PREFIX_BYTES, "Bytes of prompt K/V blocks the prefix cache holds (part of engine.max_kv_bytes), by worker."),
     (PREFIX_EVICTIONS, "Prefix cache blocks evicted (least recently used, never one in use), by worker."),
+    (
+        DEPTH_FACTOR,
+        "Elastic depth: the factor (0, 1] scaling the recurrence caps of requests with min_num_steps, by worker.",
+    ),
+    (
+        ELASTIC_STEPS_SHED,
+        "Elastic depth: steps not spent by tokens that hit a lowered cap (num_steps minus the steps they had).",
+    ),
 ];
 
 fn describe() {
@@ -106,6 +116,8 @@ fn describe() {
     describe_counter!(PREFIX_HITS, Unit::Count, CATALOG[25].1);
     describe_gauge!(PREFIX_BYTES, Unit::Bytes, CATALOG[26].1);
     describe_counter!(PREFIX_EVICTIONS, Unit::Count, CATALOG[27].1);
+    describe_gauge!(DEPTH_FACTOR, Unit::Count, CATALOG[28].1);
+    describe_counter!(ELASTIC_STEPS_SHED, Unit::Count, CATALOG[29].1);
 }
 
 const STEP_BUCKETS: [f64; 13] = [1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 128.0];

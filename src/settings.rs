@@ -94,6 +94,11 @@ pub struct EngineSettings {
     /// Bytes of prompt K/V (every step of a prefill) a worker keeps for reuse by later prompts
     /// with the same beginning; part of `max_kv_bytes`. 0 turns prefix caching off.
     pub prefix_cache_bytes: usize,
+    /// Elastic depth: the inter-token latency (ms) each worker holds by scaling the depth of
+    /// requests with a `min_num_steps` floor; unset: off.
+    pub target_itl_ms: Option<u64>,
+    /// Elastic depth: the queue wait (ms) each worker holds the same way; unset: off.
+    pub target_queue_ms: Option<u64>,
 }
 
 impl Default for EngineSettings {
@@ -105,6 +110,8 @@ impl Default for EngineSettings {
             restart_backoff_ms: 1000,
             max_tick_rows: DEFAULT_MAX_TICK_ROWS,
             prefix_cache_bytes: 1 << 30,
+            target_itl_ms: None,
+            target_queue_ms: None,
         }
     }
 }
@@ -113,6 +120,12 @@ impl Default for EngineSettings {
 pub const DEFAULT_MAX_TICK_ROWS: usize = 64;
 
 impl EngineSettings {
+    /// The elastic-depth targets each worker's controller holds.
+    pub fn elastic_targets(&self) -> crate::engine::ElasticTargets {
+        let ms = |v: Option<u64>| v.map(std::time::Duration::from_millis);
+        crate::engine::ElasticTargets { itl: ms(self.target_itl_ms), queue: ms(self.target_queue_ms) }
+    }
+
     /// `Err((key, message))` for a value that cannot work.
     pub fn validate(&self) -> Result<(), (String, String)> {
         at_least_one(
@@ -128,6 +141,14 @@ impl EngineSettings {
                     self.max_kv_bytes, self.prefix_cache_bytes
                 ),
             ));
+        }
+        for (key, value) in [("target_itl_ms", self.target_itl_ms), ("target_queue_ms", self.target_queue_ms)] {
+            if value == Some(0) {
+                return Err((
+                    format!("engine.{key}"),
+                    "must be at least 1 (leave it unset to turn elastic depth off)".into(),
+                ));
+            }
         }
         if self.max_tick_rows != 0 && self.max_tick_rows < self.max_active_sequences {
             return Err((
@@ -436,10 +457,31 @@ mod tests {
             ("[generation]\ndraft_tokens = 0\n", "generation.draft_tokens"),
             ("[generation]\ndraft_tokens = 17\n", "generation.draft_tokens"),
             ("[limits]\nmax_draft_tokens = 0\n", "limits.max_draft_tokens"),
+            ("[generation]\nmin_num_steps = 0\n", "generation.min_num_steps"),
+            ("[engine]\ntarget_itl_ms = 0\n", "engine.target_itl_ms"),
+            ("[engine]\ntarget_queue_ms = 0\n", "engine.target_queue_ms"),
         ] {
             let err = Settings::from_sources(file, Path::new("f.toml"), env(&[])).unwrap_err();
             assert!(err.to_string().starts_with(&format!("setting `{key}`")), "{file}: {err}");
         }
+    }
+
+    #[test]
+    fn elastic_depth_settings_parse_into_targets_and_a_floor() {
+        let load = |file: &str, vars: &[(&str, &str)]| Settings::from_sources(file, Path::new("f.toml"), env(vars));
+        let s = load("", &[]).unwrap();
+        assert!(!s.engine.elastic_targets().is_on());
+        assert_eq!(s.generation.min_num_steps, None);
+        let vars = [("HUGINN_ENGINE_TARGET_ITL_MS", "40"), ("HUGINN_GENERATION_MIN_NUM_STEPS", "3")];
+        let s = load("[engine]\ntarget_queue_ms = 200\n", &vars).unwrap();
+        let targets = s.engine.elastic_targets();
+        assert_eq!(targets.itl, Some(std::time::Duration::from_millis(40)));
+        assert_eq!(targets.queue, Some(std::time::Duration::from_millis(200)));
+        assert_eq!(s.generation.min_num_steps, Some(3));
+        // A floor above the default depth is cut to it, as a request's default floor is.
+        assert!(load("[generation]\nnum_steps = 4\nmin_num_steps = 8\n", &[]).is_ok());
+        let err = load("", &[("HUGINN_ENGINE_TARGET_ITL_MS", "-5")]).unwrap_err().to_string();
+        assert!(err.starts_with("environment variable HUGINN_ENGINE_TARGET_ITL_MS"), "{err}");
     }
 
     #[test]

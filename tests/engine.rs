@@ -20,6 +20,7 @@ fn engine(model: Arc<HuginnModel>, max_active: usize) -> Engine {
         max_kv_bytes: 1 << 30,
         max_tick_rows: 0,
         prefix_cache_bytes: 0,
+        elastic: huginn::engine::ElasticTargets::default(),
     };
     Engine::start(
         vec![model],

@@ -55,6 +55,7 @@ pub fn engine_with_budget(
         max_kv_bytes: usize::MAX,
         max_tick_rows,
         prefix_cache_bytes: 0,
+        elastic: crate::engine::ElasticTargets::default(),
     };
     Engine::start(
         vec![model],

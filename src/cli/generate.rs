@@ -161,6 +161,8 @@ pub fn run(args: GenerateArgs, settings: Settings) -> anyhow::Result<()> {
     let request = GenerationRequest {
         max_tokens: args.max_tokens.map(count),
         num_steps: args.num_steps.map(count),
+        // Elastic depth needs a loaded server to act on: one generation runs at num_steps.
+        min_num_steps: None,
         exit_criterion: args.exit_criterion,
         exit_threshold: args.exit_threshold,
         exit_kv: args.exit_kv,

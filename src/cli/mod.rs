@@ -1,6 +1,7 @@
 //! Command-line interface: `huginn serve` (default), `generate`, `init-random`, `bench`, `train`, `eval`.
 
 mod bench;
+mod bench_elastic;
 mod bench_families;
 mod bench_full_size;
 mod bench_interference;
@@ -10,6 +11,7 @@ mod bench_serving;
 mod bench_speculative;
 mod bench_structured;
 mod bench_tally;
+mod elastic_plot;
 mod eval;
 mod generate;
 mod init_random;

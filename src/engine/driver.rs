@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::error::TryRecvError;
 
+use super::elastic::ElasticTargets;
 use super::job::EngineFailure;
 use super::job::{DraftCounts, Event, ExitReason, Job, JobHandle, JobSpec, StrategyCounts, TokenLogprobs, WaveCounts};
 use super::scheduler::{Scheduler, SchedulerLimits};
@@ -31,6 +32,8 @@ pub struct Completion {
     pub kv_bytes: usize,
     /// Prompt positions the prefix cache supplied.
     pub cached_tokens: usize,
+    /// Steps its tokens did not spend under a lowered elastic cap.
+    pub elastic_steps_shed: usize,
     /// What its decoding strategy did.
     pub counts: StrategyCounts,
     /// With `report_logits`: the logits of every prompt position.
@@ -56,6 +59,7 @@ impl Completion {
             finish_reason: FinishReason::Length,
             kv_bytes: 0,
             cached_tokens: 0,
+            elastic_steps_shed: 0,
             counts: StrategyCounts::default(),
             prompt_logits: Vec::new(),
             token_logits: Vec::new(),
@@ -134,6 +138,7 @@ impl Driver {
             max_kv_bytes: usize::MAX,
             max_tick_rows,
             prefix_cache_bytes: 0,
+            elastic: ElasticTargets::default(),
         };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(crate::cpu_threads::configured()).build().ok();
         Self { scheduler: Scheduler::new(model.clone(), tokenizer, limits, "driver"), model, pool }
@@ -242,9 +247,10 @@ fn drain(
                 c.text.push_str(&text);
                 c.logprobs.extend(logprobs);
             }
-            Event::Finished { choice, reason, text, kv_bytes, counts, cached_tokens } => {
+            Event::Finished { choice, reason, text, kv_bytes, counts, cached_tokens, elastic_steps_shed } => {
                 let c = &mut job.choices[choice];
                 c.cached_tokens = cached_tokens;
+                c.elastic_steps_shed = elastic_steps_shed;
                 c.counts = counts;
                 c.text.push_str(&text);
                 c.finish_reason = reason;

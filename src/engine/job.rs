@@ -63,7 +63,8 @@ pub enum Event {
     },
     /// The choice ended; `text` is any text released at the end, `kv_bytes` what its K/V cache
     /// held (freed before this event is sent), `counts` what its decoding strategy did,
-    /// `cached_tokens` the prompt positions the prefix cache supplied to its prefill.
+    /// `cached_tokens` the prompt positions the prefix cache supplied to its prefill,
+    /// `elastic_steps_shed` the steps its tokens did not spend under a lowered elastic cap.
     Finished {
         choice: usize,
         reason: FinishReason,
@@ -71,6 +72,7 @@ pub enum Event {
         kv_bytes: usize,
         counts: StrategyCounts,
         cached_tokens: usize,
+        elastic_steps_shed: usize,
     },
     /// Raw next-token logits (only for a job with `report_logits`): every prompt position after
     /// the prompt's pass, then, before each later token's `Token` event, the row that produced it.

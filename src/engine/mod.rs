@@ -3,7 +3,9 @@
 
 mod constrained;
 pub mod decoder;
+mod depth;
 pub mod driver;
+pub mod elastic;
 pub mod fault;
 pub mod job;
 pub mod prefix;
@@ -15,6 +17,7 @@ pub mod wavefront;
 pub mod worker;
 
 pub use driver::{Completion, Driver, RunError};
+pub use elastic::ElasticTargets;
 pub use fault::SequenceFault;
 pub use job::{
     DraftCounts, EngineFailure, Event, ExitReason, Job, JobHandle, JobSpec, StrategyCounts, TokenLogprobs, ValidJob,

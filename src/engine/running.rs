@@ -105,6 +105,31 @@ impl Running {
         self.seq.cached_tokens
     }
 
+    /// Whether its job set an elastic floor (`min_num_steps`).
+    pub fn is_elastic(&self) -> bool {
+        self.seq.is_elastic()
+    }
+
+    /// Its worker's depth factor is `factor` (elastic depth): its tokens' cap from the next one.
+    pub fn set_depth(&mut self, factor: f64) {
+        self.seq.set_depth(factor);
+    }
+
+    /// The inter-token latencies it saw since the last call (elastic sequences only).
+    pub fn take_itl(&mut self) -> impl Iterator<Item = f64> + '_ {
+        self.seq.take_itl()
+    }
+
+    /// The share of an admission slot it takes (its cap over `num_steps`).
+    pub fn slot_share(&self) -> f64 {
+        self.seq.slot_share()
+    }
+
+    /// The depth factor at or below which it runs at its floor (`None`: not elastic).
+    pub fn floor_factor(&self) -> Option<f64> {
+        self.seq.floor_factor()
+    }
+
     /// Positions of the chunk being iterated: first and count.
     pub fn positions(&self) -> (usize, usize) {
         (self.seq.chunk.start, self.seq.chunk.len)
@@ -339,8 +364,9 @@ impl Running {
     pub fn send_finished(&mut self, reason: FinishReason, kv_bytes: usize) {
         let text = self.seq.finish_text();
         let counts = self.decoder.counts();
-        let cached_tokens = self.seq.cached_tokens;
-        self.seq.send(Event::Finished { choice: self.seq.choice, reason, text, kv_bytes, counts, cached_tokens });
+        let (cached_tokens, elastic_steps_shed) = (self.seq.cached_tokens, self.seq.elastic.shed);
+        let choice = self.seq.choice;
+        self.seq.send(Event::Finished { choice, reason, text, kv_bytes, counts, cached_tokens, elastic_steps_shed });
     }
 
     /// Ends the choice's job with an error event.

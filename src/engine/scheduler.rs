@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use metrics::{counter, gauge, histogram};
 
+use super::elastic::{DepthController, ElasticTargets};
 use super::fault::SequenceFault;
 use super::job::{EngineFailure, Event, Job, StrategyCounts};
 use super::prefix::{Digest32, PrefixCache};
@@ -33,6 +34,8 @@ pub struct SchedulerLimits {
     pub max_tick_rows: usize,
     /// Bytes of prompt K/V the prefix cache may keep (0: no cache), within `max_kv_bytes`.
     pub prefix_cache_bytes: usize,
+    /// Elastic depth's targets (none: off).
+    pub elastic: ElasticTargets,
 }
 
 /// What a worker holds: running sequences, their K/V bytes and their K/V reservation (sequences
@@ -64,6 +67,8 @@ pub struct Scheduler {
     prefix: Option<PrefixCache>,
     /// What identifies the model in the prefix cache's keys.
     fingerprint: Digest32,
+    /// Elastic depth's controller (off without targets).
+    depth: DepthController,
 }
 
 impl Scheduler {
@@ -80,6 +85,7 @@ impl Scheduler {
             worker,
             reporter: None,
             published_waiting: None,
+            depth: DepthController::new(limits.elastic, Instant::now()),
         }
     }
 
@@ -134,12 +140,24 @@ impl Scheduler {
 
     /// Whether `job` fits now (sequence slots and reserved K/V memory). An empty scheduler takes any
     /// job, so one too large for the limits still runs alone rather than waiting forever.
+    ///
+    /// Slots are counted at each sequence's depth: an elastic sequence whose cap is a fraction of
+    /// its `num_steps` takes that fraction of a slot, so more elastic jobs are admitted as the
+    /// depth factor falls, while each has a row of each pass (an elastic job is admitted only while
+    /// the sequences fit in `max_tick_rows`); memory is reserved for their full depth.
     pub fn has_room_for(&self, job: &Job) -> bool {
         if self.running.is_empty() {
             return true;
         }
         let reserved: usize = self.running.iter().map(Running::reserved_kv).sum();
-        self.running.len() + job.spec.n <= self.limits.max_active_sequences
+        let slots = self.running.iter().map(Running::slot_share).sum::<f64>() + self.slot_share(job);
+        // An elastic job also needs a row of each pass for every sequence (a plain one is planned
+        // before the elastic ones, whatever their number).
+        let rows = job.spec.params.min_num_steps.is_none()
+            || self.limits.max_tick_rows == 0
+            || self.running.len() + job.spec.n <= self.limits.max_tick_rows;
+        slots <= self.limits.max_active_sequences as f64 + 1e-9
+            && rows
             && reserved.saturating_add(job.kv_reservation).saturating_add(self.prefix_held())
                 <= self.limits.max_kv_bytes
     }
@@ -147,15 +165,19 @@ impl Scheduler {
     /// Starts a job: its choices' prompt preludes run now; they iterate from the next tick. A job
     /// that fails to start gets an error event, and the error is returned.
     pub fn admit(&mut self, job: Job) -> Result<()> {
-        histogram!(m::QUEUE_WAIT).record(job.submitted.elapsed().as_secs_f64());
+        let waited = job.submitted.elapsed().as_secs_f64();
+        histogram!(m::QUEUE_WAIT).record(waited);
+        self.depth.observe_queue_wait(waited);
         counter!(m::PROMPT_TOKENS).increment((job.spec.prompt.len() * job.spec.n) as u64);
-        let shared = Arc::new(JobShared::new(job, self.worker.clone(), self.block_keys()));
+        let steps = self.prefill_depth(&job.spec);
+        let shared = Arc::new(JobShared::new(job, self.worker.clone(), steps, self.block_keys(steps)));
         let spec = shared.spec.clone();
         if spec.params.max_tokens == 0 && !spec.prompt_logprobs && !spec.report_logits {
             for choice in 0..spec.n {
                 shared.choice_done();
                 let event = Event::Finished {
                     cached_tokens: 0,
+                    elastic_steps_shed: 0,
                     choice,
                     reason: FinishReason::Length,
                     text: String::new(),
@@ -166,7 +188,14 @@ impl Scheduler {
             }
             return Ok(());
         }
-        let started = (0..spec.n).map(|c| Running::new(shared.clone(), c, &self.model)).collect::<Result<Vec<_>>>();
+        let factor = self.depth.factor();
+        let started = (0..spec.n)
+            .map(|c| {
+                let mut r = Running::new(shared.clone(), c, &self.model)?;
+                r.set_depth(factor);
+                Ok(r)
+            })
+            .collect::<Result<Vec<_>>>();
         match started.and_then(|fresh| self.start_prefills(&shared, fresh)) {
             Ok(fresh) => {
                 self.running.extend(fresh);
@@ -186,10 +215,12 @@ impl Scheduler {
     pub fn tick(&mut self) -> Result<bool> {
         self.drop_cancelled();
         if self.running.is_empty() {
+            self.control_depth();
             return Ok(false);
         }
         let started = Instant::now();
         let advanced = self.step_all()?;
+        self.control_depth();
         self.drop_finished();
         if advanced {
             histogram!(m::TICK_DURATION).record(started.elapsed().as_secs_f64());
@@ -252,25 +283,30 @@ impl Scheduler {
     /// Rows of this pass for each sequence of `order` in `stage` (index, rows), as far as the
     /// budget goes: decoding tokens (first in `order`) take their row, then the chunks of many
     /// rows share what is left (see [`prompt_shares`]): verifications and parallel windows
-    /// first, then the prompts.
+    /// first, then the prompts. The sequences of requests without elastic depth are planned
+    /// first, as if the elastic ones were not there; the elastic ones share what is left.
     fn plan(&self, order: &[usize], stage: Stage) -> Plan {
         let mut left = if self.limits.max_tick_rows == 0 { usize::MAX } else { self.limits.max_tick_rows };
         let mut plan = Vec::new();
-        let mut prompts = Vec::new();
-        for &i in order {
-            let r = &self.running[i];
-            if r.is_finished() || r.stage() != stage || r.remaining() == 0 {
-                continue;
+        for elastic in [false, true] {
+            let mut prompts = Vec::new();
+            for &i in order {
+                let r = &self.running[i];
+                if r.is_elastic() != elastic || r.is_finished() || r.stage() != stage || r.remaining() == 0 {
+                    continue;
+                }
+                if r.is_prefill() || r.positions().1 > 1 {
+                    prompts.push((i, r.remaining()));
+                } else if left > 0 {
+                    let rows = r.remaining().min(left);
+                    plan.push((i, rows));
+                    left -= rows;
+                }
             }
-            if r.is_prefill() || r.positions().1 > 1 {
-                prompts.push((i, r.remaining()));
-            } else if left > 0 {
-                let rows = r.remaining().min(left);
-                plan.push((i, rows));
-                left -= rows;
-            }
+            let shares = prompt_shares(&prompts, left);
+            left -= shares.iter().map(|&(_, rows)| rows).sum::<usize>();
+            plan.extend(shares);
         }
-        plan.extend(prompt_shares(&prompts, left));
         plan.sort_unstable();
         plan
     }
@@ -464,6 +500,8 @@ fn planned<'a>(
     })
 }
 
+#[path = "scheduler_depth.rs"]
+mod depth;
 #[path = "scheduler_prefill.rs"]
 mod prefill;
 

@@ -29,11 +29,12 @@ pub fn prefill_steps(spec: &JobSpec) -> usize {
     }
 }
 
-/// What a prompt's K/V depends on besides its tokens, for `spec` on the model `fingerprint`.
-pub fn prefill_key(fingerprint: &Digest32, spec: &JobSpec) -> PrefillKey {
+/// What a prompt's K/V depends on besides its tokens, for `spec` prefilled over `steps` on the
+/// model `fingerprint`.
+pub fn prefill_key(fingerprint: &Digest32, spec: &JobSpec, steps: usize) -> PrefillKey {
     let exit = spec.params.exit;
     let gate = exit.criterion.needs_gate().then_some(exit.threshold);
-    PrefillKey::new(fingerprint, prefill_steps(spec), spec.params.init_scale, gate)
+    PrefillKey::new(fingerprint, steps, spec.params.init_scale, gate)
 }
 
 impl Scheduler {
@@ -65,10 +66,10 @@ impl Scheduler {
         }
     }
 
-    /// The prompt's block keys, when the worker caches prefixes.
-    pub(super) fn block_keys(&self) -> impl FnOnce(&JobSpec, &PromptChain) -> Vec<Digest32> + use<> {
+    /// The prompt's block keys (its prefill over `steps`), when the worker caches prefixes.
+    pub(super) fn block_keys(&self, steps: usize) -> impl FnOnce(&JobSpec, &PromptChain) -> Vec<Digest32> + use<> {
         let (caching, fingerprint) = (self.prefix.is_some(), self.fingerprint);
-        move |spec, chain| if caching { chain.block_keys(&prefill_key(&fingerprint, spec)) } else { Vec::new() }
+        move |spec, chain| if caching { chain.block_keys(&prefill_key(&fingerprint, spec, steps)) } else { Vec::new() }
     }
 
     /// A new job's choices start their prefills: the first from the cache; the others too, or,
@@ -104,7 +105,7 @@ impl Scheduler {
         counter!(m::PREFIX_QUERIES, "worker" => self.worker.to_string()).increment(prompt as u64);
         counter!(m::PREFIX_HITS, "worker" => self.worker.to_string()).increment(len as u64);
         let cfg = self.model.config();
-        let layout = PrefixLayout::new(cfg, prefill_steps(spec));
+        let layout = PrefixLayout::new(cfg, shared.prefill_steps);
         let block_bytes = layout.block_bytes(cfg, self.model.kv_dtype(), self.model.activation_dtype());
         let first = blocks.len();
         let wanted = if record { keys.len().saturating_sub(first) } else { 0 };

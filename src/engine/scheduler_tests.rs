@@ -5,6 +5,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 
 use super::*;
+use crate::engine::elastic::ElasticTargets;
 use crate::engine::job::{EVENTS_PER_CHOICE, EngineFailure, ExitReason, JobHandle, JobSpec};
 use crate::engine::shared::kv_reservation;
 use crate::generate::GenerationParams;
@@ -13,11 +14,19 @@ use crate::model::CacheStrategy;
 const PROMPT: [u32; 7] = [322, 295, 326, 373, 310, 383, 86];
 
 fn scheduler() -> Scheduler {
+    scheduler_with(SchedulerLimits {
+        max_active_sequences: 8,
+        max_kv_bytes: 1 << 30,
+        max_tick_rows: 0,
+        prefix_cache_bytes: 0,
+        elastic: ElasticTargets::default(),
+    })
+}
+
+fn scheduler_with(limits: SchedulerLimits) -> Scheduler {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/huginn-tiny-ref");
     let model = Arc::new(HuginnModel::load(&dir, DType::F32, &Device::Cpu).expect("fixture"));
     let tokenizer = Arc::new(TextTokenizer::load(&dir, model.config()).expect("tokenizer"));
-    let limits =
-        SchedulerLimits { max_active_sequences: 8, max_kv_bytes: 1 << 30, max_tick_rows: 0, prefix_cache_bytes: 0 };
     Scheduler::new(model, tokenizer, limits, "test")
 }
 
@@ -236,3 +245,6 @@ fn a_fault_in_one_sequence_fails_only_its_job() {
     assert_eq!(s.totals(), Totals::default());
     assert_eq!(healthy_ids, expected, "the other job's tokens are exactly what it produces alone");
 }
+
+#[path = "scheduler_depth_tests.rs"]
+mod depth;

@@ -12,6 +12,7 @@ use metrics::{counter, histogram};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+use super::depth::ElasticDepth;
 use super::fault::SequenceFault;
 use super::job::{EngineFailure, Event, ExitReason, Job, JobSpec, token_logprobs};
 use super::shared::JobShared;
@@ -183,6 +184,8 @@ pub struct Sequence {
     pub(super) capture_bytes: usize,
     /// What the output must match, advanced by every emitted token.
     pub(super) constraint: Option<Constraint>,
+    /// Its elastic depth (`engine::depth`), for a generation with a floor.
+    pub(super) elastic: ElasticDepth,
 }
 
 /// One token to emit: the logits that produced it (`raw`), after `steps` steps, why they stopped,
@@ -240,6 +243,7 @@ impl Sequence {
             capture: None,
             capture_bytes: 0,
             constraint: spec.constraint.clone(),
+            elastic: ElasticDepth::new(spec.params.min_num_steps),
         })
     }
 
@@ -390,7 +394,10 @@ impl Sequence {
         let now = Instant::now();
         match self.last_token_at {
             None => histogram!(m::TIME_TO_FIRST_TOKEN).record(self.shared.job.submitted.elapsed().as_secs_f64()),
-            Some(last) => histogram!(m::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64()),
+            Some(last) => {
+                histogram!(m::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64());
+                self.elastic.observe_itl((now - last).as_secs_f64());
+            }
         }
         self.last_token_at = Some(now);
         let piece = self.text.push(tokenizer, token)?;

@@ -20,17 +20,26 @@ pub struct JobShared {
     pub chain: PromptChain,
     /// The keys of the prompt's complete blocks in the worker's prefix cache (none without one).
     pub block_keys: Vec<Digest32>,
+    /// The steps its prompt's prefill runs (set at admission: `num_steps`, or less under a step
+    /// budget or elastic depth).
+    pub prefill_steps: usize,
 }
 
 impl JobShared {
-    /// `keys` gives the prompt's block keys from its hash chain (when the worker caches prefixes).
-    pub fn new(job: Job, worker: Arc<str>, keys: impl FnOnce(&JobSpec, &PromptChain) -> Vec<Digest32>) -> Self {
+    /// `keys` gives the prompt's block keys from its hash chain (when the worker caches prefixes);
+    /// the prompt's prefill runs `prefill_steps`.
+    pub fn new(
+        job: Job,
+        worker: Arc<str>,
+        prefill_steps: usize,
+        keys: impl FnOnce(&JobSpec, &PromptChain) -> Vec<Digest32>,
+    ) -> Self {
         metrics::gauge!(crate::metrics::REQUESTS_RUNNING, "worker" => worker.to_string()).increment(1.0);
         let spec = Arc::new(job.spec.clone());
         let open_choices = AtomicUsize::new(spec.n.max(1));
         let chain = PromptChain::new(&spec.prompt);
         let block_keys = keys(&spec, &chain);
-        Self { job, spec, worker, open_choices, chain, block_keys }
+        Self { job, spec, worker, open_choices, chain, block_keys, prefill_steps }
     }
 
     /// A choice is about to send its last event: the job leaves the running gauge with its last

@@ -69,6 +69,8 @@ struct WorkerShared {
     restarts: AtomicU64,
     /// Fault drill: the worker panics at its next tick.
     inject_fault: AtomicBool,
+    /// Its elastic depth factor (the bits of an f64; 0 before it first publishes: read as 1).
+    depth_factor: AtomicU64,
     /// Woken whenever the work in flight may have dropped (shared by all workers of an engine).
     changed: Arc<tokio::sync::Notify>,
 }
@@ -156,6 +158,8 @@ impl Engine {
                     counter!(series, "worker" => shared.label.clone()).increment(0);
                 }
                 gauge!(m::PREFIX_BYTES, "worker" => shared.label.clone()).set(0.0);
+                gauge!(m::DEPTH_FACTOR, "worker" => shared.label.clone()).set(1.0);
+                counter!(m::ELASTIC_STEPS_SHED).increment(0);
                 let (tokenizer, guard, up) = (tokenizer.clone(), AliveGuard(shared.clone()), up_tx.clone());
                 let replica = model.clone();
                 let thread = std::thread::Builder::new()
@@ -289,6 +293,17 @@ impl Engine {
     /// K/V cache bytes held by running sequences, over all workers.
     pub fn kv_bytes(&self) -> usize {
         self.workers.iter().map(|w| w.shared.kv_bytes.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Per worker: elastic depth's factor (1 when elastic depth is off).
+    pub fn depth_factors(&self) -> Vec<f64> {
+        self.workers
+            .iter()
+            .map(|w| match w.shared.depth_factor.load(Ordering::Relaxed) {
+                0 => 1.0,
+                bits => f64::from_bits(bits),
+            })
+            .collect()
     }
 
     /// Per worker: (sequences running, K/V bytes held).
@@ -471,6 +486,7 @@ fn run_worker(
                     }
                 }
                 Some(job) => {
+                    scheduler.observe_waiting(job.submitted.elapsed().as_secs_f64());
                     next = Some(job);
                     break;
                 }
@@ -505,5 +521,6 @@ fn run_worker(
             return Stop::Fault { message, next: next.map(Box::new) };
         }
         shared.publish(scheduler.totals());
+        shared.depth_factor.store(scheduler.depth_factor().to_bits(), Ordering::Relaxed);
     }
 }

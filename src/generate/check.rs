@@ -55,6 +55,17 @@ impl GenerationParams {
             return Err(FieldError::new("min_steps", message));
         }
         named("init_scale", ranges::init_scale(self.init_scale))?;
+        if let Some(floor) = self.min_num_steps {
+            if !(1..=num_steps).contains(&floor) {
+                let message = format!("`min_num_steps` must be between 1 and num_steps ({num_steps}), got {floor}");
+                return Err(FieldError::new("min_num_steps", message));
+            }
+            if !matches!(self.decoding, Decoding::Sequential { .. }) {
+                let message = "`min_num_steps` (elastic depth) works with sequential decoding, not with speculation \
+                               or the parallel sampler";
+                return Err(FieldError::new("min_num_steps", message));
+            }
+        }
         match self.decoding {
             Decoding::Sequential { .. } => {}
             Decoding::Speculative(s) => {

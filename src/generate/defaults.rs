@@ -51,6 +51,8 @@ pub struct GenerationSettings {
     pub max_tokens: usize,
     /// Recurrence steps per token; unset means the model's `mean_recurrence`.
     pub num_steps: Option<usize>,
+    /// Elastic depth's floor for requests that do not give `min_num_steps`; unset: not elastic.
+    pub min_num_steps: Option<usize>,
     pub exit_criterion: ExitCriterion,
     /// Unset means the criterion's reference default.
     pub exit_threshold: Option<f64>,
@@ -88,6 +90,7 @@ impl Default for GenerationSettings {
         Self {
             max_tokens: 32,
             num_steps: None,
+            min_num_steps: None,
             exit_criterion: ExitCriterion::None,
             exit_threshold: None,
             min_steps: 0,
@@ -144,6 +147,11 @@ impl GenerationSettings {
         let params = |decoding: Decoding| GenerationParams {
             max_tokens: self.max_tokens,
             num_steps: depth.steps,
+            // Cut to the depth and given way to the other decodings (below), as a request's
+            // default floor is; 0 is refused.
+            min_num_steps: matches!(decoding, Decoding::Sequential { .. })
+                .then_some(self.min_num_steps.map(|m| m.min(depth.steps)))
+                .flatten(),
             exit,
             exit_kv: self.exit_kv,
             init_scale: self.init_scale,

@@ -27,6 +27,9 @@ pub struct GenerationParams {
     pub max_tokens: usize,
     /// Recurrence cap per token (and the depth of the prompt prefill).
     pub num_steps: usize,
+    /// Elastic depth: under overload the worker may cap this generation's tokens anywhere
+    /// between this floor and `num_steps` (`None`: never).
+    pub min_num_steps: Option<usize>,
     pub exit: ExitRule,
     /// What an early exit does to the K/V of the loops it skips.
     pub exit_kv: ExitKv,
@@ -77,6 +80,7 @@ impl GenerationParams {
         Self {
             max_tokens: 16,
             num_steps,
+            min_num_steps: None,
             exit: ExitRule::default(),
             exit_kv: ExitKv::default(),
             init_scale: 1.0,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::check::{FieldError, count, named};
 use super::defaults::{GenerationSettings, LimitSettings};
 use super::parallel::{FreezeRule, SamplerKind};
-use super::{GenerationParams, SamplingParams, ranges};
+use super::{Decoding, GenerationParams, SamplingParams, ranges};
 use crate::model::{CacheStrategy, ExitCriterion, ExitKv, ExitRule};
 
 /// The generation fields of a request. `None` (or JSON `null`) means "not given".
@@ -19,6 +19,8 @@ use crate::model::{CacheStrategy, ExitCriterion, ExitKv, ExitRule};
 pub struct GenerationRequest {
     pub max_tokens: Option<i64>,
     pub num_steps: Option<i64>,
+    /// Elastic depth's floor: the worker may cap this request's tokens down to it under overload.
+    pub min_num_steps: Option<i64>,
     pub exit_criterion: Option<ExitCriterion>,
     pub exit_threshold: Option<f64>,
     /// `skip` or `fill`: what an early exit does to the K/V of the loops it skips.
@@ -118,6 +120,13 @@ impl GenerationRequest {
         named("init_scale", ranges::init_scale(init_scale))?;
 
         let decoding = self.decoding(defaults, limits, num_steps)?;
+        // The request's floor is checked against its num_steps and decoding; a default floor is cut
+        // to num_steps and gives way to decodings it does not apply to.
+        let min_num_steps = match (self.min_num_steps, decoding) {
+            (Some(v), _) => Some(count("min_num_steps", v, 1, num_steps)?),
+            (None, Decoding::Sequential { .. }) => defaults.min_num_steps.map(|m| m.min(num_steps)),
+            (None, _) => None,
+        };
 
         let in_vocabulary = |name: &str, id: i64| {
             u32::try_from(id).ok().filter(|&id| (id as usize) < vocab).ok_or_else(|| {
@@ -150,6 +159,7 @@ impl GenerationRequest {
         let params = GenerationParams {
             max_tokens: max_tokens.unwrap_or(defaults.max_tokens.min(limits.max_tokens)),
             num_steps,
+            min_num_steps,
             exit,
             exit_kv: self.exit_kv.unwrap_or(defaults.exit_kv),
             init_scale,

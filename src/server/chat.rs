@@ -32,7 +32,7 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
     let prompt = ids.pop().unwrap_or_default();
     valid.common.compiled = structured::compile(&state, valid.common.constraint.take()).await?;
     let common = &valid.common;
-    let usage = Usage::new(prompt.len() * common.n, &common.params.decoding);
+    let usage = Usage::new(prompt.len() * common.n, &common.params);
     let job = valid.job(&state, prompt)?;
     let writer = ChatWriter {
         id: format!("chatcmpl-{}", unique_id()),

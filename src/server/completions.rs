@@ -38,7 +38,7 @@ pub async fn create(State(state): State<AppState>, body: Result<Bytes, BytesReje
             .collect()
     });
     let common = &valid.common;
-    let usage = Usage::new(ids.iter().map(|p| p.len() * common.n).sum(), &common.params.decoding);
+    let usage = Usage::new(ids.iter().map(|p| p.len() * common.n).sum(), &common.params);
     let writer = CompletionWriter {
         id: format!("cmpl-{}", unique_id()),
         created: unix_time(),

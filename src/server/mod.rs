@@ -93,6 +93,7 @@ pub fn build_state(settings: Settings, dir: &Path) -> Result<AppState, StartErro
         max_kv_bytes: settings.engine.max_kv_bytes,
         max_tick_rows: settings.engine.max_tick_rows,
         prefix_cache_bytes: settings.engine.prefix_cache_bytes,
+        elastic: settings.engine.elastic_targets(),
     };
     // The recorder first: the workers register their series (at zero) as they start.
     let metrics = crate::metrics::install();

@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::state::Lease;
 use super::wire::{PromptTokensDetails, UsageBody};
 use crate::engine::{Event, JobHandle, StrategyCounts, TokenLogprobs};
-use crate::generate::{Decoding, FinishReason};
+use crate::generate::{FinishReason, GenerationParams};
 
 /// A choice as it accumulates.
 #[derive(Debug, Default)]
@@ -28,6 +28,8 @@ pub struct Choice {
     pub counts: StrategyCounts,
     /// Prompt tokens the prefix cache supplied.
     pub cached_tokens: usize,
+    /// Steps its tokens did not spend under a lowered elastic cap.
+    pub elastic_steps_shed: usize,
 }
 
 /// One token of a streamed chunk.
@@ -48,18 +50,22 @@ pub struct Usage {
     pub recurrence_steps: usize,
     /// The decoding strategy's figures, summed over the choices.
     pub strategy: StrategyCounts,
+    /// Steps shed under elastic depth, when the request is elastic (`usage.elastic_steps_shed`).
+    pub elastic_steps_shed: Option<usize>,
 }
 
 impl Usage {
-    /// No completion yet: `prompt_tokens`, and zero figures of the strategy `decoding` uses (a
-    /// speculating request reports its drafts even when it made none).
-    pub fn new(prompt_tokens: usize, decoding: &Decoding) -> Self {
+    /// No completion yet: `prompt_tokens`, and zero figures of the strategy `params` use (a
+    /// speculating request reports its drafts even when it made none; an elastic one its shed
+    /// steps even when it shed none).
+    pub fn new(prompt_tokens: usize, params: &GenerationParams) -> Self {
         Self {
             prompt_tokens,
             cached_tokens: 0,
             completion_tokens: 0,
             recurrence_steps: 0,
-            strategy: StrategyCounts::zero_for(decoding),
+            strategy: StrategyCounts::zero_for(&params.decoding),
+            elastic_steps_shed: params.min_num_steps.map(|_| 0),
         }
     }
 
@@ -67,8 +73,15 @@ impl Usage {
     pub fn add_choice(&mut self, choice: &Choice) {
         self.completion_tokens += choice.token_ids.len();
         self.cached_tokens += choice.cached_tokens;
+        self.add_shed(choice.elastic_steps_shed);
         self.recurrence_steps += choice.steps.iter().sum::<usize>();
         self.strategy += choice.counts;
+    }
+
+    fn add_shed(&mut self, steps: usize) {
+        if let Some(shed) = &mut self.elastic_steps_shed {
+            *shed += steps;
+        }
     }
 
     pub fn body(&self) -> UsageBody {
@@ -82,6 +95,7 @@ impl Usage {
             recurrence_steps: self.recurrence_steps,
             mean_steps_per_token: mean,
             strategy: self.strategy.into(),
+            elastic_steps_shed: self.elastic_steps_shed,
         }
     }
 }
@@ -135,9 +149,10 @@ async fn collect_events(jobs: Vec<(JobHandle, usize)>, choices: usize) -> Result
                 c.steps.push(steps);
                 c.logprobs.extend(logprobs);
             }
-            Event::Finished { choice, reason, text, counts, cached_tokens, .. } => {
+            Event::Finished { choice, reason, text, counts, cached_tokens, elastic_steps_shed, .. } => {
                 let c = &mut out[base + choice];
                 c.cached_tokens = cached_tokens;
+                c.elastic_steps_shed = elastic_steps_shed;
                 c.text.push_str(&text);
                 c.finish = Some(reason);
                 c.counts = counts;
@@ -230,10 +245,11 @@ pub fn stream(
                     held.push(Streamed { text, steps, logprobs });
                     (!more).then(|| writer.token(base + choice, &std::mem::take(held)))
                 }
-                Event::Finished { choice, reason, text, counts, cached_tokens, .. } => {
+                Event::Finished { choice, reason, text, counts, cached_tokens, elastic_steps_shed, .. } => {
                     finished += 1;
                     usage.strategy += counts;
                     usage.cached_tokens += cached_tokens;
+                    usage.add_shed(elastic_steps_shed);
                     let held = std::mem::take(&mut pending[base + choice]);
                     if !held.is_empty() && !send(writer.token(base + choice, &held).to_string()).await {
                         return;
@@ -306,7 +322,7 @@ mod tests {
         let cancelled = Arc::new(AtomicBool::new(false));
         let handle = JobHandle::new(receiver, cancelled.clone());
         let lease = Lease::new(slot, 0, 1);
-        let usage = Usage::new(0, &Decoding::default());
+        let usage = Usage::new(0, &crate::generate::GenerationParams::new(1));
         let sse = stream(vec![(handle, 0)], 1, Plain, usage, false, lease);
         for i in 0..200 {
             let token = Event::Token {

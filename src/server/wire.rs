@@ -30,6 +30,9 @@ pub struct UsageBody {
     pub mean_steps_per_token: f64,
     #[serde(flatten)]
     pub strategy: StrategyUsage,
+    /// Elastic requests only: steps their tokens did not spend under a lowered cap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub elastic_steps_shed: Option<usize>,
 }
 
 /// `usage.prompt_tokens_details` (OpenAI's): prompt tokens the prefix cache supplied.

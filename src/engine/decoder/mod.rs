@@ -27,9 +27,10 @@ pub use speculative::Speculative;
 
 /// One decoding strategy's state and rules for one sequence.
 pub trait Decoder: Send {
-    /// The recurrence cap of the chunk about to iterate (before the step budget).
+    /// The recurrence cap of the chunk about to iterate (before the step budget): `num_steps`,
+    /// lowered for a generated token of an elastic sequence under load.
     fn num_steps(&self, seq: &Sequence) -> usize {
-        seq.spec().params.num_steps
+        seq.token_cap()
     }
 
     /// Whether the chunk (not a prompt: a prompt never exits early) may stop at its exit criterion.

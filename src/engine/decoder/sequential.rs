@@ -29,6 +29,7 @@ pub(super) fn emit_sampled(
 ) -> Result<AfterToken, SequenceFault> {
     let exit = seq.exit_reason();
     let steps = seq.chunk.step;
+    seq.count_shed(exit, steps);
     if seq.prefill && seq.spec().params.continuous_compute() {
         seq.chunk.state = seq.chunk.state.narrow(0, seq.chunk.len - 1, 1)?;
     }

@@ -1,0 +1,72 @@
+//! How the scheduler runs elastic depth (docs/DESIGN.md, "Elastic depth"): the controller's
+//! signals (the inter-token latencies of elastic sequences, the queue's waits), the factor it
+//! sets on the running elastic sequences, and the admission slots they take at that depth.
+
+use metrics::gauge;
+use std::time::Instant;
+
+use super::Scheduler;
+use super::prefill;
+use crate::engine::elastic::scaled_cap;
+use crate::engine::job::{Job, JobSpec};
+use crate::engine::running::Running;
+use crate::metrics as m;
+
+impl Scheduler {
+    /// The job at the head of the queue has waited `seconds` so far (elastic depth's queue signal).
+    pub fn observe_waiting(&mut self, seconds: f64) {
+        self.depth.observe_waiting(seconds);
+    }
+
+    /// Elastic depth's factor now.
+    pub fn depth_factor(&self) -> f64 {
+        self.depth.factor()
+    }
+
+    /// Elastic depth: the latencies this tick's tokens saw go to the controller; at the end of a
+    /// control period it sets the factor, and the running elastic sequences take their new caps.
+    pub(super) fn control_depth(&mut self) {
+        if !self.depth.is_on() {
+            return;
+        }
+        for r in &mut self.running {
+            for seconds in r.take_itl() {
+                self.depth.observe_itl(seconds);
+            }
+        }
+        let lowest = self.running.iter().filter_map(Running::floor_factor).fold(0.0, f64::max);
+        if let Some(factor) = self.depth.update(Instant::now(), lowest) {
+            self.set_depth_factor(factor);
+        }
+    }
+
+    /// Every elastic sequence takes the caps of `factor` (published as the worker's gauge).
+    pub(super) fn set_depth_factor(&mut self, factor: f64) {
+        self.depth.set_factor(factor);
+        gauge!(m::DEPTH_FACTOR, "worker" => self.worker.to_string()).set(factor);
+        for r in &mut self.running {
+            r.set_depth(factor);
+        }
+    }
+
+    /// The steps `spec`'s prompt prefill runs if admitted now: `num_steps` (or the step budget),
+    /// lowered for an elastic job to its tokens' cap at the current factor.
+    pub(super) fn prefill_depth(&self, spec: &JobSpec) -> usize {
+        let steps = prefill::prefill_steps(spec);
+        match spec.params.min_num_steps {
+            Some(floor) => steps.min(scaled_cap(spec.params.num_steps, floor, self.depth.factor())),
+            None => steps,
+        }
+    }
+
+    /// The admission slots `job`'s choices take at the current factor: each its cap over its
+    /// `num_steps` when elastic, one otherwise.
+    pub(super) fn slot_share(&self, job: &Job) -> f64 {
+        let params = &job.spec.params;
+        let share = match params.min_num_steps {
+            Some(floor) => scaled_cap(params.num_steps, floor, self.depth.factor()) as f64 / params.num_steps as f64,
+            None => 1.0,
+        };
+        share * job.spec.n as f64
+    }
+}
