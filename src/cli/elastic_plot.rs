@@ -7,7 +7,7 @@ const W: f64 = 720.0;
 const PANEL: f64 = 170.0;
 const LEFT: f64 = 70.0;
 const RIGHT: f64 = 20.0;
-const TOP: f64 = 40.0;
+const TOP: f64 = 56.0;
 const GAP: f64 = 45.0;
 const COLORS: [&str; 4] = ["#d62728", "#ff7f0e", "#1f77b4", "#9467bd"];
 
@@ -85,7 +85,7 @@ pub fn timeline_svg(
         let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
         (lo.max(1e-3).log10().floor(), hi.max(1e-3).log10().ceil().max(lo.max(1e-3).log10().floor() + 1.0))
     };
-    let height = TOP + 3.0 * PANEL + 2.0 * GAP + 50.0;
+    let height = TOP + 3.0 * PANEL + 2.0 * GAP + 100.0;
     let mut svg = String::new();
     let _ = writeln!(
         svg,
@@ -94,8 +94,9 @@ pub fn timeline_svg(
     let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         svg,
-        r#"<text x="{}" y="16" text-anchor="middle" font-size="14">Open-loop load ramped 0.5x to 3x and back: three servers</text>"#,
-        W / 2.0
+        r#"<text x="{}" y="16" text-anchor="middle" font-size="14">Open-loop load ramped 0.5x to 3x and back: {} servers</text>"#,
+        W / 2.0,
+        ttft.len()
     );
     for (p, multiple) in phases.iter().enumerate() {
         let (a, b) = (x(p as f64 * phase), x((p + 1) as f64 * phase));
@@ -107,7 +108,7 @@ pub fn timeline_svg(
                 3.0 * PANEL + 2.0 * GAP
             );
         }
-        let _ = writeln!(svg, r#"<text x="{:.1}" y="32" text-anchor="middle">{multiple}x</text>"#, (a + b) / 2.0);
+        let _ = writeln!(svg, r#"<text x="{:.1}" y="34" text-anchor="middle">{multiple}x</text>"#, (a + b) / 2.0);
     }
     let (lo, hi) = range(ttft, target_ms);
     let first = Panel { top: TOP + 10.0, low: lo, high: hi, log: true };
@@ -133,9 +134,15 @@ pub fn timeline_svg(
         let i = ttft.iter().position(|t| t.name == s.name).unwrap_or(0);
         line(&mut svg, &third, &s.points, COLORS[i % COLORS.len()], &x);
     }
-    let legend_y = third.top + PANEL + 35.0;
+    // Seconds at each phase's end.
+    for p in 0..=phases.len() {
+        let t = p as f64 * phase;
+        let _ =
+            writeln!(svg, r#"<text x="{:.1}" y="{}" text-anchor="middle">{t}</text>"#, x(t), third.top + PANEL + 14.0);
+    }
     for (i, s) in ttft.iter().enumerate() {
-        let lx = LEFT + i as f64 * 160.0;
+        let lx = LEFT + (i % 2) as f64 * 300.0;
+        let legend_y = third.top + PANEL + 48.0 + (i / 2) as f64 * 18.0;
         let color = COLORS[i % COLORS.len()];
         let _ = writeln!(
             svg,
@@ -147,7 +154,7 @@ pub fn timeline_svg(
         );
     }
     let _ =
-        writeln!(svg, r#"<text x="{}" y="{}" text-anchor="middle">seconds</text>"#, W / 2.0, third.top + PANEL + 16.0);
+        writeln!(svg, r#"<text x="{}" y="{}" text-anchor="end">seconds</text>"#, W - RIGHT, third.top + PANEL + 30.0);
     svg.push_str("</svg>\n");
     svg
 }
