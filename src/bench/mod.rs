@@ -8,6 +8,7 @@
 pub mod elastic;
 pub mod interference;
 pub mod load;
+pub mod roofline;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -65,6 +65,12 @@ pub struct BenchArgs {
     /// Where `--structured` writes the width-1024 shape with a 65,536-entry vocabulary (reused).
     #[arg(long, default_value = "target/bench-models/width-1024-v65536")]
     wide_vocab_model: PathBuf,
+    /// Only the roofline section: this CPU's limits and every linear layer shape against them.
+    #[arg(long)]
+    roofline: bool,
+    /// Where `--roofline` writes its picture.
+    #[arg(long, default_value = "docs/roofline.svg")]
+    roofline_svg: PathBuf,
     /// Only the elastic-depth section (rewritten in the report, with its picture).
     #[arg(long)]
     elastic: bool,
@@ -109,6 +115,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         ensure_large_model(&args.large_model)?;
         let default_model = huginn::settings::default_model_dir().context("the default model's folder is missing")?;
         return super::bench_prefix::run(&default_model, &args.large_model, &args.out, args.quick);
+    }
+    if args.roofline {
+        return super::bench_roofline::run(&args.out, &args.roofline_svg, args.quick);
     }
     if args.elastic {
         return super::bench_elastic::run(&args.elastic_model, &args.out, &args.elastic_svg, args.quick);
@@ -177,6 +186,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         + &super::bench_prefix::kept_section(&args.out)
         + &super::bench_structured::kept_section(&args.out)
         + &super::bench_elastic::kept_section(&args.out)
+        + &super::bench_roofline::kept_section(&args.out)
         + &super::bench_speculative::kept_section(&args.out)
         + &super::bench_parallel::kept_section(&args.out);
     if let Some(parent) = args.out.parent() {

@@ -7,6 +7,7 @@ mod bench_full_size;
 mod bench_interference;
 mod bench_parallel;
 mod bench_prefix;
+mod bench_roofline;
 mod bench_serving;
 mod bench_speculative;
 mod bench_structured;
@@ -17,6 +18,7 @@ mod generate;
 mod init_random;
 mod plot;
 mod report_section;
+mod roofline_plot;
 mod serve;
 mod train;
 

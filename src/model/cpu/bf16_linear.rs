@@ -17,6 +17,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::amx::{self, GROUP_COLUMNS, STEP_VALUES, TILE_FEATURES, TILE_ROWS};
+use super::avx512_bf16;
 use super::bf16_pack::pack_group;
 use super::support::{OutPtr, product_rows, weight_buffer};
 use crate::model::bf16_bits::{to_bf16, widen};
@@ -38,14 +39,44 @@ const ZERO_LINE: Line = Line([0; 32]);
 pub enum Kernel {
     /// AMX tiles.
     Amx,
-    /// Plain Rust over the same layout, for CPUs without AMX.
+    /// AVX512_BF16 dot products (`vdpbf16ps`).
+    Avx512Bf16,
+    /// Plain Rust over the same layout, for CPUs without either.
     Portable,
 }
 
 impl Kernel {
-    /// AMX where the CPU and the OS allow it (`HUGINN_DISABLE_AMX` turns it off), else portable.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "amx",
+            Kernel::Avx512Bf16 => "avx512-bf16",
+            Kernel::Portable => "portable",
+        }
+    }
+
+    /// Whether this CPU can run it.
+    pub fn is_available(self) -> bool {
+        match self {
+            Kernel::Amx => amx::available(),
+            Kernel::Avx512Bf16 => avx512_bf16::available(),
+            Kernel::Portable => true,
+        }
+    }
+
+    /// The kernels this CPU can run, fastest first.
+    pub fn available() -> Vec<Self> {
+        [Kernel::Amx, Kernel::Avx512Bf16, Kernel::Portable].into_iter().filter(|k| k.is_available()).collect()
+    }
+
+    /// The fastest available kernel, or the one `HUGINN_BF16_KERNEL` names (`amx`, `avx512-bf16`,
+    /// `portable`) when this CPU has it; `HUGINN_DISABLE_AMX` turns AMX off. Decided once.
     pub fn best() -> Self {
-        if amx::available() { Self::Amx } else { Self::Portable }
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let available = Self::available();
+            let asked = std::env::var("HUGINN_BF16_KERNEL").ok();
+            available.iter().copied().find(|k| asked.as_deref() == Some(k.name())).unwrap_or(available[0])
+        })
     }
 }
 
@@ -121,7 +152,7 @@ impl Bf16Panels {
     /// `xs @ W^T` for `m` rows of `k` float32 inputs: `[m, n]` float32. `Kernel::Amx` on a CPU
     /// without AMX falls back to the portable kernel.
     pub fn multiply(&self, xs: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
-        let kernel = if amx::available() { kernel } else { Kernel::Portable };
+        let kernel = if kernel.is_available() { kernel } else { Kernel::Portable };
         let (n, width) = (self.n, self.steps * TILE_FEATURES);
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
         if m == 0 {
@@ -177,7 +208,13 @@ impl Bf16Panels {
                                 GROUP_COLUMNS * 4,
                             )
                         },
-                        Kernel::Portable => portable_column_group(x, width, weights, &mut tile[..count]),
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: AVX512_BF16 is available (`Kernel::Avx512Bf16` is chosen only
+                        // then); `weights` is one group's aligned lines of `width / 32` steps.
+                        Kernel::Avx512Bf16 => unsafe {
+                            avx512_bf16::column_group(x, width, weights, &mut tile[..count])
+                        },
+                        _ => portable_column_group(x, width, weights, &mut tile[..count]),
                     }
                     for (r, sums) in tile[..count].iter().enumerate() {
                         // SAFETY: this task alone writes columns first_column..+columns of every
@@ -244,7 +281,7 @@ fn column_group(x: &[u16], width: usize, weights: &[u16], out: &mut [[f32; GROUP
 }
 
 /// The candle op: float32 rows in, float32 products out.
-pub(super) struct Bf16Matmul(pub(super) Arc<Bf16Panels>);
+pub(super) struct Bf16Matmul(pub(super) Arc<Bf16Panels>, pub(super) Kernel);
 
 impl CustomOp1 for Bf16Matmul {
     fn name(&self) -> &'static str {
@@ -254,7 +291,8 @@ impl CustomOp1 for Bf16Matmul {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = &self.0;
         let (xs, m) = product_rows(storage, layout, self.name(), w.k)?;
-        let out = w.multiply(xs, m, Kernel::best());
+        let kernel = if self.1.is_available() { self.1 } else { Kernel::best() };
+        let out = w.multiply(xs, m, kernel);
         Ok((CpuStorage::F32(out), Shape::from((m, w.n))))
     }
 }
@@ -278,7 +316,7 @@ mod tests {
     }
 
     fn kernels() -> Vec<Kernel> {
-        if amx::available() { vec![Kernel::Amx, Kernel::Portable] } else { vec![Kernel::Portable] }
+        Kernel::available()
     }
 
     /// Products of bfloat16 values are exact in float32: only the order of the sums differs.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::bf16_linear::{Bf16Matmul, Bf16Panels};
+use super::bf16_linear::{Bf16Matmul, Bf16Panels, Kernel};
 use super::panel_kernel::{MAX_ROWS, PANEL, panels_per_tile, tile, tile_range};
 use super::support::{OutPtr, product_rows, weight_buffer};
 use crate::model::error::{ModelError, Result};
@@ -116,9 +116,15 @@ impl Linear {
 
     /// `xs @ W^T` over the last dimension of `xs` (float32).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_with(xs, Kernel::best())
+    }
+
+    /// [`Self::forward`] through the bfloat16 kernel `kernel` (one this CPU has, from
+    /// [`Kernel::available`]; float32 layers ignore it), for comparing the kernels in one process.
+    pub fn forward_with(&self, xs: &Tensor, kernel: Kernel) -> Result<Tensor> {
         match self {
             Self::F32(panels) => apply_rows(xs, &PanelMatmul(panels.clone()), panels.n),
-            Self::Bf16(panels) => apply_rows(&xs.to_dtype(DType::F32)?, &Bf16Matmul(panels.clone()), panels.n),
+            Self::Bf16(panels) => apply_rows(&xs.to_dtype(DType::F32)?, &Bf16Matmul(panels.clone(), kernel), panels.n),
         }
     }
 }

@@ -6,6 +6,7 @@
 mod add_norm;
 mod amx;
 mod attention;
+mod avx512_bf16;
 mod bf16_linear;
 mod bf16_pack;
 mod kv_write;
@@ -35,6 +36,7 @@ pub fn attend(q: &Tensor, spans: &[(usize, usize)], cached: &[(Tensor, Tensor)])
 pub fn bf16_kernel_description() -> &'static str {
     match Kernel::best() {
         Kernel::Amx => "AMX tiles on this CPU",
-        Kernel::Portable => "this CPU has no AMX: the portable kernel",
+        Kernel::Avx512Bf16 => "AVX512_BF16 dot products on this CPU (no AMX)",
+        Kernel::Portable => "this CPU has neither AMX nor AVX512_BF16: the portable kernel",
     }
 }
