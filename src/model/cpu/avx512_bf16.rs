@@ -5,17 +5,21 @@
 //! column's two weights (the first feature in the low half): exactly the operand `vdpbf16ps`
 //! multiplies with a broadcast pair of inputs, adding both products to the lane's float32 sum. A
 //! block of up to `ROW_BLOCK` rows keeps `ROW_BLOCK × 4` sums (the group's 64 columns) in
-//! registers while the group's lines stream once, so each line loaded feeds `ROW_BLOCK`
-//! instructions. Each output is summed pair by pair in feature order by the same instruction
-//! whatever the number of rows, so a row's bits do not depend on its batch.
+//! registers while a step's lines are read, so each line loaded feeds `ROW_BLOCK` instructions.
+//! Each output is summed pair by pair in feature order by the same instruction whatever the
+//! number of rows, so a row's bits do not depend on its batch.
 
 use super::amx::{GROUP_COLUMNS, STEP_VALUES, TILE_FEATURES};
 
 // A column group is four tiles of 16 columns.
 const _: () = assert!(GROUP_COLUMNS == 64);
 
-/// Rows whose sums stay in registers together (4 × 4 = 16 of the 32 vector registers).
-const ROW_BLOCK: usize = 4;
+/// Rows whose sums stay in registers together (6 × 4 = 24 of the 32 vector registers, with the
+/// four weight lines of a pair beside them).
+const ROW_BLOCK: usize = 6;
+/// How many steps (4 KB each) ahead the weights are prefetched.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_STEPS: usize = 2;
 
 /// Whether this CPU has AVX512_BF16 (asked once).
 pub fn available() -> bool {
@@ -32,63 +36,98 @@ pub fn available() -> bool {
 /// `out[r][j]` for the rows of `x` (each `width` bfloat16 values, `width` a multiple of 32) and one
 /// column group's packed `weights`.
 ///
+/// Step by step (32 features, 4 KB of weights, which stay in the first-level cache), every block
+/// of rows takes the step's 16 feature pairs with its sums in registers, loaded from and stored
+/// back to `out` between steps (exactly: float32 in, float32 out); so the weights stream from
+/// memory once for all the rows, and each output still sums its pairs in feature order.
+///
 /// # Safety
 /// The CPU must have AVX512F and AVX512_BF16 ([`available`]); `weights` must be one group's
 /// lines, 64-byte aligned, `width / 32` steps of `STEP_VALUES` values.
 #[cfg(target_arch = "x86_64")]
 pub unsafe fn column_group(x: &[u16], width: usize, weights: &[u16], out: &mut [[f32; GROUP_COLUMNS]]) {
     let rows = out.len();
-    let mut first = 0;
-    while first < rows {
-        let count = ROW_BLOCK.min(rows - first);
-        let x = &x[first * width..][..count * width];
-        let out = &mut out[first..first + count];
-        // SAFETY: the caller's guarantees, for this block of rows.
-        unsafe {
-            match count {
-                4 => block::<4>(x, width, weights, out),
-                3 => block::<3>(x, width, weights, out),
-                2 => block::<2>(x, width, weights, out),
-                _ => block::<1>(x, width, weights, out),
+    let steps = width / TILE_FEATURES;
+    assert!(weights.len() >= steps * STEP_VALUES && x.len() >= rows * width);
+    for row in out.iter_mut() {
+        *row = [0.0; GROUP_COLUMNS];
+    }
+    for step in 0..steps {
+        let lines = &weights[step * STEP_VALUES..][..STEP_VALUES];
+        // The weights come from memory once: ask for a later step's lines while this one runs.
+        if step + PREFETCH_STEPS < steps {
+            let ahead = weights[(step + PREFETCH_STEPS) * STEP_VALUES..].as_ptr();
+            for line in 0..STEP_VALUES / 32 {
+                // SAFETY: a prefetch has no effect on memory; the address is inside `weights`.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ahead.add(line * 32).cast())
+                };
             }
         }
-        first += count;
+        let mut first = 0;
+        while first < rows {
+            let count = ROW_BLOCK.min(rows - first);
+            let x = &x[first * width..][..count * width];
+            let out = &mut out[first..first + count];
+            let feature = step * TILE_FEATURES;
+            // SAFETY: the caller's guarantees, for this block of rows and this step.
+            unsafe {
+                match count {
+                    6 => block::<6>(x, width, feature, lines, out),
+                    5 => block::<5>(x, width, feature, lines, out),
+                    4 => block::<4>(x, width, feature, lines, out),
+                    3 => block::<3>(x, width, feature, lines, out),
+                    2 => block::<2>(x, width, feature, lines, out),
+                    _ => block::<1>(x, width, feature, lines, out),
+                }
+            }
+            first += count;
+        }
     }
 }
 
-/// `R` rows at once: `R × 4` accumulators, one broadcast input pair per row and one weight line
-/// per column tile for each feature pair. Written with fixed-size arrays indexed by constants so
-/// that every accumulator stays in a register.
+/// One step (`lines`: its 16 feature pairs of 4 tiles, from input feature `feature`) for `R`
+/// rows: `R × 4` sums loaded from `out`, one broadcast input pair per row and one weight line per
+/// tile for each pair, the sums stored back. Fixed-size arrays indexed by constants keep every
+/// sum in a register.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn block<const R: usize>(x: &[u16], width: usize, weights: &[u16], out: &mut [[f32; GROUP_COLUMNS]]) {
+// `tile` picks the weight line's address as well as the sum: a counted loop says both.
+#[allow(clippy::needless_range_loop)]
+unsafe fn block<const R: usize>(
+    x: &[u16],
+    width: usize,
+    feature: usize,
+    lines: &[u16],
+    out: &mut [[f32; GROUP_COLUMNS]],
+) {
     use std::arch::x86_64::*;
-    let steps = width / TILE_FEATURES;
-    assert!(weights.len() >= steps * STEP_VALUES && x.len() >= R * width && out.len() >= R);
+    assert!(lines.len() >= STEP_VALUES && x.len() >= (R - 1) * width + feature + TILE_FEATURES && out.len() >= R);
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
-    let w = weights.as_ptr();
-    let xp = x.as_ptr();
-    for step in 0..steps {
-        // SAFETY: the step's lines are inside `weights` (checked above).
-        let lines = unsafe { w.add(step * STEP_VALUES) };
+    for (sums, row) in acc.iter_mut().zip(out.iter()) {
+        for (tile, sum) in sums.iter_mut().enumerate() {
+            // SAFETY: 16 floats at column tile * 16 of a 64-float row.
+            *sum = unsafe { _mm512_loadu_ps(row.as_ptr().add(tile * 16)) };
+        }
+    }
+    let (w, xp) = (lines.as_ptr(), x.as_ptr());
+    // Tile by tile, so that the step's 4 KB are read in address order, one stream the hardware
+    // prefetcher follows (interleaving the tiles, several short streams, halved the speed of
+    // weights read from memory); each output still takes its pairs in feature order.
+    for tile in 0..4 {
         for pair in 0..TILE_FEATURES / 2 {
-            // SAFETY: line (step, tile, pair) is 64-byte aligned inside the step (tile stride 512
-            // values, pair stride 32); the input pair is inside each row (`width` values).
+            // SAFETY: line (tile, pair) is 64-byte aligned inside the step (tile stride 512
+            // values, pair stride 32); the input pair is inside each row (checked above).
             unsafe {
-                let line = |tile: usize| {
-                    let bits = _mm512_load_si512(lines.add(tile * 512 + pair * 32).cast::<__m512i>());
-                    std::mem::transmute::<__m512i, __m512bh>(bits)
-                };
-                let (w0, w1, w2, w3) = (line(0), line(1), line(2), line(3));
-                let feature = step * TILE_FEATURES + 2 * pair;
+                let bits = _mm512_load_si512(w.add(tile * 512 + pair * 32).cast::<__m512i>());
+                let line = std::mem::transmute::<__m512i, __m512bh>(bits);
                 let mut r = 0;
                 while r < R {
-                    let bits = xp.add(r * width + feature).cast::<i32>().read_unaligned();
+                    // The input pair as the broadcast operand (the product of a pair is the same
+                    // either way round), which the instruction can take straight from memory.
+                    let bits = xp.add(r * width + feature + 2 * pair).cast::<i32>().read_unaligned();
                     let input = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(bits));
-                    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], input, w0);
-                    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], input, w1);
-                    acc[r][2] = _mm512_dpbf16_ps(acc[r][2], input, w2);
-                    acc[r][3] = _mm512_dpbf16_ps(acc[r][3], input, w3);
+                    acc[r][tile] = _mm512_dpbf16_ps(acc[r][tile], line, input);
                     r += 1;
                 }
             }
