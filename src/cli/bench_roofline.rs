@@ -144,7 +144,7 @@ pub fn run(out: &Path, svg_out: &Path, quick: bool) -> anyhow::Result<()> {
     let mut kinds = vec![Kind::F32];
     kinds.extend(Bf16Kernel::available().into_iter().rev().map(Kind::Bf16));
     let mut points =
-        measure("width-1024", &preset("width-1024")?, &kinds, repeats, if quick { &[1, 16] } else { &ROWS })?;
+        measure("width-1024", &preset("width-1024")?, &kinds, repeats, if quick { &[1, 4, 16] } else { &ROWS })?;
     if !quick {
         points.extend(measure("Huginn-0125", &preset("huginn-0125")?, &kinds, repeats, &ROWS)?);
     }

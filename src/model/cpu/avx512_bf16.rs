@@ -17,9 +17,6 @@ const _: () = assert!(GROUP_COLUMNS == 64);
 /// Rows whose sums stay in registers together (6 × 4 = 24 of the 32 vector registers, with the
 /// four weight lines of a pair beside them).
 const ROW_BLOCK: usize = 6;
-/// How many steps (4 KB each) ahead the weights are prefetched.
-#[cfg(target_arch = "x86_64")]
-const PREFETCH_STEPS: usize = 2;
 
 /// Whether this CPU has AVX512_BF16 (asked once).
 pub fn available() -> bool {
@@ -54,16 +51,6 @@ pub unsafe fn column_group(x: &[u16], width: usize, weights: &[u16], out: &mut [
     }
     for step in 0..steps {
         let lines = &weights[step * STEP_VALUES..][..STEP_VALUES];
-        // The weights come from memory once: ask for a later step's lines while this one runs.
-        if step + PREFETCH_STEPS < steps {
-            let ahead = weights[(step + PREFETCH_STEPS) * STEP_VALUES..].as_ptr();
-            for line in 0..STEP_VALUES / 32 {
-                // SAFETY: a prefetch has no effect on memory; the address is inside `weights`.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ahead.add(line * 32).cast())
-                };
-            }
-        }
         let mut first = 0;
         while first < rows {
             let count = ROW_BLOCK.min(rows - first);
