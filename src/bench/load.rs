@@ -78,8 +78,9 @@ pub fn spec(prompt: &[u32], num_steps: usize, tokens: usize) -> JobSpec {
     JobSpec::new(prompt.to_vec(), params)
 }
 
-/// Timings of one request: (time to first token, gaps between tokens, tokens).
-fn run_one(engine: &Engine, spec: JobSpec) -> (f64, Vec<f64>, usize) {
+/// Timings of one request: (time to first token, gaps between tokens, tokens); no tokens when
+/// it was refused.
+pub fn run_one(engine: &Engine, spec: JobSpec) -> (f64, Vec<f64>, usize) {
     let started = Instant::now();
     let Some(mut handle) = queue(engine, spec) else { return (0.0, Vec::new(), 0) };
     let (mut first, mut last, mut gaps, mut tokens) = (None, None::<Instant>, Vec::new(), 0);

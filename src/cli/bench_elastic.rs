@@ -23,7 +23,7 @@ use super::bench_tally::median;
 use super::elastic_plot::{Series, timeline_svg};
 use super::report_section::Section;
 use huginn::bench::elastic::{Arrival, Record, open_loop};
-use huginn::bench::load::percentile;
+use huginn::bench::load::{percentile, run_one};
 use huginn::engine::{ElasticTargets, Engine, EngineConfig, JobSpec, SchedulerLimits};
 use huginn::generate::GenerationParams;
 use huginn::model::{CacheStrategy, HuginnModel};
@@ -112,22 +112,11 @@ fn calibrate(setup: &Setup, seconds: f64) -> (f64, f64) {
                 scope.spawn(move || {
                     let (mut done, mut gaps, mut i) = (0, Vec::new(), c);
                     while started.elapsed().as_secs_f64() < seconds {
-                        let Some(job) = engine.validate(setup.spec(i, false)).ok() else { break };
-                        let Ok(mut handle) = engine.submit(job) else { break };
-                        let mut last = None::<Instant>;
-                        while let Some(event) = handle.events.blocking_recv() {
-                            match event {
-                                huginn::engine::Event::Token { .. } => {
-                                    let now = Instant::now();
-                                    if let Some(previous) = last {
-                                        gaps.push((now - previous).as_secs_f64());
-                                    }
-                                    last = Some(now);
-                                }
-                                huginn::engine::Event::Finished { .. } | huginn::engine::Event::Error { .. } => break,
-                                _ => {}
-                            }
+                        let (_, more, tokens) = run_one(engine, setup.spec(i, false));
+                        if tokens == 0 {
+                            break;
                         }
+                        gaps.extend(more);
                         done += 1;
                         i += MAX_ACTIVE;
                     }

@@ -86,18 +86,8 @@ pub fn timeline_svg(
         (lo.max(1e-3).log10().floor(), hi.max(1e-3).log10().ceil().max(lo.max(1e-3).log10().floor() + 1.0))
     };
     let height = TOP + 3.0 * PANEL + 2.0 * GAP + 100.0;
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="16" text-anchor="middle" font-size="14">Open-loop load ramped 0.5x to 3x and back: {} servers</text>"#,
-        W / 2.0,
-        ttft.len()
-    );
+    let title = format!("Open-loop load ramped 0.5x to 3x and back: {} servers", ttft.len());
+    let mut svg = super::plot::open_svg(W, height, 11, &title);
     for (p, multiple) in phases.iter().enumerate() {
         let (a, b) = (x(p as f64 * phase), x((p + 1) as f64 * phase));
         if p % 2 == 1 {

@@ -14,13 +14,7 @@ const BOTTOM: f64 = 50.0;
 /// The chart's opening: the SVG element, a white background, `title`, and a horizontal grid line
 /// with its label at each of `grid` (y, label).
 fn frame(title: &str, grid: &[(f64, String)]) -> String {
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(svg, r#"<text x="{}" y="18" text-anchor="middle" font-size="14">{title}</text>"#, W / 2.0);
+    let mut svg = open_svg(W, H, 12, title);
     for (y, label) in grid {
         let _ = writeln!(
             svg,
@@ -30,6 +24,19 @@ fn frame(title: &str, grid: &[(f64, String)]) -> String {
             y + 4.0,
         );
     }
+    svg
+}
+
+/// An SVG chart's opening, shared by the project's charts: the element (`width` x `height`,
+/// sans-serif at `font_size`), a white background and `title` centred on top.
+pub fn open_svg(width: f64, height: f64, font_size: u32, title: &str) -> String {
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="{font_size}">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(svg, r#"<text x="{}" y="18" text-anchor="middle" font-size="14">{title}</text>"#, width / 2.0);
     svg
 }
 

@@ -22,17 +22,7 @@ pub fn roofline_svg(points: &[(String, f64, f64)], bandwidth: f64, peaks: &[(Str
     let (y_lo, y_hi) = (y_lo.max(1e-3).log10().floor(), y_hi.log10().ceil());
     let x = |v: f64| LEFT + (W - LEFT - RIGHT) * (v.log10() - x_lo) / (x_hi - x_lo);
     let y = |v: f64| TOP + (H - TOP - BOTTOM) * (1.0 - (v.max(1e-9).log10() - y_lo) / (y_hi - y_lo));
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="18" text-anchor="middle" font-size="14">Linear layers against this CPU's roofline</text>"#,
-        W / 2.0
-    );
+    let mut svg = super::plot::open_svg(W, H, 11, "Linear layers against this CPU's roofline");
     for e in y_lo as i32..=y_hi as i32 {
         let v = 10f64.powi(e);
         let _ = writeln!(

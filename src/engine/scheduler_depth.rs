@@ -26,13 +26,14 @@ impl Scheduler {
     /// Elastic depth: the latencies this tick's tokens saw go to the controller; at the end of a
     /// control period it sets the factor, and the running elastic sequences take their new caps.
     pub(super) fn control_depth(&mut self) {
-        if !self.depth.is_on() {
-            return;
-        }
+        // Read (and so emptied) even with the controller off, so that samples never pile up.
         for r in &mut self.running {
             for seconds in r.take_itl() {
                 self.depth.observe_itl(seconds);
             }
+        }
+        if !self.depth.is_on() {
+            return;
         }
         let lowest = self.running.iter().filter_map(Running::floor_factor).fold(0.0, f64::max);
         if let Some(factor) = self.depth.update(Instant::now(), lowest) {

@@ -50,7 +50,7 @@ impl Parallel {
     ) -> Result<AfterToken, SequenceFault> {
         let p = self.params;
         let (num_steps, min_steps) = (seq.spec().params.num_steps, seq.spec().params.exit.min_steps);
-        let rows = std::mem::take(&mut seq.chunk.coda_rows);
+        let mut rows = std::mem::take(&mut seq.chunk.coda_rows);
         let Some(wave) = self.window.as_mut() else {
             return Err(SequenceFault::Invariant("a window settled before it opened"));
         };
@@ -79,7 +79,8 @@ impl Parallel {
         let guesses = seq.withdraw_proposals();
         seq.unconstrain(std::mem::take(&mut self.constrained))?;
         for (i, row) in status.iter().enumerate().take(frozen) {
-            let raw = seq.constrained(rows[i].clone())?;
+            // Each row is read once: it moves into its mask.
+            let raw = seq.constrained(std::mem::take(&mut rows[i]))?;
             let token = match guesses.get(i) {
                 Some(&guess) if i + 1 < frozen => {
                     self.counts.guesses_frozen += 1;
@@ -114,8 +115,8 @@ impl Parallel {
         let stops = params.stop_token_ids.clone();
         // Row `j` (from `frozen`) guesses position `c + j + 1`, the next window's row `j - frozen + 1`,
         // drawn (under a constraint) in the state after the guesses before it.
-        for row in rows.iter().skip(frozen).take(len.saturating_sub(1)) {
-            let mut logits = seq.constrained(row.clone())?;
+        for row in rows.iter_mut().skip(frozen).take(len.saturating_sub(1)) {
+            let mut logits = seq.constrained(std::mem::take(row))?;
             let guess = seq.sampler.sample(&mut logits, &seq.context);
             if stops.contains(&guess) {
                 break;

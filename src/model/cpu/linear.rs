@@ -119,8 +119,8 @@ impl Linear {
         self.forward_with(xs, Kernel::best())
     }
 
-    /// [`Self::forward`] through the bfloat16 kernel `kernel` (one this CPU has, from
-    /// [`Kernel::available`]; float32 layers ignore it), for comparing the kernels in one process.
+    /// [`Self::forward`] through the bfloat16 kernel `kernel` (one this CPU lacks runs the portable
+    /// kernel; float32 layers ignore it), for comparing the kernels in one process.
     pub fn forward_with(&self, xs: &Tensor, kernel: Kernel) -> Result<Tensor> {
         match self {
             Self::F32(panels) => apply_rows(xs, &PanelMatmul(panels.clone()), panels.n),
