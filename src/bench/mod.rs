@@ -5,6 +5,7 @@
 //! measures the machine's read bandwidth with the same number of threads the model uses, then
 //! reports decode speed next to that bound.
 
+pub mod attention;
 pub mod elastic;
 pub mod interference;
 pub mod load;

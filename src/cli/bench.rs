@@ -65,6 +65,10 @@ pub struct BenchArgs {
     /// Where `--structured` writes the width-1024 shape with a 65,536-entry vocabulary (reused).
     #[arg(long, default_value = "target/bench-models/width-1024-v65536")]
     wide_vocab_model: PathBuf,
+    /// Only the attention section: the attention kernel's share of a 1,024-token prefill (the
+    /// width-1024 model, and the full-size shape, written once, unless `--quick`).
+    #[arg(long)]
+    attention: bool,
     /// Only the roofline section: this CPU's limits and every linear layer shape against them.
     #[arg(long)]
     roofline: bool,
@@ -118,6 +122,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.roofline {
         return super::bench_roofline::run(&args.out, &args.roofline_svg, args.quick);
+    }
+    if args.attention {
+        ensure_large_model(&args.large_model)?;
+        if !args.quick {
+            super::bench_full_size::ensure_checkpoint(&args.full_size_model)?;
+        }
+        let full_size = (!args.quick).then_some(args.full_size_model.as_path());
+        return super::bench_attention::run(&args.large_model, full_size, &args.out, args.quick);
     }
     if args.elastic {
         return super::bench_elastic::run(&args.elastic_model, &args.out, &args.elastic_svg, args.quick);
@@ -187,6 +199,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         + &super::bench_structured::kept_section(&args.out)
         + &super::bench_elastic::kept_section(&args.out)
         + &super::bench_roofline::kept_section(&args.out)
+        + &super::bench_attention::kept_section(&args.out)
         + &super::bench_speculative::kept_section(&args.out)
         + &super::bench_parallel::kept_section(&args.out);
     if let Some(parent) = args.out.parent() {

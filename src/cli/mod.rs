@@ -1,6 +1,7 @@
 //! Command-line interface: `huginn serve` (default), `generate`, `init-random`, `bench`, `train`, `eval`.
 
 mod bench;
+mod bench_attention;
 mod bench_elastic;
 mod bench_families;
 mod bench_full_size;

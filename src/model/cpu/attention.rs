@@ -3,18 +3,35 @@
 //! Each query row attends one position per head to the cached keys it may see: in a decode tick
 //! one new position per sequence, in a prompt chunk each position over its causal prefix. As
 //! matmul + softmax + matmul this is three tensor ops per head and, for a prompt of n tokens, an
-//! `[heads, n, n]` score matrix; here it is one pass per row and head that reads each key and value
-//! row once, for every row of a call together, with one score per position as scratch.
+//! `[heads, n, n]` score matrix; here the rows of a chunk go in tiles of 4 consecutive rows
+//! ([`attention_tile`](super::attention_tile)), each tile reading each key and value of a head
+//! once for its rows, with one score per row and position as scratch. The tasks are (head, tile)
+//! pairs, head-major, so a thread's consecutive tiles find one head's keys and values in its
+//! cache. A row's numbers do not depend on its tile: decode rows, prompt rows and any chunking
+//! of a prompt get the same bits.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use candle_core::{CpuStorage, DType, Storage, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::model::bf16_bits::widen;
+use super::attention_tile::{CacheValue, TILE_ROWS, Tile, attend_tile};
+use super::support::OutPtr;
 use crate::model::error::{ModelError, Result};
 
 /// Below this many multiply-adds (all rows together) one thread is faster than the pool.
 const PARALLEL_MIN_WORK: usize = 1 << 15;
+
+/// Nanoseconds spent in [`attend_rows`] by every caller since the process started.
+static BUSY_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Time spent in CPU attention since the process started, all callers together: what
+/// `huginn bench --attention` compares with a prefill's time.
+pub fn attention_time() -> Duration {
+    Duration::from_nanos(BUSY_NANOS.load(Ordering::Relaxed))
+}
 
 /// Attention of many query rows in one call, in chunks: chunk `c` holds the `spans[c].1` rows of
 /// `q` after those of the chunks before it (`q`: `[rows, heads, head_dim]`, already scaled; any
@@ -25,45 +42,14 @@ const PARALLEL_MIN_WORK: usize = 1 << 15;
 /// of that layout and those dtypes are an error. Every row is computed the same way whatever the
 /// other rows, so a sequence gets the same bits alone or in a batch.
 pub fn attend_rows(q: &Tensor, spans: &[(usize, usize)], kv: &[(Tensor, Tensor)]) -> Result<Tensor> {
-    match kv.first().map(|(k, _)| k.dtype()) {
+    let started = Instant::now();
+    let out = match kv.first().map(|(k, _)| k.dtype()) {
         Some(DType::BF16) => attend_rows_of::<bf16>(q, spans, kv),
         _ => attend_rows_of::<f32>(q, spans, kv),
-    }
-}
-
-/// A cache element: float32, or bfloat16 (read as float32 exactly).
-trait CacheValue: Copy + Send + Sync + 'static {
-    const DTYPE: DType;
-    fn slice(storage: &CpuStorage) -> Option<&[Self]>;
-    fn float(self) -> f32;
-}
-
-impl CacheValue for f32 {
-    const DTYPE: DType = DType::F32;
-    fn slice(storage: &CpuStorage) -> Option<&[Self]> {
-        match storage {
-            CpuStorage::F32(v) => Some(v),
-            _ => None,
-        }
-    }
-    #[inline(always)]
-    fn float(self) -> f32 {
-        self
-    }
-}
-
-impl CacheValue for bf16 {
-    const DTYPE: DType = DType::BF16;
-    fn slice(storage: &CpuStorage) -> Option<&[Self]> {
-        match storage {
-            CpuStorage::BF16(v) => Some(v),
-            _ => None,
-        }
-    }
-    #[inline(always)]
-    fn float(self) -> f32 {
-        widen(self.to_bits())
-    }
+    };
+    let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    BUSY_NANOS.fetch_add(nanos, Ordering::Relaxed);
+    out
 }
 
 fn attend_rows_of<T: CacheValue>(q: &Tensor, spans: &[(usize, usize)], kv: &[(Tensor, Tensor)]) -> Result<Tensor> {
@@ -118,37 +104,52 @@ fn attend_rows_of<T: CacheValue>(q: &Tensor, spans: &[(usize, usize)], kv: &[(Te
             v_head: vl.stride()[0],
         });
     }
-    let mut views: Vec<RowView<'_, T>> = Vec::with_capacity(rows);
-    for (chunk, &(start, len)) in chunks.iter().zip(spans) {
-        views.extend((0..len).map(|i| (chunk, start + i + 1)));
+    // Tiles of up to TILE_ROWS consecutive rows of a chunk: (chunk, its first row in `q`, the
+    // row's index in the chunk, rows).
+    let mut tiles = Vec::new();
+    let mut first_row = 0;
+    for (c, &(_, len)) in spans.iter().enumerate() {
+        for i in (0..len).step_by(TILE_ROWS) {
+            tiles.push((c, first_row + i, i, TILE_ROWS.min(len - i)));
+        }
+        first_row += len;
     }
     let (q_start, q_row, q_head) = (q_layout.start_offset(), q_layout.stride()[0], q_layout.stride()[1]);
     // Query head `h` reads key/value head `h / group`.
     let group = heads / kv_heads;
     let width = heads * dim;
-    let mut out = vec![0.0f32; rows * width];
-    let work: usize = views.iter().map(|(_, positions)| positions * width * 2).sum();
-    let row_task = |(i, (out, &(view, positions))): (usize, (&mut [f32], &RowView<'_, T>))| {
-        let mut scores = vec![0.0f32; positions];
-        for h in 0..heads {
-            let qh = &q_data[q_start + i * q_row + h * q_head..][..dim];
-            let kh = &view.k[view.k_start + (h / group) * view.k_head..][..positions * dim];
-            let vh = &view.v[view.v_start + (h / group) * view.v_head..][..positions * dim];
-            attend_head(qh, kh, vh, dim, &mut scores, &mut out[h * dim..(h + 1) * dim]);
-        }
+    let mut out: Vec<f32> = Vec::with_capacity(rows * width);
+    let base = OutPtr(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+    let base = &base;
+    let work: usize = spans.iter().map(|&(start, len)| len * (start + len) * width * 2).sum();
+    // Head-major, so that a thread's consecutive tasks read one head's keys and values.
+    let task = |scratch: &mut Vec<f32>, index: usize| {
+        let (h, (chunk, first, i, count)) = (index / tiles.len(), tiles[index % tiles.len()]);
+        let (view, (start, _)) = (&chunks[chunk], spans[chunk]);
+        let counts: [usize; TILE_ROWS] = std::array::from_fn(|r| start + i + r.min(count - 1) + 1);
+        let positions = counts[count - 1];
+        let q = std::array::from_fn(|r| &q_data[q_start + (first + r.min(count - 1)) * q_row + h * q_head..][..dim]);
+        let k = &view.k[view.k_start + (h / group) * view.k_head..][..positions * dim];
+        let v = &view.v[view.v_start + (h / group) * view.v_head..][..positions * dim];
+        // SAFETY: this task alone writes head h's `dim` values of these rows, inside the output.
+        let mut outs: Vec<&mut [f32]> = (0..count)
+            .map(|r| unsafe { std::slice::from_raw_parts_mut(base.at((first + r) * width + h * dim), dim) })
+            .collect();
+        attend_tile(&Tile { q, counts: &counts[..count], k, v, dim }, scratch, &mut outs);
     };
+    let tasks = heads * tiles.len();
     if work < PARALLEL_MIN_WORK {
-        out.chunks_mut(width).zip(&views).enumerate().for_each(row_task);
+        let mut scratch = Vec::new();
+        (0..tasks).for_each(|index| task(&mut scratch, index));
     } else {
-        out.par_chunks_mut(width).zip(views.par_iter()).enumerate().for_each(row_task);
+        (0..tasks).into_par_iter().for_each_init(Vec::new, task);
     }
+    // SAFETY: every (row, head) was written by the task of its tile and head.
+    unsafe { out.set_len(rows * width) };
     drop(guards);
     drop(q_storage);
     Ok(Tensor::from_vec(out, (rows, width), q.device())?)
 }
-
-/// A row's chunk cache and how many of its positions the row sees.
-type RowView<'a, T> = (&'a HeadViews<'a, T>, usize);
 
 /// One sequence's cache, as slices of the buffers' storage.
 struct HeadViews<'a, T> {
@@ -159,81 +160,6 @@ struct HeadViews<'a, T> {
     v_start: usize,
     v_head: usize,
 }
-
-/// `out = softmax(q · kᵀ) · v` for one head (`k`, `v`: `[positions][dim]`; `out` starts at zero),
-/// with the widest vector instructions the CPU has (the same operations in the same order on
-/// every path, so the same bits).
-fn attend_head<T: CacheValue>(qh: &[f32], kh: &[T], vh: &[T], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the feature the function is compiled for.
-            return unsafe { attend_head_avx512(qh, kh, vh, dim, scores, oh) };
-        }
-        if std::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above.
-            return unsafe { attend_head_avx2(qh, kh, vh, dim, scores, oh) };
-        }
-    }
-    attend_head_body(qh, kh, vh, dim, scores, oh)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn attend_head_avx512<T: CacheValue>(qh: &[f32], kh: &[T], vh: &[T], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
-    attend_head_body(qh, kh, vh, dim, scores, oh)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn attend_head_avx2<T: CacheValue>(qh: &[f32], kh: &[T], vh: &[T], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
-    attend_head_body(qh, kh, vh, dim, scores, oh)
-}
-
-#[inline(always)]
-fn attend_head_body<T: CacheValue>(qh: &[f32], kh: &[T], vh: &[T], dim: usize, scores: &mut [f32], oh: &mut [f32]) {
-    let mut max = f32::NEG_INFINITY;
-    for (score, key) in scores.iter_mut().zip(kh.chunks_exact(dim)) {
-        *score = dot(qh, key);
-        max = max.max(*score);
-    }
-    let mut total = 0.0f32;
-    for score in scores.iter_mut() {
-        *score = (*score - max).exp();
-        total += *score;
-    }
-    for (weight, value) in scores.iter().zip(vh.chunks_exact(dim)) {
-        let w = weight / total;
-        for (o, x) in oh.iter_mut().zip(value) {
-            *o += w * x.float();
-        }
-    }
-}
-
-/// `a · b` in [`LANES`] independent partial sums (which the compiler keeps in one vector register)
-/// added pairwise at the end: a fixed order, whatever the caller.
-#[inline(always)]
-fn dot<T: CacheValue>(a: &[f32], b: &[T]) -> f32 {
-    let mut lanes = [0.0f32; LANES];
-    let (a_body, a_tail) = a.split_at(a.len() - a.len() % LANES);
-    let (b_body, b_tail) = b.split_at(a_body.len());
-    for (x, y) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
-        for i in 0..LANES {
-            lanes[i] += x[i] * y[i].float();
-        }
-    }
-    let mut width = LANES;
-    while width > 1 {
-        width /= 2;
-        for i in 0..width {
-            lanes[i] += lanes[i + width];
-        }
-    }
-    lanes[0] + a_tail.iter().zip(b_tail).map(|(x, y)| x * y.float()).sum::<f32>()
-}
-
-/// Partial sums of [`dot`].
-const LANES: usize = 16;
 
 /// Each `[positions, head_dim]` slice is contiguous (the head stride may be anything).
 fn rows_contiguous(t: &Tensor) -> bool {

@@ -6,6 +6,9 @@
 mod add_norm;
 mod amx;
 mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_avx512;
+mod attention_tile;
 mod avx512_bf16;
 mod bf16_linear;
 mod bf16_pack;
@@ -19,6 +22,7 @@ use candle_core::Tensor;
 
 use super::error::Result;
 pub use add_norm::add_rms_norm;
+pub use attention::attention_time;
 pub use bf16_linear::Kernel;
 pub use kv_write::write_rows;
 pub use linear::Linear;
