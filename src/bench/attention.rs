@@ -47,3 +47,22 @@ pub fn time_prefill(
     let (seconds, attention_after) = first_token.unwrap_or((started.elapsed().as_secs_f64(), attention_time()));
     Ok(PrefillTime { seconds, attention_seconds: (attention_after - attention_before).as_secs_f64() })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use candle_core::{DType, Device};
+
+    use super::*;
+
+    #[test]
+    fn a_prefill_reports_the_time_its_attention_took() {
+        let dir = Path::new("tests/fixtures/huginn-tiny-ref");
+        let model = Arc::new(HuginnModel::load(dir, DType::F32, &Device::Cpu).unwrap());
+        let tokenizer = Arc::new(TextTokenizer::load(dir, model.config()).unwrap());
+        let time = time_prefill(&model, &tokenizer, 200, 2).unwrap();
+        // Other tests may run attention at the same time, so only the lower bound is exact.
+        assert!(time.seconds > 0.0 && time.attention_seconds > 0.0, "{time:?}");
+    }
+}

@@ -1,6 +1,7 @@
 //! This CPU's limits for `huginn bench --roofline`: the multiply-add peak of each arithmetic path
-//! the kernels use (a register-resident loop on every thread: float32 FMA, and `vdpbf16ps` where
-//! the CPU has AVX512_BF16), and the time of one linear layer of the CPU kernels.
+//! the kernels use (a register-resident loop on every thread: float32 FMA, `vdpbf16ps` where the
+//! CPU has AVX512_BF16, AMX tiles where it has AMX), and the time of one linear layer of the CPU
+//! kernels.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -16,6 +17,8 @@ pub enum Path {
     F32Fma,
     /// bfloat16 pair dot products into float32 (`vdpbf16ps`).
     Bf16Dot,
+    /// AMX tile multiply-adds of bfloat16 into float32 (`tdpbf16ps`).
+    AmxTile,
 }
 
 impl Path {
@@ -23,6 +26,7 @@ impl Path {
         match self {
             Path::F32Fma => "float32 FMA",
             Path::Bf16Dot => "bfloat16 vdpbf16ps",
+            Path::AmxTile => "bfloat16 AMX tdpbf16ps",
         }
     }
 }
@@ -34,6 +38,8 @@ pub fn peak_flops(path: Path, threads: usize, repeats: usize) -> Option<f64> {
         match path {
             Path::F32Fma => fma_loop(),
             Path::Bf16Dot => dot_loop(),
+            // 16,384 flops an instruction: fewer rounds for about the same time.
+            Path::AmxTile => crate::model::amx_peak_loop(ITERATIONS / 16),
         }
     };
     per_thread()?;
@@ -146,17 +152,24 @@ pub fn linear(n: usize, k: usize, bf16: bool, seed: u64) -> Result<CpuLinear> {
 }
 
 /// Seconds of one product of `m` rows through `layer` (`k` inputs; a bfloat16 layer through
-/// `kernel`, else the best one), best of `repeats` after a warm-up.
+/// `kernel`, else the best one) after a warm-up: the best of at least `repeats` runs and of as
+/// many as fit in [`MIN_TIMED`] (a product of tens of microseconds timed once is mostly noise).
 pub fn time_product(layer: &CpuLinear, m: usize, k: usize, repeats: usize, kernel: Option<Bf16Kernel>) -> Result<f64> {
     let values: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
     let xs = Tensor::from_vec(values, (m, k), &Device::Cpu)?;
     let kernel = kernel.unwrap_or_else(Bf16Kernel::best);
     black_box(layer.forward_with(&xs, kernel)?);
     let mut best = f64::INFINITY;
-    for _ in 0..repeats.max(1) {
+    let timing = Instant::now();
+    let mut runs = 0;
+    while runs < repeats.max(1) || (timing.elapsed() < MIN_TIMED && runs < 1000) {
         let started = Instant::now();
         black_box(layer.forward_with(&xs, kernel)?);
         best = best.min(started.elapsed().as_secs_f64());
+        runs += 1;
     }
     Ok(best)
 }
+
+/// How long [`time_product`] keeps timing a short product.
+const MIN_TIMED: std::time::Duration = std::time::Duration::from_millis(25);

@@ -87,18 +87,24 @@ struct Limits {
     bandwidth: f64,
     f32_peak: f64,
     bf16_peak: Option<f64>,
+    amx_peak: Option<f64>,
 }
 
 impl Limits {
-    /// GFLOP/s the roofline allows `point`: its path's peak, or bandwidth × intensity.
-    fn roof(&self, point: &Point) -> f64 {
-        let peak = match point.kind {
+    /// The multiply-add peak of `kind`'s arithmetic.
+    fn peak(&self, kind: Kind) -> f64 {
+        match kind {
             Kind::F32 => self.f32_peak,
             // The portable kernel widens to float32 and multiplies there.
             Kind::Bf16(Bf16Kernel::Portable) => self.f32_peak,
+            Kind::Bf16(Bf16Kernel::Amx) => self.amx_peak.or(self.bf16_peak).unwrap_or(self.f32_peak),
             Kind::Bf16(_) => self.bf16_peak.unwrap_or(self.f32_peak),
-        };
-        peak.min(self.bandwidth * point.flops() / point.bytes()) / 1e9
+        }
+    }
+
+    /// GFLOP/s the roofline allows `point`: its path's peak, or bandwidth × intensity.
+    fn roof(&self, point: &Point) -> f64 {
+        self.peak(point.kind).min(self.bandwidth * point.flops() / point.bytes()) / 1e9
     }
 }
 
@@ -140,6 +146,7 @@ pub fn run(out: &Path, svg_out: &Path, quick: bool) -> anyhow::Result<()> {
         bandwidth: read_bandwidth(1 << 30, threads, 3),
         f32_peak: peak_flops(Arith::F32Fma, threads, 3).context("this CPU has no AVX2/AVX-512 FMA")?,
         bf16_peak: peak_flops(Arith::Bf16Dot, threads, 3),
+        amx_peak: peak_flops(Arith::AmxTile, threads, 3),
     };
     let mut kinds = vec![Kind::F32];
     kinds.extend(Bf16Kernel::available().into_iter().rev().map(Kind::Bf16));
@@ -154,6 +161,7 @@ pub fn run(out: &Path, svg_out: &Path, quick: bool) -> anyhow::Result<()> {
         &[("float32 FMA".to_string(), limits.f32_peak / 1e9)]
             .into_iter()
             .chain(limits.bf16_peak.map(|p| ("vdpbf16ps".to_string(), p / 1e9)))
+            .chain(limits.amx_peak.map(|p| ("AMX tdpbf16ps".to_string(), p / 1e9)))
             .collect::<Vec<_>>(),
     );
     if let Some(parent) = svg_out.parent() {
@@ -172,7 +180,7 @@ fn report(points: &[Point], limits: &Limits, kinds: &[Kind], threads: usize, rep
     let _ = writeln!(
         md,
         "`huginn bench --roofline`, {threads} threads, medians of {repeats} alternated run(s). Limits measured in \
-         this run: read bandwidth {:.1} GB/s; multiply-add peak {:.1} GFLOP/s in float32 FMA{}. {}. Each layer: \
+         this run: read bandwidth {:.1} GB/s; multiply-add peak {:.1} GFLOP/s in float32 FMA{}{}. {}. Each layer: \
          GFLOP/s and, in brackets, the share of its roofline min(peak of its path, bandwidth × flops/bytes), \
          bytes being the weights plus the float32 rows in and out.\n",
         limits.bandwidth / 1e9,
@@ -180,6 +188,7 @@ fn report(points: &[Point], limits: &Limits, kinds: &[Kind], threads: usize, rep
         limits
             .bf16_peak
             .map_or(String::from(" (no AVX512_BF16)"), |p| format!(", {:.1} GFLOP/s in vdpbf16ps", p / 1e9)),
+        limits.amx_peak.map_or(String::new(), |p| format!(", {:.1} GFLOP/s in AMX tdpbf16ps", p / 1e9)),
         huginn::model::bf16_kernel_description(),
     );
     let header: Vec<String> = kinds.iter().map(|k| k.name()).collect();
@@ -215,13 +224,13 @@ fn report(points: &[Point], limits: &Limits, kinds: &[Kind], threads: usize, rep
     let shares: Vec<f64> = wide
         .iter()
         .filter_map(|g| g.iter().find(|p| p.kind == best))
-        .map(|p| p.gflops() * 1e9 / limits.bf16_peak.unwrap_or(limits.f32_peak))
+        .map(|p| p.gflops() * 1e9 / limits.peak(best))
         .collect();
     let (lo, hi) = ratios.iter().fold((f64::MAX, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
     let _ = writeln!(
         md,
         "\nAt 16 rows and more, {} runs at {lo:.2}x to {hi:.2}x the float32 kernel's GFLOP/s (median {:.2}x; goal: at \
-         least 1.7x) and at {:.0}% of the bfloat16 peak (median; goal: at least 70%). ![roofline]({})\n{}",
+         least 1.7x) and at {:.0}% of its multiply-add peak (median; goal: at least 70%). ![roofline]({})\n{}",
         best.name(),
         median(ratios.clone()),
         100.0 * median(shares),

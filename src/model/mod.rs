@@ -39,7 +39,7 @@ pub mod weights;
 pub use backend::{Backend, BackendChoice};
 pub use cache::{CacheStrategy, KvCache, LayerSlot, PREFIX_BLOCK_TOKENS, PrefixBlock, PrefixCapture, PrefixLayout};
 pub use config::{Architecture, HuginnConfig};
-pub use cpu::{Kernel as Bf16Kernel, Linear as CpuLinear, attention_time, bf16_kernel_description};
+pub use cpu::{Kernel as Bf16Kernel, Linear as CpuLinear, amx_peak_loop, attention_time, bf16_kernel_description};
 pub use error::{ModelError, Result};
 pub use exit::{ExitCheck, ExitCriterion, ExitKv, ExitRule, ExitTracker, GateExit};
 pub use family::Family;

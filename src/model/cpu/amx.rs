@@ -140,6 +140,58 @@ pub unsafe fn column_group(
     }
 }
 
+/// Tile multiply-adds done by [`peak_loop`] per iteration: 4 instructions of 16 rows × 16 columns
+/// × 32 features.
+pub const PEAK_FLOPS_PER_ITERATION: usize = 4 * TILE_ROWS * 16 * TILE_FEATURES * 2;
+
+/// `iterations` rounds of 4 independent tile multiply-adds on tiles that stay in registers: the
+/// multiply-add peak that `huginn bench --roofline` measures on CPUs with AMX.
+///
+/// # Safety
+/// [`available`] must have returned true.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn peak_loop(iterations: usize) {
+    use std::arch::asm;
+    #[repr(C, align(64))]
+    struct Zeros([u8; TILE_ROWS * 64]);
+    let zeros = Zeros([0; TILE_ROWS * 64]);
+    let config = TileConfig::new(TILE_ROWS);
+    // SAFETY: the caller guarantees AMX is enabled for this process; the tiles load 16 rows of
+    // 64 bytes from `zeros`; the tile registers are not used by compiled code.
+    unsafe {
+        asm!("ldtilecfg [{0}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
+        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+        asm!(
+            "tileloadd tmm4, [{z} + {s}*1]",
+            "tileloadd tmm5, [{z} + {s}*1]",
+            "tileloadd tmm6, [{z} + {s}*1]",
+            "tileloadd tmm7, [{z} + {s}*1]",
+            z = in(reg) zeros.0.as_ptr(),
+            s = in(reg) 64usize,
+            options(nostack, readonly),
+        );
+        for _ in 0..iterations {
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm5",
+                "tdpbf16ps tmm1, tmm4, tmm6",
+                "tdpbf16ps tmm2, tmm4, tmm7",
+                "tdpbf16ps tmm3, tmm5, tmm6",
+                options(nostack, nomem),
+            );
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+/// Never called: [`available`] is false off x86-64.
+///
+/// # Safety
+/// None needed; it panics.
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn peak_loop(_: usize) {
+    unreachable!("AMX tiles exist only on x86-64")
+}
+
 /// Never called: [`available`] is false off x86-64.
 ///
 /// # Safety

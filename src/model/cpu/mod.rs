@@ -36,6 +36,17 @@ pub fn attend(q: &Tensor, spans: &[(usize, usize)], cached: &[(Tensor, Tensor)])
     attention::attend_rows(q, spans, cached)
 }
 
+/// Flops of `iterations` rounds of the AMX multiply-add loop on this thread (tiles held in
+/// registers), or `None` without AMX: the AMX peak of `huginn bench --roofline`.
+pub fn amx_peak_loop(iterations: usize) -> Option<f64> {
+    if !amx::available() {
+        return None;
+    }
+    // SAFETY: AMX is available to this process.
+    unsafe { amx::peak_loop(iterations) };
+    Some((iterations * amx::PEAK_FLOPS_PER_ITERATION) as f64)
+}
+
 /// What multiplies bfloat16 weights on this CPU, in words.
 pub fn bf16_kernel_description() -> &'static str {
     match Kernel::best() {
