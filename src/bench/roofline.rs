@@ -139,16 +139,8 @@ fn dot_avx512bf16() {
 }
 
 /// A `[n, k]` linear layer of the CPU kernels with random weights, float32 or bfloat16.
-pub fn linear(n: usize, k: usize, bf16: bool, seed: u64) -> Result<CpuLinear> {
-    let mut state = seed;
-    let values: Vec<f32> = (0..n * k)
-        .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-        })
-        .collect();
-    let weight = Tensor::from_vec(values, (n, k), &Device::Cpu)?;
-    CpuLinear::new(&weight, bf16)
+pub fn linear(n: usize, k: usize, bf16: bool) -> Result<CpuLinear> {
+    CpuLinear::new(&Tensor::rand(-0.05f32, 0.05, (n, k), &Device::Cpu)?, bf16)
 }
 
 /// Seconds of one product of `m` rows through `layer` (`k` inputs; a bfloat16 layer through

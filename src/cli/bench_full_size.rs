@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{DType, Device};
 
+use super::bench_tally::median;
 use super::report_section::Section;
 use huginn::bench::{
     core_step_weight_bytes, decode_speed, per_token_weight_bytes, read_pattern_tokens_per_second, serving_weight_bytes,
@@ -73,12 +74,8 @@ pub fn run(dir: &Path, out: &Path) -> anyhow::Result<()> {
         eprintln!("full-size: {tokens_per_second:.3} tokens/s, bound {bound:.3}");
         pairs.push((tokens_per_second, bound));
     }
-    let middle = |mut values: Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
     let shares: Vec<f64> = pairs.iter().map(|(speed, bound)| speed / bound).collect();
-    let (speed, bound) = (middle(pairs.iter().map(|p| p.0).collect()), middle(pairs.iter().map(|p| p.1).collect()));
+    let (speed, bound) = (median(pairs.iter().map(|p| p.0).collect()), median(pairs.iter().map(|p| p.1).collect()));
 
     let mut md = String::new();
     writeln!(md, "{}", SECTION.begin)?;
@@ -155,7 +152,7 @@ pub fn run(dir: &Path, out: &Path) -> anyhow::Result<()> {
         token_bytes as f64 / 1e9,
         step_bytes as f64 / 1e9,
         shares.iter().map(|s| format!("{:.0}%", 100.0 * s)).collect::<Vec<_>>().join(", "),
-        100.0 * middle(shares.clone())
+        100.0 * median(shares.clone())
     )?;
     writeln!(md, "{}", SECTION.end)?;
     SECTION.write(out, &md)?;

@@ -118,8 +118,8 @@ fn measure(
     let mut points = Vec::new();
     for (layer, n, k) in shapes(cfg) {
         eprintln!("roofline: {model} {layer} [{n}, {k}]");
-        let f32_layer = linear(n, k, false, n as u64)?;
-        let bf16_layer = linear(n, k, true, n as u64)?;
+        let f32_layer = linear(n, k, false)?;
+        let bf16_layer = linear(n, k, true)?;
         for &m in rows {
             let mut times: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
             for _ in 0..repeats {

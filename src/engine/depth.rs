@@ -5,7 +5,7 @@
 
 use metrics::counter;
 
-use super::elastic::scaled_cap;
+use super::elastic::elastic_cap;
 use super::job::ExitReason;
 use super::sequence::Sequence;
 use crate::metrics as m;
@@ -53,9 +53,7 @@ impl Sequence {
 
     /// Its worker's depth factor is `factor`: the cap of its tokens from the next one on.
     pub(super) fn set_depth(&mut self, factor: f64) {
-        if let Some(floor) = self.elastic.floor {
-            self.elastic.cap = Some(scaled_cap(self.spec().params.num_steps, floor, factor));
-        }
+        self.elastic.cap = elastic_cap(&self.spec().params, factor);
     }
 
     /// A token stopped after `steps` for `exit`: one that hit a lowered cap shed the steps up to

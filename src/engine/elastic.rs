@@ -21,6 +21,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::generate::GenerationParams;
+
 /// Below this ratio of signal to target the factor rises.
 pub const RAISE_BELOW: f64 = 0.8;
 /// How much the factor rises in one period.
@@ -155,6 +157,12 @@ impl DepthController {
 /// An elastic token's cap at `factor`: `num_steps` scaled, never below the floor.
 pub fn scaled_cap(num_steps: usize, floor: usize, factor: f64) -> usize {
     ((num_steps as f64 * factor).round() as usize).clamp(floor.min(num_steps), num_steps)
+}
+
+/// The cap of a generation's tokens at `factor`: its [`scaled_cap`] when it set a floor
+/// (`min_num_steps`), `None` when it is not elastic.
+pub fn elastic_cap(params: &GenerationParams, factor: f64) -> Option<usize> {
+    params.min_num_steps.map(|floor| scaled_cap(params.num_steps, floor, factor))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::Scheduler;
 use super::prefill;
-use crate::engine::elastic::scaled_cap;
+use crate::engine::elastic::elastic_cap;
 use crate::engine::job::{Job, JobSpec};
 use crate::engine::running::Running;
 use crate::metrics as m;
@@ -54,20 +54,14 @@ impl Scheduler {
     /// lowered for an elastic job to its tokens' cap at the current factor.
     pub(super) fn prefill_depth(&self, spec: &JobSpec) -> usize {
         let steps = prefill::prefill_steps(spec);
-        match spec.params.min_num_steps {
-            Some(floor) => steps.min(scaled_cap(spec.params.num_steps, floor, self.depth.factor())),
-            None => steps,
-        }
+        elastic_cap(&spec.params, self.depth.factor()).map_or(steps, |cap| steps.min(cap))
     }
 
     /// The admission slots `job`'s choices take at the current factor: each its cap over its
     /// `num_steps` when elastic, one otherwise.
     pub(super) fn slot_share(&self, job: &Job) -> f64 {
         let params = &job.spec.params;
-        let share = match params.min_num_steps {
-            Some(floor) => scaled_cap(params.num_steps, floor, self.depth.factor()) as f64 / params.num_steps as f64,
-            None => 1.0,
-        };
+        let share = elastic_cap(params, self.depth.factor()).map_or(1.0, |cap| cap as f64 / params.num_steps as f64);
         share * job.spec.n as f64
     }
 }

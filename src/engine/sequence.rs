@@ -395,8 +395,9 @@ impl Sequence {
         match self.last_token_at {
             None => histogram!(m::TIME_TO_FIRST_TOKEN).record(self.shared.job.submitted.elapsed().as_secs_f64()),
             Some(last) => {
-                histogram!(m::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64());
-                self.elastic.observe_itl((now - last).as_secs_f64());
+                let gap = (now - last).as_secs_f64();
+                histogram!(m::INTER_TOKEN_LATENCY).record(gap);
+                self.elastic.observe_itl(gap);
             }
         }
         self.last_token_at = Some(now);

@@ -122,6 +122,14 @@ pub struct Depth {
 }
 
 impl GenerationSettings {
+    /// Elastic depth's floor of a request that gives none: `generation.min_num_steps` cut to its
+    /// `num_steps`, for sequential decoding only (speculation and the parallel sampler run at
+    /// their depth).
+    pub fn default_floor(&self, decoding: &Decoding, num_steps: usize) -> Option<usize> {
+        let sequential = matches!(decoding, Decoding::Sequential { .. });
+        self.min_num_steps.filter(|_| sequential).map(|m| m.min(num_steps))
+    }
+
     /// Checks the defaults at `depth` (`generation.num_steps`, else the model's `mean_recurrence`,
     /// else, before the model is known, `limits.max_num_steps`): every decoding they can give a
     /// request is built as configured (no default gives way here) and goes through
@@ -147,11 +155,8 @@ impl GenerationSettings {
         let params = |decoding: Decoding| GenerationParams {
             max_tokens: self.max_tokens,
             num_steps: depth.steps,
-            // Cut to the depth and given way to the other decodings (below), as a request's
-            // default floor is; 0 is refused.
-            min_num_steps: matches!(decoding, Decoding::Sequential { .. })
-                .then_some(self.min_num_steps.map(|m| m.min(depth.steps)))
-                .flatten(),
+            // 0 is refused (below).
+            min_num_steps: self.default_floor(&decoding, depth.steps),
             exit,
             exit_kv: self.exit_kv,
             init_scale: self.init_scale,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::check::{FieldError, count, named};
 use super::defaults::{GenerationSettings, LimitSettings};
 use super::parallel::{FreezeRule, SamplerKind};
-use super::{Decoding, GenerationParams, SamplingParams, ranges};
+use super::{GenerationParams, SamplingParams, ranges};
 use crate::model::{CacheStrategy, ExitCriterion, ExitKv, ExitRule};
 
 /// The generation fields of a request. `None` (or JSON `null`) means "not given".
@@ -122,10 +122,9 @@ impl GenerationRequest {
         let decoding = self.decoding(defaults, limits, num_steps)?;
         // The request's floor is checked against its num_steps and decoding; a default floor is cut
         // to num_steps and gives way to decodings it does not apply to.
-        let min_num_steps = match (self.min_num_steps, decoding) {
-            (Some(v), _) => Some(count("min_num_steps", v, 1, num_steps)?),
-            (None, Decoding::Sequential { .. }) => defaults.min_num_steps.map(|m| m.min(num_steps)),
-            (None, _) => None,
+        let min_num_steps = match self.min_num_steps {
+            Some(v) => Some(count("min_num_steps", v, 1, num_steps)?),
+            None => defaults.default_floor(&decoding, num_steps),
         };
 
         let in_vocabulary = |name: &str, id: i64| {

@@ -126,16 +126,19 @@ fn attend_rows_of<T: CacheValue>(q: &Tensor, spans: &[(usize, usize)], kv: &[(Te
     let task = |scratch: &mut Vec<f32>, index: usize| {
         let (h, (chunk, first, i, count)) = (index / tiles.len(), tiles[index % tiles.len()]);
         let (view, (start, _)) = (&chunks[chunk], spans[chunk]);
-        let counts: [usize; TILE_ROWS] = std::array::from_fn(|r| start + i + r.min(count - 1) + 1);
+        // Row r of the tile sees one more position than the row before it.
+        let counts: [usize; TILE_ROWS] = std::array::from_fn(|r| start + i + r + 1);
         let positions = counts[count - 1];
         let q = std::array::from_fn(|r| &q_data[q_start + (first + r.min(count - 1)) * q_row + h * q_head..][..dim]);
         let k = &view.k[view.k_start + (h / group) * view.k_head..][..positions * dim];
         let v = &view.v[view.v_start + (h / group) * view.v_head..][..positions * dim];
-        // SAFETY: this task alone writes head h's `dim` values of these rows, inside the output.
-        let mut outs: Vec<&mut [f32]> = (0..count)
-            .map(|r| unsafe { std::slice::from_raw_parts_mut(base.at((first + r) * width + h * dim), dim) })
-            .collect();
-        attend_tile(&Tile { q, counts: &counts[..count], k, v, dim }, scratch, &mut outs);
+        // Each row's head h (no allocation per task: a tile has at most TILE_ROWS rows).
+        let mut outs: [&mut [f32]; TILE_ROWS] = Default::default();
+        for (r, out) in outs.iter_mut().enumerate().take(count) {
+            // SAFETY: this task alone writes head h's `dim` values of these rows, inside the output.
+            *out = unsafe { std::slice::from_raw_parts_mut(base.at((first + r) * width + h * dim), dim) };
+        }
+        attend_tile(&Tile { q, counts: &counts[..count], k, v, dim }, scratch, &mut outs[..count]);
     };
     let tasks = heads * tiles.len();
     if work < PARALLEL_MIN_WORK {

@@ -208,13 +208,7 @@ mod tests {
     use super::*;
 
     fn random(len: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..len)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-            })
-            .collect()
+        crate::model::cpu::support::test_values(len, seed, 2.0)
     }
 
     #[test]

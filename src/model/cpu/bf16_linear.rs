@@ -149,8 +149,8 @@ impl Bf16Panels {
         unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u16>(), self.lines.len() * 32) }
     }
 
-    /// `xs @ W^T` for `m` rows of `k` float32 inputs: `[m, n]` float32. `Kernel::Amx` on a CPU
-    /// without AMX falls back to the portable kernel.
+    /// `xs @ W^T` for `m` rows of `k` float32 inputs: `[m, n]` float32. A kernel this CPU lacks
+    /// falls back to the portable kernel.
     pub fn multiply(&self, xs: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
         let kernel = if kernel.is_available() { kernel } else { Kernel::Portable };
         let (n, width) = (self.n, self.steps * TILE_FEATURES);
@@ -301,13 +301,7 @@ mod tests {
     use super::*;
 
     fn random(len: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..len)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        crate::model::cpu::support::test_values(len, seed, 1.0)
     }
 
     fn rounded(v: &[f32]) -> Vec<f32> {

@@ -94,3 +94,12 @@ where
     unsafe { data.set_len(len) };
     Ok(data)
 }
+
+/// `len` values drawn evenly from [-bound, bound), the same for a `seed` on every run: the
+/// kernels' tests' inputs.
+#[cfg(test)]
+pub fn test_values(len: usize, seed: u64, bound: f32) -> Vec<f32> {
+    use rand::{RngExt, SeedableRng, rngs::StdRng};
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random_range(-bound..bound)).collect()
+}
